@@ -1,0 +1,2 @@
+"""modelpress."""
+__version__ = "0.1.0"

@@ -1,0 +1,103 @@
+"""Metrics, from a registry, usable in a recipe's ``evaluate:`` list and from Python.
+
+A metric is a function ``fn(model, handle, ctx) -> MetricResult``:
+
+* ``model`` is a callable with the kind's canonical signature (see :mod:`modelpress.model`): the torch
+  model wrapped by ``handle.canonical()``, or an exported model running in its own runtime;
+* ``handle`` gives the kind and extras (zoo name, tokenizer directory, scheduler);
+* ``ctx`` gives the seed, sample count and the reference (uncompressed) model.
+
+Every metric runs on the reference and on the compressed model in the same run, with the same seed.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..model import ModelHandle
+
+
+@dataclass
+class EvalContext:
+    seed: int = 0
+    samples: int | None = None  # metric-specific default when None
+    options: dict[str, Any] = field(default_factory=dict)
+    reference: ModelHandle | None = None
+    show_progress: bool = True
+
+
+@dataclass
+class MetricResult:
+    value: float
+    higher_is_better: bool
+    #: anything worth keeping in report.json (sample counts, seeds, per-class numbers)
+    details: dict[str, Any] = field(default_factory=dict)
+    #: generated images [N, C, H, W] in [0, 1], for sample grids in the report
+    images: torch.Tensor | None = None
+
+
+MetricFn = Callable[[nn.Module, ModelHandle, EvalContext], MetricResult]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: MetricFn
+    kinds: tuple[str, ...]
+    description: str
+    #: compares against the reference's own outputs (its reference value is trivially 0 or 1)
+    relative: bool = False
+
+
+_METRICS: dict[str, Metric] = {}
+_discovered = False
+
+
+def register_metric(name: str, kinds: tuple[str, ...], description: str, relative: bool = False) -> Callable[[MetricFn], MetricFn]:
+    """Decorator: make ``fn`` available as ``evaluate: [name]`` in recipes for models of ``kinds``."""
+
+    def wrap(fn: MetricFn) -> MetricFn:
+        _METRICS[name] = Metric(name, fn, kinds, description, relative)
+        return fn
+
+    return wrap
+
+
+def metric_registry() -> dict[str, Metric]:
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for info in pkgutil.iter_modules(__path__):
+            if info.name != "report":
+                importlib.import_module(f"{__name__}.{info.name}")
+    return dict(_METRICS)
+
+
+def get_metric(name: str) -> Metric:
+    registry = metric_registry()
+    if name not in registry:
+        raise UserError(f"unknown metric {name!r}; available: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def evaluate(model: nn.Module, handle: ModelHandle, names: list[str], ctx: EvalContext) -> dict[str, MetricResult]:
+    """Run the metrics ``names`` on ``model`` (canonical callable) and return their results."""
+    out: dict[str, MetricResult] = {}
+    for name in names:
+        metric = get_metric(name)
+        if metric.kinds and handle.kind not in metric.kinds:
+            raise UserError(f"metric {name!r} applies to {', '.join(metric.kinds)} models, not {handle.kind}")
+        with torch.no_grad():
+            out[name] = metric.fn(model, handle, ctx)
+    return out
+
+
+def artifact_dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

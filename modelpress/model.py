@@ -1,0 +1,282 @@
+"""The model handle: a torch module plus what the methods need to know about it.
+
+A *kind* names the model's role and fixes one canonical call signature, the same for the torch module,
+its ONNX / .ort / .pte exports and every metric:
+
+==============  ======================================================  ===================
+kind            canonical inputs                                        canonical output
+==============  ======================================================  ===================
+``encoder``     ``input_ids, attention_mask`` (int64, [B, L])           last hidden state
+``classifier``  ``input_ids, attention_mask``                           class logits [B, C]
+``unet``        ``sample [B, C, H, W], timestep [B] (int64)``           predicted noise
+``unet-cond``   ``sample, timestep, encoder_hidden_states [B, L, D]``   predicted noise
+==============  ======================================================  ===================
+
+``architecture`` says how to rebuild the module without its weights (library, class and config), so an
+artifact can be loaded anywhere without the source checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+KINDS = ("encoder", "classifier", "unet", "unet-cond")
+
+
+@dataclass
+class ModelHandle:
+    """A model and its metadata. ``extras`` carries kind-specific objects (tokenizer directory, scheduler
+    config, zoo name) that methods and metrics may need."""
+
+    module: nn.Module
+    kind: str
+    source: str
+    architecture: dict[str, Any]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def canonical(self) -> nn.Module:
+        """The module behind the kind's canonical signature (see the module docstring)."""
+        return canonical_module(self.module, self.kind)
+
+    def replace_module(self, module: nn.Module) -> "ModelHandle":
+        return ModelHandle(module, self.kind, self.source, self.architecture, dict(self.extras))
+
+
+class _Canonical(nn.Module):
+    def __init__(self, inner: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.kind = kind
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.kind == "classifier":
+            return self.inner(input_ids=args[0], attention_mask=args[1]).logits
+        if self.kind == "encoder":
+            return self.inner(input_ids=args[0], attention_mask=args[1]).last_hidden_state
+        if self.kind == "unet":
+            return self.inner(args[0], args[1]).sample
+        if self.kind == "unet-cond":
+            return self.inner(args[0], args[1], encoder_hidden_states=args[2]).sample
+        raise ValueError(f"unknown model kind {self.kind!r}")
+
+
+def canonical_module(module: nn.Module, kind: str) -> nn.Module:
+    """Wrap ``module`` so that it takes the kind's canonical positional inputs and returns one tensor."""
+    if kind not in KINDS:
+        raise UserError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return _Canonical(module, kind)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Architectures: rebuild a module (random init) from a JSON-able description.
+
+def describe_architecture(module: nn.Module) -> dict[str, Any]:
+    """The library, class and config that rebuild ``module``'s structure."""
+    config = getattr(module, "config", None)
+    cls = type(module).__name__
+    if hasattr(module, "_internal_dict") or type(module).__module__.startswith("diffusers"):
+        return {"library": "diffusers", "class": cls, "config": dict(module.config)}
+    if config is not None and hasattr(config, "to_dict"):
+        return {"library": "transformers", "class": cls, "config": config.to_dict()}
+    raise UserError(f"cannot describe a {cls} module: only transformers and diffusers models are supported")
+
+
+def build_architecture(arch: dict[str, Any]) -> nn.Module:
+    """Instantiate the module described by :func:`describe_architecture`, with fresh weights."""
+    library, cls_name, config = arch["library"], arch["class"], dict(arch["config"])
+    if library == "transformers":
+        import transformers
+
+        cls = getattr(transformers, cls_name, None)
+        if cls is None:
+            raise UserError(f"transformers has no model class {cls_name!r}")
+        cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
+        return cls(cfg).eval()
+    if library == "diffusers":
+        import diffusers
+
+        cls = getattr(diffusers, cls_name, None)
+        if cls is None:
+            raise UserError(f"diffusers has no model class {cls_name!r}")
+        clean = {k: v for k, v in config.items() if not k.startswith("_")}
+        return cls.from_config(clean).eval()
+    raise UserError(f"unknown model library {library!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading checkpoints by path.
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"not valid JSON ({exc.msg} at line {exc.lineno})", str(path)) from None
+
+
+def guess_kind(arch: dict[str, Any]) -> str | None:
+    cls = arch["class"]
+    if cls == "UNet2DModel":
+        return "unet"
+    if cls == "UNet2DConditionModel":
+        return "unet-cond"
+    if cls.endswith("ForSequenceClassification"):
+        return "classifier"
+    if cls.endswith("Model") and arch["library"] == "transformers":
+        return "encoder"
+    return None
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning a corrupt or truncated file into a one-line error."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for corrupt headers and short files
+        raise UserError(f"not a readable safetensors file ({str(exc).splitlines()[0]})", str(path)) from None
+
+
+def load_weights_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``state`` strictly; a missing, unexpected or mis-shaped tensor is a one-line error."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"weights do not match the config: {len(missing)} missing, {len(unexpected)} unexpected "
+                        f"tensors ({detail})", where)
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(f"weights do not match the config: {k} has shape {tuple(v.shape)}, "
+                            f"the config needs {tuple(own[k].shape)}", where)
+    module.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Path | None = None) -> ModelHandle:
+    """Load a Hugging Face transformers directory, a diffusers model directory, or a single
+    ``.safetensors`` file whose ``config.json`` lies beside it (or is given as ``config``)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError("no such file or directory", str(p))
+    if p.is_dir():
+        cfg_path = p / "config.json"
+        weights = sorted(p.glob("*.safetensors"))
+        if not weights:
+            if list(p.glob("*.bin")) or list(p.glob("*.pt")):
+                raise UserError("only safetensors checkpoints are loaded (pickle files are unsafe)", str(p))
+            raise UserError("no .safetensors weights in this directory", str(p))
+    else:
+        if p.suffix != ".safetensors":
+            raise UserError("expected a directory or a .safetensors file", str(p))
+        cfg_path = Path(config) if config else p.parent / "config.json"
+        weights = [p]
+    if not cfg_path.exists():
+        raise UserError("no config.json beside the weights (give one with model.config)", str(cfg_path))
+    cfg = _read_json(cfg_path)
+    if "_diffusers_version" in cfg or "_class_name" in cfg:
+        arch = {"library": "diffusers", "class": cfg.get("_class_name", "UNet2DModel"), "config": cfg}
+    elif cfg.get("architectures"):
+        arch = {"library": "transformers", "class": cfg["architectures"][0], "config": cfg}
+    elif "model_type" in cfg:
+        arch = {"library": "transformers", "class": "AutoModel", "config": cfg}
+    else:
+        raise UserError("config.json is neither a transformers nor a diffusers config", str(cfg_path))
+    if arch["class"] == "AutoModel":
+        import transformers
+
+        arch["class"] = type(transformers.AutoModel.from_config(
+            transformers.AutoConfig.for_model(**cfg))).__name__
+    try:
+        module = build_architecture(arch)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot build the model from its config ({str(exc).splitlines()[0]})", str(cfg_path)) from None
+    state: dict[str, torch.Tensor] = {}
+    for w in weights:
+        state.update(load_state_dict_file(w))
+    state = _align_prefix(module, state)
+    load_weights_into(module, state, str(p))
+    kind = kind or guess_kind(arch)
+    if kind is None:
+        raise UserError(f"cannot tell the kind of a {arch['class']}; set model.kind", str(p))
+    extras: dict[str, Any] = {}
+    if arch["library"] == "transformers" and (p if p.is_dir() else p.parent).joinpath("tokenizer.json").exists():
+        extras["tokenizer_dir"] = str(p if p.is_dir() else p.parent)
+    return ModelHandle(module.eval(), kind, str(p), describe_architecture(module), extras)
+
+
+def _align_prefix(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints of a bare encoder sometimes carry the head class's prefix (``bert.``) or lack it."""
+    own = module.state_dict().keys()
+    if set(state) <= set(own):
+        return state
+    prefix = getattr(module, "base_model_prefix", "") + "."
+    stripped = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    if set(stripped) <= set(own):
+        return stripped
+    added = {prefix + k if prefix + k in own else k: v for k, v in state.items()}
+    return added if set(added) <= set(own) else state
+
+
+def save_checkpoint(handle: ModelHandle, directory: str | Path) -> None:
+    """Write ``handle`` as a plain checkpoint directory (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = dict(handle.architecture["config"])
+    if handle.architecture["library"] == "diffusers":
+        cfg["_class_name"] = handle.architecture["class"]
+    else:
+        cfg["architectures"] = [handle.architecture["class"]]
+    (d / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    save_file({k: v.contiguous() for k, v in handle.module.state_dict().items()}, str(d / "model.safetensors"))
+
+
+def example_inputs(handle: ModelHandle, batch: int = 2, seq_len: int = 32, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs in the kind's canonical signature (for tracing, export and smoke tests)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = handle.architecture["config"]
+    if handle.kind in ("encoder", "classifier"):
+        vocab = int(cfg.get("vocab_size", 1000))
+        ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch, seq_len), generator=g)
+        ids[:, 0] = 101 if vocab > 2000 else 0  # [CLS] for BERT vocabularies
+        return ids, torch.ones(batch, seq_len, dtype=torch.long)
+    if handle.kind in ("unet", "unet-cond"):
+        size = cfg.get("sample_size", 16)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        x = torch.randn(batch, cfg.get("in_channels", 1), *size, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        if handle.kind == "unet":
+            return x, t
+        dim = cfg.get("cross_attention_dim", 384)
+        dim = dim[0] if isinstance(dim, (list, tuple)) else dim
+        return x, t, torch.randn(batch, 16, dim, generator=g)
+    raise UserError(f"unknown model kind {handle.kind!r}")
+
+
+def align_to_base(model: nn.Module, base: nn.Module) -> dict[str, str]:
+    """Map each state-dict key of a fine-tune to the base model's key for the same tensor.
+
+    Fine-tunes often wrap the base in a head class (``bert.encoder...`` vs ``encoder...``); keys are matched
+    after stripping either model's ``base_model_prefix``. Keys with no counterpart (a new head) are absent.
+    """
+    base_keys = set(base.state_dict())
+    out: dict[str, str] = {}
+    prefixes = {getattr(model, "base_model_prefix", ""), getattr(base, "base_model_prefix", "")} - {""}
+    for key in model.state_dict():
+        candidates = [key] + [key[len(p) + 1:] for p in prefixes if key.startswith(p + ".")] + \
+                     [f"{p}.{key}" for p in prefixes]
+        for c in candidates:
+            if c in base_keys:
+                out[key] = c
+                break
+    return out

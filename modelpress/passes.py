@@ -1,0 +1,140 @@
+"""The Pass protocol, the Context a pass gets, and the registry that maps a recipe's ``type:`` to a class.
+
+A pass is a small object: a name, a pydantic ``Config`` (unknown keys and out-of-range values are
+rejected before any work starts) and ``apply(model, ctx) -> model``. It records what it did in
+``ctx.log[<its name>]``; the pipeline puts that log in the artifact's manifest.
+
+Passes live in the method packages (``modelpress.quant``, ``compress``, ``prune``, ``search``) and are
+found by importing every module there, so adding a method needs no edit here.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .model import ModelHandle
+
+
+class PassConfig(BaseModel):
+    """Base of every pass's options: strict, so a typo in a recipe is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class CalibrationSpec:
+    """The recipe's ``calibration:`` block as passes see it."""
+
+    samples: int = 64
+    batch_size: int = 16
+    dataset: str | None = None
+
+
+@dataclass
+class Context:
+    """What a pass gets besides the model.
+
+    ``base`` is the base model of a delta recipe (``None`` otherwise). ``log`` collects each pass's
+    record (choices, errors, timings) for the manifest. ``scratch`` is a private directory that is
+    deleted after the run.
+    """
+
+    seed: int = 0
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    base: ModelHandle | None = None
+    scratch: Path | None = None
+    log: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = True
+
+    def progress(self, iterable: Any = None, total: int | None = None, desc: str = "") -> tqdm:
+        """A progress bar for long work inside a pass."""
+        return tqdm(iterable, total=total, desc=desc, leave=False, disable=not self.show_progress,
+                    dynamic_ncols=True)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A torch generator seeded from the recipe's seed (``offset`` separates independent streams)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+
+    def numpy_rng(self, offset: int = 0) -> np.random.Generator:
+        return np.random.default_rng(self.seed * 1_000_003 + offset)
+
+    def record(self, pass_name: str, **entries: Any) -> None:
+        self.log.setdefault(pass_name, {}).update(entries)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch for the block (every pass runs inside one)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    yield
+
+
+class Pass:
+    """Base class of every compression pass. Subclasses set ``name`` and ``Config`` and implement ``apply``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    #: whether the pass needs ``base:`` in the recipe (delta compression)
+    needs_base: ClassVar[bool] = False
+    #: model kinds the pass accepts; empty means any
+    kinds: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: PassConfig) -> None:
+        self.config = config
+
+    def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+_PASSES: dict[str, type[Pass]] = {}
+_METHOD_PACKAGES = ("modelpress.builtin", "modelpress.quant", "modelpress.compress", "modelpress.prune",
+                    "modelpress.search")
+_discovered = False
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make ``cls`` available as ``type: <cls.name>`` in recipes."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.name in _PASSES and _PASSES[cls.name] is not cls:
+        raise TypeError(f"two passes are named {cls.name!r}")
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for pkg_name in _METHOD_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        if hasattr(pkg, "__path__"):
+            for info in pkgutil.iter_modules(pkg.__path__):
+                importlib.import_module(f"{pkg_name}.{info.name}")
+
+
+def pass_registry() -> dict[str, type[Pass]]:
+    """Every registered pass, by recipe name."""
+    _discover()
+    return dict(_PASSES)
+
+
+def get_pass(name: str) -> type[Pass]:
+    registry = pass_registry()
+    if name not in registry:
+        raise UserError(f"unknown pass type {name!r}; available: {', '.join(sorted(registry))}")
+    return registry[name]

@@ -1,0 +1,69 @@
+"""The embedded model zoo: real models and datasets, built offline and reproducibly.
+
+Each entry has a ``build`` function (deterministic given its seed) and a ``load`` function that returns a
+:class:`~modelpress.model.ModelHandle`. Small weights are committed under ``zoo/weights/``; larger ones are
+built on first use into the cache directory (``$MODELPRESS_CACHE``, default ``~/.cache/modelpress``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+from ..model import ModelHandle
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def cache_dir() -> Path:
+    """Where zoo models built on first use are kept (``$MODELPRESS_CACHE``)."""
+    d = Path(os.environ.get("MODELPRESS_CACHE", Path.home() / ".cache" / "modelpress"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    kind: str
+    description: str
+    load: Callable[[], ModelHandle]
+    build: Callable[[bool], Path]  # build(force) -> directory or file written
+
+
+_ENTRIES: dict[str, ZooEntry] = {}
+
+
+def register(entry: ZooEntry) -> ZooEntry:
+    _ENTRIES[entry.name] = entry
+    return entry
+
+
+def _discover() -> None:
+    # Importing the entry modules registers them.
+    from . import digits, text  # noqa: F401
+
+
+def entries() -> dict[str, ZooEntry]:
+    _discover()
+    return dict(_ENTRIES)
+
+
+def get(name: str) -> ZooEntry:
+    all_entries = entries()
+    if name not in all_entries:
+        raise UserError(f"unknown zoo model {name!r}; available: {', '.join(sorted(all_entries))}")
+    return all_entries[name]
+
+
+def load(name: str) -> ModelHandle:
+    """Load zoo model ``name``, building and caching it first if needed."""
+    handle = get(name).load()
+    handle.extras.setdefault("zoo", name)
+    return handle
+
+
+def is_zoo_name(spec: str) -> bool:
+    return spec in entries()

@@ -1,0 +1,1 @@
+"""Digits models of the zoo (being written)."""
