@@ -8,7 +8,9 @@ entropy-coded bytes, ...). Each such class is registered here and implements two
 
 The artifact stores the module path, class name and config in its manifest and every tensor in
 safetensors; loading rebuilds the original architecture, swaps in empty compressed modules and loads the
-tensors. No pickle, no code in the checkpoint.
+tensors. No pickle, no code in the checkpoint. A module may define ``after_load()`` to rebuild derived,
+unsaved state (lookup tables, caches) once its tensors are in place. A module registered at the path ``""``
+replaces the whole model (e.g. APTP's router plus per-code sub-networks).
 """
 from __future__ import annotations
 

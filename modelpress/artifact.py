@@ -1,0 +1,229 @@
+"""The artifact: a directory holding a compressed model, its manifest, and what the run made of it.
+
+::
+
+    <output>/
+      model.safetensors   every tensor of the compressed model (packed ints, codes, scales), never pickle
+      modelpress.json     manifest: format version, package version, recipe, pass log, per-tensor codec,
+                          compressed-module configs, sha256 of every input checkpoint
+      recipe.yaml         the recipe as given
+      exports/            onnx / ort / pte files           (pipeline)
+      report.json, report.md, *.png                        (pipeline)
+
+A delta artifact does not store tensors equal to the base model's: the manifest lists them under
+``from_base`` and loading refills them from the base, after checking the base's sha256.
+
+Writing goes to a staging directory beside ``output`` that is renamed into place at the end, so a failed or
+interrupted run leaves nothing at ``output`` and an earlier artifact there intact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .errors import UserError
+from .model import ModelHandle, align_to_base, build_architecture, load_state_dict_file
+from .modules import compressed_modules, module_class, set_submodule
+
+FORMAT = "modelpress-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "modelpress.json"
+WEIGHTS = "model.safetensors"
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a checkpoint: sha256 over sorted names, dtypes, shapes and raw bytes.
+
+    It identifies a model independently of its file format, so a base can be checked however it is stored."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_directory(output: Path) -> Iterator[Path]:
+    """Yield a staging directory; on success it replaces ``output``, on any error it is removed."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = output.parent / f".{output.name}.old-{os.getpid()}"
+    if output.exists():
+        output.rename(old)
+    staging.rename(output)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory: keep one name per storage, record the others."""
+    seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for key, t in state.items():
+        sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if sig is not None and sig in seen:
+            aliases[key] = seen[sig]
+            continue
+        if sig is not None:
+            seen[sig] = key
+        kept[key] = t.detach().contiguous()
+    return kept, aliases
+
+
+def _codec_of(key: str, modules: list[dict[str, Any]], tensor: torch.Tensor) -> str:
+    for m in modules:
+        if m["path"] == "" or key.startswith(m["path"] + "."):
+            return m["class"]
+    return f"raw-{str(tensor.dtype).replace('torch.', '')}"
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def write_artifact(directory: Path, handle: ModelHandle, *, recipe: dict[str, Any] | None = None,
+                   pass_log: dict[str, Any] | None = None, base: ModelHandle | None = None,
+                   inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the model and manifest into ``directory`` (a staging directory); returns the manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    module = handle.module
+    state, aliases = _dedupe_shared(module.state_dict())
+
+    from_base: dict[str, str] = {}
+    if base is not None:
+        base_state = base.module.state_dict()
+        for key, base_key in align_to_base(module, base.module).items():
+            if key in state and state[key].dtype == base_state[base_key].dtype \
+                    and state[key].shape == base_state[base_key].shape and torch.equal(state[key], base_state[base_key]):
+                from_base[key] = base_key
+                del state[key]
+
+    modules = [{"path": p, "class": type(m).__name__, "config": _jsonable(m.module_config())}
+               for p, m in compressed_modules(module)]
+    tensors = {k: {"codec": _codec_of(k, modules, t), "dtype": str(t.dtype).replace("torch.", ""),
+                   "shape": list(t.shape), "bytes": t.numel() * t.element_size()} for k, t in state.items()}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "modelpress_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kind": handle.kind,
+        "source": handle.source,
+        "architecture": _jsonable(handle.architecture),
+        "extras": _jsonable({k: v for k, v in handle.extras.items() if isinstance(v, (str, int, float, bool, dict, list))}),
+        "recipe": recipe or {},
+        "passes": _jsonable(pass_log or {}),
+        "compressed_modules": modules,
+        "tensors": tensors,
+        "aliases": aliases,
+        "from_base": from_base,
+        "inputs": inputs or {},
+    }
+    save_file(state, str(directory / WEIGHTS), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})  # one key: safetensors orders metadata keys randomly
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    mf = p / MANIFEST
+    if not p.is_dir() or not mf.exists():
+        raise UserError("not a modelpress artifact (no modelpress.json)", str(p))
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"corrupt manifest ({exc.msg} at line {exc.lineno})", str(mf)) from None
+    if manifest.get("format") != FORMAT:
+        raise UserError("not a modelpress artifact manifest", str(mf))
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise UserError(f"artifact format {manifest['format_version']} is newer than this modelpress "
+                        f"understands ({FORMAT_VERSION}); upgrade modelpress", str(mf))
+    return manifest
+
+
+def _resolve_base(manifest: dict[str, Any], base: ModelHandle | str | None, where: str) -> ModelHandle:
+    from .pipeline import load_model_spec
+
+    info = manifest["inputs"].get("base") or {}
+    if base is None:
+        if not info.get("source"):
+            raise UserError("this delta artifact needs its base model, and the manifest names none", where)
+        base = info["source"]
+    if isinstance(base, str):
+        base = load_model_spec(base)
+    expected = info.get("sha256")
+    if expected and tensors_sha256(base.module.state_dict()) != expected:
+        raise UserError(f"wrong base model: its sha256 does not match the one this delta was made against "
+                        f"({expected[:12]}…, {info.get('source')})", where)
+    return base
+
+
+def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> ModelHandle:
+    """Rebuild the compressed model of the artifact at ``path`` as a runnable module.
+
+    ``base`` (a handle, zoo name or path) is needed for delta artifacts; by default the base named in the
+    manifest is loaded and its sha256 checked."""
+    p = Path(path)
+    manifest = read_manifest(p)
+    where = str(p)
+    module: nn.Module = build_architecture(manifest["architecture"])
+    for entry in manifest["compressed_modules"]:
+        new = module_class(entry["class"]).from_module_config(entry["config"])
+        if entry["path"] == "":
+            module = new
+        else:
+            set_submodule(module, entry["path"], new)
+    state = load_state_dict_file(p / WEIGHTS)
+    if manifest["from_base"]:
+        base_handle = _resolve_base(manifest, base, where)
+        base_state = base_handle.module.state_dict()
+        for key, base_key in manifest["from_base"].items():
+            if base_key not in base_state:
+                raise UserError(f"wrong base model: it has no tensor {base_key!r}", where)
+            state[key] = base_state[base_key]
+    for alias, target in manifest["aliases"].items():
+        state[alias] = state[target]
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"artifact does not match its manifest: {len(missing)} missing tensors {missing[:3]}, "
+                        f"{len(unexpected)} unexpected {unexpected[:3]}", where)
+    for k, t in state.items():
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise UserError(f"artifact tensor {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}", where)
+    module.load_state_dict(state, strict=True, assign=True)
+    for m in module.modules():  # compressed modules may rebuild derived state (tables, caches) here
+        hook = getattr(m, "after_load", None)
+        if callable(hook):
+            hook()
+    return ModelHandle(module.eval(), manifest["kind"], manifest["source"], manifest["architecture"],
+                       dict(manifest.get("extras", {})))
+
+
+def load(path: str | Path, base: ModelHandle | str | None = None) -> nn.Module:
+    """``modelpress.load(path)``: the artifact's compressed model as a runnable torch module."""
+    return load_artifact(path, base).module

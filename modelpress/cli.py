@@ -1,0 +1,215 @@
+"""The ``modelpress`` command: a thin shell over the Python API.
+
+Exit status: 0 on success, 2 for a problem with the input (bad recipe, missing or corrupt file, mismatched
+checkpoint; reported as one line, no traceback), 130 when interrupted. Nothing is half written: artifacts
+are staged and renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EPILOG = """examples:
+  modelpress run recipes/quickstart.yaml          compress, export, evaluate; writes runs/quickstart/
+  modelpress inspect runs/quickstart              sizes per codec, passes, metrics
+  modelpress export runs/quickstart --to onnx     add an ONNX export to an artifact
+  modelpress zoo list                             the embedded models
+
+Recipes are YAML; see README.md ("Recipe format") and recipes/ for ready ones."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelpress", description="Compress models from a recipe file: a compressed "
+                                "checkpoint, ONNX / .ort / .pte exports, and an accuracy report next to the original's.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"modelpress {__import__('modelpress').__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe: load, compress, save, export, evaluate, report",
+                         description="Run every stage of RECIPE and write the artifact directory (its `output:`, "
+                         "default runs/<recipe name>): model.safetensors, modelpress.json, exports/, report.md/json, "
+                         "PNG charts. The directory is replaced only if the whole run succeeds.")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("-o", "--output", help="artifact directory (overrides the recipe's output:)")
+    run.add_argument("--no-export", action="store_true", help="skip the recipe's export: entries")
+    run.add_argument("--no-evaluate", action="store_true", help="skip the recipe's evaluate: entries")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    comp = sub.add_parser("compress", help="run only the recipe's passes and save the artifact",
+                          description="Load the model, apply the recipe's passes and save the artifact; no export, "
+                          "no evaluation (run `modelpress evaluate ARTIFACT` later).")
+    comp.add_argument("recipe", help="recipe YAML file")
+    comp.add_argument("-o", "--output", help="artifact directory (overrides the recipe's output:)")
+    comp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    exp = sub.add_parser("export", help="export an artifact's model to ONNX, ONNX Runtime mobile (.ort) or ExecuTorch (.pte)",
+                         description="Export the artifact's (rebuilt) model into ARTIFACT/exports/ and print the file path.")
+    exp.add_argument("artifact", help="artifact directory written by `modelpress run` or `compress`")
+    exp.add_argument("--to", required=True, choices=["onnx", "ort", "pte"], help="target format")
+    exp.add_argument("--quantize", default="none", help="none (default), int8, int8-weight or int4-weight")
+
+    ev = sub.add_parser("evaluate", help="evaluate an artifact (or run a recipe's evaluation) against the reference",
+                        description="With an ARTIFACT directory: re-run its recipe's metrics (or --metric ones) on the "
+                        "compressed model and on the reference, and rewrite its report. With a RECIPE file: same as "
+                        "`modelpress run RECIPE --no-export`.")
+    ev.add_argument("target", help="artifact directory or recipe YAML file")
+    ev.add_argument("--metric", action="append", help="metric name (repeatable); default: the recipe's evaluate: list")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    ins = sub.add_parser("inspect", help="show an artifact's sizes per codec, passes and metrics, or a checkpoint's tensors",
+                         description="Print what an artifact holds (sizes per codec, the passes and their choices, "
+                         "metrics), or the tensors of a .safetensors file / checkpoint directory.")
+    ins.add_argument("path", help="artifact directory, checkpoint directory or .safetensors file")
+    ins.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+
+    zoo = sub.add_parser("zoo", help="list or build the embedded models", description="The embedded zoo: real models "
+                         "and data built offline. Models are built on first use and cached in $MODELPRESS_CACHE "
+                         "(default ~/.cache/modelpress).")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
+    zsub.add_parser("list", help="list the zoo's models")
+    zb = zsub.add_parser("build", help="(re)build a zoo model into the cache")
+    zb.add_argument("name", help="zoo model name (see `modelpress zoo list`)")
+    zb.add_argument("--force", action="store_true", help="rebuild even if cached or committed")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace, export: bool, evaluate: bool) -> None:
+    from .pipeline import run
+    from .recipe import load_recipe
+
+    loaded = load_recipe(args.recipe)
+    out = run(loaded, export=export, evaluate=evaluate, show_progress=not args.quiet,
+              output=Path(args.output) if args.output else None)
+    print(f"artifact: {out}")
+    report = out / "report.md"
+    if report.exists():
+        print(f"report:   {report}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .artifact import load_artifact, read_manifest
+    from .export import ExportSpec, export_model
+
+    read_manifest(args.artifact)
+    handle = load_artifact(args.artifact)
+    try:
+        spec = ExportSpec(format=args.to, quantize=args.quantize)
+    except Exception as exc:  # pydantic.ValidationError
+        raise UserError(f"--quantize: {str(exc).splitlines()[-1].strip()}") from None
+    out_dir = Path(args.artifact) / "exports"
+    out_dir.mkdir(exist_ok=True)
+    path = export_model(handle, spec, out_dir)
+    print(path)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    target = Path(args.target)
+    if target.is_file():
+        args.output = None
+        _cmd_run(args, export=False, evaluate=True)
+        return
+    from .pipeline import evaluate_artifact
+
+    out = evaluate_artifact(target, metrics=args.metric, show_progress=not args.quiet)
+    print(f"report: {out / 'report.md'}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    p = Path(args.path)
+    if p.is_dir() and (p / "modelpress.json").exists():
+        from .artifact import read_manifest
+
+        m = read_manifest(p)
+        by_codec: dict[str, list[int]] = {}
+        for info in m["tensors"].values():
+            c = by_codec.setdefault(info["codec"], [0, 0])
+            c[0] += 1
+            c[1] += int(info["bytes"])
+        report = json.loads((p / "report.json").read_text()) if (p / "report.json").exists() else {}
+        summary = {"kind": m["kind"], "source": m["source"], "passes": list(m["passes"]),
+                   "codecs": {k: {"tensors": v[0], "bytes": v[1]} for k, v in by_codec.items()},
+                   "from_base": len(m["from_base"]), "inputs": m["inputs"], "metrics": report.get("metrics", {}),
+                   "exports": {k: e["path"] for k, e in report.get("exports", {}).items()}}
+        if args.json:
+            print(json.dumps(summary, indent=1, default=str))
+            return
+        print(f"artifact {p}  ({m['kind']} model from {m['source']}, format v{m['format_version']})")
+        passes = ", ".join(f"{k} ({v.get('seconds', '?')} s)" for k, v in m["passes"].items()) or "(none)"
+        print(f"passes:  {passes}")
+        print("codecs:")
+        for codec, (n, b) in sorted(by_codec.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {codec:<28} {n:>5} tensors  {_human(b):>10}")
+        if m["from_base"]:
+            print(f"  (+ {len(m['from_base'])} tensors taken from the base {m['inputs'].get('base', {}).get('source')})")
+        for name, r in report.get("metrics", {}).items():
+            print(f"metric {name}: reference {r['reference']:.4g}  compressed {r['compressed']:.4g}")
+        for name, e in report.get("exports", {}).items():
+            print(f"export {name}: {e['path']} ({_human(e['size_bytes'])}, max abs err {e['max_abs_err']:.3g})")
+        return
+    from .model import load_state_dict_file
+
+    files = [p] if p.is_file() else sorted(p.glob("*.safetensors"))
+    if not p.exists():
+        raise UserError("no such file or directory", str(p))
+    if not files:
+        raise UserError("no .safetensors files here", str(p))
+    total = 0
+    for f in files:
+        for k, t in load_state_dict_file(f).items():
+            total += t.numel() * t.element_size()
+            print(f"{k:<70} {str(t.dtype).replace('torch.', ''):>9} {tuple(t.shape)}")
+    print(f"total {_human(total)}")
+
+
+def _cmd_zoo(args: argparse.Namespace) -> None:
+    from . import zoo
+
+    if args.zoo_command == "list":
+        for name, e in sorted(zoo.entries().items()):
+            print(f"{name:<20} {e.kind:<11} {e.description}")
+        return
+    entry = zoo.get(args.name)
+    print(entry.build(args.force))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        if args.command == "run":
+            _cmd_run(args, export=not args.no_export, evaluate=not args.no_evaluate)
+        elif args.command == "compress":
+            _cmd_run(args, export=False, evaluate=False)
+        elif args.command == "export":
+            _cmd_export(args)
+        elif args.command == "evaluate":
+            _cmd_evaluate(args)
+        elif args.command == "inspect":
+            _cmd_inspect(args)
+        elif args.command == "zoo":
+            _cmd_zoo(args)
+    except UserError as exc:
+        print(f"modelpress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modelpress: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The report: metrics of the compressed model next to the reference's, sizes, exports, and pictures.
+
+``report.json``::
+
+    {"metrics": {NAME: {"reference": x, "compressed": y, "higher_is_better": b, "details": {...}}},
+     "size_bytes": {"reference": a, "compressed": b, "by_codec": {...}},
+     "exports": {FORMAT: {"path": ..., "size_bytes": ..., "max_abs_err": ..., "metrics": {...}}}}
+
+plus ``report.md`` and PNGs: ``metrics.png`` (a bar chart per metric: reference, compressed, exports),
+``size.png``, and for diffusion models ``samples_<metric>.png`` (reference vs compressed from the same seeds).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..artifact import MANIFEST, WEIGHTS
+from ..model import ModelHandle, example_inputs
+from . import EvalContext, MetricResult, evaluate, get_metric
+
+
+def _state_bytes(handle: ModelHandle) -> int:
+    return sum(t.numel() * t.element_size() for t in handle.module.state_dict().values())
+
+
+def _size_section(staging: Path, reference: ModelHandle) -> dict[str, Any]:
+    manifest = json.loads((staging / MANIFEST).read_text())
+    by_codec: dict[str, int] = {}
+    for info in manifest["tensors"].values():
+        by_codec[info["codec"]] = by_codec.get(info["codec"], 0) + int(info["bytes"])
+    out = {"reference": _state_bytes(reference), "compressed": (staging / WEIGHTS).stat().st_size,
+           "by_codec": by_codec}
+    if manifest["from_base"]:
+        out["note"] = "compressed excludes the base model's tensors, which are loaded from the base"
+    return out
+
+
+def _run_metrics(model: torch.nn.Module, handle: ModelHandle, reference: ModelHandle, specs: list[Any],
+                 seed: int, show_progress: bool) -> dict[str, MetricResult]:
+    out = {}
+    for spec in specs:
+        if spec.metric == "size":
+            continue
+        ctx = EvalContext(seed=seed, samples=spec.samples, options=dict(spec.options), reference=reference,
+                          show_progress=show_progress)
+        out.update(evaluate(model, handle, [spec.metric], ctx))
+    return out
+
+
+def _max_abs_err(a: torch.nn.Module, b: torch.nn.Module, handle: ModelHandle) -> float:
+    inputs = example_inputs(handle, batch=2)
+    with torch.no_grad():
+        return float((a(*inputs).float() - b(*inputs).float()).abs().max())
+
+
+def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: ModelHandle, *, exports: list[Any],
+                 metrics: list[Any], show_progress: bool = True, keep_exports: bool = False) -> dict[str, Any]:
+    """Export, evaluate and write report.json / report.md / PNGs into ``staging``."""
+    seed = loaded.recipe.seed
+    report: dict[str, Any] = {"metrics": {}, "size_bytes": _size_section(staging, reference), "exports": {}}
+    if keep_exports and (staging / "report.json").exists():
+        report["exports"] = json.loads((staging / "report.json").read_text()).get("exports", {})
+
+    steps = tqdm(total=2 * len(metrics) + len(exports), desc="evaluate", disable=not show_progress or not
+                 (metrics or exports), dynamic_ncols=True)
+    ref_results = _run_metrics(reference.canonical(), reference, reference, metrics, seed, show_progress)
+    steps.update(len(metrics))
+    cmp_results = _run_metrics(model.canonical(), model, reference, metrics, seed, show_progress)
+    steps.update(len(metrics))
+    for name, res in cmp_results.items():
+        report["metrics"][name] = {"reference": ref_results[name].value, "compressed": res.value,
+                                   "higher_is_better": res.higher_is_better, "details": res.details,
+                                   "reference_details": ref_results[name].details}
+
+    if exports:
+        from ..export import export_model, load_exported
+
+        export_dir = staging / "exports"
+        export_dir.mkdir(exist_ok=True)
+        torch_model = model.canonical()
+        for spec in exports:
+            path = export_model(model, spec, export_dir)
+            runtime = load_exported(path, model)
+            key = spec.format if spec.format not in report["exports"] else f"{spec.format}-{len(report['exports'])}"
+            entry: dict[str, Any] = {"path": str(path.relative_to(staging)), "size_bytes": path.stat().st_size,
+                                     "spec": spec.model_dump(mode="json"),
+                                     "max_abs_err": _max_abs_err(torch_model, runtime, model)}
+            results = _run_metrics(runtime, model, reference, metrics, seed, show_progress)
+            entry["metrics"] = {n: r.value for n, r in results.items()}
+            report["exports"][key] = entry
+            for n, r in results.items():
+                cmp_results[f"{n}@{key}"] = r
+            steps.update(1)
+    steps.close()
+
+    (staging / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    _plots(staging, report, ref_results, cmp_results)
+    (staging / "report.md").write_text(_markdown(loaded, report, staging))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pictures
+
+def _plots(staging: Path, report: dict[str, Any], ref: dict[str, MetricResult], cmp: dict[str, MetricResult]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["metrics"])
+    if names:
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            labels = ["reference", "compressed"] + [f for f, e in report["exports"].items() if name in e["metrics"]]
+            values = [report["metrics"][name]["reference"], report["metrics"][name]["compressed"]] + \
+                     [e["metrics"][name] for e in report["exports"].values() if name in e["metrics"]]
+            ax.bar(range(len(values)), values, color=["#888888", "#2a7ab9"] + ["#e08a2c"] * (len(values) - 2))
+            ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
+            arrow = "higher is better" if report["metrics"][name]["higher_is_better"] else "lower is better"
+            ax.set_title(f"{name}\n({arrow})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(staging / "metrics.png", dpi=110)
+        plt.close(fig)
+
+    size = report["size_bytes"]
+    labels = ["reference", "compressed"] + list(report["exports"])
+    values = [size["reference"], size["compressed"]] + [e["size_bytes"] for e in report["exports"].values()]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(values), 3.0))
+    ax.bar(range(len(values)), [v / 2**20 for v in values], color=["#888888", "#2a7ab9"] + ["#e08a2c"] * (len(values) - 2))
+    ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("MiB")
+    ax.set_title("size", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(staging / "size.png", dpi=110)
+    plt.close(fig)
+
+    for name, r in ref.items():
+        if r.images is not None and name in cmp and cmp[name].images is not None:
+            _sample_grid(staging / f"samples_{name}.png", r.images, cmp[name].images, plt)
+
+
+def image_grid(images: torch.Tensor, columns: int = 8) -> torch.Tensor:
+    """Tile ``[N, C, H, W]`` images in [0, 1] into one ``[H', W', C]`` array with 1-pixel borders."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / columns)
+    grid = torch.ones(c, rows * (h + 1) + 1, columns * (w + 1) + 1)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = images[i]
+    return grid.permute(1, 2, 0).clamp(0, 1)
+
+
+def _sample_grid(path: Path, ref: torch.Tensor, cmp: torch.Tensor, plt: Any) -> None:
+    n = min(len(ref), len(cmp), 32)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    for ax, imgs, title in ((axes[0], ref[:n], "reference"), (axes[1], cmp[:n], "compressed")):
+        grid = image_grid(imgs.float().cpu())
+        ax.imshow(grid.squeeze(-1).numpy() if grid.shape[-1] == 1 else grid.numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{title} (same seeds)", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _markdown(loaded: Any, report: dict[str, Any], staging: Path) -> str:
+    r = loaded.recipe
+    passes = ", ".join(name for name, _ in loaded.passes) or "(none)"
+    lines = [f"# modelpress report", "", f"- model: `{r.model.source}`" + (f" (base `{r.base.source}`)" if r.base else ""),
+             f"- passes: {passes}", f"- seed: {r.seed}", ""]
+    size = report["size_bytes"]
+    ratio = size["reference"] / max(size["compressed"], 1)
+    lines += ["## Size", "", "| | bytes | vs reference |", "|---|---:|---:|",
+              f"| reference | {size['reference']:,} | 1.00x |",
+              f"| compressed | {size['compressed']:,} | {ratio:.2f}x smaller |"]
+    for name, e in report["exports"].items():
+        lines.append(f"| export `{name}` | {e['size_bytes']:,} | {size['reference'] / max(e['size_bytes'], 1):.2f}x smaller |")
+    if size.get("note"):
+        lines += ["", f"({size['note']}.)"]
+    lines += ["", "Bytes by codec: " + ", ".join(f"{k} {v:,}" for k, v in size["by_codec"].items()), "", "![size](size.png)", ""]
+    if report["metrics"]:
+        exports = list(report["exports"])
+        header = ["metric", "reference", "compressed"] + [f"`{e}`" for e in exports]
+        lines += ["## Metrics", "", "| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+        for name, m in report["metrics"].items():
+            better = "↑" if m["higher_is_better"] else "↓"
+            cells = [f"{name} {better}", _fmt(m["reference"]), _fmt(m["compressed"])] + \
+                    [_fmt(report["exports"][e]["metrics"].get(name, "")) for e in exports]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "![metrics](metrics.png)", ""]
+    if report["exports"]:
+        lines += ["## Exports", "", "| format | file | max abs err vs torch |", "|---|---|---:|"]
+        for name, e in report["exports"].items():
+            lines.append(f"| {name} | `{e['path']}` | {e['max_abs_err']:.3g} |")
+        lines.append("")
+    for png in sorted(staging.glob("samples_*.png")):
+        lines += [f"## Samples: {png.stem[len('samples_'):]}", "", f"![{png.stem}]({png.name})", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["build_report", "image_grid", "get_metric"]

@@ -1,0 +1,123 @@
+"""Runs a recipe: load -> passes -> save artifact -> export -> evaluate -> report.
+
+Data flows one way. Everything is written into a staging directory that replaces ``output`` only when the
+whole run succeeded (see :func:`modelpress.artifact.atomic_directory`).
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from . import zoo
+from .artifact import atomic_directory, load_artifact, read_manifest, tensors_sha256, write_artifact, WEIGHTS
+from .errors import UserError
+from .model import ModelHandle, load_checkpoint
+from .passes import CalibrationSpec, Context, get_pass, seeded
+from .recipe import LoadedRecipe, ModelSpec, load_recipe, parse_recipe
+
+
+def load_model_spec(spec: ModelSpec | str) -> ModelHandle:
+    """Load a model named by a recipe's ``model:``/``base:`` (zoo name or checkpoint path)."""
+    if isinstance(spec, str):
+        spec = ModelSpec(source=spec)
+    if zoo.is_zoo_name(spec.source):
+        handle = zoo.load(spec.source)
+        if spec.kind and spec.kind != handle.kind:
+            raise UserError(f"zoo model {spec.source!r} is a {handle.kind} model, not {spec.kind}")
+        return handle
+    return load_checkpoint(spec.source, kind=spec.kind, config=spec.config)
+
+
+def _input_record(spec: ModelSpec, handle: ModelHandle) -> dict[str, Any]:
+    return {"source": spec.source, "kind": handle.kind, "sha256": tensors_sha256(handle.module.state_dict())}
+
+
+def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) -> tuple[ModelHandle, ModelHandle, ModelHandle | None, Context]:
+    """Load the model (and base), run the passes and write the artifact into ``staging``.
+
+    Returns the compressed handle, the untouched reference, the base (or ``None``) and the context."""
+    r = loaded.recipe
+    model = load_model_spec(r.model)
+    base = load_model_spec(r.base) if r.base else None
+    reference = model.replace_module(copy.deepcopy(model.module))
+    inputs = {"model": _input_record(r.model, model)}
+    if base is not None:
+        inputs["base"] = _input_record(r.base, base)
+    cal = r.calibration
+    with tempfile.TemporaryDirectory(prefix="modelpress-") as scratch:
+        ctx = Context(seed=r.seed, calibration=CalibrationSpec(cal.samples, cal.batch_size, cal.dataset),
+                      base=base, scratch=Path(scratch), show_progress=show_progress)
+        bar = tqdm(loaded.passes, desc="passes", disable=not show_progress or not loaded.passes, dynamic_ncols=True)
+        for i, (name, config) in enumerate(bar):
+            bar.set_postfix_str(name)
+            cls = get_pass(name)
+            if cls.kinds and model.kind not in cls.kinds:
+                raise UserError(f"passes[{i}]: pass {name!r} works on {', '.join(cls.kinds)} models, not "
+                                f"{model.kind} ({r.model.source})", str(loaded.path))
+            t0 = time.perf_counter()
+            with seeded(r.seed + i), torch.random.fork_rng():
+                model = cls(config).apply(model, ctx)
+            ctx.record(name, seconds=round(time.perf_counter() - t0, 3), config=config.model_dump(mode="json"))
+    write_artifact(staging, model, recipe=loaded.raw, pass_log=ctx.log, base=base, inputs=inputs)
+    if loaded.path is not None and loaded.path.exists():
+        (staging / "recipe.yaml").write_text(loaded.path.read_text())
+    else:
+        (staging / "recipe.yaml").write_text(yaml.safe_dump(loaded.raw, sort_keys=False))
+    return model, reference, base, ctx
+
+
+def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, show_progress: bool = True,
+        output: Path | None = None) -> Path:
+    """Run the whole recipe; returns the artifact directory."""
+    from .evaluate.report import build_report
+
+    out = Path(output) if output else loaded.output
+    with atomic_directory(out) as staging:
+        model, reference, base, ctx = compress(loaded, staging, show_progress)
+        if export or evaluate:
+            # Evaluate what a user gets back: the artifact as loaded, not the in-memory module.
+            artifact_model = load_artifact(staging, base=base)
+            build_report(staging, loaded, artifact_model, reference,
+                         exports=loaded.exports if export else [], metrics=loaded.recipe.evaluate if evaluate else [],
+                         show_progress=show_progress)
+    return out
+
+
+def run_recipe(path: str | Path, **kwargs: Any) -> Path:
+    """Validate and run the recipe file at ``path``."""
+    return run(load_recipe(path), **kwargs)
+
+
+def evaluate_artifact(path: str | Path, *, metrics: list[str] | None = None, show_progress: bool = True) -> Path:
+    """(Re-)evaluate an artifact against the reference model named in its manifest; rewrites its report."""
+    from .evaluate.report import build_report
+
+    p = Path(path)
+    manifest = read_manifest(p)
+    loaded = parse_recipe(manifest["recipe"], str(p / "recipe.yaml"))
+    if metrics:
+        loaded.recipe.evaluate = parse_recipe({**manifest["recipe"], "evaluate": metrics}, str(p / "recipe.yaml")).recipe.evaluate
+    reference = load_model_spec(loaded.recipe.model)
+    with atomic_directory(p) as staging:
+        for f in p.iterdir():
+            target = staging / f.name
+            if f.is_dir():
+                import shutil
+
+                shutil.copytree(f, target)
+            else:
+                target.write_bytes(f.read_bytes())
+        model = load_artifact(staging)
+        build_report(staging, loaded, model, reference, exports=[], metrics=loaded.recipe.evaluate,
+                     show_progress=show_progress, keep_exports=True)
+    return p
+
+
+__all__ = ["run", "run_recipe", "compress", "evaluate_artifact", "load_model_spec", "WEIGHTS"]

@@ -1,0 +1,245 @@
+"""The recipe: a YAML file parsed into pydantic models, every problem reported before any work starts.
+
+Top-level keys::
+
+    model:        zoo name or checkpoint path, or {source: ..., kind: ..., config: ...}
+    base:         the base model of a delta recipe (same forms as model)
+    seed:         integer, default 0
+    calibration:  {samples: 64, batch_size: 16, dataset: null}
+    passes:       [{type: <pass name>, ...that pass's options}, ...]
+    export:       [{format: onnx|ort|pte, ...options}, ...]   (a bare string is {format: <it>})
+    evaluate:     [<metric name> | {metric: <name>, samples: N, ...options}, ...]
+    output:       the artifact directory, default runs/<recipe file stem>
+
+Errors read ``<file>: <field path>: <what is wrong>``, e.g.
+``recipes/x.yaml: passes[1].weight_bits: must be between 2 and 8, got 12``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+from .model import KINDS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    source: str = Field(min_length=1)
+    kind: Literal["encoder", "classifier", "unet", "unet-cond"] | None = None
+    config: str | None = None
+
+
+class CalibrationConfig(_Strict):
+    samples: int = Field(64, ge=1, le=1_000_000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    dataset: str | None = None
+
+
+class MetricSpec(_Strict):
+    metric: str
+    samples: int | None = Field(None, ge=1, le=1_000_000)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recipe(_Strict):
+    model: ModelSpec
+    base: ModelSpec | None = None
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    passes: list[Any] = Field(default_factory=list)
+    export: list[Any] = Field(default_factory=list)
+    evaluate: list[MetricSpec] = Field(default_factory=list)
+    output: str | None = None
+
+    @field_validator("model", "base", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"source": v} if isinstance(v, str) else v
+
+    @field_validator("evaluate", mode="before")
+    @classmethod
+    def _metric_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"metric": m} if isinstance(m, str) else m for m in v]
+        return v
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe plus the passes and export entries parsed into their own config classes."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    path: Path | None
+    recipe: Recipe
+    passes: list[tuple[str, Any]]  # (pass name, its Config instance)
+    exports: list[Any]  # modelpress.export.ExportSpec instances
+    raw: dict[str, Any]
+
+    @property
+    def output(self) -> Path:
+        if self.recipe.output:
+            return Path(self.recipe.output)
+        stem = self.path.stem if self.path else "recipe"
+        return Path("runs") / stem
+
+
+# ---------------------------------------------------------------------------------------------------
+# Error messages
+
+def _loc_to_path(loc: tuple[Any, ...], prefix: str = "") -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _bounds(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, Any]:
+    """The ge/le (or gt/lt) bounds of the field at ``loc``, for 'must be between' messages."""
+    cls: Any = model_cls
+    field = None
+    for part in loc:
+        if isinstance(part, int) or cls is None or not hasattr(cls, "model_fields"):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None, None
+        ann = field.annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    lo = hi = None
+    for m in getattr(field, "metadata", []) if field else []:
+        lo = getattr(m, "ge", getattr(m, "gt", lo))
+        hi = getattr(m, "le", getattr(m, "lt", hi))
+    return lo, hi
+
+
+def _describe(err: dict[str, Any], model_cls: type[BaseModel]) -> str:
+    kind, inp, ctx = err["type"], err.get("input"), err.get("ctx", {})
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        lo, hi = _bounds(model_cls, tuple(err["loc"]))
+        if lo is not None and hi is not None:
+            return f"must be between {lo} and {hi}, got {inp!r}"
+        bound = next(iter(ctx.values()))
+        word = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}[kind]
+        return f"must be {word} {bound}, got {inp!r}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {inp!r}"
+    msg = err["msg"]
+    msg = msg[len("Input should be "):] if msg.startswith("Input should be ") else msg[0].lower() + msg[1:]
+    return f"must be {msg}, got {inp!r}" if not msg.startswith("must") else f"{msg}, got {inp!r}"
+
+
+def validation_error(where: str, exc: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> UserError:
+    """Turn the first pydantic error into ``UserError('<field path>: <what>', where)``."""
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
+    field = _loc_to_path(loc, prefix)
+    return UserError(f"{field}: {_describe(err, model_cls)}" if field else _describe(err, model_cls), where)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError("no such recipe file", str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{line}malformed YAML ({problem})", str(path)) from None
+    if not isinstance(data, dict):
+        raise UserError("a recipe must be a mapping of keys (model, passes, ...)", str(path))
+    return data
+
+
+def _check_model_source(spec: ModelSpec, field: str, where: str, recipe_dir: Path | None) -> ModelSpec:
+    from . import zoo
+
+    if zoo.is_zoo_name(spec.source):
+        return spec
+    p = Path(spec.source)
+    if not p.exists() and recipe_dir is not None and (recipe_dir / p).exists():
+        p = recipe_dir / p
+    if not p.exists():
+        raise UserError(f"{field}: no zoo model or file named {spec.source!r} (zoo: "
+                        f"{', '.join(sorted(zoo.entries()))})", where)
+    return spec.model_copy(update={"source": str(p)})
+
+
+def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path | None = None) -> LoadedRecipe:
+    """Validate a recipe mapping completely: top-level schema, model paths, every pass and export entry."""
+    from .passes import get_pass
+
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(where, exc, Recipe) from None
+    recipe = recipe.model_copy(update={"model": _check_model_source(recipe.model, "model", where, recipe_dir)})
+    if recipe.base is not None:
+        recipe = recipe.model_copy(update={"base": _check_model_source(recipe.base, "base", where, recipe_dir)})
+
+    passes = []
+    for i, entry in enumerate(recipe.passes):
+        if not isinstance(entry, dict) or "type" not in entry:
+            raise UserError(f"passes[{i}]: must be a mapping with a 'type' key", where)
+        try:
+            cls = get_pass(str(entry["type"]))
+        except UserError as exc:
+            raise UserError(f"passes[{i}].type: {exc.message}", where) from None
+        options = {k: v for k, v in entry.items() if k != "type"}
+        try:
+            config = cls.Config.model_validate(options)
+        except ValidationError as exc:
+            raise validation_error(where, exc, cls.Config, prefix=f"passes[{i}]") from None
+        if cls.needs_base and recipe.base is None:
+            raise UserError(f"passes[{i}]: pass {cls.name!r} compresses a fine-tune against its base: add 'base:'",
+                            where)
+        if cls.kinds and recipe.model.kind and recipe.model.kind not in cls.kinds:
+            raise UserError(f"passes[{i}]: pass {cls.name!r} works on {', '.join(cls.kinds)} models, "
+                            f"not {recipe.model.kind}", where)
+        passes.append((cls.name, config))
+
+    exports = []
+    if recipe.export:
+        from .export import ExportSpec
+
+        for i, entry in enumerate(recipe.export):
+            entry = {"format": entry} if isinstance(entry, str) else entry
+            try:
+                exports.append(ExportSpec.model_validate(entry))
+            except ValidationError as exc:
+                raise validation_error(where, exc, ExportSpec, prefix=f"export[{i}]") from None
+
+    from .evaluate import metric_registry
+
+    metrics = metric_registry()
+    for i, m in enumerate(recipe.evaluate):
+        if m.metric not in metrics and m.metric != "size":
+            raise UserError(f"evaluate[{i}].metric: unknown metric {m.metric!r}; available: "
+                            f"{', '.join(sorted([*metrics, 'size']))}", where)
+    return LoadedRecipe(path=Path(where) if where != "<recipe>" else None, recipe=recipe, passes=passes,
+                        exports=exports, raw=data)
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and validate the recipe file at ``path`` (raises :class:`UserError` with file and field)."""
+    p = Path(path)
+    return parse_recipe(_read_yaml(p), str(p), p.parent)
+
+
+__all__ = ["Recipe", "ModelSpec", "LoadedRecipe", "load_recipe", "parse_recipe", "KINDS"]
