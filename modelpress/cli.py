@@ -80,15 +80,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace, export: bool, evaluate: bool) -> None:
     from .pipeline import run
-    from .recipe import load_recipe
+    from .recipe import load_recipes
 
-    loaded = load_recipe(args.recipe)
-    out = run(loaded, export=export, evaluate=evaluate, show_progress=not args.quiet,
-              output=Path(args.output) if args.output else None)
-    print(f"artifact: {out}")
-    report = out / "report.md"
-    if report.exists():
-        print(f"report:   {report}")
+    recipes = load_recipes(args.recipe)  # all validated before any work starts
+    if args.output and len(recipes) > 1:
+        raise UserError("--output needs a single-recipe file", args.recipe)
+    for i, loaded in enumerate(recipes):
+        if len(recipes) > 1:
+            names = ", ".join(name for name, _ in loaded.passes) or "no passes"
+            print(f"[{i + 1}/{len(recipes)}] {loaded.recipe.model.source}: {names}", file=sys.stderr)
+        out = run(loaded, export=export, evaluate=evaluate, show_progress=not args.quiet,
+                  output=Path(args.output) if args.output else None)
+        report = out / "report.md"
+        print(f"artifact: {out}" + (f"   report: {report}" if report.exists() else ""))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ from .artifact import atomic_directory, load_artifact, read_manifest, tensors_sh
 from .errors import UserError
 from .model import ModelHandle, load_checkpoint
 from .passes import CalibrationSpec, Context, get_pass, seeded
-from .recipe import LoadedRecipe, ModelSpec, load_recipe, parse_recipe
+from .recipe import LoadedRecipe, ModelSpec, load_recipes, parse_recipe
 
 
 def load_model_spec(spec: ModelSpec | str) -> ModelHandle:
@@ -90,9 +90,12 @@ def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, sho
     return out
 
 
-def run_recipe(path: str | Path, **kwargs: Any) -> Path:
-    """Validate and run the recipe file at ``path``."""
-    return run(load_recipe(path), **kwargs)
+def run_recipe(path: str | Path, **kwargs: Any) -> Path | list[Path]:
+    """Validate every recipe in the file at ``path``, then run them in order; returns the artifact
+    directory (a list of them for a multi-recipe file)."""
+    loaded = load_recipes(path)
+    outs = [run(r, **kwargs) for r in loaded]
+    return outs[0] if len(outs) == 1 else outs
 
 
 def evaluate_artifact(path: str | Path, *, metrics: list[str] | None = None, show_progress: bool = True) -> Path:

@@ -152,19 +152,26 @@ def validation_error(where: str, exc: ValidationError, model_cls: type[BaseModel
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path) -> list[dict[str, Any]]:
+    """The YAML documents of a recipe file (one recipe per ``---``-separated document)."""
     if not path.exists():
         raise UserError("no such recipe file", str(path))
+    if path.is_dir():
+        raise UserError("is a directory, not a recipe file", str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{line}malformed YAML ({problem})", str(path)) from None
-    if not isinstance(data, dict):
-        raise UserError("a recipe must be a mapping of keys (model, passes, ...)", str(path))
-    return data
+    if not docs:
+        raise UserError("the recipe file is empty", str(path))
+    for i, data in enumerate(docs):
+        if not isinstance(data, dict):
+            where = str(path) if len(docs) == 1 else f"{path} (document {i + 1})"
+            raise UserError("a recipe must be a mapping of keys (model, passes, ...)", where)
+    return docs
 
 
 def _check_model_source(spec: ModelSpec, field: str, where: str, recipe_dir: Path | None) -> ModelSpec:
@@ -236,10 +243,34 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
                         exports=exports, raw=data)
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
-    """Read and validate the recipe file at ``path`` (raises :class:`UserError` with file and field)."""
+def load_recipes(path: str | Path) -> list[LoadedRecipe]:
+    """Read and validate every recipe in the file at ``path`` before any work starts.
+
+    A file may hold several recipes as ``---``-separated YAML documents (the quickstart runs one per method
+    family); each needs its own ``output:`` (default ``runs/<file stem>-<n>``)."""
     p = Path(path)
-    return parse_recipe(_read_yaml(p), str(p), p.parent)
+    docs = _read_yaml(p)
+    if len(docs) == 1:
+        return [parse_recipe(docs[0], str(p), p.parent)]
+    loaded = []
+    for i, data in enumerate(docs):
+        r = parse_recipe(data, f"{p} (document {i + 1})", p.parent)
+        r.path = p
+        if r.recipe.output is None:
+            r.recipe.output = str(Path("runs") / f"{p.stem}-{i + 1}")
+        loaded.append(r)
+    outputs = [r.output for r in loaded]
+    if len(set(outputs)) != len(outputs):
+        raise UserError("two recipes in this file write the same output directory", str(p))
+    return loaded
 
 
-__all__ = ["Recipe", "ModelSpec", "LoadedRecipe", "load_recipe", "parse_recipe", "KINDS"]
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and validate a single-recipe file at ``path`` (raises :class:`UserError` with file and field)."""
+    loaded = load_recipes(path)
+    if len(loaded) != 1:
+        raise UserError(f"holds {len(loaded)} recipes; expected one", str(path))
+    return loaded[0]
+
+
+__all__ = ["Recipe", "ModelSpec", "LoadedRecipe", "load_recipe", "load_recipes", "parse_recipe", "KINDS"]

@@ -155,3 +155,17 @@ def test_cli_help_runs_without_a_traceback() -> None:
     res = subprocess.run([sys.executable, "-m", "modelpress.cli", "run", "missing.yaml", "-q"], capture_output=True,
                          text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "missing.yaml: no such recipe file" in res.stderr
+
+
+def test_multi_recipe_file_validates_everything_first(in_tmp: Path, tiny_classifier_dir: Path) -> None:
+    from modelpress.recipe import load_recipes
+
+    write(in_tmp / "multi.yaml", f"model: {tiny_classifier_dir}\npasses: [{{type: cast}}]\n---\n"
+                                 f"model: {tiny_classifier_dir}\npasses: [{{type: cast, dtype: float16}}]\n")
+    recipes = load_recipes("multi.yaml")
+    assert [str(r.output) for r in recipes] == ["runs/multi-1", "runs/multi-2"]
+    write(in_tmp / "multi.yaml", f"model: {tiny_classifier_dir}\n---\nmodel: {tiny_classifier_dir}\nseed: x\n")
+    with pytest.raises(UserError, match=r"^multi.yaml \(document 2\): seed: must be a valid integer"):
+        load_recipes("multi.yaml")
+    assert main(["run", "multi.yaml", "-q"]) == 2
+    assert not (in_tmp / "runs").exists()
