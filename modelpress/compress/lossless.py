@@ -1,0 +1,370 @@
+"""``dfloat11``: lossless entropy coding of float weights, decoded on the fly (DFloat11-style).
+
+Paper: Zhang et al., "70% Size, 100% Accuracy: Lossless LLM Compression for Efficient GPU Inference via
+Dynamic-Length Float" (DFloat11, 2025), section 3: the exponent of bf16 weights has ~2.6 bits of entropy,
+so Huffman coding it (and keeping sign and mantissa raw) stores weights in ~70% of their size with
+bit-identical outputs. Our codec (``modelpress.kernels.entropy``) codes sign, exponent and the top mantissa
+bits jointly with an optimal length-limited canonical Huffman code, which lands below the order-0 exponent
+bound; see docs/lossless.md for the format, the measured sizes and the differences from DFloat11.
+
+Each selected ``nn.Linear`` / ``nn.Embedding`` / ``nn.Conv2d`` is replaced by a module that keeps only the
+encoded weight (five registered buffers, so the artifact's safetensors hold it) and decodes it at the
+start of every forward into a temporary tensor that is freed when the forward returns: peak memory is
+the compressed model plus one decoded weight. The decoded weight is bit-identical to the stored one, so
+the outputs equal those of the uncompressed model in the stored dtype.
+
+The only lossy step is the optional cast (``cast: true``) of a model whose weights are in another dtype
+(e.g. fp32 -> bf16), which casts the whole model; with ``cast: false`` such a model is an error.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..errors import CorruptData, UserError
+from ..kernels import entropy as E
+from ..model import ModelHandle
+from ..modules import register_module, set_submodule
+from ..passes import Context, Pass, PassConfig, register_pass
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_INT_VIEW = {16: torch.int16, 32: torch.int32}
+BUFFERS = ("header", "codebook", "lane_nbytes", "checksums", "stream")
+_BUFFER_DTYPES = {"header": torch.int64, "codebook": torch.uint8, "lane_nbytes": torch.int32,
+                  "checksums": torch.int32, "stream": torch.uint8}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor-level API.
+
+def tensor_words(weight: torch.Tensor) -> tuple[np.ndarray, str]:
+    """The raw bit patterns of a float tensor (uint16 / uint32, flat) and its dtype name."""
+    dtype = str(weight.dtype).replace("torch.", "")
+    if dtype not in E.DTYPES:
+        raise UserError(f"lossless coding supports bfloat16, float16 and float32 tensors, not {dtype}")
+    bits = E.DTYPES[dtype][1]
+    flat = weight.detach().cpu().contiguous().reshape(-1).view(_INT_VIEW[bits])
+    return flat.numpy().view(E.WORD_DTYPE[bits]), dtype
+
+
+def encode_tensor(weight: torch.Tensor, block_size: int = 65536, mantissa_bits: int = 2,
+                  max_code_length: int = 14) -> tuple[E.Encoded, float]:
+    """Encode a bf16 / fp16 / fp32 tensor losslessly (any shape; flattened in C order).
+
+    Returns the encoding and the tensor's order-0 exponent bound in bits per weight (for reports)."""
+    from ..kernels import entropy_cpu
+
+    if block_size % E.LANES_PER_BLOCK:
+        raise UserError(f"block_size must be a multiple of {E.LANES_PER_BLOCK}, got {block_size}")
+    words, dtype = tensor_words(weight)
+    try:
+        sym_bits = E.symbol_bits(dtype, mantissa_bits, max_code_length)
+    except ValueError as exc:
+        raise UserError(str(exc), "dfloat11") from None
+    counts = entropy_cpu.symbol_counts(words, E.DTYPES[dtype][1], sym_bits)
+    enc = entropy_cpu.encode(words, dtype, block_size // E.LANES_PER_BLOCK, mantissa_bits, max_code_length, counts)
+    return enc, E.exponent_bound_from_counts(counts, dtype)
+
+
+def decode_tensor(enc: E.Encoded, shape: tuple[int, ...] | None = None, verify_checksums: bool = True,
+                  where: str = "lossless tensor") -> torch.Tensor:
+    """Validate and decode ``enc`` back into a tensor of its stored dtype."""
+    plan = E.validate(enc, verify_checksums, where)
+    return decode_plan(plan, shape if shape is not None else (plan.n,), where)
+
+
+def decode_plan(plan: E.Plan, shape: tuple[int, ...], where: str = "lossless tensor") -> torch.Tensor:
+    from ..kernels import entropy_cpu
+
+    out = torch.empty(plan.n, dtype=_INT_VIEW[plan.word_bits])
+    entropy_cpu.decode_plan(plan, out.numpy().view(E.WORD_DTYPE[plan.word_bits]), where)
+    return out.view(TORCH_DTYPES[plan.dtype]).reshape(shape)
+
+
+def encoded_from_buffers(bufs: dict[str, torch.Tensor]) -> E.Encoded:
+    return E.Encoded(**{k: bufs[k].detach().cpu().numpy() for k in BUFFERS})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compressed modules.
+
+class _LosslessWeight(nn.Module):
+    """Holds one encoded weight as buffers ``df11_<field>`` and decodes it on demand."""
+
+    def _init_encoded(self, shape: tuple[int, ...], dtype: str, sizes: dict[str, int]) -> None:
+        self.weight_shape = tuple(int(s) for s in shape)
+        self.weight_dtype = dtype
+        for k in BUFFERS:
+            self.register_buffer(f"df11_{k}", torch.zeros(sizes[k], dtype=_BUFFER_DTYPES[k]))
+        self._plan: E.Plan | None = None
+        self._cuda: Any = None
+
+    def _set_encoded(self, enc: E.Encoded) -> None:
+        for k, a in enc.arrays().items():
+            setattr(self, f"df11_{k}", torch.from_numpy(a.copy()))
+        self._plan = self._cuda = None
+
+    def encoded_sizes(self) -> dict[str, int]:
+        return {k: int(getattr(self, f"df11_{k}").numel()) for k in BUFFERS}
+
+    def encoded(self) -> E.Encoded:
+        return encoded_from_buffers({k: getattr(self, f"df11_{k}") for k in BUFFERS})
+
+    def after_load(self) -> None:
+        """Called by the artifact loader: forget the validated plan of the previous buffers."""
+        self._plan = self._cuda = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._plan = self._cuda = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "_LosslessWeight":
+        self._plan = self._cuda = None  # .to(device) replaces the buffers
+        return super()._apply(fn, *args, **kwargs)
+
+    def plan(self) -> E.Plan:
+        """The validated decode plan (checksums verified once, then cached until new buffers load)."""
+        if self._plan is None:
+            plan = E.validate(self.encoded(), True, type(self).__name__)
+            if plan.dtype != self.weight_dtype or plan.n != int(np.prod(self.weight_shape, dtype=np.int64)):
+                raise CorruptData(f"encoded weight is {plan.n} x {plan.dtype}, the module expects "
+                                    f"{self.weight_shape} x {self.weight_dtype}", type(self).__name__)
+            self._plan = plan
+        return self._plan
+
+    def decoded_weight(self) -> torch.Tensor:
+        """The dense weight, decoded now into a fresh tensor (nothing dense is kept): on the CPU with the
+        numba CPU kernel, on a CUDA device with the numba CUDA kernel."""
+        plan = self.plan()
+        if self.df11_stream.device.type != "cuda":
+            return decode_plan(plan, self.weight_shape, type(self).__name__)
+        from numba import cuda
+
+        from ..kernels.entropy_cuda import CudaDecoder
+
+        if self._cuda is None:
+            self._cuda = CudaDecoder(plan, where=type(self).__name__)
+        out = torch.empty(plan.n, dtype=_INT_VIEW[plan.word_bits], device=self.df11_stream.device)
+        self._cuda.decode(cuda.as_cuda_array(out))
+        return out.view(TORCH_DTYPES[plan.dtype]).reshape(self.weight_shape)
+
+    def compressed_bytes(self) -> int:
+        return sum(int(getattr(self, f"df11_{k}").numel()) * getattr(self, f"df11_{k}").element_size()
+                   for k in BUFFERS)
+
+    def _weight_config(self) -> dict[str, Any]:
+        return {"weight_shape": list(self.weight_shape), "weight_dtype": self.weight_dtype,
+                "sizes": self.encoded_sizes()}
+
+
+@register_module
+class LosslessLinear(_LosslessWeight):
+    """``nn.Linear`` whose weight is entropy coded and decoded at every forward."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_dtype: str,
+                 sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_encoded((out_features, in_features), weight_dtype, sizes)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=TORCH_DTYPES[weight_dtype])) if has_bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, enc: E.Encoded) -> "LosslessLinear":
+        dtype = str(lin.weight.dtype).replace("torch.", "")
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype,
+                {k: a.shape[0] for k, a in enc.arrays().items()})
+        m._set_encoded(enc)
+        if lin.bias is not None:
+            m.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def module_config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "has_bias": self.bias is not None, "weight_dtype": self.weight_dtype, "sizes": self.encoded_sizes()}
+
+    @classmethod
+    def from_module_config(cls, cfg: dict[str, Any]) -> "LosslessLinear":
+        return cls(cfg["in_features"], cfg["out_features"], cfg["has_bias"], cfg["weight_dtype"], cfg["sizes"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.decoded_weight(), self.bias)
+
+
+@register_module
+class LosslessEmbedding(_LosslessWeight):
+    """``nn.Embedding`` whose table is entropy coded and decoded at every forward."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, weight_dtype: str,
+                 sizes: dict[str, int], max_norm: float | None = None, norm_type: float = 2.0,
+                 scale_grad_by_freq: bool = False, sparse: bool = False) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.max_norm, self.norm_type = max_norm, norm_type
+        self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
+        self._init_encoded((num_embeddings, embedding_dim), weight_dtype, sizes)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, enc: E.Encoded) -> "LosslessEmbedding":
+        dtype = str(emb.weight.dtype).replace("torch.", "")
+        m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, dtype,
+                {k: a.shape[0] for k, a in enc.arrays().items()}, emb.max_norm, emb.norm_type,
+                emb.scale_grad_by_freq, emb.sparse)
+        m._set_encoded(enc)
+        return m
+
+    def module_config(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx, "weight_dtype": self.weight_dtype, "sizes": self.encoded_sizes(),
+                "max_norm": self.max_norm, "norm_type": self.norm_type,
+                "scale_grad_by_freq": self.scale_grad_by_freq, "sparse": self.sparse}
+
+    @classmethod
+    def from_module_config(cls, cfg: dict[str, Any]) -> "LosslessEmbedding":
+        return cls(**cfg)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded table (models such as BERT read ``word_embeddings.weight.dtype``)."""
+        return self.decoded_weight()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.decoded_weight(), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+@register_module
+class LosslessConv2d(_LosslessWeight):
+    """``nn.Conv2d`` (zero padding) whose kernel is entropy coded and decoded at every forward."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: list[int], stride: list[int],
+                 padding: list[int] | str, dilation: list[int], groups: int, has_bias: bool, weight_dtype: str,
+                 sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
+        self.padding = padding if isinstance(padding, str) else tuple(padding)
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self._init_encoded(shape, weight_dtype, sizes)
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=TORCH_DTYPES[weight_dtype])) if has_bias else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, enc: E.Encoded) -> "LosslessConv2d":
+        dtype = str(conv.weight.dtype).replace("torch.", "")
+        m = cls(conv.in_channels, conv.out_channels, list(conv.kernel_size), list(conv.stride),
+                conv.padding if isinstance(conv.padding, str) else list(conv.padding), list(conv.dilation),
+                conv.groups, conv.bias is not None, dtype, {k: a.shape[0] for k, a in enc.arrays().items()})
+        m._set_encoded(enc)
+        if conv.bias is not None:
+            m.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def module_config(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "has_bias": self.bias is not None,
+                "weight_dtype": self.weight_dtype, "sizes": self.encoded_sizes()}
+
+    @classmethod
+    def from_module_config(cls, cfg: dict[str, Any]) -> "LosslessConv2d":
+        return cls(**cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.decoded_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pass.
+
+_KINDS: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Embedding": nn.Embedding, "Conv2d": nn.Conv2d}
+
+
+def _candidates(module: nn.Module, kinds: list[str], min_elements: int) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """Modules to compress, and the paths skipped because their weight is shared (tied) with another."""
+    owners: dict[int, int] = {}
+    for _, m in module.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners[id(w)] = owners.get(id(w), 0) + 1
+    types = tuple(_KINDS[k] for k in kinds)
+    chosen, tied = [], []
+    for name, m in module.named_modules():
+        if type(m) not in types or m.weight.numel() < min_elements:
+            continue
+        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            continue
+        if owners[id(m.weight)] > 1:
+            tied.append(name)
+            continue
+        chosen.append((name, m))
+    return chosen, tied
+
+
+@register_pass
+class DFloat11(Pass):
+    """Lossless entropy coding of weight matrices (DFloat11-style), decoded on the fly at inference."""
+
+    name = "dfloat11"
+
+    class Config(PassConfig):
+        #: dtype the weights are stored (and run) in
+        dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+        #: cast a model in another dtype first (the only lossy step); false: such a model is an error
+        cast: bool = True
+        #: module types whose weights are coded
+        modules: list[Literal["Linear", "Embedding", "Conv2d"]] = ["Linear", "Embedding", "Conv2d"]
+        #: weights per block (the unit of checksums and CPU threads: four lanes with their own offsets)
+        block_size: int = Field(65536, ge=1024, le=1 << 22, multiple_of=4)
+        #: mantissa bits coded together with sign and exponent (the rest are stored raw)
+        mantissa_bits: int = Field(2, ge=0, le=3)
+        #: longest Huffman code (decode table has 2**this entries)
+        max_code_length: int = Field(14, ge=12, le=15)
+        #: weights with fewer elements are left as they are (side data would dominate)
+        min_elements: int = Field(4096, ge=0)
+
+    def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
+        cfg = self.config
+        target = TORCH_DTYPES[cfg.dtype]
+        module = model.module
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        cast_from = None
+        if dtypes != {target}:
+            if not cfg.cast:
+                raise UserError(f"the model's weights are {sorted(str(d) for d in dtypes)}, not {cfg.dtype}; "
+                                f"set cast: true to cast them first (lossy) or choose dtype to match", "dfloat11")
+            cast_from = sorted(str(d).replace("torch.", "") for d in dtypes)
+            module.to(target)
+        chosen, tied = _candidates(module, list(cfg.modules), cfg.min_elements)
+        per_module: dict[str, Any] = {}
+        dense_bytes = coded_bytes = 0
+        bound_bits = 0.0
+        for name, m in ctx.progress(chosen, desc="dfloat11"):
+            enc, bound = encode_tensor(m.weight, cfg.block_size, cfg.mantissa_bits, cfg.max_code_length)
+            if isinstance(m, nn.Linear):
+                new: nn.Module = LosslessLinear.from_linear(m, enc)
+            elif isinstance(m, nn.Embedding):
+                new = LosslessEmbedding.from_embedding(m, enc)
+            else:
+                new = LosslessConv2d.from_conv(m, enc)
+            n = m.weight.numel()
+            per_module[name] = {"elements": n, "bits_per_weight": round(enc.nbytes * 8 / n, 4),
+                                "exponent_bound": round(bound, 4)}
+            dense_bytes += n * m.weight.element_size()
+            coded_bytes += enc.nbytes
+            bound_bits += bound * n
+            if name:
+                set_submodule(module, name, new)
+            else:
+                module = new
+        total = sum(v["elements"] for v in per_module.values())
+        ctx.record(self.name, dtype=cfg.dtype, cast_from=cast_from, modules=len(per_module), tied_skipped=tied,
+                   dense_bytes=dense_bytes, coded_bytes=coded_bytes,
+                   bits_per_weight=round(coded_bytes * 8 / total, 4) if total else None,
+                   exponent_bound_bits_per_weight=round(bound_bits / total, 4) if total else None,
+                   per_module=per_module)
+        return model.replace_module(module)

@@ -1,0 +1,130 @@
+"""numba CUDA decoder of the lossless float format (see :mod:`modelpress.kernels.entropy`).
+
+DFloat11's GPU decoder has every thread start at a fixed *byte* position of the stream and needs per-thread
+side data (5-bit "gaps" to the first code boundary plus one output position per thread block, ~0.2 bit per
+weight) and two passes (count symbols, block prefix sum, decode again and write). We store only one byte
+length per lane of 16K weights (0.002 bit/weight) and build the fine-grained index on the GPU instead:
+
+1. ``index`` (once per tensor, cached with the decoder): one thread per lane walks its lane's codes (table
+   lookups only, no writes) and records the bit position of every ``sub``-th weight (a *sub-lane*). It also
+   returns where each lane ends, which the host checks against the lane table (corrupt data -> error).
+2. ``decode`` (every forward): one thread per sub-lane (256 weights by default: ~64K threads for a 16M-weight
+   matrix) starts at its recorded bit position and decodes straight into the output: a single pass, no
+   prefix sum and no re-decoding.
+
+Decoding uses the same complete, length-limited code table as the CPU (entry = symbol bits | code length),
+so every exponent, 0xFF (Inf/NaN) and subnormals included, decodes. Word indices are clamped, so no
+thread can read outside the stream even on corrupt input. The index costs 8 bytes per sub-lane in GPU
+memory only (0.25 bit/weight at ``sub=256``); it is never stored.
+
+Tested bit-exactly against the numpy reference under ``NUMBA_ENABLE_CUDASIM=1`` (the simulator); real-GPU
+throughput has not been measured in this repository (no GPU was available).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import cuda
+
+from ..errors import CorruptData
+from . import entropy as E
+
+
+@cuda.jit(device=True, inline=True)
+def _peek(a64, p, wmax):
+    w = p >> 6
+    if w > wmax:
+        w = wmax
+    s = np.uint64(p & 63)
+    return (a64[w] >> s) | ((a64[w + 1] << np.uint64(1)) << (np.uint64(63) - s))
+
+
+@cuda.jit
+def _index_kernel(a64, lane_start, lane_size, n, lut, tmask, raw_bits, sub, subs_per_lane, sub_pos, lane_end):
+    k = cuda.grid(1)
+    n_lanes = lane_start.shape[0] - 1
+    if k >= n_lanes:
+        return
+    wmax = a64.shape[0] - 2
+    rbits = np.uint64(raw_bits)
+    p = lane_start[k] * 8
+    cnt = min(lane_size, n - k * lane_size)
+    for i in range(cnt):
+        if i % sub == 0:
+            sub_pos[k * subs_per_lane + i // sub] = p
+        bits = _peek(a64, p, wmax)
+        e = np.uint64(lut[(bits >> rbits) & tmask])
+        p += np.int64(rbits + (e & np.uint64(15)))
+    lane_end[k] = p
+
+
+@cuda.jit
+def _decode_kernel(a64, sub_pos, lane_size, n, lut, tmask, raw_bits, sub, subs_per_lane, out):
+    t = cuda.grid(1)
+    if t >= sub_pos.shape[0]:
+        return
+    k = t // subs_per_lane
+    j = t - k * subs_per_lane
+    first = j * sub
+    start = k * lane_size + first
+    if first >= lane_size or start >= n:
+        return
+    cnt = min(sub, lane_size - first, n - start)
+    wmax = a64.shape[0] - 2
+    rbits = np.uint64(raw_bits)
+    rmask = np.uint64((1 << raw_bits) - 1)
+    p = sub_pos[t]
+    for i in range(cnt):
+        bits = _peek(a64, p, wmax)
+        e = np.uint64(lut[(bits >> rbits) & tmask])
+        length = e & np.uint64(15)
+        out[start + i] = (e ^ length) | (bits & rmask)
+        p += np.int64(rbits + length)
+
+
+class CudaDecoder:
+    """Decoder for one validated tensor: uploads the stream and table once, builds the sub-lane index."""
+
+    def __init__(self, plan: E.Plan, sub: int = 256, threads: int = 128, where: str = "lossless tensor") -> None:
+        self.plan, self.sub, self.threads, self.where = plan, sub, threads, where
+        n_lanes = plan.lane_count.shape[0]
+        self.subs_per_lane = -(-plan.lane_size // sub)
+        self.a64 = cuda.to_device(plan.stream64)
+        self.lut = cuda.to_device(plan.lut)
+        self.tmask = np.uint64((1 << plan.table_bits) - 1)
+        self.sub_pos = cuda.to_device(np.zeros(max(n_lanes * self.subs_per_lane, 1), dtype=np.int64))
+        if plan.n == 0:
+            return
+        lane_start = cuda.to_device(plan.lane_start)
+        lane_end = cuda.to_device(np.zeros(n_lanes, dtype=np.int64))
+        blocks = -(-n_lanes // threads)
+        _index_kernel[blocks, threads](self.a64, lane_start, plan.lane_size, plan.n, self.lut, self.tmask,
+                                      plan.raw_bits, sub, self.subs_per_lane, self.sub_pos, lane_end)
+        ends = lane_end.copy_to_host()
+        expect = plan.lane_start[1:] * 8
+        bad = np.nonzero((ends > expect) | (ends <= expect - 8))[0]
+        if bad.size:
+            raise CorruptData(f"{bad.size} lanes do not end where their byte lengths say (first: lane {int(bad[0])})",
+                              where)
+
+    def decode(self, out: Any = None) -> Any:
+        """Decode into ``out`` (a device array of uint16 / uint32 words, or anything numba.cuda accepts);
+        returns it."""
+        p = self.plan
+        if out is None:
+            out = cuda.device_array(p.n, dtype=E.WORD_DTYPE[p.word_bits])
+        if p.n == 0:
+            return out
+        total = self.sub_pos.shape[0]
+        _decode_kernel[-(-total // self.threads), self.threads](self.a64, self.sub_pos, p.lane_size, p.n, self.lut,
+                                                                self.tmask, p.raw_bits, self.sub,
+                                                                self.subs_per_lane, out)
+        return out
+
+
+def decode(enc: E.Encoded, sub: int = 256, threads: int = 128, where: str = "lossless tensor") -> np.ndarray:
+    """Validate on the host, decode on the GPU (or the simulator), return the words on the host."""
+    dec = CudaDecoder(E.validate(enc, True, where), sub, threads, where)
+    out = dec.decode()
+    return out.copy_to_host() if hasattr(out, "copy_to_host") else np.asarray(out)

@@ -1,0 +1,50 @@
+"""The numba CUDA decoder, run under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) in a subprocess: numba
+reads that variable when ``numba.cuda`` is first imported, so it cannot be switched on in this process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent('''
+    import numpy as np, torch
+    from modelpress.errors import CorruptData
+    from modelpress.kernels import entropy as E, entropy_cuda as G
+    rng = np.random.default_rng(0)
+    cases = [
+        ("bfloat16", torch.int16, np.uint16, torch.bfloat16, 1500, 200),
+        ("float16", torch.int16, np.uint16, torch.float16, 700, 128),
+        ("float32", torch.int32, np.uint32, torch.float32, 500, 100),
+    ]
+    for dtype, ib, wd, td, n, lane in cases:
+        x = torch.from_numpy((rng.standard_normal(n) * 0.02).astype(np.float32)).to(td)
+        w = x.view(ib).numpy().view(wd).copy()
+        w[:6] = rng.integers(0, np.iinfo(wd).max, size=6, dtype=wd)   # arbitrary patterns, NaN payloads
+        if wd is np.uint16:
+            w[6:10] = [0x7F80, 0xFFC1, 0x8000, 0x0001]
+        enc = E.encode_reference(w, dtype, lane_size=lane)
+        ref = E.decode_reference(enc)
+        got = G.decode(enc, sub=32, threads=16)
+        assert got.dtype == wd and np.array_equal(got, ref) and np.array_equal(got, w), dtype
+    # empty tensor and a one-symbol tensor
+    for w in (np.zeros(0, np.uint16), np.full(100, 0x3F80, np.uint16)):
+        assert np.array_equal(G.decode(E.encode_reference(w, "bfloat16", lane_size=40), sub=16, threads=8), w)
+    # corrupt stream that skips checksums: clamped reads, lanes that end in the wrong place are reported
+    w = (rng.standard_normal(400).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    enc = E.encode_reference(w, "bfloat16", lane_size=100)
+    bad = E.Encoded(enc.header, enc.codebook, enc.lane_nbytes, enc.checksums, np.full_like(enc.stream, 0xFF))
+    try:
+        G.CudaDecoder(E.validate(bad, verify_checksums=False), sub=16, threads=8)
+        raise SystemExit("corrupt stream was not detected")
+    except CorruptData as exc:
+        assert "do not end where" in str(exc)
+    print("CUDASIM-OK")
+''')
+
+
+def test_cuda_decoder_matches_reference_under_simulator() -> None:
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CUDASIM-OK" in proc.stdout
