@@ -1,0 +1,133 @@
+"""DDIM sampling for the diffusion kinds (``unet``, ``unet-cond``), written once for metrics, calibration and
+reports.
+
+DDIM (Song, Meng & Ermon, 2021, "Denoising Diffusion Implicit Models", eq. 12) with classifier-free guidance
+(Ho & Salimans, 2022, "Classifier-Free Diffusion Guidance", eq. 6). The model is a *canonical callable*
+(``model(sample, timestep)`` or ``model(sample, timestep, encoder_hidden_states)`` -> predicted noise, see
+:mod:`modelpress.model`), so a torch module, an ONNX-runtime wrapper or a quantized model all sample the same
+way: it is called with plain float32 tensors and ``timestep`` as an int64 tensor ``[B]``.
+
+Timestep mapping (exact; the same as diffusers' ``DDIMScheduler`` with ``timestep_spacing="leading"``,
+``steps_offset=0``, ``set_alpha_to_one=True``): with ``T`` training steps and ``S`` sampling steps, the model is
+called at ``t_i = i * (T // S)`` for ``i = S-1, ..., 0`` (``S=50``: 980, 960, ..., 20, 0; ``S=25``: 960, 920,
+..., 0). The step from ``t_i`` goes to ``t_{i-1}``; the last step (``t_0 = 0``) goes to ``alpha_bar = 1``, the
+clean image. ``x_T`` is standard normal noise and is fed to the model at ``t_{S-1}``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+
+def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
+    """``alpha_bar_t`` (float64, ``[T]``) of a DDPM scheduler config (``linear`` or ``scaled_linear`` betas)."""
+    T = int(scheduler_config.get("num_train_timesteps", 1000))
+    b0, b1 = float(scheduler_config.get("beta_start", 1e-4)), float(scheduler_config.get("beta_end", 0.02))
+    schedule = scheduler_config.get("beta_schedule", "linear")
+    if schedule == "linear":
+        betas = torch.linspace(b0, b1, T, dtype=torch.float64)
+    elif schedule == "scaled_linear":
+        betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=torch.float64) ** 2
+    else:
+        raise ValueError(f"unsupported beta_schedule {schedule!r}")
+    return torch.cumprod(1.0 - betas, 0)
+
+
+def ddim_timesteps(scheduler_config: dict[str, Any], steps: int) -> list[int]:
+    """The timesteps the model is called at, in sampling order (see the module docstring)."""
+    T = int(scheduler_config.get("num_train_timesteps", 1000))
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    ratio = T // steps
+    return [i * ratio for i in range(steps - 1, -1, -1)]
+
+
+def _predict_eps(model: Callable[..., torch.Tensor], x: torch.Tensor, t: int, cond: torch.Tensor | None,
+                 uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+    """eps_theta(x_t, t[, c]); with ``cond`` and guidance, ``eps_u + w (eps_c - eps_u)`` from one batched call."""
+    b = x.shape[0]
+    if cond is None:
+        return model(x, torch.full((b,), t, dtype=torch.int64))
+    if uncond is None or guidance_scale == 1.0:
+        return model(x, torch.full((b,), t, dtype=torch.int64), cond)
+    u = uncond.expand(b, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
+    both = model(torch.cat([x, x]), torch.full((2 * b,), t, dtype=torch.int64), torch.cat([u, cond]))
+    eps_u, eps_c = both[:b], both[b:]
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, eta: float,
+              noise: torch.Tensor | None, clip: float | None) -> torch.Tensor:
+    """One DDIM update ``x_t -> x_{t_prev}`` (Song et al., 2021, eq. 12; sigma from eq. 16 scaled by ``eta``)."""
+    x0 = (x - (1.0 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    sigma = eta * ((1.0 - a_prev) / (1.0 - a_t)) ** 0.5 * (1.0 - a_t / a_prev) ** 0.5
+    x_prev = a_prev ** 0.5 * x0 + max(1.0 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
+    if sigma > 0 and noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+@torch.no_grad()
+def ddim_sample(model: Callable[..., torch.Tensor], scheduler_config: dict[str, Any], n: int, steps: int = 50,
+                seed: int = 0, cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
+                guidance_scale: float = 2.0, eta: float = 0.0, return_trajectory: bool = False,
+                progress: bool | Callable[..., Iterable] = False, sample_shape: tuple[int, ...] = (1, 16, 16),
+                batch_size: int = 250):
+    """Draw ``n`` samples with DDIM in ``steps`` steps.
+
+    Args:
+        model: canonical callable ``(sample, timestep[, encoder_hidden_states]) -> eps``.
+        scheduler_config: the DDPM schedule the model was trained on (``handle.extras["scheduler"]``).
+        cond: ``[n, L, D]`` prompt embeddings for a ``unet-cond`` model (None for ``unet``).
+        uncond: ``[1 or n, L, D]`` embeddings of the empty prompt; with ``cond`` and ``guidance_scale != 1``
+            the noise prediction is guided, ``eps_u + w (eps_c - eps_u)``, in one batched call of ``2B``.
+        eta: 0 gives deterministic DDIM; 1 gives DDPM-like ancestral noise.
+        return_trajectory: also return ``[(t, x_t), ...]``: every timestep the model was called at and the
+            exact (unguided, float32) sample it was called with, in sampling order (``x_T`` first).
+        progress: ``True`` for a tqdm bar, or a callable like :meth:`modelpress.passes.Context.progress`.
+        sample_shape: ``(C, H, W)`` of one sample.
+        batch_size: samples per model call (``2 * batch_size`` rows under guidance).
+
+    Returns:
+        samples ``[n, C, H, W]`` (float32, model range [-1, 1]), or ``(samples, trajectory)``.
+    The same ``seed`` gives the same samples whatever ``batch_size`` is.
+    """
+    if cond is not None and cond.shape[0] != n:
+        raise ValueError(f"cond has {cond.shape[0]} rows for {n} samples")
+    ab = alphas_cumprod(scheduler_config)
+    ts = ddim_timesteps(scheduler_config, steps)
+    clip = float(scheduler_config.get("clip_sample_range", 1.0)) if scheduler_config.get("clip_sample", False) else None
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *sample_shape), generator=g)
+    trajectory: list[tuple[int, torch.Tensor]] = []
+    it: Iterable[int] = range(len(ts))
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=len(ts), desc="DDIM")
+    elif callable(progress):
+        it = progress(it, total=len(ts), desc="DDIM")
+    for i in it:
+        t = ts[i]
+        a_t = float(ab[t])
+        a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        if return_trajectory:
+            trajectory.append((t, x.clone()))
+        noise = torch.randn(x.shape, generator=g) if eta > 0 else None
+        out = torch.empty_like(x)
+        for s in range(0, n, batch_size):
+            sl = slice(s, min(n, s + batch_size))
+            c = cond[sl] if cond is not None else None
+            u = uncond if uncond is None or uncond.shape[0] == 1 else uncond[sl]
+            eps = _predict_eps(model, x[sl], t, c, u, guidance_scale).float()
+            out[sl] = ddim_step(x[sl], eps, a_t, a_prev, eta, noise[sl] if noise is not None else None, clip)
+        x = out
+    return (x, trajectory) if return_trajectory else x
+
+
+def to_unit_range(samples: torch.Tensor) -> torch.Tensor:
+    """Model-range samples [-1, 1] to images in [0, 1] (for sample grids)."""
+    return ((samples.float() + 1.0) / 2.0).clamp(0.0, 1.0)
