@@ -160,6 +160,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 def load_weights_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Load ``state`` strictly; a missing, unexpected or mis-shaped tensor is a one-line error."""
     own = module.state_dict()
+    # Older checkpoints carry buffers that are non-persistent now (BERT's position_ids): not weights.
+    non_persistent = {name for name, _ in module.named_buffers()} - set(own)
+    state = {k: v for k, v in state.items() if k not in non_persistent}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:

@@ -169,3 +169,13 @@ def test_multi_recipe_file_validates_everything_first(in_tmp: Path, tiny_classif
         load_recipes("multi.yaml")
     assert main(["run", "multi.yaml", "-q"]) == 2
     assert not (in_tmp / "runs").exists()
+
+
+def test_loads_the_packaged_minilm_checkpoint_by_path() -> None:
+    """A real transformers directory (with a legacy non-persistent position_ids buffer) loads by path."""
+    from modelpress.model import load_checkpoint
+    from modelpress.zoo.text import minilm_dir
+
+    handle = load_checkpoint(minilm_dir())
+    assert handle.kind == "encoder" and handle.architecture["class"] == "BertModel"
+    assert handle.extras["tokenizer_dir"] == str(minilm_dir())
