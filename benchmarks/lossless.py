@@ -17,19 +17,24 @@ The markdown table is printed and, with ``--write``, replaces the block between 
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import time
-from pathlib import Path
 
-import numba
-import numpy as np
-import torch
+# numba's OpenMP threads must wait passively on a shared machine (see modelpress/kernels/entropy_cpu.py); the
+# variable is read when the first OpenMP runtime starts, which ``import torch`` does, so it is set here first
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from modelpress.compress.lossless import tensor_words
-from modelpress.kernels import entropy as E
-from modelpress.kernels import entropy_cpu as C
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from modelpress.compress.lossless import tensor_words  # noqa: E402
+from modelpress.kernels import entropy as E  # noqa: E402
+from modelpress.kernels import entropy_cpu as C  # noqa: E402
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -142,9 +147,12 @@ def main() -> None:
                  "zipnn", "zstd-3"]
     speed_cols = ["model", "dec ours 1t", "dec zipnn 1t", "dec ours 2t", "dec zipnn 2t", "dec zstd-3 1t",
                   "enc ours 1t", "enc zipnn 1t", "enc ours 2t", "enc zipnn 2t", "validate+crc 1t"]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = (f"Bits per weight (bf16 weights, all side data included):\n\n{table(rows, size_cols)}\n\n"
             f"Throughput, GB/s of bf16 weights, min-time / median-time of {args.repeats} runs "
-            f"(machine: {os.cpu_count()} shared cores, numba {numba.__version__}):\n\n{table(rows, speed_cols)}\n")
+            f"(machine: {os.cpu_count()} shared cores, load average {load} at the end; numba {numba.__version__}, "
+            f"threading layer {numba.threading_layer()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}):"
+            f"\n\n{table(rows, speed_cols)}\n")
     if skipped:
         text += "\nNot measured: " + "; ".join(skipped) + "\n"
     print(text)

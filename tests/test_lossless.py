@@ -148,6 +148,26 @@ def test_trained_weights_beat_the_exponent_bound() -> None:
     assert bits < bound, (bits, bound)  # joint sign/exponent/mantissa-top coding goes below it
 
 
+@pytest.mark.parametrize("raw_bits", [4, 5, 6, 7, 8, 9, 10])
+def test_raw_bit_passes_match_numpy(raw_bits: int) -> None:
+    """Both raw-bit passes of the CPU decoder (shift-and-mask, and BMI2 pdep where this CPU has a fast one)
+    set exactly the low R bits of every word from the packed raw section, leaving the other bits alone."""
+    rng = np.random.default_rng(raw_bits)
+    count, start = 1003, 3
+    stream = rng.integers(0, 256, size=start + (count * raw_bits + 7) // 8 + 16, dtype=np.uint8)
+    bits = np.unpackbits(stream[start:], bitorder="little")[: count * raw_bits].reshape(count, raw_bits)
+    raw = (bits.astype(np.int64) << np.arange(raw_bits)).sum(axis=1)
+    before = rng.integers(0, 1 << 16, size=count + 5, dtype=np.uint16)
+    keep = ~((1 << raw_bits) - 1) & 0xFFFF
+    expect = before.copy()
+    expect[2:2 + count] = (before[2:2 + count] & keep) | raw
+    variants = [C._raw16_swar] + ([C._raw16_pdep] if C._fast_pdep() else [])
+    for fn in variants:
+        out = before.copy()
+        fn(stream, start, 2, count, raw_bits, out)
+        assert np.array_equal(out, expect), fn
+
+
 def test_threads_give_identical_results() -> None:
     import numba
 

@@ -12,14 +12,19 @@ stored raw. Two measured changes make it smaller and safer (see docs/lossless.md
   canonical (only code lengths are stored) and covers *every* symbol that occurs, Inf/NaN and
   subnormals included (DFloat11's LUT scheme cannot code exponents >= 240).
 
-Bitstream. Every weight ``w`` (``W`` = 16 or 32 bits) becomes ``symbol = w >> R`` (its top ``S`` bits: sign,
-exponent, ``k`` mantissa bits) and ``raw = w & (2**R - 1)`` (the ``R = W - S`` low mantissa bits). Per weight
-the stream holds the raw bits followed by the symbol's code, least significant bit first (codes are stored
-bit-reversed so that a decoder indexes a lookup table with the next ``max_len`` bits). The sign costs one
-bit inside the code, exactly as if stored raw, because it is independent of the rest. Weights are cut into
-*lanes* of ``lane_size`` consecutive weights; each lane starts on a byte boundary and has its byte length
-stored (int32). Four consecutive lanes form a *block*, the unit of checksums (crc32) and of CPU threads;
-a CPU thread decodes its block's four lanes in lockstep (instruction-level parallelism).
+Bitstream (format version 2). Every weight ``w`` (``W`` = 16 or 32 bits) becomes ``symbol = w >> R`` (its
+top ``S`` bits: sign, exponent, ``k`` mantissa bits) and ``raw = w & (2**R - 1)`` (the ``R = W - S`` low
+mantissa bits). The sign costs one bit inside the code, exactly as if stored raw, because it is independent
+of the rest. Weights are cut into *lanes* of ``lane_size`` consecutive weights; each lane starts on a byte
+boundary and has its byte length stored (int32). A lane holds first its *raw section* (the raw bits of its
+weights packed back to back, ``ceil(count * R / 8)`` bytes, so the raw bits of weight ``i`` sit at the fixed
+bit offset ``i * R``) and then its *code section* (the symbols' codes back to back, zero-padded to a byte).
+Both are least significant bit first; codes are stored bit-reversed so that a decoder indexes a lookup table
+with the next bits. Keeping the codes apart from the raw bits (version 1 interleaved them) makes the code
+section a pure prefix-code stream, so a decoder can resolve two short codes with one table lookup
+(:func:`pair_table`) and fill in the raw bits in a separate, branch-free pass. Four consecutive lanes form a
+*block*, the unit of checksums (crc32) and of CPU threads; a CPU thread decodes its block's four lanes in
+lockstep (instruction-level parallelism).
 
 Tensors of one encoded weight (all little-endian, stored in the artifact's safetensors):
 
@@ -44,7 +49,7 @@ import numpy as np
 from ..errors import CorruptData
 
 MAGIC = 0x4D50_4C4C  # "MPLL"
-VERSION = 1
+VERSION = 2
 LANES_PER_BLOCK = 4
 PAD_BYTES = 16
 MAX_CODE_LEN = 15
@@ -91,7 +96,10 @@ class Plan:
     table_bits: int
     lane_start: np.ndarray     # int64[n_lanes + 1], byte offsets
     lane_count: np.ndarray     # int64[n_lanes], weights per lane
+    raw_bytes: np.ndarray      # int64[n_lanes], bytes of each lane's raw section (its code section follows)
+    stream: np.ndarray         # uint8, the stream (padded, see the module docstring)
     stream64: np.ndarray       # uint64 view of the stream
+    pair_lut: np.ndarray       # uint32[2**12] two-code table (16-bit words; a dummy otherwise)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,6 +205,32 @@ def decode_table(lengths: np.ndarray, word_bits: int) -> tuple[np.ndarray, int]:
     return lut, table_bits
 
 
+PAIR_TABLE_MAX_BITS = 12   # 16 KiB of uint32 entries: fits the L1 cache
+
+
+def pair_table(lut: np.ndarray, table_bits: int, raw_bits: int) -> np.ndarray:
+    """Two-code decode table for 16-bit words, indexed by the next ``P = 12`` code bits.
+
+    Entry (uint32): low half = first output word (``symbol << R``) with, in its ``R >= 4`` free low bits, the
+    code bits the entry consumes; high half = the second output word (``symbol << R``), with bit 0 set when
+    the second code also lies within the ``P`` bits, and bit 1 set when the *first* code is longer than ``P``
+    bits (the decoder then falls back to the full one-code table ``lut``).
+    """
+    p_bits = PAIR_TABLE_MAX_BITS
+    tmask = (1 << table_bits) - 1
+    x = np.arange(1 << p_bits, dtype=np.int64)
+    e1 = lut[x & tmask].astype(np.int64)
+    l1 = e1 & 15
+    long1 = l1 > p_bits
+    e2 = lut[(x >> np.minimum(l1, p_bits)) & tmask].astype(np.int64)
+    l2 = e2 & 15
+    two = ~long1 & (l1 + l2 <= p_bits)
+    keep = ~((1 << raw_bits) - 1) & 0xFFFF
+    lo = np.where(long1, 0, (e1 & keep) | (l1 + np.where(two, l2, 0)))
+    hi = np.where(two, (e2 & keep) | 1, 0) | np.where(long1, 2, 0)
+    return (lo | (hi << 16)).astype(np.uint32)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Codebook and header packing.
 
@@ -238,6 +272,11 @@ def _crc(*arrays: np.ndarray) -> int:
     for a in arrays:
         crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).tobytes(), crc)
     return crc
+
+
+def raw_section_bytes(lane_count: np.ndarray, raw_bits: int) -> np.ndarray:
+    """Bytes of each lane's raw section."""
+    return (lane_count * raw_bits + 7) // 8
 
 
 def lane_layout(n: int, lane_size: int) -> tuple[int, int, np.ndarray]:
@@ -359,9 +398,9 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
     nb = enc.lane_nbytes.astype(np.int64)
     min_code = int(lengths[lengths > 0].min(initial=1))
     max_code = int(lengths.max(initial=1))
-    lo_bytes = (lane_count * (min_code + raw_bits) + 7) // 8
-    hi_bytes = (lane_count * (max_code + raw_bits) + 7) // 8
-    if np.any(nb < lo_bytes) or np.any(nb > hi_bytes):
+    raw_bytes = raw_section_bytes(lane_count, raw_bits)
+    code_bytes = nb - raw_bytes
+    if np.any(code_bytes < (lane_count * min_code + 7) // 8) or np.any(code_bytes > (lane_count * max_code + 7) // 8):
         raise bad("a lane's byte length is impossible for its weight count")
     lane_start = np.concatenate([[0], np.cumsum(nb)]).astype(np.int64)
     total = int(lane_start[-1])
@@ -374,9 +413,13 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
         if wrong.size:
             raise bad(f"{wrong.size} of {n_blocks} blocks fail their crc32 (first: block {int(wrong[0])})")
     lut, table_bits = decode_table(lengths, word_bits)
+    if word_bits == 16:
+        pair_lut = pair_table(lut, table_bits, raw_bits)
+    else:
+        pair_lut = np.zeros(1, np.uint32)
     stream = enc.stream if enc.stream.flags.c_contiguous else np.ascontiguousarray(enc.stream)
     return Plan(dtype, n, word_bits, sym_bits, raw_bits, lane_size, lengths, lut, table_bits, lane_start,
-                lane_count, stream.view(np.uint64))
+                lane_count, raw_bytes, stream, stream.view(np.uint64), pair_lut)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,17 +440,19 @@ def encode_reference(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_
     for k in range(n_lanes):
         s = sym[k * lane_size: k * lane_size + int(lane_count[k])]
         r = raw[k * lane_size: k * lane_size + int(lane_count[k])]
-        ln = lengths[s].astype(np.int64)
-        val = r | (rev[s] << raw_bits)
-        width = ln + raw_bits
-        bit_idx = np.arange(int(width.max(initial=0)))
-        bits = ((val[:, None] >> bit_idx[None, :]) & 1).astype(np.uint8)
-        bits = bits[bit_idx[None, :] < width[:, None]]
-        packed = np.packbits(bits, bitorder="little")
-        pieces.append(packed)
-        nbytes.append(packed.shape[0])
+        raw_part = _pack_lsb_first(r, np.full(r.shape[0], raw_bits, dtype=np.int64))
+        code_part = _pack_lsb_first(rev[s], lengths[s].astype(np.int64))
+        pieces += [raw_part, code_part]
+        nbytes.append(raw_part.shape[0] + code_part.shape[0])
     body = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
     return assemble(dtype, n, lane_size, sym_bits, lengths, np.array(nbytes, dtype=np.int64), body)
+
+
+def _pack_lsb_first(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The low ``widths[i]`` bits of every value, back to back, least significant bit first, as bytes."""
+    bit_idx = np.arange(int(widths.max(initial=0)))
+    bits = ((values[:, None] >> bit_idx[None, :]) & 1).astype(np.uint8)
+    return np.packbits(bits[bit_idx[None, :] < widths[:, None]], bitorder="little")
 
 
 def decode_reference(enc: Encoded) -> np.ndarray:
@@ -417,13 +462,14 @@ def decode_reference(enc: Encoded) -> np.ndarray:
     out = np.zeros(p.n, dtype=np.int64)
     weights = 1 << np.arange(max(p.table_bits, p.raw_bits), dtype=np.int64)
     for k in range(p.lane_count.shape[0]):
-        pos = int(p.lane_start[k]) * 8
+        raw_pos = int(p.lane_start[k]) * 8
+        pos = (int(p.lane_start[k]) + int(p.raw_bytes[k])) * 8
         end = int(p.lane_start[k + 1]) * 8
         for i in range(int(p.lane_count[k])):
             if pos > end:
                 raise CorruptData(f"lane {k} runs past its end")
-            raw = int(bits[pos:pos + p.raw_bits] @ weights[:p.raw_bits])
-            pos += p.raw_bits
+            raw = int(bits[raw_pos:raw_pos + p.raw_bits] @ weights[:p.raw_bits])
+            raw_pos += p.raw_bits
             entry = int(p.lut[int(bits[pos:pos + p.table_bits] @ weights[:p.table_bits])])
             length = entry & 15
             out[k * p.lane_size + i] = (entry - length) | raw

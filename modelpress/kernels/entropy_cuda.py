@@ -5,12 +5,12 @@ side data (5-bit "gaps" to the first code boundary plus one output position per 
 weight) and two passes (count symbols, block prefix sum, decode again and write). We store only one byte
 length per lane of 16K weights (0.002 bit/weight) and build the fine-grained index on the GPU instead:
 
-1. ``index`` (once per tensor, cached with the decoder): one thread per lane walks its lane's codes (table
+1. ``index`` (once per tensor, cached with the decoder): one thread per lane walks its lane's code section (table
    lookups only, no writes) and records the bit position of every ``sub``-th weight (a *sub-lane*). It also
    returns where each lane ends, which the host checks against the lane table (corrupt data -> error).
 2. ``decode`` (every forward): one thread per sub-lane (256 weights by default: ~64K threads for a 16M-weight
-   matrix) starts at its recorded bit position and decodes straight into the output: a single pass, no
-   prefix sum and no re-decoding.
+   matrix) starts at its recorded bit position and decodes straight into the output, taking each weight's raw
+   bits from their fixed offset in the lane's raw section: a single pass, no prefix sum and no re-decoding.
 
 Decoding uses the same complete, length-limited code table as the CPU (entry = symbol bits | code length),
 so every exponent, 0xFF (Inf/NaN) and subnormals included, decodes. Word indices are clamped, so no
@@ -41,26 +41,24 @@ def _peek(a64, p, wmax):
 
 
 @cuda.jit
-def _index_kernel(a64, lane_start, lane_size, n, lut, tmask, raw_bits, sub, subs_per_lane, sub_pos, lane_end):
+def _index_kernel(a64, lane_start, raw_bytes, lane_size, n, lut, tmask, sub, subs_per_lane, sub_pos, lane_end):
     k = cuda.grid(1)
     n_lanes = lane_start.shape[0] - 1
     if k >= n_lanes:
         return
     wmax = a64.shape[0] - 2
-    rbits = np.uint64(raw_bits)
-    p = lane_start[k] * 8
+    p = (lane_start[k] + raw_bytes[k]) * 8
     cnt = min(lane_size, n - k * lane_size)
     for i in range(cnt):
         if i % sub == 0:
             sub_pos[k * subs_per_lane + i // sub] = p
-        bits = _peek(a64, p, wmax)
-        e = np.uint64(lut[(bits >> rbits) & tmask])
-        p += np.int64(rbits + (e & np.uint64(15)))
+        e = np.uint64(lut[_peek(a64, p, wmax) & tmask])
+        p += np.int64(e & np.uint64(15))
     lane_end[k] = p
 
 
 @cuda.jit
-def _decode_kernel(a64, sub_pos, lane_size, n, lut, tmask, raw_bits, sub, subs_per_lane, out):
+def _decode_kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits, sub, subs_per_lane, out):
     t = cuda.grid(1)
     if t >= sub_pos.shape[0]:
         return
@@ -72,15 +70,15 @@ def _decode_kernel(a64, sub_pos, lane_size, n, lut, tmask, raw_bits, sub, subs_p
         return
     cnt = min(sub, lane_size - first, n - start)
     wmax = a64.shape[0] - 2
-    rbits = np.uint64(raw_bits)
     rmask = np.uint64((1 << raw_bits) - 1)
     p = sub_pos[t]
+    rp = lane_start[k] * 8 + first * raw_bits  # raw bits sit at fixed offsets in the lane's raw section
     for i in range(cnt):
-        bits = _peek(a64, p, wmax)
-        e = np.uint64(lut[(bits >> rbits) & tmask])
+        e = np.uint64(lut[_peek(a64, p, wmax) & tmask])
         length = e & np.uint64(15)
-        out[start + i] = (e ^ length) | (bits & rmask)
-        p += np.int64(rbits + length)
+        out[start + i] = (e ^ length) | (_peek(a64, rp, wmax) & rmask)
+        p += np.int64(length)
+        rp += raw_bits
 
 
 class CudaDecoder:
@@ -96,11 +94,12 @@ class CudaDecoder:
         self.sub_pos = cuda.to_device(np.zeros(max(n_lanes * self.subs_per_lane, 1), dtype=np.int64))
         if plan.n == 0:
             return
-        lane_start = cuda.to_device(plan.lane_start)
+        self.lane_start = cuda.to_device(plan.lane_start)
+        raw_bytes = cuda.to_device(plan.raw_bytes)
         lane_end = cuda.to_device(np.zeros(n_lanes, dtype=np.int64))
         blocks = -(-n_lanes // threads)
-        _index_kernel[blocks, threads](self.a64, lane_start, plan.lane_size, plan.n, self.lut, self.tmask,
-                                      plan.raw_bits, sub, self.subs_per_lane, self.sub_pos, lane_end)
+        _index_kernel[blocks, threads](self.a64, self.lane_start, raw_bytes, plan.lane_size, plan.n, self.lut,
+                                      self.tmask, sub, self.subs_per_lane, self.sub_pos, lane_end)
         ends = lane_end.copy_to_host()
         expect = plan.lane_start[1:] * 8
         bad = np.nonzero((ends > expect) | (ends <= expect - 8))[0]
@@ -117,9 +116,9 @@ class CudaDecoder:
         if p.n == 0:
             return out
         total = self.sub_pos.shape[0]
-        _decode_kernel[-(-total // self.threads), self.threads](self.a64, self.sub_pos, p.lane_size, p.n, self.lut,
-                                                                self.tmask, p.raw_bits, self.sub,
-                                                                self.subs_per_lane, out)
+        grid = -(-total // self.threads)
+        _decode_kernel[grid, self.threads](self.a64, self.sub_pos, self.lane_start, p.lane_size, p.n, self.lut,
+                                           self.tmask, p.raw_bits, self.sub, self.subs_per_lane, out)
         return out
 
 
