@@ -1,0 +1,260 @@
+"""APTP (prompt-routed pruning) vs static pruning at the same average MACs vs the unpruned digits-t2i.
+
+One run, one seed, the same eval prompts and the same initial noise for every model:
+
+1. ``aptp`` pass on ``digits-t2i`` (K codes, target MACs ratio): router training, slicing, per-code fine-tuning;
+2. the average MACs ratio APTP actually spends on the eval prompts (each prompt's code, averaged);
+3. ``static_prune`` (one architecture for all prompts) with that average as its target, the same router steps
+   and the same *total* fine-tuning steps (K x per-code steps);
+4. for the unpruned, APTP and static models: Fréchet distance to held-out real digits (digits-classifier
+   features) and prompt agreement, overall and per APTP code (over the prompts routed to each code, so every
+   model is judged on the same prompt subset and noise); which prompts go to which code (table + PNG);
+   latency per code: median of repeated forwards of each physically smaller UNet, beside the full UNet and the
+   static one.
+
+    python benchmarks/aptp.py                                  # the documented run (~40 min, loaded 2 cores)
+    python benchmarks/aptp.py --router-steps 40 --finetune-steps 10 --samples 100   # smoke run
+
+Writes ``benchmarks/results/aptp.md`` (+ ``.json``) and ``docs/images/aptp-routing.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modelpress import zoo  # noqa: E402
+from modelpress.evaluate import EvalContext  # noqa: E402
+from modelpress.evaluate.diffusion import feature_stats, frechet_distance, generate  # noqa: E402
+from modelpress.passes import Context, seeded  # noqa: E402
+from modelpress.prune.aptp import (APTPModel, APTPPass, StaticPrunePass, digits_training_data,  # noqa: E402
+                                   finetune_expert)
+from modelpress.zoo.digits import classifier_features, classify, digits_data  # noqa: E402
+
+_REAL: list = []
+
+
+def fd_to_real(samples: torch.Tensor) -> float:
+    """FD to the 300 held-out real digits in the digits classifier's features (the ``fd`` metric's definition)."""
+    if not _REAL:
+        _REAL.extend(feature_stats(classifier_features(digits_data("heldout")[0])))
+    return frechet_distance(*feature_stats(classifier_features(samples)), *_REAL)
+
+
+def scores(samples: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, float]:
+    if idx is not None:
+        samples, labels = samples[idx], labels[idx]
+    return {"fd": fd_to_real(samples) if len(samples) > 2 else float("nan"),
+            "agreement": float((classify(samples) == labels).float().mean()) if len(samples) else float("nan"),
+            "n": len(samples)}
+
+
+@torch.no_grad()
+def latency_ms(fn, repeats: int) -> float:  # noqa: ANN001
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def routing_png(path: Path, codes: torch.Tensor, labels: torch.Tensor, samples: torch.Tensor,
+                macs: list[float], k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from modelpress.sampling import to_unit_range
+
+    counts = torch.zeros(k, 10)
+    for c, d in zip(codes.tolist(), labels.tolist()):
+        counts[c, d] += 1
+    fig = plt.figure(figsize=(12, 1.0 + 1.1 * k))
+    ax = fig.add_axes([0.10, 0.12, 0.34, 0.78])
+    ax.imshow(counts, cmap="viridis", aspect="auto")
+    for c in range(k):
+        for d in range(10):
+            ax.text(d, c, int(counts[c, d]), ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks(range(10))
+    ax.set_xlabel("digit named by the prompt")
+    ax.set_yticks(range(k), [f"code {c}\n{macs[c]:.2f} MACs" for c in range(k)])
+    ax.set_title("eval prompts routed to each code")
+    per_row = 12
+    for c in range(k):
+        idx = torch.nonzero(codes == c).flatten()[:per_row]
+        for j, i in enumerate(idx.tolist()):
+            a = fig.add_axes([0.47 + j * 0.044, 0.90 - (c + 1) * 0.78 / k, 0.04, 0.78 / k * 0.9])
+            a.imshow(to_unit_range(samples[i, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
+            a.set_xticks([])
+            a.set_yticks([])
+            a.set_title(str(int(labels[i])), fontsize=7, pad=1)
+    fig.text(0.47, 0.93, "APTP samples per code (title: digit asked for)", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--codes", type=int, default=4)
+    p.add_argument("--target", type=float, default=0.6)
+    p.add_argument("--router-steps", type=int, default=200)
+    p.add_argument("--finetune-steps", type=int, default=100, help="per code (static gets codes x this)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--router-lr", type=float, default=None)
+    p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--latency-batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--progress", action="store_true", help="progress bars even when not on a terminal")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "aptp.md"))
+    p.add_argument("--png", default=str(ROOT / "docs" / "images" / "aptp-routing.png"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    show = sys.stderr.isatty() or args.progress
+    handle = zoo.load("digits-t2i")
+    results: dict = {"args": vars(args)}
+    extra = {"router_lr": args.router_lr} if args.router_lr else {}
+
+    # 1. APTP
+    cfg = APTPPass.Config(codes=args.codes, target_macs=args.target, router_steps=args.router_steps,
+                          finetune_steps=args.finetune_steps, batch_size=args.batch, threads=args.threads, **extra)
+    ctx = Context(seed=args.seed, show_progress=show)
+    t0 = time.time()
+    with seeded(args.seed):
+        aptp_handle = APTPPass(cfg).apply(handle, ctx)
+    results["aptp_seconds"] = round(time.time() - t0, 1)
+    results["aptp_log"] = ctx.log["aptp"]
+    model: APTPModel = aptp_handle.module
+    k = model.n_codes
+    code_macs = model.info["code_macs_ratio"]
+    print(f"aptp built in {results['aptp_seconds']} s: code MACs {code_macs}, "
+          f"train counts {model.info['train_prompt_counts']}", flush=True)
+
+    # eval prompts, same as the fd / prompt_agreement metrics
+    ectx = EvalContext(seed=args.seed, samples=args.samples, options={"steps": args.steps}, show_progress=show)
+    gen_a = generate(aptp_handle.canonical(), aptp_handle, ectx)
+    from modelpress.zoo.text import encode_prompts
+
+    prompts, labels = gen_a["prompts"], gen_a["labels"]
+    cond = torch.cat([encode_prompts(prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+    codes = model.route(cond)
+    counts = torch.bincount(codes, minlength=k).tolist()
+    avg_macs = sum(code_macs[c] * n for c, n in enumerate(counts)) / len(codes)
+    results.update(eval_counts=counts, aptp_avg_macs=avg_macs)
+    print(f"eval routing {counts}, average MACs ratio {avg_macs:.4f}", flush=True)
+
+    # 2. static at the same average MACs: fine-tuned first for the per-code steps ("same steps per model"),
+    #    then a copy continues for (K-1) x per-code more steps ("static": the same total as APTP's K experts)
+    scfg = StaticPrunePass.Config(target_macs=round(avg_macs, 4), router_steps=args.router_steps,
+                                  finetune_steps=args.finetune_steps, batch_size=args.batch, threads=args.threads,
+                                  **extra)
+    sctx = Context(seed=args.seed, show_progress=show)
+    t0 = time.time()
+    with seeded(args.seed):
+        short = StaticPrunePass(scfg).apply(handle, sctx)
+    full = short.replace_module(copy.deepcopy(short.module))
+    with seeded(args.seed):
+        cont = finetune_expert(full.module.experts[0], handle.module, digits_training_data(scfg.prompt_pool, args.seed),
+                               torch.arange(scfg.prompt_pool), scfg, sctx, 990, args.finetune_steps * (k - 1),
+                               "static: further fine-tuning")
+    results["static_seconds"] = round(time.time() - t0, 1)
+    results["static_log"] = {**sctx.log["static_prune"], "continued_finetune": cont}
+    statics = {"static": full, "static (same steps per model)": short}
+    print(f"static built in {results['static_seconds']} s: MACs {short.module.info['code_macs_ratio'][0]}", flush=True)
+
+    # 3. quality
+    samples = {"unpruned": generate(handle.canonical(), handle, ectx)["samples"], "APTP": gen_a["samples"]}
+    macs = {"unpruned": 1.0, "APTP": avg_macs}
+    for label, h in statics.items():
+        samples[label] = generate(h.canonical(), h, ectx)["samples"]
+        macs[label] = h.module.info["code_macs_ratio"][0]
+    table = {name: {"overall": scores(s, labels)} for name, s in samples.items()}
+    for name, s in samples.items():
+        for c in range(k):
+            table[name][f"code {c}"] = scores(s, labels, torch.nonzero(codes == c).flatten())
+    results["quality"] = table
+    results["macs"] = macs
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))  # partial
+    print(json.dumps({n: {"macs": macs[n], **table[n]["overall"]} for n in table}), flush=True)
+
+    # 4. latency (forward of one batch, single model call)
+    g = torch.Generator().manual_seed(0)
+    b = args.latency_batch
+    x = torch.randn(b, 1, 16, 16, generator=g)
+    t = torch.full((b,), 500, dtype=torch.long)
+    e = cond[:b]
+    lat = {"unpruned": latency_ms(lambda: handle.module(x, t, encoder_hidden_states=e), args.repeats),
+           "static": latency_ms(lambda: statics["static"].module.experts[0](x, t, encoder_hidden_states=e), args.repeats)}
+    for c in range(k):
+        lat[f"code {c}"] = latency_ms(lambda c=c: model.experts[c](x, t, encoder_hidden_states=e), args.repeats)
+    mixed = sum(lat[f"code {c}"] * n for c, n in enumerate(counts)) / len(codes)
+    lat["APTP (routing mix)"] = mixed
+    results["latency_ms"] = lat
+
+    # 5. which prompts go where
+    routing = {c: {"digits": torch.bincount(labels[codes == c], minlength=10).tolist(),
+                   "examples": [prompts[i] for i in torch.nonzero(codes == c).flatten()[:4].tolist()]}
+               for c in range(k)}
+    results["routing"] = routing
+    routing_png(Path(args.png), codes, labels, samples["APTP"], code_macs, k)
+
+    lines = write_tables(results, table, macs, lat, routing, code_macs, counts, k, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    print("\n".join(lines))
+
+
+def write_tables(results, table, macs, lat, routing, code_macs, counts, k, args) -> list[str]:  # noqa: ANN001
+    a = args
+    lines = [f"# APTP on digits-t2i (seed {a.seed}, {a.samples} eval prompts, DDIM {a.steps} steps, guidance 3)", "",
+             f"K={a.codes}, target MACs {a.target}, router {a.router_steps} steps, fine-tune {a.finetune_steps} "
+             f"steps per code (static: {a.finetune_steps * k}, i.e. the same total; 'same steps per model': "
+             f"{a.finetune_steps}), batch {a.batch}, {a.threads} threads. "
+             f"APTP pass {results['aptp_seconds']} s, static pass {results['static_seconds']} s.", "",
+             "## Overall", "",
+             "| model | MACs ratio | FD to real (lower is better) | prompt agreement |",
+             "|---|---|---|---|"]
+    for name in table:
+        o = table[name]["overall"]
+        lines.append(f"| {name} | {macs[name]:.3f} | {o['fd']:.2f} | {o['agreement']:.3f} |")
+    lines += ["", "## Per APTP code (the prompts routed to each code; every model on the same prompts and noise)", "",
+              "| code | MACs ratio | eval prompts | FD unpruned | FD APTP | FD static | agreement unpruned | "
+              "agreement APTP | agreement static |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in range(k):
+        r = [table[n][f"code {c}"] for n in ("unpruned", "APTP", "static")]
+        lines.append(f"| {c} | {code_macs[c]:.3f} | {counts[c]} | {r[0]['fd']:.2f} | {r[1]['fd']:.2f} | "
+                     f"{r[2]['fd']:.2f} | {r[0]['agreement']:.3f} | {r[1]['agreement']:.3f} | {r[2]['agreement']:.3f} |")
+    lines += ["", f"## Latency (forward of a batch of {a.latency_batch}, median of {a.repeats}, {a.threads} threads)", "",
+              "| model | ms | vs unpruned |", "|---|---|---|"]
+    for name, v in lat.items():
+        lines.append(f"| {name} | {v:.1f} | {v / lat['unpruned']:.2f}x |")
+    lines += ["", "## Which prompts go to which code (eval prompts; counts per digit 0..9)", "",
+              "| code | MACs | " + " | ".join(str(d) for d in range(10)) + " | example prompts |",
+              "|---|---|" + "---|" * 10 + "---|"]
+    for c in range(k):
+        r = routing[c]
+        ex = "; ".join(f"\"{p}\"" for p in r["examples"][:3])
+        lines.append(f"| {c} | {code_macs[c]:.3f} | " + " | ".join(str(v) for v in r["digits"]) + f" | {ex} |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
