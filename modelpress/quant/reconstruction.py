@@ -1,0 +1,184 @@
+"""AdaRound and BRECQ block reconstruction (the Q-Diffusion core), plus the capture utilities they need.
+
+* AdaRound (Nagel et al., "Up or Down? Adaptive Rounding for Post-Training Quantization", ICML 2020):
+  each weight is rounded down plus a learned ``h(V) in [0, 1]`` (``h = clip(sigmoid(V) * 1.2 - 0.1, 0, 1)``,
+  Eq. 23), trained to minimise the output reconstruction error plus
+  ``lambda * sum(1 - |2 h(V) - 1|^beta)`` (Eq. 24), with ``beta`` annealed from 20 to 2 after a warm-up
+  (20 % of the iterations) without the regulariser; finally ``h`` is rounded to {0, 1}.
+* BRECQ (Li et al., "BRECQ: Pushing the Limit of Post-Training Quantization by Block Reconstruction",
+  ICLR 2021): the reconstruction target is a whole block's output (residual block, transformer block,
+  attention), blocks are handled in execution order, each fed with the inputs produced by the
+  already-quantized network before it, against the full-precision network's block output (MSE, as in
+  Q-Diffusion's diffusion setting). Layers outside any block are reconstructed alone.
+
+:func:`adaround_optimize` takes any loss closure, so TFMQ-DM's TIAR (reconstructing the temporal
+information block's outputs) reuses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .core import _QuantLayer, _Stop, adaround_h, set_current_timesteps
+
+
+@dataclass
+class ReconSettings:
+    """Reconstruction hyper-parameters (paper values in brackets): iterations [20k in Q-Diffusion / BRECQ,
+    100 in the PTQ4DM scripts], batch [32], Adam learning rate of V [1e-3], rounding-loss weight lambda
+    [0.01], beta annealed 20 -> 2, warm-up fraction [0.2]."""
+
+    iters: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+
+
+def rounding_regularizer(layers: list[_QuantLayer], beta: float) -> torch.Tensor:
+    """AdaRound's ``sum(1 - |2 h(V) - 1|^beta)`` over every layer's rounding variables (Eq. 24)."""
+    return sum((1 - (2 * adaround_h(l.round_logits) - 1).abs().pow(beta)).sum() for l in layers)
+
+
+def adaround_optimize(layers: list[_QuantLayer], loss_fn: Callable[[int], torch.Tensor], cfg: ReconSettings,
+                      progress: Callable[..., Any] | None = None, desc: str = "AdaRound") -> dict[str, float]:
+    """Learn the rounding of ``layers`` to minimise ``loss_fn(it)`` (the reconstruction error on the
+    ``it``-th minibatch) + the rounding regulariser; leaves every layer on hard (0/1) rounding."""
+    params = [l.init_adaround() for l in layers]
+    if not params or cfg.iters <= 0:
+        for l in layers:
+            l.soft_round = False
+        return {"iters": 0}
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    warm = int(cfg.warmup * cfg.iters)
+    it_range = range(cfg.iters)
+    bar = progress(it_range, total=cfg.iters, desc=desc) if progress else it_range
+    first = last = float("nan")
+    with torch.enable_grad():
+        for it in bar:
+            rec = loss_fn(it)
+            if it < warm:
+                reg = torch.zeros(())
+            else:
+                frac = (it - warm) / max(1, cfg.iters - warm)
+                beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - frac)
+                reg = cfg.reg_weight * rounding_regularizer(layers, beta)
+            opt.zero_grad(set_to_none=True)
+            (rec + reg).backward()
+            opt.step()
+            if it == 0:
+                first = float(rec.detach())
+            last = float(rec.detach())
+    for l in layers:
+        l.soft_round = False
+        l.round_logits = l.round_logits.detach()
+    return {"iters": cfg.iters, "rec_loss_first": first, "rec_loss_last": last}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capturing a module's inputs / outputs inside a full forward
+
+
+def _cat_io(items: list[Any], sizes: list[int]) -> Any:
+    """Concatenate per-batch captured values along the batch dimension (tensors whose first dim is the
+    batch size); other values are taken from the first batch."""
+    first = items[0]
+    if isinstance(first, torch.Tensor) and first.dim() > 0 and all(
+            isinstance(v, torch.Tensor) and v.shape[0] == s for v, s in zip(items, sizes)):
+        return torch.cat(items)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat_io([v[i] for v in items], sizes) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _cat_io([v[k] for v in items], sizes) for k in first}
+    return first
+
+
+def _slice_io(value: Any, idx: torch.Tensor, n: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value[idx]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slice_io(v, idx, n) for v in value)
+    if isinstance(value, dict):
+        return {k: _slice_io(v, idx, n) for k, v in value.items()}
+    return value
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        # contiguous: conv backward on CPU crashes (torch 2.13) on some strided inputs (attention outputs)
+        return value.detach().contiguous()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture(model_fn: Callable[..., Any], module: nn.Module, batches: list[tuple[torch.Tensor, ...]],
+            what: str) -> tuple[Any, int]:
+    """Run ``model_fn(*batch)`` for each batch and keep ``module``'s inputs (``what="input"``: the
+    ``(args, kwargs)`` of its first call) or output (``"output"``), concatenated over the batches; the
+    forward stops right after the module (no wasted compute)."""
+    got: list[Any] = []
+
+    if what == "input":
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            got.append(_detach((args, kwargs)))
+            raise _Stop
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+        def post(_m: nn.Module, _a: Any, out: Any) -> None:
+            got.append(_detach(out))
+            raise _Stop
+        handle = module.register_forward_hook(post)
+    sizes = []
+    try:
+        for b in batches:
+            try:
+                model_fn(*b)
+            except _Stop:
+                pass
+            sizes.append(b[0].shape[0])
+    finally:
+        handle.remove()
+    if len(got) != len(batches):
+        raise RuntimeError("the module was not called in every forward")
+    return _cat_io(got, sizes), sum(sizes)
+
+
+def reconstruct_unit(q_unit: nn.Module, fp_unit: nn.Module, q_model_fn: Callable[..., Any],
+                     fp_model_fn: Callable[..., Any], batches: list[tuple[torch.Tensor, ...]],
+                     layers: list[_QuantLayer], cfg: ReconSettings, gen: torch.Generator,
+                     progress: Callable[..., Any] | None = None, desc: str = "block") -> dict[str, float]:
+    """BRECQ for one unit: its inputs come from the quantized model so far, its target is the
+    full-precision unit's output on full-precision inputs; AdaRound learns the rounding of ``layers``."""
+    (args, kwargs), n = capture(q_model_fn, q_unit, batches, "input")
+    target, _ = capture(fp_model_fn, fp_unit, batches, "output")
+    if isinstance(target, (tuple, list)):
+        target = target[0]
+    t_all = torch.cat([b[1].reshape(-1).expand(b[0].shape[0]) for b in batches])
+    bs = min(cfg.batch_size, n)
+    order = [torch.randint(0, n, (bs,), generator=gen) for _ in range(max(cfg.iters, 0))]
+
+    def loss_fn(it: int) -> torch.Tensor:
+        idx = order[it]
+        set_current_timesteps(t_all[idx])
+        out = q_unit(*_slice_io(args, idx, n), **_slice_io(kwargs, idx, n))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return (out - target[idx]).pow(2).mean()
+
+    stats = adaround_optimize(layers, loss_fn, cfg, progress, desc)
+    with torch.no_grad():  # error after hard rounding, on a fixed slice
+        idx = torch.arange(min(n, 64))
+        set_current_timesteps(t_all[idx])
+        out = q_unit(*_slice_io(args, idx, n), **_slice_io(kwargs, idx, n))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        stats["rec_loss_hard"] = float((out - target[idx]).pow(2).mean())
+    return stats

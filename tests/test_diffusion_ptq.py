@@ -1,0 +1,217 @@
+"""Diffusion PTQ passes (ptq, ptq4dm, tfmq) and the bitsandbytes backend on tiny random UNets.
+
+The tiny UNets have the structure of the zoo models (down / attention / up blocks with concatenated skips,
+a time-embedding MLP, one time projection per residual block), so discovery, calibration, reconstruction,
+storage and reload are exercised for real; image quality is measured in benchmarks/diffusion_ptq.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelpress.artifact import load_artifact, write_artifact
+from modelpress.model import ModelHandle, describe_architecture, import_diffusers
+from modelpress.passes import Context, get_pass
+from modelpress.quant import core
+from modelpress.quant.calibration import build_calibration_set, scheduler_config, snap_to_schedule
+from modelpress.sampling import ddim_sample, ddim_timesteps
+
+torch.set_num_threads(1)
+STEPS = 8
+
+
+def tiny_unet(seed: int = 0) -> ModelHandle:
+    d = import_diffusers()
+    torch.manual_seed(seed)
+    m = d.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                      norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8).eval()
+    return ModelHandle(m, "unet", "tiny", describe_architecture(m), {})
+
+
+def tiny_cond_unet(seed: int = 0) -> ModelHandle:
+    d = import_diffusers()
+    torch.manual_seed(seed)
+    m = d.UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                               block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=12,
+                               attention_head_dim=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
+    cond = torch.randn(8, 3, 12, generator=torch.Generator().manual_seed(1))
+    return ModelHandle(m, "unet-cond", "tiny-cond", describe_architecture(m),
+                       {"calibration_cond": cond, "uncond": torch.zeros(1, 3, 12)})
+
+
+def run_pass(name: str, handle: ModelHandle, seed: int = 0, **cfg) -> tuple[ModelHandle, dict]:
+    P = get_pass(name)
+    ctx = Context(seed=seed, show_progress=False)
+    opts = dict(samples=16, steps=STEPS, batch_size=16, recon_batch=8)
+    opts.update(cfg)
+    out = P(P.Config(**opts)).apply(handle, ctx)
+    return out, ctx.log[name]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+PROBE_X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+PROBE_T = torch.tensor([ddim_timesteps({}, STEPS)[i] for i in (0, 2, 5, 7)])
+
+
+def test_ndtc_calibration_maps_timesteps_onto_the_sampler_trajectory() -> None:
+    h = tiny_unet()
+    visited = ddim_timesteps({}, STEPS)  # 875, 750, ..., 0
+    assert snap_to_schedule(torch.tensor([880.0, 10.0, 370.0]), visited).tolist() == [0, 7, 4]
+    ctx = Context(seed=3, show_progress=False)
+    cs = build_calibration_set(h, ctx, "ndtc", 24, STEPS)
+    assert set(cs.t.tolist()) <= set(visited)
+    assert len({(i, s) for i, s in cs.ids}) == 24
+    # x_t is the full-precision sampler's state when it calls the model at t (not forward-noised data)
+    _, traj = ddim_sample(h.canonical(), scheduler_config(h), 24, steps=STEPS, seed=cs.seed, return_trajectory=True,
+                          sample_shape=(1, 8, 8))
+    for row, (i, s) in enumerate(cs.ids):
+        assert traj[s][0] == int(cs.t[row])
+        assert torch.equal(traj[s][1][i], cs.x[row])
+    # NDTC centres t at 0.4 T: the mean is well below the uniform mean of the visited set
+    many = build_calibration_set(h, ctx, "ndtc", 120, STEPS)
+    assert abs(many.t.float().mean().item() - 400) < 90
+    rec = cs.record()
+    assert rec["seed"] == cs.seed and len(rec["sample_ids"]) == 24 and rec["sampler"] == "ndtc"
+    ek = build_calibration_set(h, ctx, "every_k", 16, STEPS, interval=2)
+    assert set(ek.t.tolist()) == {visited[s] for s in range(0, STEPS, 2)}
+    st = build_calibration_set(h, ctx, "single_t", 8, STEPS, single_t=0.5)
+    assert set(st.t.tolist()) == {500}
+
+
+def test_discovery_by_structure() -> None:
+    from modelpress.quant.ptq import _probe_pair
+
+    h = tiny_unet()
+    cs = build_calibration_set(h, Context(seed=0, show_progress=False), "uniform", 8, STEPS)
+    fn = h.canonical()
+    layers = core.quantizable_layers(h.module)
+    tib = core.temporal_layers(h.module, lambda w: fn(*_probe_pair(cs, w)), layers)
+    # the TIB is the time-embedding MLP and every residual block's time projection (names only checked here)
+    expected = {n for n, _ in layers if n.startswith("time_embedding.") or n.endswith("time_emb_proj")}
+    assert set(tib) == expected and len(expected) == 2 + 8
+    splits = core.skip_concat_splits(h.module, lambda: fn(*_probe_pair(cs, 0)))
+    assert splits == {"up_blocks.0.resnets.0": 16, "up_blocks.0.resnets.1": 16,
+                      "up_blocks.1.resnets.0": 16, "up_blocks.1.resnets.1": 8}
+
+
+@pytest.fixture(scope="module")
+def w8a8() -> dict[str, tuple[ModelHandle, dict]]:
+    h = tiny_unet()
+    return {"ref": (h, {}), "ptq": run_pass("ptq", h), "ptq4dm": run_pass("ptq4dm", h, recon_iters=2)}
+
+
+def test_w8a8_is_close_to_full_precision_and_deterministic(w8a8) -> None:
+    h = w8a8["ref"][0]
+    with torch.no_grad():
+        ref = h.module(PROBE_X, PROBE_T).sample
+        for name in ("ptq", "ptq4dm"):
+            q = w8a8[name][0].module
+            out = q(PROBE_X, PROBE_T).sample
+            assert rel_err(out, ref) < 0.08, name
+            assert torch.equal(out, q(PROBE_X, PROBE_T).sample)
+    again, _ = run_pass("ptq4dm", h, recon_iters=2)
+    with torch.no_grad():
+        assert torch.equal(again.module(PROBE_X, PROBE_T).sample, w8a8["ptq4dm"][0].module(PROBE_X, PROBE_T).sample)
+    log = w8a8["ptq4dm"][1]
+    assert log["calibration"]["sampler"] == "ndtc" and len(log["calibration"]["sample_ids"]) == 16
+    assert set(log["skip_splits"].values()) == {16, 8}
+    assert log["eight_bit_layers"] == ["conv_in", "conv_out"]
+    assert len(log["quantized_attention"]) == 4
+
+
+def test_artifact_roundtrip_is_exact_and_w4_is_small(tmp_path: Path) -> None:
+    h = tiny_unet()
+    q, log = run_pass("tfmq", h, w_bits=4, a_bits=8, recon_iters=3, maintenance="select")
+    kinds = {type(m).__name__ for _, m in __import__("modelpress.modules", fromlist=["x"]).compressed_modules(q.module)}
+    assert {"QuantConv2d", "QuantLinear", "QuantAttnProcessor", "TimestepTap"} <= kinds
+    write_artifact(tmp_path / "a", q, pass_log={"tfmq": log})
+    loaded = load_artifact(tmp_path / "a")
+    with torch.no_grad():
+        a = q.module(PROBE_X, PROBE_T).sample
+        b = loaded.module(PROBE_X, PROBE_T).sample
+    assert torch.equal(a, b)
+    fp_bytes = 2 * sum(p.numel() for p in h.module.parameters())
+    stored = sum(t.numel() * t.element_size() for t in loaded.module.state_dict().values())
+    assert stored < 0.4 * fp_bytes  # 4-bit codes + scales (+ fp32 norms), well under fp16 even on a tiny model
+    assert (tmp_path / "a" / "model.safetensors").stat().st_size < 2 * fp_bytes  # incl. the safetensors header
+    conv = q.module.down_blocks[0].resnets[0].conv1
+    assert conv.qweight.dtype == torch.uint8 and conv.qweight.numel() == conv.weight_codes().numel() // 2
+    ex = conv.export_qparams()
+    assert ex["weight_bits"] == 4 and ex["has_act_quant"] and ex["act_scale"].shape == (1, 1)
+    shortcut = q.module.up_blocks[0].resnets[0].conv_shortcut
+    assert shortcut.export_qparams()["act_split"] == 16
+
+
+def test_tfmq_tiar_fsc_cache_and_selection() -> None:
+    h = tiny_unet()
+    q, log = run_pass("tfmq", h, w_bits=4, a_bits=8, recon_iters=4, maintenance="tib")
+    assert log["tiar"]["iters"] == 4
+    proj = q.module.down_blocks[0].resnets[0].time_emb_proj
+    assert isinstance(proj, core.QuantLinear) and proj.act.n_timesteps == STEPS  # FSC: one range per t
+    assert sorted(proj.act.timesteps.tolist()) == sorted(ddim_timesteps({}, STEPS))
+    assert all(v["kept"] == "tib" for v in log["maintenance"].values())
+    qc, logc = run_pass("tfmq", h, w_bits=4, a_bits=8, recon_iters=0, maintenance="cache")
+    from modelpress.quant.tfmq import CachedTemporalFeature
+
+    cached = qc.module.down_blocks[0].resnets[0].time_emb_proj
+    assert isinstance(cached, CachedTemporalFeature)
+    for v in logc["maintenance"].values():  # the 8-bit cache beats the 4-bit TIB on temporal features
+        assert v["cache_error"] < v["tib_error"]
+    # the cache reproduces the full-precision temporal feature of a timestep of the set
+    t = torch.tensor([ddim_timesteps({}, STEPS)[3]])
+    core.set_current_timesteps(t)
+    with torch.no_grad():
+        fp_mod = h.module.down_blocks[0].resnets[0]
+        emb = h.module.time_embedding(h.module.time_proj(t))
+        want = fp_mod.time_emb_proj(fp_mod.nonlinearity(emb))
+        assert rel_err(cached(torch.zeros(1, 32)), want) < 0.02
+    core.set_current_timesteps(None)
+
+
+def test_unet_cond_tfmq_runs_and_quantizes_cross_attention() -> None:
+    h = tiny_cond_unet()
+    q, log = run_pass("tfmq", h, w_bits=8, a_bits=8, recon_iters=2, samples=8)
+    x, t = PROBE_X, PROBE_T
+    c = h.extras["calibration_cond"][:4]
+    with torch.no_grad():
+        ref = h.module(x, t, encoder_hidden_states=c).sample
+        out = q.module(x, t, encoder_hidden_states=c).sample
+    assert rel_err(out, ref) < 0.1
+    assert any(p.endswith("attn2.processor") for p in log["quantized_attention"])
+    assert not any("attn2.to_k" in n for n in log["temporal_information_block"])  # prompts vary in the probe
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_bitsandbytes_cpu_backend(mode: str, tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(4, 64)
+    if mode == "int8":
+        mod = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False, threshold=0.0)
+        mod.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        mod = bnb.nn.Linear4bit(64, 32, quant_type="nf4", compute_dtype=torch.float32)
+        mod.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    mod.bias = torch.nn.Parameter(lin.bias.data.clone())
+    mod = mod.to("cpu")  # quantizes on the CPU backend
+    assert mod.weight.dtype == (torch.int8 if mode == "int8" else torch.uint8)
+    assert rel_err(mod(x), lin(x)) < (0.02 if mode == "int8" else 0.15)  # bitsandbytes' own modules on CPU
+
+    h = tiny_unet()
+    with torch.no_grad():
+        ref = h.module(PROBE_X, PROBE_T).sample
+    q = get_pass("bnb")(get_pass("bnb").Config(mode=mode)).apply(tiny_unet(), Context(show_progress=False))
+    with torch.no_grad():
+        out = q.module(PROBE_X, PROBE_T).sample
+    assert rel_err(out, ref) < (0.02 if mode == "int8" else 0.3)
+    write_artifact(tmp_path / mode, q)
+    with torch.no_grad():
+        assert torch.equal(load_artifact(tmp_path / mode).module(PROBE_X, PROBE_T).sample, out)
