@@ -1,0 +1,169 @@
+"""BitDelta: a fine-tune's weight delta as one sign bit per weight and one scale per matrix.
+
+Liu, Yuan, Wang, Ma, Zhang, Finkelstein, Li, "BitDelta: Your Fine-Tune May Only Be Worth One Bit"
+(NeurIPS 2024). For every linear layer, ``Delta = W_ft - W_base`` is replaced by
+``alpha * sign(Delta)`` (Eq. 1), ``alpha`` initialised to ``mean|Delta|``, the L2-optimal scale for a
+fixed sign matrix (Eq. 2). Then *scale distillation* (Sec. 3.2, Eq. 3): only the per-matrix alphas are
+trained so that the compressed model's outputs match the fine-tune's on calibration text (MSE), with
+AdamW (paper: lr 1e-4, 200 steps x batch 4 x 128 tokens on C4, for 7B-70B LLMs). Embeddings, norms and the
+head are not 1-bit compressed (here: by option, see :mod:`modelpress.compress.delta`).
+
+Our scale: the MiniLM classifiers have 37 matrices and logits of a few classes, so the distillation
+target is the last hidden state (all real tokens) plus the logits (``target: both``), and the default
+learning rate is 1e-4 (alphas of MiniLM deltas are ~1e-3, so Adam steps of 1e-4 move them by ~10 %
+per step; we measured larger rates to oscillate: see docs/delta.md).
+
+Signs are packed 32 per int32 (:func:`~modelpress.compress.delta.pack_signs`); the stored delta of a
+``[out, in]`` matrix is ``out * ceil(in/32) * 4 + 4`` bytes, ~1/16 of its fp16 delta.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..model import ModelHandle
+from ..modules import register_module
+from ..passes import Context, Pass, PassConfig, register_pass
+from .delta import (DeltaLayer, DeltaLinear, TensorOption, calibration_batches, handle_other_tensors,
+                    match_linear_layers, model_outputs, output_mse, pack_signs, replace_module, require_base,
+                    unpack_signs)
+
+
+@register_module
+class BitDeltaLinear(DeltaLinear):
+    """``y = x W_base^T + alpha * x sign(Delta)^T + b`` with the signs packed in ``signs`` (int32)."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool = True, transposed: bool = False) -> None:
+        super().__init__(in_features, out_features, has_bias, transposed)
+        self.register_buffer("signs", torch.zeros(out_features, (in_features + 31) // 32, dtype=torch.int32))
+        self.alpha = torch.nn.Parameter(torch.zeros(1))
+        #: use the numba packed-sign kernel instead of unpacking the signs (inference only)
+        self.use_kernel = False
+
+    @classmethod
+    def from_delta(cls, layer: DeltaLayer) -> "BitDeltaLinear":
+        delta = layer.delta
+        mod = cls(layer.in_features, layer.out_features, layer.module.bias is not None, layer.transposed)
+        mod._init_from(layer)
+        with torch.no_grad():
+            mod.signs.copy_(pack_signs(delta > 0))
+            mod.alpha.fill_(float(delta.abs().mean()))
+        return mod
+
+    def module_config(self) -> dict[str, Any]:
+        return self._base_config()
+
+    @classmethod
+    def from_module_config(cls, cfg: dict[str, Any]) -> "BitDeltaLinear":
+        return cls(cfg["in_features"], cfg["out_features"], cfg["has_bias"], cfg["transposed"])
+
+    def sign_matrix(self) -> torch.Tensor:
+        """``sign(Delta)`` as float32 +-1 ``[out, in]`` (unpacked once, cached until the next load)."""
+        s = self._cache.get("sign")
+        if s is None:
+            s = unpack_signs(self.signs, self.in_features).to(self.weight.device)
+            self._cache["sign"] = s
+        return s
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.alpha.detach().float() * self.sign_matrix()
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and not torch.is_grad_enabled():
+            from ..kernels.sign_gemv import sign_matmul
+
+            flat = x.reshape(-1, self.in_features).detach().float().cpu().numpy()
+            y = torch.from_numpy(sign_matmul(flat, self.signs.cpu().numpy(), self.in_features))
+            return (self.alpha.float() * y).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self.alpha.to(x.dtype) * F.linear(x, self.sign_matrix().to(x.dtype))
+
+
+def compress_layers(model: torch.nn.Module, base: torch.nn.Module, skip: list[str]) -> list[str]:
+    """Replace every linear layer of ``model`` that has a base counterpart by a :class:`BitDeltaLinear`."""
+    names = []
+    for layer in match_linear_layers(model, base, skip):
+        replace_module(model, layer.name, BitDeltaLinear.from_delta(layer))
+        names.append(layer.name)
+    return names
+
+
+def scale_distillation(handle: ModelHandle, student: torch.nn.Module, teacher: torch.nn.Module,
+                       batches: list[tuple[torch.Tensor, ...]], steps: int, lr: float,
+                       target: Literal["output", "hidden", "both"], ctx: Context) -> list[float]:
+    """Train only the alphas of ``student`` to match ``teacher``'s outputs (BitDelta Eq. 3). Returns the
+    loss per step."""
+    alphas = [m.alpha for m in student.modules() if isinstance(m, BitDeltaLinear)]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for a in alphas:
+        a.requires_grad_(True)
+    opt = torch.optim.AdamW(alphas, lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    student.eval()
+    teacher.eval()
+    cycle = itertools.cycle(batches)
+    bar = ctx.progress(range(steps), desc="bitdelta scale distillation")
+    for _ in bar:
+        batch = next(cycle)
+        with torch.no_grad():
+            ref = model_outputs(handle, teacher, batch, target)
+        loss = output_mse(model_outputs(handle, student, batch, target), ref)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for a in alphas:
+                a.clamp_(min=0.0)
+        losses.append(loss.item())
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{losses[-1]:.3g}")
+    for a in alphas:
+        a.requires_grad_(False)
+    return losses
+
+
+@register_pass
+class BitDeltaPass(Pass):
+    """``type: bitdelta`` — 1-bit delta with per-matrix scales, then scale distillation."""
+
+    name = "bitdelta"
+    needs_base = True
+
+    class Config(PassConfig):
+        steps: int = Field(200, ge=0, le=100_000, description="scale-distillation steps (0: keep mean|delta|)")
+        lr: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate of the alphas")
+        batch_size: int = Field(4, ge=1, le=1024)
+        seq_len: int = Field(64, ge=4, le=4096, description="tokens per calibration text")
+        samples: int | None = Field(None, ge=1, le=1_000_000,
+                                    description="distinct calibration samples (default steps * batch_size)")
+        target: Literal["output", "hidden", "both"] = "both"
+        embeddings: TensorOption = "base"
+        norms: TensorOption = "keep"
+        biases: TensorOption = "keep"
+        skip: list[str] = Field(default_factory=list, description="module-path substrings left uncompressed")
+
+    def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
+        cfg = self.config
+        base = require_base(self.name, model, ctx)
+        t0 = time.time()
+        teacher = model.module.eval()
+        student = copy.deepcopy(teacher)
+        other = handle_other_tensors(student, base.module, cfg.embeddings, cfg.norms, cfg.biases)
+        names = compress_layers(student, base.module, cfg.skip)
+        init = {n: student.get_submodule(n).alpha.item() for n in names}
+        losses: list[float] = []
+        if cfg.steps > 0:
+            n = cfg.samples or cfg.steps * cfg.batch_size
+            batches = calibration_batches(model, ctx, n, cfg.batch_size, cfg.seq_len, offset=11)
+            losses = scale_distillation(model, student, teacher, batches, cfg.steps, cfg.lr, cfg.target, ctx)
+        ctx.record(self.name, layers=len(names), reverted=other["reverted"], kept=other["kept"],
+                   alpha_init=init, alpha={n: student.get_submodule(n).alpha.item() for n in names},
+                   loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+                   seconds=round(time.time() - t0, 2))
+        return model.replace_module(student.eval())

@@ -1,0 +1,496 @@
+"""Shared mechanics of delta compression (BitDelta, Delta-CoMe, DARE/DAREx).
+
+A *delta* is ``W_ft - W_base`` for a tensor the fine-tune shares with its base. This module:
+
+* finds the linear layers of any transformers / diffusers model generically (``nn.Linear`` and
+  transformers' GPT-2 ``Conv1D``, whose weight is stored transposed, ``[in, out]``);
+* matches them to the base with :func:`modelpress.model.align_to_base`;
+* defines :class:`DeltaLinear`, the base class of every compressed delta module. It keeps the **base**
+  weight under the original layer's state-dict name (``weight``, in the original layout) so the artifact
+  can drop it and refill it from the base at load time, plus the fine-tune's bias, plus the method's own
+  compressed tensors. ``forward(x) = base(x) + delta(x) + bias``;
+* handles the non-linear tensors (embeddings, norms, biases) by option: ``keep`` the fine-tune's values
+  (stored in full) or revert them to the ``base`` (their delta is dropped; the artifact then stores nothing
+  for them). Tensors with no base counterpart (a new classification head) are always kept;
+* packs sign bits 32 per int32 and arbitrary b-bit codes into bytes;
+* counts the stored bytes of a compressed delta against the fp16 delta;
+* draws calibration batches and reference outputs for the distillation / search steps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..model import ModelHandle, align_to_base, example_inputs
+from ..passes import Context
+
+TensorOption = Literal["keep", "base"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding linear layers
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is a dependency, but keep the module usable without it
+        return None
+    return Conv1D
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2 style, weight ``[in, out]``)."""
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def is_transposed(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` whatever the layer's storage layout."""
+    w = module.weight.detach()
+    return w.t() if is_transposed(module) else w
+
+
+def find_linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every linear layer of ``model`` (``nn.Linear`` and ``Conv1D``), by module path."""
+    return [(name, m) for name, m in model.named_modules() if name and is_linear(m)]
+
+
+@dataclass
+class DeltaLayer:
+    """One linear layer of the fine-tune matched to the base."""
+
+    name: str                     # module path in the fine-tune
+    module: nn.Module             # the fine-tune's layer
+    base_weight: torch.Tensor     # the base's weight, in the layer's own storage layout
+    transposed: bool
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """``W_ft - W_base`` as ``[out, in]`` float32."""
+        d = self.module.weight.detach().float() - self.base_weight.float()
+        return d.t().contiguous() if self.transposed else d
+
+    @property
+    def out_features(self) -> int:
+        return self.delta_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.delta_shape[1]
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        s = tuple(self.module.weight.shape)
+        return (s[1], s[0]) if self.transposed else (s[0], s[1])
+
+
+def match_linear_layers(model: nn.Module, base: nn.Module, skip: Iterable[str] = ()) -> list[DeltaLayer]:
+    """The fine-tune's linear layers that have a same-shaped weight in the base (heads have none).
+
+    ``skip`` lists module-path substrings to leave alone (e.g. ``["classifier"]``).
+    """
+    mapping = align_to_base(model, base)
+    base_state = base.state_dict()
+    out = []
+    skip = tuple(skip)
+    for name, mod in find_linear_layers(model):
+        if any(s and s in name for s in skip):
+            continue
+        key = mapping.get(f"{name}.weight")
+        if key is None or tuple(base_state[key].shape) != tuple(mod.weight.shape):
+            continue
+        out.append(DeltaLayer(name, mod, base_state[key].detach().clone(), is_transposed(mod)))
+    return out
+
+
+def require_base(name: str, model: ModelHandle, ctx: Context) -> ModelHandle:
+    """The context's base model, or a clear error."""
+    if ctx.base is None:
+        raise UserError(f"pass {name!r} compresses a fine-tune against its base: set `base:` in the recipe",
+                        "recipe")
+    layers = match_linear_layers(model.module, ctx.base.module)
+    if not layers:
+        raise UserError(f"pass {name!r}: no linear layer of the model matches a layer of the base; "
+                        "is `base:` the model this one was fine-tuned from?", "recipe")
+    return ctx.base
+
+
+# ---------------------------------------------------------------------------------------------------
+# The delta module base class
+
+
+class DeltaLinear(nn.Module):
+    """A linear layer computing ``x W_base^T + delta(x) + b``; subclasses define ``delta_forward``.
+
+    ``weight`` is the base weight (a buffer, in the replaced layer's layout: ``[out, in]`` for
+    ``nn.Linear``, ``[in, out]`` for ``Conv1D``) and ``bias`` the fine-tune's bias. ``base_op`` may be set
+    to a callable replacing the base product (e.g. a bitsandbytes 8-bit / NF4 layer, see
+    :func:`quantize_base`); it is not saved.
+    """
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, transposed: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.transposed = transposed
+        shape = (in_features, out_features) if transposed else (out_features, in_features)
+        self.register_buffer("weight", torch.zeros(shape))
+        self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+        self.base_op: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    # -- construction helpers
+    def _init_from(self, layer: DeltaLayer) -> None:
+        self.weight.copy_(layer.base_weight)
+        if self.bias is not None:
+            self.bias.copy_(layer.module.bias.detach())
+
+    def _base_config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "has_bias": self.bias is not None, "transposed": self.transposed}
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # noqa: D401 - torch hook
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # -- math
+    def base_weight_oi(self) -> torch.Tensor:
+        """The base weight as ``[out, in]``."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense reconstructed delta ``[out, in]`` (float32)."""
+        raise NotImplementedError
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ delta^T``; subclasses may override with a cheaper product."""
+        return F.linear(x, self.delta_weight().to(x.dtype))
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_op is not None:
+            return self.base_op(x).to(x.dtype)
+        return F.linear(x, self.base_weight_oi().to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x) + self.delta_forward(x)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def compressed_tensors(self) -> dict[str, torch.Tensor]:
+        """The method's own stored tensors (everything but ``weight`` and ``bias``)."""
+        return {k: v for k, v in self.state_dict().items() if k not in ("weight", "bias")}
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, new)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-linear tensors: embeddings, norms, biases
+
+
+def classify_tensor(model: nn.Module, key: str) -> str:
+    """``embedding``, ``norm``, ``bias``, ``linear`` or ``other`` for a state-dict key of ``model``."""
+    path, _, leaf = key.rpartition(".")
+    try:
+        mod = model.get_submodule(path) if path else model
+    except AttributeError:
+        return "other"
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)) or "norm" in type(mod).__name__.lower():
+        return "norm"
+    if is_linear(mod) or isinstance(mod, DeltaLinear):
+        return "bias" if leaf == "bias" else "linear"
+    if leaf == "bias":
+        return "bias"
+    return "other"
+
+
+@torch.no_grad()
+def handle_other_tensors(model: nn.Module, base: nn.Module, embeddings: TensorOption, norms: TensorOption,
+                         biases: TensorOption) -> dict[str, list[str]]:
+    """Apply the keep/base option to every non-linear tensor shared with the base.
+
+    ``base`` copies the base's value into the fine-tune (the delta of that tensor is dropped);
+    ``keep`` leaves the fine-tune's value (stored in full by the artifact if it differs from the base).
+    Linear-layer biases follow ``biases``. Returns which keys were reverted and which kept-and-different.
+    """
+    mapping = align_to_base(model, base)
+    base_state = base.state_dict()
+    options = {"embedding": embeddings, "norm": norms, "bias": biases, "other": "keep"}
+    reverted, kept = [], []
+    own = dict(model.state_dict(keep_vars=True))
+    for key, tensor in own.items():
+        cls = classify_tensor(model, key)
+        if cls == "linear" or key not in mapping:
+            continue
+        bt = base_state[mapping[key]]
+        if bt.shape != tensor.shape or torch.equal(bt.to(tensor.dtype), tensor.detach()):
+            continue
+        if options[cls] == "base":
+            tensor.data.copy_(bt.to(tensor.dtype))
+            reverted.append(key)
+        else:
+            kept.append(key)
+    return {"reverted": reverted, "kept": kept}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bit packing
+
+
+def pack_signs(positive: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean ``[rows, cols]`` matrix (True = +1, False = -1) into int32 ``[rows, ceil(cols/32)]``.
+
+    Bit ``j`` (LSB first) of word ``k`` of a row holds column ``32 k + j``; padding bits are 0.
+    """
+    rows, cols = positive.shape
+    words = math.ceil(cols / 32)
+    bits = np.zeros((rows, words * 32), dtype=np.uint8)
+    bits[:, :cols] = positive.cpu().numpy().astype(np.uint8)
+    packed = np.packbits(bits.reshape(rows, words, 32), axis=-1, bitorder="little")  # [rows, words, 4]
+    return torch.from_numpy(np.ascontiguousarray(packed).view("<i4").reshape(rows, words).copy())
+
+
+def unpack_signs(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_signs`: a float32 ``[rows, cols]`` matrix of +-1."""
+    rows, words = packed.shape
+    as_bytes = packed.cpu().numpy().astype("<i4").view(np.uint8).reshape(rows, words * 4)
+    bits = np.unpackbits(as_bytes, axis=-1, bitorder="little")[:, :cols]
+    return torch.from_numpy(bits.astype(np.float32) * 2.0 - 1.0)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integer codes (< 2**bits) into a uint8 bit stream (LSB first, row-major order)."""
+    flat = codes.reshape(-1).cpu().numpy().astype(np.uint8)
+    planes = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits]  # [n, bits]
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little").copy())
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``n`` codes as int64."""
+    stream = np.unpackbits(packed.cpu().numpy().astype(np.uint8), bitorder="little")[: n * bits]
+    weights = (1 << np.arange(bits)).astype(np.int64)
+    return torch.from_numpy(stream.reshape(n, bits).astype(np.int64) @ weights)
+
+
+def packed_code_bytes(n: int, bits: int) -> int:
+    return math.ceil(n * bits / 8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sizes
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def delta_size_report(model: nn.Module, base: nn.Module) -> dict[str, Any]:
+    """Bytes of the compressed delta as stored, against the fp16 delta of the same tensors.
+
+    *Stored*: every compressed tensor of each :class:`DeltaLinear` plus every other tensor of the model
+    that differs from the base or has no base counterpart (kept norms, biases, embeddings, the head),
+    at its stored dtype. *fp16 delta*: 2 bytes for every element of the same tensors (the linear
+    layers' full deltas plus those other tensors).
+    """
+    mapping = align_to_base(model, base)
+    base_state = base.state_dict()
+    linear_stored = linear_fp16 = other = other_fp16 = 0
+    delta_paths = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, DeltaLinear):
+            delta_paths.add(name)
+            linear_stored += sum(tensor_bytes(t) for t in mod.compressed_tensors().values())
+            linear_fp16 += 2 * mod.in_features * mod.out_features
+    for key, t in model.state_dict().items():
+        path, _, leaf = key.rpartition(".")
+        if path in delta_paths and leaf == "weight":
+            continue
+        bkey = mapping.get(key)
+        if path in delta_paths and leaf != "bias":
+            continue  # compressed tensors, counted above
+        if bkey is not None and base_state[bkey].shape == t.shape and torch.equal(base_state[bkey].to(t.dtype), t):
+            continue
+        other += tensor_bytes(t)
+        other_fp16 += 2 * t.numel()
+    return {"linear_delta_bytes": linear_stored, "linear_fp16_bytes": linear_fp16,
+            "other_bytes": other, "other_fp16_bytes": other_fp16,
+            "total_bytes": linear_stored + other, "total_fp16_bytes": linear_fp16 + other_fp16,
+            "linear_ratio": linear_fp16 / max(1, linear_stored),
+            "total_ratio": (linear_fp16 + other_fp16) / max(1, linear_stored + other)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration data and reference outputs
+
+
+def _fallback_texts() -> list[str]:
+    """Paragraphs of the Python documentation shipped with the interpreter (``pydoc_data.topics``)."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        for para in topics[key].split("\n\n"):
+            para = " ".join(para.split())
+            if len(para) > 80:
+                out.append(para)
+    return out
+
+
+def calibration_texts(n: int, seed: int) -> list[str]:
+    """``n`` calibration texts: the text zoo's sampler when available, else Python-docs paragraphs."""
+    try:
+        from ..zoo import text as zoo_text
+
+        fn = getattr(zoo_text, "calibration_texts", None)
+        if fn is not None:
+            texts = list(fn(n, seed=seed))
+            if texts:
+                return texts[:n]
+    except Exception:  # the text zoo is optional for this fallback
+        pass
+    texts = _fallback_texts()
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(texts), size=min(n, len(texts)), replace=False)
+    return [texts[i] for i in idx]
+
+
+def calibration_batches(handle: ModelHandle, ctx: Context, n_samples: int, batch_size: int,
+                        seq_len: int = 128, offset: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Canonical input batches for calibration (``n_samples`` in batches of ``batch_size``).
+
+    Text models with a real vocabulary get tokenized documentation text; models without one (tiny test
+    models) and UNets get seeded random canonical inputs.
+    """
+    batches: list[tuple[torch.Tensor, ...]] = []
+    n_batches = max(1, math.ceil(n_samples / batch_size))
+    vocab = int(handle.architecture.get("config", {}).get("vocab_size", 0) or 0)
+    if handle.kind in ("encoder", "classifier") and vocab >= 30000:
+        try:
+            from ..zoo.text import tokenize
+
+            texts = calibration_texts(n_batches * batch_size, ctx.seed + offset)
+            ids, mask = tokenize(texts, max_length=seq_len)
+            for i in range(0, len(texts), batch_size):
+                batches.append((ids[i:i + batch_size], mask[i:i + batch_size]))
+            return batches
+        except Exception:  # no tokenizer available: random tokens below
+            batches = []
+    for b in range(n_batches):
+        batches.append(example_inputs(handle, batch=batch_size, seq_len=seq_len,
+                                      seed=ctx.seed * 7919 + offset * 104729 + b))
+    return batches
+
+
+def model_outputs(handle: ModelHandle, module: nn.Module, batch: tuple[torch.Tensor, ...],
+                  target: Literal["output", "hidden", "both"] = "both") -> dict[str, torch.Tensor]:
+    """The tensors compared in distillation and in DAREx's output-change search.
+
+    ``output``: the canonical output (logits of a classifier). ``hidden``: the last hidden state of a
+    transformers encoder/classifier (the last layer's output, masked to real tokens); other kinds have no
+    separate hidden state and use the output.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if handle.kind in ("encoder", "classifier") and target in ("hidden", "both"):
+        res = module(input_ids=batch[0], attention_mask=batch[1], output_hidden_states=True)
+        hidden = res.hidden_states[-1] if getattr(res, "hidden_states", None) is not None else res.last_hidden_state
+        out["hidden"] = hidden * batch[1].unsqueeze(-1).to(hidden.dtype)
+        if target == "both":
+            out["output"] = res.logits if handle.kind == "classifier" else res.last_hidden_state
+        return out
+    out["output"] = handle.replace_module(module).canonical()(*batch)
+    return out
+
+
+def output_mse(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over the compared tensors of the mean squared difference."""
+    return sum(F.mse_loss(a[k].float(), b[k].float()) for k in a)
+
+
+def output_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Mean absolute change of the last layer's output (DAREx's unlabelled proxy)."""
+    key = "hidden" if "hidden" in a else "output"
+    return float((a[key].float() - b[key].float()).abs().mean())
+
+
+def collect_input_hessians(handle: ModelHandle, layers: list[DeltaLayer], batches: list[tuple[torch.Tensor, ...]],
+                           ctx: Context, desc: str = "calibration") -> dict[str, torch.Tensor]:
+    """``H = X^T X / n`` (float64, ``[in, in]``) of each layer's inputs over ``batches`` (real tokens only
+    when the batch carries an attention mask)."""
+    hs = {l.name: torch.zeros(l.in_features, l.in_features, dtype=torch.float64) for l in layers}
+    counts = {l.name: 0 for l in layers}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def hook(name: str) -> Callable:
+        def fn(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
+            x = inputs[0].detach()
+            m = current_mask[0]
+            if m is not None and x.dim() == 3 and x.shape[:2] == m.shape:
+                x = x[m.bool()]
+            x = x.reshape(-1, x.shape[-1]).double()
+            hs[name] += x.T @ x
+            counts[name] += x.shape[0]
+        return fn
+
+    handles = [l.module.register_forward_hook(hook(l.name)) for l in layers]
+    canon = handle.canonical()
+    try:
+        with torch.no_grad():
+            for batch in ctx.progress(batches, desc=desc):
+                current_mask[0] = batch[1] if handle.kind in ("encoder", "classifier") else None
+                canon(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: hs[k] / max(1, counts[k]) for k in hs}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized base (bitsandbytes)
+
+
+def quantize_base(model: nn.Module, mode: Literal["int8", "nf4"]) -> int:
+    """Run the base product of every :class:`DeltaLinear` through a bitsandbytes layer (LLM.int8() or
+    NF4), as BitDelta does over a quantized base. The delta term stays exact. Returns the number of
+    layers changed. The saved state is unchanged (the base is quantized on the fly, not stored)."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # pragma: no cover - bitsandbytes is a pinned dependency
+        raise UserError(f"bitsandbytes is not importable ({exc})") from None
+    n = 0
+    for _name, mod in model.named_modules():
+        if not isinstance(mod, DeltaLinear):
+            continue
+        w = mod.base_weight_oi().detach().float().contiguous()
+        if mode == "int8":
+            layer = bnb.nn.Linear8bitLt(mod.in_features, mod.out_features, bias=False, has_fp16_weights=False,
+                                        threshold=6.0)
+            layer.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+        elif mode == "nf4":
+            layer = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.float32,
+                                      quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4")
+        else:
+            raise UserError(f"unknown base quantization {mode!r}; choose int8 or nf4")
+        layer = layer.to("cpu") if not torch.cuda.is_available() else layer.to("cuda")
+        mod.base_op = layer
+        n += 1
+    return n

@@ -1,0 +1,239 @@
+"""Delta-CoMe: mixed-precision low-rank delta compression.
+
+Ping, Wang, Zhou, Liu, Han, Sun, Lin, Wang, "Delta-CoMe: Training-Free Delta-Compression with
+Mixed-Precision for Large Language Models" (NeurIPS 2024). The delta of a linear layer is factored by
+SVD, ``Delta = U diag(S) V^T`` (Sec. 3). Singular values decay with a long tail, so the singular vectors
+are split by singular value into groups of decreasing bit width — in the paper's 7B setting 2 vectors at
+8 bits, 32 at 3 bits, the following ones at 2 bits, the rest dropped — so the whole delta costs about
+1 bit per parameter, the same budget as BitDelta (Sec. 3.2, Table 1). Each group is quantized with GPTQ:
+first the right factor with the Hessian of the layer's inputs, then the left factor with the Hessian of
+the (already quantized) right factor's outputs (Sec. 3.3), group size 128.
+
+Choices here (documented in docs/delta.md):
+
+* ``S`` is folded into the right factor, ``R = diag(S) V^T`` ([r, in]); rows of ``R`` then carry their
+  singular value and each gets its own quantization grid, while ``U`` has unit columns. GPTQ quantizes
+  ``R_g`` with ``H_x = X^T X`` and then ``U_g`` with ``H_z = R_g^q H_x R_g^q^T``.
+* Group sizes are given per bit width; the last group with ``count: -1`` fills the remaining budget.
+  The budget counts *every stored bit*: packed codes, fp16 scales and uint8 zero points. The paper's
+  (2, 32, rest) for 4096-wide matrices is scaled by 384/4096 for MiniLM's 384-wide matrices to the
+  default (8 bits: 2, 3 bits: 4, 2 bits: fill).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import UserError
+from ..model import ModelHandle
+from ..modules import register_module
+from ..passes import Context, Pass, PassConfig, register_pass
+from ..quant.gptq import QuantResult, gptq_quantize, rtn_quantize
+from .delta import (DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
+                    handle_other_tensors, match_linear_layers, pack_codes, packed_code_bytes, replace_module,
+                    require_base, unpack_codes)
+
+
+class PrecisionGroup(BaseModel):
+    """``count`` singular vectors at ``bits`` bits; ``count: -1`` fills the remaining budget."""
+
+    model_config = ConfigDict(extra="forbid")
+    bits: int = Field(ge=1, le=8)
+    count: int = Field(ge=-1, le=100_000)
+
+
+DEFAULT_GROUPS = [PrecisionGroup(bits=8, count=2), PrecisionGroup(bits=3, count=4), PrecisionGroup(bits=2, count=-1)]
+
+
+def _groups_of(n: int, gs: int) -> int:
+    return math.ceil(n / gs) if gs > 0 else 1
+
+
+def group_bits(rank: int, bits: int, out_features: int, in_features: int, group_size: int, sym: bool) -> int:
+    """Stored bits of ``rank`` singular vectors at ``bits`` bits: codes of ``U_g`` [out, rank] and
+    ``R_g`` [rank, in], plus one fp16 scale (and a uint8 zero unless ``sym``) per row and quantization group."""
+    if rank <= 0:
+        return 0
+    per_scale = 16 + (0 if sym else 8)
+    codes = 8 * (packed_code_bytes(out_features * rank, bits) + packed_code_bytes(rank * in_features, bits))
+    scales = per_scale * (out_features * _groups_of(rank, min(group_size, rank) if group_size > 0 else rank)
+                          + rank * _groups_of(in_features, group_size))
+    return codes + scales
+
+
+def allocate_ranks(groups: list[PrecisionGroup], out_features: int, in_features: int, budget_bits: float,
+                   group_size: int, sym: bool) -> list[tuple[int, int]]:
+    """``[(bits, rank)]`` per group: fixed counts first (clipped to the rank and the budget), then the fill
+    group gets as many vectors as the budget of ``budget_bits * out * in`` bits allows."""
+    max_rank = min(out_features, in_features)
+    budget = budget_bits * out_features * in_features
+    used, left = 0, max_rank
+    out: list[tuple[int, int]] = []
+    for g in groups:
+        if g.count == -1:
+            r = 0
+            while r < left and used + group_bits(r + 1, g.bits, out_features, in_features, group_size, sym) <= budget:
+                r += 1
+        else:
+            r = min(g.count, left)
+            while r > 0 and used + group_bits(r, g.bits, out_features, in_features, group_size, sym) > budget:
+                r -= 1
+        used += group_bits(r, g.bits, out_features, in_features, group_size, sym)
+        left -= r
+        out.append((g.bits, r))
+    return out
+
+
+@register_module
+class DeltaCoMeLinear(DeltaLinear):
+    """``y = x W_base^T + (x R^T) U^T + b`` with ``U``, ``R`` stored per precision group as packed codes,
+    fp16 scales and uint8 zero points (``groups`` = ``[(bits, rank), ...]``)."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, transposed: bool,
+                 groups: list[tuple[int, int]], group_size: int, sym: bool) -> None:
+        super().__init__(in_features, out_features, has_bias, transposed)
+        self.groups = [(int(b), int(r)) for b, r in groups]
+        self.group_size, self.sym = int(group_size), bool(sym)
+        for i, (bits, r) in enumerate(self.groups):
+            if r == 0:
+                continue
+            for side, rows, cols in (("r", r, in_features), ("u", out_features, r)):
+                gs = self._gs(cols)
+                ng = _groups_of(cols, gs)
+                self.register_buffer(f"{side}{i}_codes", torch.zeros(packed_code_bytes(rows * cols, bits), dtype=torch.uint8))
+                self.register_buffer(f"{side}{i}_scales", torch.zeros(rows, ng, dtype=torch.float16))
+                if not sym:
+                    self.register_buffer(f"{side}{i}_zeros", torch.zeros(rows, ng, dtype=torch.uint8))
+
+    def _gs(self, cols: int) -> int:
+        return cols if self.group_size <= 0 else min(self.group_size, cols)
+
+    def module_config(self) -> dict[str, Any]:
+        return {**self._base_config(), "groups": [list(g) for g in self.groups], "group_size": self.group_size,
+                "sym": self.sym}
+
+    @classmethod
+    def from_module_config(cls, cfg: dict[str, Any]) -> "DeltaCoMeLinear":
+        return cls(cfg["in_features"], cfg["out_features"], cfg["has_bias"], cfg["transposed"],
+                   [tuple(g) for g in cfg["groups"]], cfg["group_size"], cfg["sym"])
+
+    def _store(self, side: str, i: int, res: QuantResult) -> None:
+        getattr(self, f"{side}{i}_codes").copy_(pack_codes(res.codes, res.bits))
+        getattr(self, f"{side}{i}_scales").copy_(res.scales.to(torch.float16))
+        if not self.sym:
+            getattr(self, f"{side}{i}_zeros").copy_(res.zeros.round().to(torch.uint8))
+
+    def _load(self, side: str, i: int, bits: int, rows: int, cols: int) -> torch.Tensor:
+        codes = unpack_codes(getattr(self, f"{side}{i}_codes"), bits, rows * cols).reshape(rows, cols).float()
+        scales = getattr(self, f"{side}{i}_scales").float()
+        maxq = 2**bits - 1
+        zeros = torch.full_like(scales, (maxq + 1) / 2) if self.sym else getattr(self, f"{side}{i}_zeros").float()
+        idx = torch.arange(cols) // self._gs(cols)
+        return (codes - zeros[:, idx]) * scales[:, idx]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized ``(U [out, r], R [r, in])`` over all groups (cached until the next load)."""
+        if "U" not in self._cache:
+            us, rs = [], []
+            for i, (bits, r) in enumerate(self.groups):
+                if r == 0:
+                    continue
+                rs.append(self._load("r", i, bits, r, self.in_features))
+                us.append(self._load("u", i, bits, self.out_features, r))
+            if us:
+                self._cache["U"], self._cache["R"] = torch.cat(us, 1), torch.cat(rs, 0)
+            else:
+                self._cache["U"] = torch.zeros(self.out_features, 0)
+                self._cache["R"] = torch.zeros(0, self.in_features)
+        return self._cache["U"], self._cache["R"]
+
+    def delta_weight(self) -> torch.Tensor:
+        U, R = self.factors()
+        return U @ R
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        U, R = self.factors()
+        return F.linear(F.linear(x, R.to(x.dtype)), U.to(x.dtype))
+
+
+def compress_delta(layer: DeltaLayer, H: torch.Tensor | None, groups: list[PrecisionGroup], budget_bits: float,
+                   group_size: int, sym: bool, quantizer: str, percdamp: float) -> DeltaCoMeLinear:
+    """SVD the layer's delta, allocate ranks to the precision groups and quantize each group's factors."""
+    delta = layer.delta.double()
+    out_f, in_f = delta.shape
+    alloc = allocate_ranks(groups, out_f, in_f, budget_bits, group_size, sym)
+    mod = DeltaCoMeLinear(in_f, out_f, layer.module.bias is not None, layer.transposed, alloc, group_size, sym)
+    mod._init_from(layer)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    start = 0
+    for i, (bits, r) in enumerate(alloc):
+        if r == 0:
+            continue
+        sl = slice(start, start + r)
+        start += r
+        R = (S[sl, None] * Vh[sl]).float()  # [r, in]
+        Ug = U[:, sl].float()               # [out, r]
+        if quantizer == "gptq" and H is not None:
+            rq = gptq_quantize(R, H, bits, mod._gs(in_f), sym, percdamp=percdamp)
+            Rq = rq.dequantize()
+            Hz = (Rq.double() @ H @ Rq.double().T)
+            uq = gptq_quantize(Ug, Hz, bits, mod._gs(r), sym, percdamp=percdamp)
+        else:
+            rq = rtn_quantize(R, bits, mod._gs(in_f), sym)
+            uq = rtn_quantize(Ug, bits, mod._gs(r), sym)
+        mod._store("r", i, rq)
+        mod._store("u", i, uq)
+    return mod
+
+
+@register_pass
+class DeltaCoMePass(Pass):
+    """``type: delta_come`` — SVD + mixed-precision GPTQ of each linear layer's delta."""
+
+    name = "delta_come"
+    needs_base = True
+
+    class Config(PassConfig):
+        groups: list[PrecisionGroup] = Field(default_factory=lambda: [g.model_copy() for g in DEFAULT_GROUPS])
+        budget_bits: float = Field(1.0, gt=0, le=16, description="stored bits per delta parameter, all included")
+        group_size: int = Field(128, ge=0, le=65536, description="quantization group along each row (0: whole row)")
+        sym: bool = False
+        quantizer: Literal["gptq", "rtn"] = "gptq"
+        percdamp: float = Field(0.01, gt=0, le=1)
+        samples: int = Field(64, ge=1, le=100_000, description="calibration texts for the input Hessians")
+        batch_size: int = Field(8, ge=1, le=1024)
+        seq_len: int = Field(64, ge=4, le=4096, description="tokens per calibration text")
+        embeddings: TensorOption = "base"
+        norms: TensorOption = "keep"
+        biases: TensorOption = "keep"
+        skip: list[str] = Field(default_factory=list)
+
+    def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
+        cfg = self.config
+        if sum(1 for g in cfg.groups if g.count == -1) > 1:
+            raise UserError("delta_come: at most one group may have count -1 (fill the budget)", "passes")
+        base = require_base(self.name, model, ctx)
+        t0 = time.time()
+        student = copy.deepcopy(model.module).eval()
+        layers = match_linear_layers(student, base.module, cfg.skip)
+        hessians: dict[str, torch.Tensor] = {}
+        if cfg.quantizer == "gptq":
+            batches = calibration_batches(model, ctx, cfg.samples, cfg.batch_size, cfg.seq_len, offset=23)
+            hessians = collect_input_hessians(model.replace_module(student), layers, batches, ctx,
+                                              desc="delta_come hessians")
+        other = handle_other_tensors(student, base.module, cfg.embeddings, cfg.norms, cfg.biases)
+        alloc = {}
+        for layer in ctx.progress(layers, desc="delta_come layers"):
+            mod = compress_delta(layer, hessians.get(layer.name), cfg.groups, cfg.budget_bits, cfg.group_size,
+                                 cfg.sym, cfg.quantizer, cfg.percdamp)
+            replace_module(student, layer.name, mod)
+            alloc[layer.name] = mod.groups
+        ctx.record(self.name, layers=len(layers), ranks=alloc, reverted=other["reverted"], kept=other["kept"],
+                   seconds=round(time.time() - t0, 2))
+        return model.replace_module(student)
