@@ -1,0 +1,263 @@
+"""What every exporter shares: input names and shapes per kind, the traced wrapper, calibration batches,
+atomic file writing, and turning exporter failures into one-line errors that name the module and op."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..model import ModelHandle, example_inputs
+
+#: canonical input names per kind, in positional order (the same names in every exported file)
+INPUT_NAMES: dict[str, tuple[str, ...]] = {
+    "encoder": ("input_ids", "attention_mask"),
+    "classifier": ("input_ids", "attention_mask"),
+    "unet": ("sample", "timestep"),
+    "unet-cond": ("sample", "timestep", "encoder_hidden_states"),
+}
+OUTPUT_NAMES: dict[str, str] = {"encoder": "last_hidden_state", "classifier": "logits", "unet": "noise",
+                                "unet-cond": "noise"}
+#: integer inputs (everything else is float32)
+INT_INPUTS = {"input_ids", "attention_mask", "timestep", "token_type_ids"}
+TEXT_KINDS = ("encoder", "classifier")
+#: the sequence length exported text models are traced (and, with fixed shapes, padded) at
+TEXT_SEQ_LEN = 64
+
+
+class _Two(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.inner(a, b)
+
+
+class _Three(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.inner(a, b, c)
+
+
+def traceable(handle: ModelHandle, module: nn.Module | None = None) -> nn.Module:
+    """The canonical module (of ``module`` if given) with fixed positional arguments, as exporters need."""
+    canonical = handle.canonical() if module is None else handle.replace_module(module).canonical()
+    wrapper = _Two(canonical) if len(INPUT_NAMES[handle.kind]) == 2 else _Three(canonical)
+    return wrapper.eval()
+
+
+def trace_inputs(handle: ModelHandle, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """Example canonical inputs for tracing (text at :data:`TEXT_SEQ_LEN` tokens)."""
+    if handle.kind in TEXT_KINDS:
+        return example_inputs(handle, batch=batch, seq_len=TEXT_SEQ_LEN)
+    return example_inputs(handle, batch=batch)
+
+
+def dim_bounds(handle: ModelHandle, caps: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+    """Default ``(min, max)`` of the dynamic dims: the batch, and the token axis of text inputs (up to the
+    model's ``max_position_embeddings``), each capped by ``caps`` (ExecuTorch plans memory for the max)."""
+    caps = caps or {}
+    bounds = {"batch": (1, min(4096, caps.get("batch", 4096)))}
+    if handle.kind in TEXT_KINDS:
+        max_len = int(handle.architecture.get("config", {}).get("max_position_embeddings", 512))
+        bounds["seq"] = (2, min(max_len, caps.get("seq", max_len)))
+    return bounds
+
+
+def dynamic_shapes(handle: ModelHandle, dynamic: bool, bounds: dict[str, tuple[int, int]] | None = None
+                   ) -> tuple[dict[int, Any], ...] | None:
+    """``torch.export`` dynamic dims for the kind's inputs (``None`` for fixed shapes)."""
+    if not dynamic:
+        return None
+    bounds = bounds or dim_bounds(handle)
+    batch = torch.export.Dim("batch", min=bounds["batch"][0], max=bounds["batch"][1])
+    if handle.kind in TEXT_KINDS:
+        seq = torch.export.Dim("seq", min=bounds["seq"][0], max=bounds["seq"][1])
+        return ({0: batch, 1: seq}, {0: batch, 1: seq})
+    return tuple({0: batch} for _ in INPUT_NAMES[handle.kind])
+
+
+_SUGGESTED = re.compile(r"(\w+) = Dim\('(\w+)'(?:, min=(\d+))?(?:, max=(\d+))?\)")
+
+
+def export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...], handle: ModelHandle, dynamic: bool,
+                   caps: dict[str, int] | None = None) -> tuple[Any, dict[str, tuple[int, int]] | None]:
+    """``torch.export.export`` (non-strict) with dynamic dims. When a model guards a dim (diffusers'
+    upsampler branches on ``batch >= 64``, which only changes memory layout), torch's suggested bounds are
+    taken and the export retried once; the bounds used are returned (``None`` for fixed shapes)."""
+    if not dynamic:
+        return torch.export.export(module, inputs, strict=False), None
+    bounds = dim_bounds(handle, caps)
+    try:
+        return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes(handle, True, bounds), strict=False), bounds
+    except Exception as exc:
+        fixes = _SUGGESTED.findall(str(exc)) if "Constraints violated" in str(exc) else []
+        if not fixes:
+            raise
+        for _, name, lo, hi in fixes:
+            if name in bounds:
+                bounds[name] = (int(lo) if lo else bounds[name][0], int(hi) if hi else bounds[name][1])
+    return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes(handle, True, bounds), strict=False), bounds
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration data
+
+def default_calibration(handle: ModelHandle, batches: int, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
+    """Calibration batches when the caller gives none: real text (the train split of the zoo's docs task,
+    tokenized with the MiniLM tokenizer) for text models with MiniLM's vocabulary, else random canonical
+    inputs (seeded)."""
+    if handle.kind in TEXT_KINDS:
+        real = _docs_batches(handle, batches, batch_size)
+        if real:
+            return real
+    out = []
+    for i in range(batches):
+        if handle.kind in TEXT_KINDS:
+            out.append(example_inputs(handle, batch=batch_size, seq_len=TEXT_SEQ_LEN, seed=1000 + i))
+        else:
+            out.append(example_inputs(handle, batch=batch_size, seed=1000 + i))
+    return out
+
+
+MINILM_VOCAB = 30522
+
+
+def _docs_batches(handle: ModelHandle, batches: int, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    if int(handle.architecture.get("config", {}).get("vocab_size", 0)) != MINILM_VOCAB:
+        return []
+    try:
+        from ..zoo import text as zoo_text
+
+        it = zoo_text.text_batches("train", batches * batch_size, batch_size, seed=0, max_length=TEXT_SEQ_LEN)
+        return [(ids, mask) for ids, mask, _ in it][:batches]
+    except Exception:  # no dataset on this machine: random tokens instead
+        return []
+
+
+def as_list(calibration: Any, handle: ModelHandle, batches: int) -> list[tuple[torch.Tensor, ...]]:
+    """The first ``batches`` calibration tuples (the caller's, or :func:`default_calibration`)."""
+    if calibration is None:
+        return default_calibration(handle, batches)
+    out = []
+    for item in calibration:
+        out.append(tuple(item))
+        if len(out) >= batches:
+            break
+    if not out:
+        raise UserError("the calibration data given for export is empty")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """A temporary path beside ``final``; renamed to ``final`` when the block succeeds, removed otherwise."""
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextmanager
+def scratch_dir(parent: Path) -> Iterator[Path]:
+    """A temporary directory inside ``parent`` (same file system, so results can be renamed out)."""
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=parent) as d:
+        yield Path(d)
+
+
+def write_info(path: Path, info: dict[str, Any]) -> None:
+    """The sidecar ``<file>.json``: export options and what was quantized (read by :func:`exported_info`)."""
+    side = Path(path).with_suffix(Path(path).suffix + ".json")
+    with atomic_path(side) as tmp:
+        tmp.write_text(json.dumps(info, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors
+
+_OP_PATTERNS = (
+    re.compile(r"OpOverload\(op='([\w.]+)', overload='(\w+)'\)"),
+    re.compile(r"\b(aten::[\w.]+)"),
+    re.compile(r"\b((?:aten|quantized_decomposed|[a-z_]+)\.[a-z_0-9]+\.(?:default|Tensor|int|Scalar|out))\b"),
+    re.compile(r"(?:operator|op|kernel)[^\w]+([a-z_][\w]*::[\w.]+)"),
+    re.compile(r"'([a-z_][\w]*::[\w.]+)'"),
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failing_op(text: str) -> str | None:
+    """The operator an exporter or runtime complains about, read from its message."""
+    for pat in _OP_PATTERNS:
+        m = pat.search(text)
+        if m:
+            return ".".join(g for g in m.groups() if g) if m.lastindex and m.lastindex > 1 else m.group(1)
+    return None
+
+
+def module_of_op(program: Any, op: str | None) -> str | None:
+    """The innermost module (``path (Class)``) whose forward calls ``op`` in an exported program's graph."""
+    if program is None or not op:
+        return None
+    short = op.replace("::", ".").split(".")
+    graph = program.graph_module.graph if hasattr(program, "graph_module") else program.graph
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = str(node.target).replace("::", ".")
+        if all(part in target for part in short[:2]):
+            stack = node.meta.get("nn_module_stack") or {}
+            if stack:
+                path, cls = list(stack.values())[-1]
+                path = re.sub(r"^L\['self'\]\.?|^self\.?", "", str(path)).replace("inner.inner.", "")
+                cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1].strip("'>")
+                return f"{path or '<root>'} ({cls_name})"
+    return None
+
+
+def user_frame(text: str) -> str | None:
+    """The last ``File ..., line N, in fn`` of traced user code an export error quotes."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text)
+    frames = [f for f in frames if "/torch/" not in f[0]]
+    if not frames:
+        return None
+    file, line, fn = frames[-1]
+    return f"{Path(file).name}:{line} in {fn}"
+
+
+def export_error(exc: BaseException, fmt: str, handle: ModelHandle, program: Any = None) -> UserError:
+    """A one-line :class:`UserError` for an export failure: what failed, the op and the module."""
+    text = _ANSI.sub("", f"{type(exc).__name__}: {exc}")
+    first = next((ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()), type(exc).__name__)
+    if len(first) > 240:
+        first = first[:240] + "..."
+    dims = re.search(r"Constraints violated \(([^)]*)\)|specialized|dynamic shape|Dim\(", text)
+    op = failing_op(text)
+    where = module_of_op(program, op) or user_frame(text) or handle.architecture.get("class", handle.kind)
+    if dims and "Constraints violated" in text:
+        return UserError(f"cannot export to {fmt} with a variable {dims.group(1) or 'shape'} "
+                         f"({first}); set `dynamic: false` in the export entry", where)
+    if op:
+        detail = "" if first.startswith("Failed to convert") else f" ({first})"
+        return UserError(f"cannot export to {fmt}: operator {op} is not supported by the exporter or its runtime"
+                         f"{detail}", where)
+    return UserError(f"cannot export to {fmt}: {first}", where)

@@ -1,0 +1,106 @@
+"""ExecuTorch: a ``.pte`` program lowered to the XNNPACK delegate, 8-bit through its PT2E quantizer.
+
+``torch.export`` traces the canonical module; ``quantize: int8`` first runs PyTorch 2 Export quantization
+with ExecuTorch's ``XNNPACKQuantizer`` (symmetric per-channel int8 weights; activations int8 with
+calibrated static ranges, or computed per batch with ``activations: dynamic``); a model that carries its
+own calibrated quantizers (the PTQ passes) is exported with them as ``quantized_decomposed`` Q/DQ operators
+instead (see :mod:`modelpress.export.qdq`). ``to_edge_transform_and_lower`` hands every subgraph XNNPACK
+supports to it; the rest runs on ExecuTorch's portable kernels. The sidecar JSON records how many
+operators were delegated and which were not.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..model import ModelHandle
+from . import ExportSpec, register_exporter
+from .common import (INPUT_NAMES, TEXT_KINDS, as_list, atomic_path, export_error, export_program, trace_inputs, traceable,
+                     write_info)
+from .qdq import has_calibrated_quant, qdq_module
+
+
+#: upper bounds of the dynamic dims of a .pte: ExecuTorch plans activation memory for the largest shape
+#: (MiniLM at 4096 x 512 does not fit); larger batches are fed in chunks by the runtime wrapper
+PTE_CAPS = {"batch": 64, "seq": 128}
+
+
+def pt2e_quantize(wrapper: nn.Module, inputs: tuple[torch.Tensor, ...], batches: list[tuple[torch.Tensor, ...]],
+                  dynamic: bool, handle: ModelHandle, dynamic_dims: bool) -> nn.Module:
+    """XNNPACK PT2E int8: annotate, calibrate on ``batches`` (static activations), convert."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                         get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
+                                                                                is_dynamic=dynamic))
+    graph = export_program(wrapper, inputs, handle, dynamic_dims, PTE_CAPS)[0].module()
+    prepared = prepare_pt2e(graph, quantizer)
+    for batch in ([inputs] if dynamic else batches):
+        prepared(*batch)
+    return convert_pt2e(prepared)
+
+
+def delegation_summary(edge_program: Any) -> dict[str, Any]:
+    """Delegated subgraphs and the operators left to portable kernels."""
+    graph = edge_program.graph_module.graph
+    delegated, portable = 0, {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if "executorch_call_delegate" in name:
+            delegated += 1
+        elif "getitem" not in name:
+            portable[name] = portable.get(name, 0) + 1
+    return {"xnnpack_subgraphs": delegated, "portable_ops": dict(sorted(portable.items()))}
+
+
+@register_exporter("pte")
+def export_pte(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration: Any = None) -> Path:
+    """Write ``<stem>.pte`` (and its ``.json`` sidecar) into ``out_dir``."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    t0 = time.perf_counter()
+    final = out_dir / f"{spec.file_stem()}.pte"
+    # XNNPACK's convolution subgraphs of the diffusers UNets do not resize with the batch at run time
+    # ("Error resizing tensor at input 0"), so UNets get a fixed batch of 8 that the wrapper chunks into
+    dynamic = spec.dynamic and handle.kind in TEXT_KINDS
+    inputs = trace_inputs(handle, batch=2 if dynamic else 8)
+    info: dict[str, Any] = {"format": "pte", "kind": handle.kind, "spec": spec.model_dump(), "dynamic": dynamic,
+                            "input_names": list(INPUT_NAMES[handle.kind]),
+                            "input_shapes": [list(x.shape) for x in inputs]}
+    calibrated = has_calibrated_quant(handle.module)
+    wrapper = traceable(handle, qdq_module(handle.module) if calibrated else None)
+    program = None
+    try:
+        if calibrated:
+            info["quantization"] = "qdq from the model's calibrated quantizers"
+        elif spec.quantize == "int8":
+            mode = "dynamic" if spec.activations == "dynamic" else "static"
+            batches = as_list(calibration, handle, spec.calibration_batches) if mode == "static" else []
+            wrapper = pt2e_quantize(wrapper, inputs, batches, mode == "dynamic", handle, dynamic)
+            info["quantization"] = (f"XNNPACK PT2E int8: per-channel symmetric weights, {mode} activations"
+                                    + (f" calibrated on {len(batches)} batches" if batches else ""))
+        program, bounds = export_program(wrapper, inputs, handle, dynamic, PTE_CAPS)
+        info["dynamic_bounds"] = bounds
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        info.update(delegation_summary(edge.exported_program()))
+        et_program = edge.to_executorch()
+    except UserError:
+        raise
+    except Exception as exc:
+        raise export_error(exc, "ExecuTorch", handle, program) from None
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as f:
+            et_program.write_to_file(f)
+    info["size_bytes"] = final.stat().st_size
+    info["export_seconds"] = round(time.perf_counter() - t0, 2)
+    write_info(final, info)
+    return final

@@ -1,0 +1,322 @@
+"""Exporters (ONNX, ORT mobile, ExecuTorch) on tiny models, run in their own runtimes.
+
+The zoo models are exported and measured in benchmarks/export.py; here tiny BERTs and UNets check that
+every path writes a file its runtime runs, that integer graphs really hold integers, that the QDQ graph
+of calibrated quantizers computes what the torch module computes, and that failures are one-line errors
+that name the module and leave nothing behind.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modelpress.errors import UserError
+from modelpress.export import ExportSpec, export_model, exported_info, load_exported
+from modelpress.model import ModelHandle, describe_architecture, example_inputs, import_diffusers
+
+torch.set_num_threads(1)
+
+
+def tiny_bert(kind: str = "classifier", layers: int = 1, seed: int = 0) -> ModelHandle:
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(seed)
+    cls = transformers.BertForSequenceClassification if kind == "classifier" else transformers.BertModel
+    m = cls(cfg).eval()
+    return ModelHandle(m, kind, "tiny", describe_architecture(m))
+
+
+def tiny_unet(cond: bool = False) -> ModelHandle:
+    d = import_diffusers()
+    torch.manual_seed(0)
+    common = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                  norm_num_groups=4)
+    if cond:
+        m = d.UNet2DConditionModel(**common, cross_attention_dim=12, attention_head_dim=2,
+                                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
+        return ModelHandle(m, "unet-cond", "tiny", describe_architecture(m))
+    m = d.UNet2DModel(**common, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8).eval()
+    return ModelHandle(m, "unet", "tiny", describe_architecture(m))
+
+
+def max_err(runtime: nn.Module, handle: ModelHandle, **shape) -> float:
+    inputs = example_inputs(handle, seed=3, **shape)
+    with torch.no_grad():
+        return float((runtime(*inputs) - handle.canonical()(*inputs)).abs().max())
+
+
+def onnx_initializer_dtypes(path: Path) -> dict[str, int]:
+    import onnx
+
+    out: dict[str, int] = {}
+    for init in onnx.load(str(path)).graph.initializer:
+        name = onnx.TensorProto.DataType.Name(init.data_type)
+        out[name] = out.get(name, 0) + int(np.prod(init.dims))
+    return out
+
+
+@pytest.fixture(scope="module")
+def classifier_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One tiny classifier exported as fp32 ONNX, int8 ONNX and fp32 .ort (shared by several tests)."""
+    h = tiny_bert()
+    d = tmp_path_factory.mktemp("exports")
+    return {"handle": h, "dir": d,
+            "fp32": export_model(h, ExportSpec(format="onnx"), d),
+            "int8": export_model(h, ExportSpec(format="onnx", quantize="int8"), d),
+            "ort": export_model(h, ExportSpec(format="ort"), d)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The spec
+
+
+def test_spec_is_strict_and_file_names_are_distinct() -> None:
+    with pytest.raises(Exception, match="extra"):
+        ExportSpec.model_validate({"format": "onnx", "quantise": "int8"})
+    with pytest.raises(Exception, match="weight-only"):
+        ExportSpec(format="pte", quantize="int4-weight")
+    with pytest.raises(Exception, match="power of two"):
+        ExportSpec(format="onnx", quantize="int4-weight", block_size=48)
+    specs = [ExportSpec(format="onnx"), ExportSpec(format="onnx", quantize="int8"),
+             ExportSpec(format="onnx", quantize="int8", activations="static"),
+             ExportSpec(format="onnx", quantize="int4-weight"), ExportSpec(format="onnx", exporter="optimum"),
+             ExportSpec(format="onnx", dynamic=False)]
+    assert len({s.file_stem() for s in specs}) == len(specs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ONNX / ORT
+
+
+def test_onnx_fp32_matches_torch_at_other_batch_and_length(classifier_exports) -> None:
+    h, path = classifier_exports["handle"], classifier_exports["fp32"]
+    rt = load_exported(path, h)
+    assert rt.names == ["input_ids", "attention_mask"] and rt.batch is None and rt.seq is None
+    assert max_err(rt, h, batch=3, seq_len=20) < 1e-5
+    assert max_err(rt, h, batch=1, seq_len=64) < 1e-5
+    info = exported_info(path)
+    assert info["kind"] == "classifier" and info["size_bytes"] == path.stat().st_size
+
+
+def test_onnx_int8_is_an_integer_graph_no_larger_than_fp32(classifier_exports) -> None:
+    h, fp32, int8 = classifier_exports["handle"], classifier_exports["fp32"], classifier_exports["int8"]
+    ops = exported_info(int8)["op_counts"]
+    assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) > 0  # integer kernels, not fake quant
+    assert onnx_initializer_dtypes(int8).get("INT8", 0) > onnx_initializer_dtypes(int8).get("FLOAT", 0)
+    assert int8.stat().st_size <= fp32.stat().st_size
+    rt, ref = load_exported(int8, h), load_exported(fp32, h)
+    inputs = example_inputs(h, batch=4, seq_len=32, seed=1)
+    scale = float(ref(*inputs).abs().max())
+    assert float((rt(*inputs) - ref(*inputs)).abs().max()) < 0.25 * scale + 1e-3
+
+
+def test_ort_mobile_format_runs_and_lists_its_operators(classifier_exports) -> None:
+    h, path = classifier_exports["handle"], classifier_exports["ort"]
+    assert path.suffix == ".ort" and path.read_bytes()[4:8] == b"ORTM"  # the flatbuffer's file identifier
+    assert (path.parent / "model.required_operators.config").read_text().strip()
+    assert max_err(load_exported(path, h), h, batch=2, seq_len=16) < 1e-5
+
+
+def test_optimum_exporter_for_transformers_models(tmp_path: Path) -> None:
+    h = tiny_bert()
+    path = export_model(h, ExportSpec(format="onnx", exporter="optimum"), tmp_path)
+    assert path.name == "model-optimum.onnx"
+    rt = load_exported(path, h)
+    assert rt.extra == {"token_type_ids": "input_ids"}  # optimum's extra input is filled with zeros
+    assert max_err(rt, h, batch=3, seq_len=20) < 1e-5
+    with pytest.raises(UserError, match="transformers text models"):
+        export_model(tiny_unet(), ExportSpec(format="onnx", exporter="optimum"), tmp_path)
+
+
+def test_fixed_shapes_are_padded_and_chunked(tmp_path: Path) -> None:
+    h = tiny_bert("encoder")
+    path = export_model(h, ExportSpec(format="onnx", dynamic=False), tmp_path)
+    rt = load_exported(path, h)
+    assert rt.batch == 2 and rt.seq == 64
+    # 5 rows = chunks of 2 with the last padded; 20 tokens padded to 64 with masked positions, then sliced
+    assert max_err(rt, h, batch=5, seq_len=20) < 1e-5
+    with pytest.raises(UserError, match="at most 64 tokens"):
+        rt(*example_inputs(h, batch=2, seq_len=70))
+
+
+def test_weight_only_int4_uses_matmulnbits(tmp_path: Path) -> None:
+    h = tiny_bert("encoder")
+    fp32 = export_model(h, ExportSpec(format="onnx"), tmp_path)
+    w4 = export_model(h, ExportSpec(format="onnx", quantize="int4-weight", block_size=16), tmp_path)
+    assert exported_info(w4)["op_counts"].get("MatMulNBits", 0) >= 6  # q, k, v, out, up, down
+    assert w4.stat().st_size < fp32.stat().st_size
+    rt = load_exported(w4, h)
+    inputs = example_inputs(h, batch=2, seq_len=16, seed=2)
+    with torch.no_grad():
+        ref = h.canonical()(*inputs)
+    rel = float((rt(*inputs) - ref).norm() / ref.norm())
+    assert rel < 0.1
+
+
+# ---------------------------------------------------------------------------------------------------
+# QDQ from calibrated quantizers
+
+
+def calibrated_quant_bert(act_bits: int = 8, w_bits: int = 8) -> ModelHandle:
+    """A tiny BERT whose Linear layers are the quant core's QuantLinear with min-max calibrated ranges."""
+    from modelpress.modules import set_submodule
+    from modelpress.quant.core import QuantLinear
+
+    h = tiny_bert("encoder")
+    names = [n for n, m in h.module.named_modules() if isinstance(m, nn.Linear)]
+    layers = {}
+    for n in names:
+        q = QuantLinear.from_float(h.module.get_submodule(n), w_bits=w_bits, w_symmetric=False, act_bits=act_bits,
+                                   act_symmetric=False)
+        q.init_weight_qparams("minmax")
+        q.act.observing = True
+        set_submodule(h.module, n, q)
+        layers[n] = q
+    with torch.no_grad():
+        for seed in range(3):
+            h.canonical()(*example_inputs(h, batch=4, seq_len=32, seed=seed))
+    for q in layers.values():
+        q.act.fit("minmax")
+        q.freeze()
+    return h
+
+
+def test_qdq_activation_matches_numpy_reference() -> None:
+    from modelpress.export.qdq import QDQAct
+    from modelpress.quant.core import ActQuantizer
+
+    for bits, symmetric in ((8, False), (8, True), (6, False)):
+        act = ActQuantizer(bits, symmetric)
+        act.scale.fill_(0.05)
+        act.zero_point.fill_(0 if symmetric else -3)
+        x = torch.linspace(-9, 9, 1001)
+        got = QDQAct(act)(x).numpy()
+        half = 2 ** (bits - 1)
+        qmin, qmax = (-(half - 1), half - 1) if symmetric else (-half, half - 1)
+        z = 0 if symmetric else -3
+        want = (np.clip(np.round(x.numpy().astype(np.float64) / 0.05) + z, qmin, qmax) - z) * 0.05
+        assert np.abs(got - want).max() < 1e-5
+        assert torch.allclose(act(x), torch.from_numpy(got), atol=1e-5)  # the torch fake-quant agrees
+
+
+def test_calibrated_quantizers_become_a_qdq_graph(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from modelpress.export.onnx import feeds_for
+    from modelpress.export.runtime import OnnxRuntimeModule
+
+    h = calibrated_quant_bert()
+    path = export_model(h, ExportSpec(format="onnx", quantize="int8"), tmp_path)
+    info = exported_info(path)
+    assert "calibrated" in info["quantization"]
+    ops = info["op_counts"]
+    # one Q/DQ per distinct quantized input (q, k, v share theirs: same input, same calibrated range, merged
+    # by the exporter's optimizer), plus one DQ per weight: 6 layers, the unused pooler pruned
+    assert ops["QuantizeLinear"] >= 4 and ops["DequantizeLinear"] >= 4 + 6
+    weights = sum(m.weight_codes().numel() for n, m in h.module.named_modules()
+                  if hasattr(m, "weight_codes") and not n.startswith("pooler"))
+    assert onnx_initializer_dtypes(path).get("INT8", 0) >= weights  # the codes, not float weights
+    inputs = example_inputs(h, batch=2, seq_len=24, seed=9)
+    with torch.no_grad():
+        want = h.canonical()(*inputs)
+    # the graph as written computes exactly the torch module's fake quantization ...
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    got = sess.run(None, feeds_for(["input_ids", "attention_mask"], inputs, {}))[0]
+    assert np.abs(got - want.numpy()).max() < 1e-4
+    # ... and ONNX Runtime's fused integer kernels stay within the quantization noise
+    fused = OnnxRuntimeModule(path, h.kind)(*inputs)
+    assert float((fused - want).abs().max()) < 0.1 * float(want.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors
+
+
+class _NeedsCustomOp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mp_test.mystery(x)
+
+
+@torch.library.custom_op("mp_test::mystery", mutates_args=())
+def _mystery(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_mystery.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def test_unsupported_operator_names_op_and_module_and_leaves_nothing(tmp_path: Path) -> None:
+    h = tiny_bert("encoder")
+    h.module.encoder.layer[0].intermediate.intermediate_act_fn = _NeedsCustomOp()
+    with pytest.raises(UserError) as err:
+        export_model(h, ExportSpec(format="onnx"), tmp_path)
+    msg = str(err.value)
+    assert "mp_test" in msg and "mystery" in msg
+    assert "encoder.layer.0.intermediate" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_exported_rejects_other_files(tmp_path: Path) -> None:
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(UserError, match="onnxruntime cannot load"):
+        load_exported(bad, tiny_bert())
+    with pytest.raises(UserError, match="no such exported file"):
+        load_exported(tmp_path / "missing.pte", tiny_bert())
+
+
+# ---------------------------------------------------------------------------------------------------
+# ExecuTorch
+
+
+def test_pte_runs_in_executorch_and_matches_torch(tmp_path: Path) -> None:
+    h = tiny_bert("encoder")
+    path = export_model(h, ExportSpec(format="pte"), tmp_path)
+    info = exported_info(path)
+    assert info["xnnpack_subgraphs"] >= 1
+    rt = load_exported(path, h)
+    assert max_err(rt, h, batch=3, seq_len=20) < 1e-4
+
+
+@pytest.mark.slow
+def test_pte_int8_xnnpack_quantizer(tmp_path: Path) -> None:
+    h = tiny_bert("classifier")
+    fp32 = export_model(h, ExportSpec(format="pte"), tmp_path)
+    int8 = export_model(h, ExportSpec(format="pte", quantize="int8"), tmp_path)
+    assert "XNNPACK PT2E int8" in exported_info(int8)["quantization"]
+    assert int8.stat().st_size <= fp32.stat().st_size
+    rt = load_exported(int8, h)
+    inputs = example_inputs(h, batch=2, seq_len=16, seed=4)
+    with torch.no_grad():
+        ref = h.canonical()(*inputs)
+    assert float((rt(*inputs) - ref).abs().max()) < 0.25 * float(ref.abs().max()) + 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# UNets (timestep input, int64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cond", [False, True])
+@pytest.mark.parametrize("fmt", ["onnx", "ort", "pte"])
+def test_unets_export_with_their_timestep_input(fmt: str, cond: bool, tmp_path: Path) -> None:
+    h = tiny_unet(cond)
+    path = export_model(h, ExportSpec(format=fmt), tmp_path)
+    rt = load_exported(path, h)
+    assert max_err(rt, h, batch=3) < 1e-4
+    if fmt == "onnx":
+        q = export_model(h, ExportSpec(format=fmt, quantize="int8"), tmp_path)
+        assert exported_info(q)["op_counts"].get("QuantizeLinear", 0) > 0
+        assert q.stat().st_size <= path.stat().st_size
