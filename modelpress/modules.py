@@ -69,3 +69,17 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, leaf, new)
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every compressed module that can be rebuilt as a plain torch layer
+    (it defines ``decompressed() -> nn.Module``: lossless-coded and delta layers) is replaced by it.
+
+    Exporters use it: an ONNX / ExecuTorch graph of a lossless or delta artifact is the rebuilt model.
+    Quantized modules define no ``decompressed`` and stay, so their integer scales reach the export."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for path, mod in [(p, m) for p, m in out.named_modules() if callable(getattr(m, "decompressed", None))]:
+        set_submodule(out, path, mod.decompressed())
+    return out

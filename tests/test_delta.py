@@ -412,3 +412,15 @@ def test_recipe_artifact_stores_only_the_delta(tmp_path, pass_yaml):
     save_checkpoint(other, tmp_path / "other")
     with pytest.raises(UserError, match="wrong base"):
         load_artifact(out, base=str(tmp_path / "other"))
+
+
+def test_materialized_delta_model_computes_the_same_function():
+    """Exporters get the rebuilt fine-tune: plain nn.Linear layers with weight W_base + delta."""
+    from modelpress.modules import materialize
+
+    bh, fh = _bert_pair(exact_sign=0.02)
+    out = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fh, _ctx(bh))
+    plain = materialize(out.module)
+    assert not any(isinstance(m, DeltaLinear) for m in plain.modules())
+    x = example_inputs(fh, batch=2, seq_len=10)
+    torch.testing.assert_close(_out(out.replace_module(plain), x), _out(out, x), rtol=1e-5, atol=1e-5)

@@ -415,3 +415,21 @@ def test_recipe_runs_end_to_end(tmp_path: Path, tiny_classifier_dir: Path, monke
     inputs = example_inputs(handle, seq_len=8)
     with torch.no_grad():
         assert torch.equal(handle.canonical()(*inputs), original.canonical()(*inputs))
+
+
+def test_materialize_rebuilds_plain_layers_for_export() -> None:
+    """Exporters see the decoded model: plain nn layers, same outputs bit for bit."""
+    from modelpress.modules import compressed_modules, materialize
+
+    m = _tiny_bert()
+    handle = ModelHandle(m, "encoder", "tiny", describe_architecture(m))
+    out, _ = _run(handle, dtype="bfloat16", min_elements=1024, block_size=4096)
+    plain = materialize(out.module)
+    assert not compressed_modules(plain) and compressed_modules(out.module)
+    assert isinstance(plain.encoder.layer[0].attention.self.query, nn.Linear)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        a = plain(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = out.module(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(a, b)

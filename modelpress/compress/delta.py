@@ -187,6 +187,14 @@ class DeltaLinear(nn.Module):
         y = self.base_forward(x) + self.delta_forward(x)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
+    def decompressed(self) -> nn.Linear:
+        """The plain ``nn.Linear`` computing the same function, weight ``W_base + delta`` (for export)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight.data = (self.base_weight_oi().float() + self.delta_weight().float()).to(self.weight.dtype)
+        if self.bias is not None:
+            lin.bias.data = self.bias.detach().clone()
+        return lin.requires_grad_(False)
+
     def compressed_tensors(self) -> dict[str, torch.Tensor]:
         """The method's own stored tensors (everything but ``weight`` and ``bias``)."""
         return {k: v for k, v in self.state_dict().items() if k not in ("weight", "bias")}

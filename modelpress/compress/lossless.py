@@ -194,6 +194,15 @@ class LosslessLinear(_LosslessWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.decoded_weight(), self.bias)
 
+    def decompressed(self) -> nn.Linear:
+        """The plain ``nn.Linear`` with the decoded weight (for export)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        dtype=TORCH_DTYPES[self.weight_dtype])
+        lin.weight.data = self.decoded_weight()
+        if self.bias is not None:
+            lin.bias.data = self.bias.detach().clone()
+        return lin.requires_grad_(False)
+
 
 @register_module
 class LosslessEmbedding(_LosslessWeight):
@@ -236,6 +245,12 @@ class LosslessEmbedding(_LosslessWeight):
         return F.embedding(ids, self.decoded_weight(), self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)
 
+    def decompressed(self) -> nn.Embedding:
+        """The plain ``nn.Embedding`` with the decoded table (for export)."""
+        return nn.Embedding.from_pretrained(self.decoded_weight(), freeze=True, padding_idx=self.padding_idx,
+                                            max_norm=self.max_norm, norm_type=self.norm_type,
+                                            scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
+
 
 @register_module
 class LosslessConv2d(_LosslessWeight):
@@ -276,6 +291,15 @@ class LosslessConv2d(_LosslessWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.decoded_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def decompressed(self) -> nn.Conv2d:
+        """The plain ``nn.Conv2d`` with the decoded kernel (for export)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=self.bias is not None, dtype=TORCH_DTYPES[self.weight_dtype])
+        conv.weight.data = self.decoded_weight()
+        if self.bias is not None:
+            conv.bias.data = self.bias.detach().clone()
+        return conv.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------------

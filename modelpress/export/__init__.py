@@ -110,14 +110,13 @@ def export_model(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibrati
     exporter = _exporters().get(spec.format)
     if exporter is None:  # pragma: no cover - guarded by the Literal
         raise UserError(f"unknown export format {spec.format!r}")
-    module = handle.module
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            return exporter(handle, spec, out_dir, calibration)
-    finally:
-        module.train(was_training)
+    from ..modules import materialize
+
+    module = materialize(handle.module).eval()  # lossless / delta layers -> the rebuilt plain layers
+    if any(p.dtype == torch.bfloat16 for p in module.parameters()):
+        module = module.float()  # bf16 -> fp32 is exact, and the CPU runtimes lack bf16 kernels
+    with torch.no_grad():
+        return exporter(handle.replace_module(module), spec, out_dir, calibration)
 
 
 def load_exported(path: Path, handle: ModelHandle, threads: int | None = None) -> nn.Module:
