@@ -178,18 +178,23 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _versus(reference: int, other: int) -> str:
+    if other <= reference:
+        return f"{reference / max(other, 1):.2f}x smaller"
+    return f"{other / max(reference, 1):.2f}x larger"
+
+
 def _markdown(loaded: Any, report: dict[str, Any], staging: Path) -> str:
     r = loaded.recipe
     passes = ", ".join(name for name, _ in loaded.passes) or "(none)"
     lines = [f"# modelpress report", "", f"- model: `{r.model.source}`" + (f" (base `{r.base.source}`)" if r.base else ""),
              f"- passes: {passes}", f"- seed: {r.seed}", ""]
     size = report["size_bytes"]
-    ratio = size["reference"] / max(size["compressed"], 1)
     lines += ["## Size", "", "| | bytes | vs reference |", "|---|---:|---:|",
               f"| reference | {size['reference']:,} | 1.00x |",
-              f"| compressed | {size['compressed']:,} | {ratio:.2f}x smaller |"]
+              f"| compressed | {size['compressed']:,} | {_versus(size['reference'], size['compressed'])} |"]
     for name, e in report["exports"].items():
-        lines.append(f"| export `{name}` | {e['size_bytes']:,} | {size['reference'] / max(e['size_bytes'], 1):.2f}x smaller |")
+        lines.append(f"| export `{name}` | {e['size_bytes']:,} | {_versus(size['reference'], e['size_bytes'])} |")
     if size.get("note"):
         lines += ["", f"({size['note']}.)"]
     lines += ["", "Bytes by codec: " + ", ".join(f"{k} {v:,}" for k, v in size["by_codec"].items()), "", "![size](size.png)", ""]
