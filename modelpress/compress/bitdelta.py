@@ -29,8 +29,8 @@ from pydantic import Field
 
 from ..model import ModelHandle
 from ..modules import register_module
-from ..passes import Context, Pass, PassConfig, register_pass
-from .delta import (DeltaLayer, DeltaLinear, TensorOption, calibration_batches, handle_other_tensors,
+from ..passes import Context, Pass, register_pass
+from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, handle_other_tensors,
                     match_linear_layers, model_outputs, output_mse, pack_signs, replace_module, require_base,
                     unpack_signs)
 
@@ -135,7 +135,7 @@ class BitDeltaPass(Pass):
     name = "bitdelta"
     needs_base = True
 
-    class Config(PassConfig):
+    class Config(DeltaConfig):
         steps: int = Field(200, ge=0, le=100_000, description="scale-distillation steps (0: keep mean|delta|)")
         lr: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate of the alphas")
         batch_size: int = Field(4, ge=1, le=1024)
@@ -143,10 +143,6 @@ class BitDeltaPass(Pass):
         samples: int | None = Field(None, ge=1, le=1_000_000,
                                     description="distinct calibration samples (default steps * batch_size)")
         target: Literal["output", "hidden", "both"] = "both"
-        embeddings: TensorOption = "base"
-        norms: TensorOption = "keep"
-        biases: TensorOption = "keep"
-        skip: list[str] = Field(default_factory=list, description="module-path substrings left uncompressed")
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         cfg = self.config

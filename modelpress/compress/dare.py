@@ -44,8 +44,8 @@ from pydantic import Field
 from ..errors import UserError
 from ..model import ModelHandle
 from ..modules import register_module
-from ..passes import Context, Pass, PassConfig, register_pass
-from .delta import (DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
+from ..passes import Context, Pass, register_pass
+from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
                     handle_other_tensors, match_linear_layers, model_outputs, output_change, pack_signs,
                     replace_module, require_base, unpack_signs)
 
@@ -230,12 +230,8 @@ class DarePass(_DareBase):
 
     name = "dare"
 
-    class Config(PassConfig):
+    class Config(DeltaConfig):
         p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
-        embeddings: TensorOption = "base"
-        norms: TensorOption = "keep"
-        biases: TensorOption = "keep"
-        skip: list[str] = Field(default_factory=list)
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         cfg = self.config
@@ -254,7 +250,7 @@ class DarexPass(_DareBase):
 
     name = "darex"
 
-    class Config(PassConfig):
+    class Config(DeltaConfig):
         p: float = Field(0.99, ge=0.0, lt=1.0, description="drop probability (fraction of the delta pruned)")
         q_mode: Literal["labelled", "unlabelled", "analytic", "fixed"] = "unlabelled"
         q: float | None = Field(None, gt=0.0, le=1.0, description="the q of q_mode: fixed")
@@ -265,10 +261,6 @@ class DarexPass(_DareBase):
                                         description="labelled validation examples (default: the whole split)")
         batch_size: int = Field(16, ge=1, le=1024)
         seq_len: int = Field(64, ge=4, le=4096, description="tokens per calibration text")
-        embeddings: TensorOption = "base"
-        norms: TensorOption = "keep"
-        biases: TensorOption = "keep"
-        skip: list[str] = Field(default_factory=list)
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         cfg = self.config

@@ -25,13 +25,25 @@ from typing import Any, Callable, Iterable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ..errors import UserError
 from ..model import ModelHandle, align_to_base, example_inputs
-from ..passes import Context
+from ..passes import Context, PassConfig
 
 TensorOption = Literal["keep", "base"]
+
+
+class DeltaConfig(PassConfig):
+    """Options every delta pass shares: what happens to the tensors that are not compressed linear
+    deltas (``keep`` the fine-tune's, or revert to the ``base``'s and store nothing), and module-path
+    substrings left uncompressed."""
+
+    embeddings: TensorOption = "base"
+    norms: TensorOption = "keep"
+    biases: TensorOption = "keep"
+    skip: list[str] = Field(default_factory=list, description="module-path substrings left uncompressed")
 
 
 # ---------------------------------------------------------------------------------------------------

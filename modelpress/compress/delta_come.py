@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import UserError
 from ..model import ModelHandle
 from ..modules import register_module
-from ..passes import Context, Pass, PassConfig, register_pass
+from ..passes import Context, Pass, register_pass
 from ..quant.gptq import QuantResult, gptq_quantize, rtn_quantize
-from .delta import (DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
+from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
                     handle_other_tensors, match_linear_layers, pack_codes, packed_code_bytes, replace_module,
                     require_base, unpack_codes)
 
@@ -199,7 +199,7 @@ class DeltaCoMePass(Pass):
     name = "delta_come"
     needs_base = True
 
-    class Config(PassConfig):
+    class Config(DeltaConfig):
         groups: list[PrecisionGroup] = Field(default_factory=lambda: [g.model_copy() for g in DEFAULT_GROUPS])
         budget_bits: float = Field(1.0, gt=0, le=16, description="stored bits per delta parameter, all included")
         group_size: int = Field(128, ge=0, le=65536, description="quantization group along each row (0: whole row)")
@@ -209,10 +209,6 @@ class DeltaCoMePass(Pass):
         samples: int = Field(64, ge=1, le=100_000, description="calibration texts for the input Hessians")
         batch_size: int = Field(8, ge=1, le=1024)
         seq_len: int = Field(64, ge=4, le=4096, description="tokens per calibration text")
-        embeddings: TensorOption = "base"
-        norms: TensorOption = "keep"
-        biases: TensorOption = "keep"
-        skip: list[str] = Field(default_factory=list)
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         cfg = self.config
