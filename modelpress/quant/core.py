@@ -750,12 +750,7 @@ def skip_concat_splits(model: nn.Module, run: Callable[[], Any]) -> dict[str, in
             h = args[0] if args else kwargs["hidden_states"]
             entering.setdefault(name, int(h.shape[1]))
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(run, handles)
     splits: dict[str, int] = {}
     for name, mod in ups.items():
         for i, res in enumerate(mod.resnets):
@@ -800,6 +795,16 @@ class _Stop(Exception):
     pass
 
 
+def run_with_hooks(run: Callable[[], Any], handles: list[Any]) -> None:
+    """Run ``run()`` without gradients, then remove the hook ``handles`` whatever happens."""
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def execution_order(model: nn.Module, run: Callable[[], Any], modules: list[tuple[str, nn.Module]]) -> list[str]:
     """Names of ``modules`` in the order a forward (``run()``) first calls them."""
     order: list[str] = []
@@ -809,12 +814,7 @@ def execution_order(model: nn.Module, run: Callable[[], Any], modules: list[tupl
             if name not in order:
                 order.append(name)
         handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(run, handles)
     return order
 
 

@@ -31,7 +31,7 @@ from ..model import ModelHandle, canonical_module
 from ..passes import Context, Pass, PassConfig, register_pass
 from . import core
 from .calibration import CalibrationSet, build_calibration_set, sample_shape
-from .core import _QuantLayer
+from .core import _QuantLayer, run_with_hooks
 from .reconstruction import ReconSettings, reconstruct_unit
 
 
@@ -137,12 +137,7 @@ def raw_input_readers(model: nn.Module, run: Callable[[], Any], parents: list[st
                 def lpre(_m: nn.Module, inp: tuple, n: str = f"{p}.{n}") -> None:
                     layer_in.setdefault(n, inp[0].detach())
                 handles.append(m.register_forward_pre_hook(lpre))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(run, handles)
     out: dict[str, list[str]] = {}
     for p in parents:
         x = parent_in.get(p)
