@@ -17,14 +17,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..model import ModelHandle
-from ..passes import Context, Pass, register_pass
-from .ptq import DiffusionPTQConfig, calibrate_activations, finish, init_weight_ranges, prepare, reconstruct_blocks
+from ..passes import register_pass
+from .ptq import DiffusionPTQConfig, MinMaxPTQ
 
 
 @register_pass
-class PTQ4DM(Pass):
-    """``ptq4dm``: NDTC calibration + Lp (p = 2.4) range search (+ short block reconstruction)."""
+class PTQ4DM(MinMaxPTQ):
+    """``ptq4dm``: NDTC calibration + Lp (p = 2.4) range search (+ short block reconstruction).
+
+    The same stages as the min-max baseline; what differs is the configuration (sampler, range metric,
+    reconstruction iterations)."""
 
     name = "ptq4dm"
     kinds = ("unet", "unet-cond")
@@ -33,10 +35,3 @@ class PTQ4DM(Pass):
         sampler: Literal["ndtc", "every_k", "uniform", "single_t"] = "ndtc"
         metric: Literal["lp", "mse", "cosine", "kl", "minmax"] = "lp"
         recon_iters: int = Field(100, ge=0, le=100_000, description="AdaRound iterations per block (0 = none)")
-
-    def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
-        st = prepare(model, ctx, self.config)
-        init_weight_ranges(st)
-        calibrate_activations(st)
-        reconstruct_blocks(st, ctx)
-        return finish(st, ctx, self.name)
