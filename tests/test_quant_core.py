@@ -130,6 +130,43 @@ def test_split_and_per_timestep_activation_ranges() -> None:
     core.set_current_timesteps(None)
 
 
+def test_range_search_sees_every_pixel_position() -> None:
+    """The observed subsample is random, not strided: a stride of H*W would keep only the corner pixel of
+    every channel (here the only small value) and the Lp search would clip all the others."""
+    x = torch.full((64, 64, 16, 16), 3.0)
+    x[..., 0, 0] = 0.01
+    x[:, :, 5, 7] = torch.linspace(-3, 3, 64)
+    a = ActQuantizer(8, False)
+    a.observing = True
+    a(x)
+    a.fit("lp")
+    assert (a(x) - x).abs().max() < 0.05  # nothing clipped: the range covers [-3, 3]
+    b = ActQuantizer(8, False)
+    b.observing = True
+    b(x)
+    b.fit("lp")
+    assert torch.equal(a.scale, b.scale)  # seeded: the same calibration gives the same ranges
+
+
+def test_learned_step_size_folds_into_scale() -> None:
+    a = ActQuantizer(4, False)
+    a.observing = True
+    x = torch.randn(256)
+    a(x)
+    a.fit("minmax")
+    s0 = a.scale.clone()
+    u = a.learn_step_size()
+    loss = (a(x) - x).pow(2).mean()
+    loss.backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0  # LSQ gradient reaches the step size
+    with torch.no_grad():
+        u.fill_(0.5)
+    y = a(x)
+    a.fix_step_size()
+    assert a.log_step is None and torch.allclose(a.scale, s0 * np.exp(0.5))
+    assert torch.allclose(a(x), y)
+
+
 def test_adaround_rectified_sigmoid() -> None:
     frac = torch.linspace(0.05, 0.95, 11)
     assert torch.allclose(adaround_h(adaround_logit(frac)), frac, atol=1e-5)

@@ -105,7 +105,28 @@ def export_dynamo(handle: ModelHandle, module: nn.Module, path: Path, opset: int
     except Exception as exc:
         raise export_error(exc, "ONNX", handle, program) from None
     onnx_program.save(str(path), external_data=False)
+    strip_debug_metadata(path)
     return bounds
+
+
+#: node metadata torch.onnx writes that we keep: the module scope (it names the module in error messages)
+KEPT_NODE_METADATA = ("namespace",)
+
+
+def strip_debug_metadata(path: Path) -> None:
+    """Drop torch.onnx's per-node debug metadata (stack traces, FX node text, class hierarchy) except the
+    innermost module scope: on small models it outweighs the weights (digits-ddpm: 0.8 MB of 3.7 MB in fp32, 1.3 MB
+    of 2.3 MB with int8 weights)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        # the scope is "outer: Type/.../inner.name: Type"; the innermost module is what errors name
+        keep = [(p.key, p.value.split("/")[-1]) for p in node.metadata_props if p.key in KEPT_NODE_METADATA]
+        del node.metadata_props[:]
+        for key, value in keep:
+            node.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
 
 
 _OPTIMUM_TASKS = {"classifier": "text-classification", "encoder": "feature-extraction"}

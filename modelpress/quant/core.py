@@ -279,6 +279,8 @@ class ActQuantizer(nn.Module):
         self.observing = False
         self._obs: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._ext: dict[tuple[int, int], tuple[float, float]] = {}
+        self._rng: torch.Generator | None = None
+        self.log_step: torch.Tensor | None = None  # learned while reconstructing (see learn_step_size)
 
     def config(self) -> dict[str, Any]:
         return {"bits": self.bits, "symmetric": self.symmetric, "split": self.split,
@@ -289,7 +291,7 @@ class ActQuantizer(nn.Module):
             return [x]
         return list(torch.split(x, [self.split, x.shape[self.channel_dim] - self.split], dim=self.channel_dim))
 
-    def _observe(self, x: torch.Tensor, max_keep: int = 4096) -> None:
+    def _observe(self, x: torch.Tensor, max_keep: int = 16384) -> None:
         x = x.detach().float()
         if self.n_timesteps:
             t = current_timesteps()
@@ -306,8 +308,19 @@ class ActQuantizer(nn.Module):
                 lo, hi = float(flat.min()), float(flat.max())
                 plo, phi = self._ext.get(key, (lo, hi))
                 self._ext[key] = (min(lo, plo), max(hi, phi))
-                stride = max(1, flat.numel() // max_keep)
-                self._obs.setdefault(key, []).append(flat[::stride].clone())
+                self._obs.setdefault(key, []).append(self._subsample(flat, max_keep))
+
+    def _subsample(self, flat: torch.Tensor, max_keep: int) -> torch.Tensor:
+        """At most ``max_keep`` values drawn uniformly at random (seeded, so calibration is reproducible).
+
+        A fixed stride would not do: for an ``[N, C, H, W]`` batch the stride is often a multiple of ``H * W``,
+        which keeps one pixel position of every channel and makes the range search fit the image border.
+        """
+        if flat.numel() <= max_keep:
+            return flat.clone()
+        if self._rng is None:
+            self._rng = torch.Generator().manual_seed(0)
+        return flat[torch.randint(flat.numel(), (max_keep,), generator=self._rng)]
 
     def fit(self, metric: str = "lp", p: float = 2.4) -> None:
         """Set scale / zero point from the observed values (:func:`search_qparams`), then stop observing."""
@@ -328,14 +341,29 @@ class ActQuantizer(nn.Module):
                                       lo=torch.tensor([lo]), hi=torch.tensor([hi]))
                 self.scale[si, g] = s[0]
                 self.zero_point[si, g] = z[0]
-        self._obs, self._ext, self.observing = {}, {}, False
+        self._obs, self._ext, self._rng, self.observing = {}, {}, None, False
+
+    def learn_step_size(self) -> torch.Tensor:
+        """Start learning the step size (LSQ, Esser et al. 2020, as BRECQ / Q-Diffusion do during block
+        reconstruction): returns ``u`` with ``scale * exp(u)`` the step in use; zero point fixed. The
+        log parametrisation keeps the step positive and makes one learning rate fit every layer."""
+        self.log_step = torch.zeros_like(self.scale, requires_grad=True)
+        return self.log_step
+
+    def fix_step_size(self) -> None:
+        """Fold the learned ``exp(u)`` into ``scale`` and stop learning."""
+        if self.log_step is not None:
+            with torch.no_grad():
+                self.scale.mul_(self.log_step.exp())
+            self.log_step = None
 
     def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale / zero point broadcastable against one channel group of ``x``: ``[S', G]`` rows."""
+        scale = self.scale if self.log_step is None else self.scale * self.log_step.exp()
         if self.n_timesteps:
             idx = timestep_rows(self.timesteps, x.shape[0])
-            return self.scale[idx], self.zero_point[idx]
-        return self.scale, self.zero_point
+            return scale[idx], self.zero_point[idx]
+        return scale, self.zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:

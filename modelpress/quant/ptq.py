@@ -58,6 +58,8 @@ class DiffusionPTQConfig(PassConfig):
     recon_batch: int = Field(32, ge=1, le=4096)
     recon_lr: float = Field(1e-3, gt=0, le=1)
     recon_reg: float = Field(0.01, ge=0, le=10)
+    recon_act_lr: float = Field(0.0, ge=0, le=1, description="Adam learning rate of the activation log step sizes "
+                                "learned during block reconstruction (LSQ; 0 = keep the calibrated ranges)")
     batch_size: int = Field(64, ge=1, le=4096, description="calibration forward batch")
 
     @model_validator(mode="after")
@@ -230,7 +232,7 @@ def reconstruct_blocks(st: QState, ctx: Context, exclude: set[str] | None = None
     if cfg.recon_iters <= 0:
         return
     settings = ReconSettings(iters=cfg.recon_iters, batch_size=cfg.recon_batch, lr=cfg.recon_lr,
-                             reg_weight=cfg.recon_reg)
+                             reg_weight=cfg.recon_reg, act_lr=cfg.recon_act_lr)
     exclude = exclude or set()
     units = core.reconstruction_units(st.q)
     unit_mods = [(n, m) for n, m in units]

@@ -22,14 +22,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .core import _QuantLayer, _Stop, adaround_h, set_current_timesteps
+from .core import ActQuantizer, _QuantLayer, _Stop, act_quantizers, adaround_h, set_current_timesteps
 
 
 @dataclass
 class ReconSettings:
     """Reconstruction hyper-parameters (paper values in brackets): iterations [20k in Q-Diffusion / BRECQ,
     100 in the PTQ4DM scripts], batch [32], Adam learning rate of V [1e-3], rounding-loss weight lambda
-    [0.01], beta annealed 20 -> 2, warm-up fraction [0.2]."""
+    [0.01], beta annealed 20 -> 2, warm-up fraction [0.2]; ``act_lr``: Adam learning rate of the
+    activation quantizers' log step sizes inside the unit (0: ranges stay as calibrated)."""
 
     iters: int = 200
     batch_size: int = 32
@@ -38,6 +39,7 @@ class ReconSettings:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
+    act_lr: float = 0.0
 
 
 def rounding_regularizer(layers: list[_QuantLayer], beta: float) -> torch.Tensor:
@@ -46,15 +48,21 @@ def rounding_regularizer(layers: list[_QuantLayer], beta: float) -> torch.Tensor
 
 
 def adaround_optimize(layers: list[_QuantLayer], loss_fn: Callable[[int], torch.Tensor], cfg: ReconSettings,
-                      progress: Callable[..., Any] | None = None, desc: str = "AdaRound") -> dict[str, float]:
-    """Learn the rounding of ``layers`` to minimise ``loss_fn(it)`` (the reconstruction error on the
-    ``it``-th minibatch) + the rounding regulariser; leaves every layer on hard (0/1) rounding."""
+                      progress: Callable[..., Any] | None = None, desc: str = "AdaRound",
+                      act_quants: list[ActQuantizer] = ()) -> dict[str, float]:
+    """Learn the rounding of ``layers`` (and, with ``cfg.act_lr``, the step sizes of ``act_quants``) to
+    minimise ``loss_fn(it)`` (the reconstruction error on the ``it``-th minibatch) + the rounding
+    regulariser; leaves every layer on hard (0/1) rounding and every step size fixed."""
     params = [l.init_adaround() for l in layers]
     if not params or cfg.iters <= 0:
         for l in layers:
             l.soft_round = False
         return {"iters": 0}
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    groups = [{"params": params, "lr": cfg.lr}]
+    steps = [a.learn_step_size() for a in act_quants] if cfg.act_lr > 0 else []
+    if steps:
+        groups.append({"params": steps, "lr": cfg.act_lr})
+    opt = torch.optim.Adam(groups)
     warm = int(cfg.warmup * cfg.iters)
     it_range = range(cfg.iters)
     bar = progress(it_range, total=cfg.iters, desc=desc) if progress else it_range
@@ -77,7 +85,13 @@ def adaround_optimize(layers: list[_QuantLayer], loss_fn: Callable[[int], torch.
     for l in layers:
         l.soft_round = False
         l.round_logits = l.round_logits.detach()
-    return {"iters": cfg.iters, "rec_loss_first": first, "rec_loss_last": last}
+    moved = max((float(u.detach().abs().max()) for u in steps), default=0.0)
+    for a in act_quants:
+        a.fix_step_size()
+    out = {"iters": cfg.iters, "rec_loss_first": first, "rec_loss_last": last}
+    if steps:
+        out["act_step_max_log_change"] = round(moved, 4)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,7 +188,7 @@ def reconstruct_unit(q_unit: nn.Module, fp_unit: nn.Module, q_model_fn: Callable
             out = out[0]
         return (out - target[idx]).pow(2).mean()
 
-    stats = adaround_optimize(layers, loss_fn, cfg, progress, desc)
+    stats = adaround_optimize(layers, loss_fn, cfg, progress, desc, act_quantizers(q_unit))
     with torch.no_grad():  # error after hard rounding, on a fixed slice
         idx = torch.arange(min(n, 64))
         set_current_timesteps(t_all[idx])
