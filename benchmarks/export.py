@@ -69,25 +69,50 @@ def metric_names(handle: ModelHandle) -> list[str]:
     return ["accuracy"] if handle.kind == "classifier" else ["fd"] if handle.kind in ("unet", "unet-cond") else []
 
 
+def ptq_w8a8(handle: ModelHandle, pass_name: str) -> ModelHandle:
+    """The UNet quantized by a diffusion PTQ pass at W8A8 (its calibrated scales export as QDQ)."""
+    from modelpress.passes import CalibrationSpec, Context, get_pass
+
+    P = get_pass(pass_name)
+    ctx = Context(seed=0, calibration=CalibrationSpec(samples=256, batch_size=64), show_progress=False)
+    return P(P.Config(w_bits=8, a_bits=8)).apply(handle, ctx)
+
+
+def state_bytes(handle: ModelHandle) -> int:
+    return sum(t.numel() * t.element_size() for t in handle.module.state_dict().values())
+
+
 def run_model(name: str, repeats: int, threads: int, samples: int | None, out_dir: Path,
-              formats: set[str]) -> list[dict[str, Any]]:
+              formats: set[str], ptq_pass: str | None) -> list[dict[str, Any]]:
     handle = zoo.load(name)
-    torch_model = handle.canonical().eval()
-    specs = [s for s in SPECS["text" if handle.kind in ("encoder", "classifier") else "unet"] if s["format"] in formats]
+    unet = handle.kind in ("unet", "unet-cond")
+    specs = [(handle, "", s) for s in SPECS["unet" if unet else "text"] if s["format"] in formats]
+    sources = {"": handle}
+    if unet and ptq_pass:
+        # the PTQ pass's own scales: exported as QDQ whatever `quantize` says, so one plain spec per format
+        sources[f"{ptq_pass}-w8a8"] = ptq_w8a8(handle, ptq_pass)
+        specs += [(sources[f"{ptq_pass}-w8a8"], f"{ptq_pass}-w8a8", {"format": f})
+                  for f in ("onnx", "ort") if f in formats]  # pte refuses PTQ models (modelpress/export/pte.py)
     probe = example_inputs(handle)
-    with torch.no_grad():
-        ref = torch_model(*probe)
-    rows: list[dict[str, Any]] = []
-    runtimes: dict[str, Any] = {"torch": torch_model}
-    for raw in specs:
+    refs, rows = {}, []
+    runtimes: dict[str, Any] = {}
+    for tag, src in sources.items():
+        key = "torch" + (f"/{tag}" if tag else "")
+        runtimes[key] = src.canonical().eval()
+        with torch.no_grad():
+            refs[tag] = runtimes[key](*probe)
+        rows.append({"model": name, "export": key, "file": "-", "size_bytes": state_bytes(src), "max_abs_err": 0.0,
+                     "quantization": tag or "none"})
+    for src, tag, raw in specs:
         spec = ExportSpec(**raw)
         t0 = time.perf_counter()
-        path = export_model(handle, spec, out_dir / name)
+        path = export_model(src, spec, out_dir / name / (tag or "fp"))
         seconds = time.perf_counter() - t0
-        rt = load_exported(path, handle, threads=threads)
-        with torch.no_grad():
-            err = float((rt(*probe) - ref).abs().max())
-        key = f"{spec.format}/{spec.quantize}" + (f"/{spec.activations}" if spec.activations != "auto" else "")
+        rt = load_exported(path, src, threads=threads)
+        with torch.no_grad():  # against the torch model it was exported from (fp32, or the fake-quant PTQ model)
+            err = float((rt(*probe) - refs[tag]).abs().max())
+        key = (f"{spec.format}/{tag}" if tag else f"{spec.format}/{spec.quantize}"
+               + (f"/{spec.activations}" if spec.activations != "auto" else ""))
         runtimes[key] = rt
         info = exported_info(path)
         rows.append({"model": name, "export": key, "file": path.name, "size_bytes": path.stat().st_size,
@@ -96,10 +121,6 @@ def run_model(name: str, repeats: int, threads: int, samples: int | None, out_di
                      "xnnpack_subgraphs": info.get("xnnpack_subgraphs")})
         print(f"{name} {key}: {path.stat().st_size:,} bytes, max abs err {err:.3g}, {seconds:.0f}s", flush=True)
     times = interleaved_latency(runtimes, timing_batch(handle), repeats)
-    torch_row = {"model": name, "export": "torch", "file": "-", "size_bytes": sum(
-        t.numel() * t.element_size() for t in handle.module.state_dict().values()), "max_abs_err": 0.0,
-        "quantization": "none"}
-    rows.insert(0, torch_row)
     for row in rows:
         t = times[row["export"]]
         row["latency_min_ms"], row["latency_median_ms"] = 1000 * min(t), 1000 * statistics.median(t)
@@ -115,7 +136,8 @@ def run_model(name: str, repeats: int, threads: int, samples: int | None, out_di
 
 def markdown(rows: list[dict[str, Any]], threads: int, repeats: int) -> str:
     lines = [f"Threads: {threads} (torch and the runtimes alike); latency: {repeats} interleaved rounds, "
-             "text batch 8 x 64 tokens, UNet batch 8.", ""]
+             "text batch 8 x 64 tokens, UNet batch 8. Max abs err: against the torch model the file was exported from "
+             "(fp32, or the PTQ pass's fake-quant model for `*/ptq-w8a8` rows) on a batch of 2.", ""]
     by_model: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_model.setdefault(r["model"], []).append(r)
@@ -148,13 +170,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None, help="metric samples (default: each metric's own)")
     ap.add_argument("--formats", default="onnx,ort,pte")
     ap.add_argument("--tag", default="export")
+    ap.add_argument("--ptq-pass", default="ptq", help="UNets: also export this PTQ pass's W8A8 model ('' = none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows += run_model(name, args.repeats, args.threads, args.samples, Path(tmp), set(args.formats.split(",")))
+            rows += run_model(name, args.repeats, args.threads, args.samples, Path(tmp), set(args.formats.split(",")),
+                              args.ptq_pass or None)
             md = markdown(rows, args.threads, args.repeats)
             (RESULTS / f"{args.tag}.md").write_text(md)
             (RESULTS / f"{args.tag}.json").write_text(json.dumps(rows, indent=2))

@@ -91,6 +91,8 @@ class Pass:
     needs_base: ClassVar[bool] = False
     #: model kinds the pass accepts; empty means any
     kinds: ClassVar[tuple[str, ...]] = ()
+    #: export formats that cannot express the pass's output, with why (checked when a recipe is loaded)
+    refuses_export: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config

@@ -231,6 +231,11 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
                 exports.append(ExportSpec.model_validate(entry))
             except ValidationError as exc:
                 raise validation_error(where, exc, ExportSpec, prefix=f"export[{i}]") from None
+            for name, _ in passes:
+                why = get_pass(name).refuses_export.get(exports[-1].format)
+                if why:
+                    raise UserError(f"export[{i}]: a model from pass {name!r} cannot be exported to "
+                                    f"{exports[-1].format}: {why}", where)
 
     from .evaluate import metric_registry
 

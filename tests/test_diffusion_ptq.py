@@ -126,6 +126,20 @@ def test_w8a8_is_close_to_full_precision_and_deterministic(w8a8) -> None:
     assert len(log["quantized_attention"]) == 4
 
 
+def test_ptq_models_are_refused_by_pte_with_a_clear_error(w8a8, tmp_path: Path) -> None:
+    from modelpress.errors import UserError
+    from modelpress.export import ExportSpec, export_model
+    from modelpress.recipe import load_recipe
+
+    with pytest.raises(UserError, match="XNNPACK's int8 kernels need symmetric weights") as err:
+        export_model(w8a8["ptq"][0], ExportSpec(format="pte"), tmp_path)
+    assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: digits-ddpm\npasses: [{type: ptq4dm}]\nexport: [onnx, pte]\n")
+    with pytest.raises(UserError, match=r"export\[1\]: a model from pass 'ptq4dm' cannot be exported to pte"):
+        load_recipe(recipe)
+
+
 def test_artifact_roundtrip_is_exact_and_w4_is_small(tmp_path: Path) -> None:
     h = tiny_unet()
     q, log = run_pass("tfmq", h, w_bits=4, a_bits=8, recon_iters=3, maintenance="select")

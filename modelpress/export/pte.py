@@ -3,8 +3,14 @@
 ``torch.export`` traces the canonical module; ``quantize: int8`` first runs PyTorch 2 Export quantization
 with ExecuTorch's ``XNNPACKQuantizer`` (symmetric per-channel int8 weights; activations int8 with
 calibrated static ranges, or computed per batch with ``activations: dynamic``); a model that carries its
-own calibrated quantizers (the PTQ passes) is exported with them as ``quantized_decomposed`` Q/DQ operators
-instead (see :mod:`modelpress.export.qdq`). ``to_edge_transform_and_lower`` hands every subgraph XNNPACK
+own calibrated quantizers (the PTQ passes) is refused with a clear error: XNNPACK's quantized convolution /
+linear assume what its own quantizer produces, symmetric per-channel weights (weight zero points are ignored)
+and a quantize node on every output; a PTQ graph has asymmetric weights and outputs that feed GroupNorm and
+residual adds unquantized, and lowering it gave wrong outputs (max abs error 5 on digits-ddpm). Keeping int8
+weights behind a run-time dequantize kept the convolutions out of XNNPACK (the portable convolution then
+crashed), and float weights with Q/DQ activations made a file larger than the fp32 one. Such models export
+exactly to ONNX / ORT (QDQ), and the float model goes to ``.pte`` with ``quantize: int8``.
+``to_edge_transform_and_lower`` hands every subgraph XNNPACK
 supports to it; the rest runs on ExecuTorch's portable kernels. The sidecar JSON records how many
 operators were delegated and which were not.
 """
@@ -23,7 +29,7 @@ from ..model import ModelHandle
 from . import ExportSpec, register_exporter
 from .common import (INPUT_NAMES, TEXT_KINDS, as_list, atomic_path, export_error, export_program, trace_inputs, traceable,
                      write_info)
-from .qdq import has_calibrated_quant, qdq_module
+from .qdq import has_calibrated_quant
 
 
 #: upper bounds of the dynamic dims of a .pte: ExecuTorch plans activation memory for the largest shape
@@ -82,6 +88,9 @@ def export_pte(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    # out-variants of the quantized_decomposed Q / DQ operators, for any the XNNPACK partitioner leaves out
+    import executorch.kernels.quantized  # noqa: F401
+
     t0 = time.perf_counter()
     final = out_dir / f"{spec.file_stem()}.pte"
     # XNNPACK's convolution subgraphs of the diffusers UNets do not resize with the batch at run time
@@ -91,13 +100,15 @@ def export_pte(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration
     info: dict[str, Any] = {"format": "pte", "kind": handle.kind, "spec": spec.model_dump(), "dynamic": dynamic,
                             "input_names": list(INPUT_NAMES[handle.kind]),
                             "input_shapes": [list(x.shape) for x in inputs]}
-    calibrated = has_calibrated_quant(handle.module)
-    wrapper = traceable(handle, qdq_module(handle.module) if calibrated else None)
+    if has_calibrated_quant(handle.module):
+        raise UserError("cannot export to ExecuTorch: XNNPACK's int8 kernels need symmetric weights and a "
+                        "quantized output on every layer, which this PTQ model's quantized layers do not have; "
+                        "export it to onnx or ort (exact int8 QDQ), or export the float model with quantize: int8",
+                        handle.architecture.get("class"))
+    wrapper = traceable(handle)
     program = None
     try:
-        if calibrated:
-            info["quantization"] = "qdq from the model's calibrated quantizers"
-        elif spec.quantize == "int8":
+        if spec.quantize == "int8":
             mode = "dynamic" if spec.activations == "dynamic" else "static"
             batches = as_list(calibration, handle, spec.calibration_batches) if mode == "static" else []
             skipped = small_layers(wrapper)

@@ -264,6 +264,11 @@ def finish(st: QState, ctx: Context, pass_name: str) -> ModelHandle:
     return out
 
 
+#: why the diffusion PTQ passes' models do not go to ExecuTorch (see modelpress/export/pte.py)
+NO_PTE = {"pte": "XNNPACK's int8 kernels need symmetric weights and quantized layer outputs; export the "
+                 "PTQ model to onnx or ort (int8 QDQ), or the float model to pte with quantize: int8"}
+
+
 @register_pass
 class MinMaxPTQ(Pass):
     """``ptq``: the plain baseline — per-channel min-max weights, per-tensor min-max activations (same
@@ -272,6 +277,7 @@ class MinMaxPTQ(Pass):
 
     name = "ptq"
     kinds = ("unet", "unet-cond")
+    refuses_export = NO_PTE
 
     class Config(DiffusionPTQConfig):
         metric: Literal["lp", "mse", "cosine", "kl", "minmax"] = "minmax"

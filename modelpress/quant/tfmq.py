@@ -33,7 +33,7 @@ from ..modules import register_module, set_submodule
 from ..passes import Context, Pass, register_pass
 from . import core
 from .core import _Stop, pack_codes, quantize, search_qparams, timestep_rows, unpack_codes
-from .ptq import (DiffusionPTQConfig, QState, calibrate_activations, finish, init_weight_ranges, prepare,
+from .ptq import (NO_PTE, DiffusionPTQConfig, QState, calibrate_activations, finish, init_weight_ranges, prepare,
                   reconstruct_blocks)
 from .reconstruction import ReconSettings, adaround_optimize
 
@@ -182,6 +182,7 @@ class TFMQ(Pass):
     disturbance-aware selection between the two."""
 
     name = "tfmq"
+    refuses_export = NO_PTE
     kinds = ("unet", "unet-cond")
 
     class Config(DiffusionPTQConfig):
