@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["main", "ablations", "all"], default="all")
     ap.add_argument("--settings", default="8/8,4/8,4/6", help="comma-separated W/A bit settings of the main table")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ablations", default="calib,metric,tiar,maint", help="comma-separated ablation groups to run")
+    ap.add_argument("--ablations", default="calib,metric,tiar,maint,lsq", help="comma-separated ablation groups to run")
     ap.add_argument("--fp-fd", default=None, help="comma-separated FP FD values of an earlier run at the same settings "
                     "(skips re-measuring full precision)")
     ap.add_argument("--quick", action="store_true")
@@ -156,6 +156,10 @@ def main() -> None:
                 recon_iters=args.recon_tfmq, **base)
             run("maint", "W4A8", "TFMQ, FSC off, TIB-based", "tfmq", abl_seeds, fsc=False, maintenance="tib",
                 recon_iters=args.recon_tfmq, **base)
+        if "lsq" in groups:
+            for lr in (0.0, 0.01):
+                run("lsq", "W4A8", f"PTQ4DM, recon {args.recon_ptq4dm} iters, activation step lr {lr}", "ptq4dm",
+                    abl_seeds, recon_iters=args.recon_ptq4dm, recon_act_lr=lr, **base)
     write(out, rows, fp_mean, noise, fp_bytes16, args)
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
 

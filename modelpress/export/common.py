@@ -116,12 +116,12 @@ def export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...], handle: 
 
 def default_calibration(handle: ModelHandle, batches: int, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
     """Calibration batches when the caller gives none: real text (the train split of the zoo's docs task,
-    tokenized with the MiniLM tokenizer) for text models with MiniLM's vocabulary, else random canonical
-    inputs (seeded)."""
-    if handle.kind in TEXT_KINDS:
-        real = _docs_batches(handle, batches, batch_size)
-        if real:
-            return real
+    tokenized with the MiniLM tokenizer) for text models with MiniLM's vocabulary; for UNets the states of
+    the model's own DDIM trajectories; else random canonical inputs (seeded)."""
+    real = (_docs_batches(handle, batches, batch_size) if handle.kind in TEXT_KINDS
+            else _trajectory_batches(handle, batches, batch_size))
+    if real:
+        return real
     out = []
     for i in range(batches):
         if handle.kind in TEXT_KINDS:
@@ -132,6 +132,17 @@ def default_calibration(handle: ModelHandle, batches: int, batch_size: int = 8) 
 
 
 MINILM_VOCAB = 30522
+
+
+def _trajectory_batches(handle: ModelHandle, batches: int, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """``(x_t, t[, prompt])`` from every other step of the model's own DDIM-25 trajectories (Q-Diffusion's
+    calibration): random ``x ~ N(0, 1)`` at random ``t`` is not what a UNet sees when it samples."""
+    from ..passes import Context
+    from ..quant.calibration import build_calibration_set
+
+    calib = build_calibration_set(handle, Context(seed=0, show_progress=False), "every_k", batches * batch_size,
+                                  steps=25)
+    return calib.batches(batch_size)[:batches]
 
 
 def _docs_batches(handle: ModelHandle, batches: int, batch_size: int) -> list[tuple[torch.Tensor, ...]]:

@@ -244,7 +244,7 @@ def ort_quantize_int8(src: Path, tmp: Path, handle: ModelHandle, spec: ExportSpe
         names, extra = graph_inputs(model)
         quantize_static(str(model), str(out), _Reader(batches, names, extra), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=_STATIC_OPS, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, reduce_range=True,
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
     try:
