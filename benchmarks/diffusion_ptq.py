@@ -168,7 +168,7 @@ def write(out: Path, rows: list[dict[str, Any]], fp_mean: float, noise: float, f
     lines = [f"# Diffusion PTQ on {args.model}", "",
              f"FD: {args.fd_samples} DDIM-{args.steps} samples vs the 300 held-out digits (digits-classifier features); "
              f"calibration {args.calib} samples; AdaRound iterations per block: PTQ4DM {args.recon_ptq4dm}, "
-             f"TFMQ {args.recon_tfmq}. Main table: mean ± std over seeds; ablations: one seed unless stated. "
+             f"TFMQ {args.recon_tfmq}. Main table: mean ± std over {args.main_seeds} seeds; ablations: {args.ablation_seeds} seed(s). "
              f"Full-precision FD noise (std over {args.seeds} seeds): {noise:.2f}; main rows use {args.main_seeds} seeds. "
              "Size: state-dict bytes / fp16 size of the original.", "",
              "| table | setting | method | FD | FD gap to FP | quant. time (s) | size / fp16 | notes |",
