@@ -281,6 +281,16 @@ def test_load_exported_rejects_other_files(tmp_path: Path) -> None:
 # ExecuTorch
 
 
+def test_pte_int8_keeps_timestep_embedding_and_tiny_layers_in_float() -> None:
+    from modelpress.export.common import traceable
+    from modelpress.export.pte import float_modules, small_layers
+
+    wrapper = traceable(tiny_unet())
+    assert [n.split(".")[-1] for n in float_modules(wrapper)] == ["time_proj"]  # t * freq must not be int8
+    small = small_layers(wrapper)
+    assert small and all(wrapper.get_submodule(n).weight.numel() < 4096 for n in small)
+
+
 def test_pte_runs_in_executorch_and_matches_torch(tmp_path: Path) -> None:
     h = tiny_bert("encoder")
     path = export_model(h, ExportSpec(format="pte"), tmp_path)

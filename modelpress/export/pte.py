@@ -42,10 +42,21 @@ PTE_CAPS = {"batch": 64, "seq": 128}
 MIN_QUANT_ELEMENTS = 4096
 
 
+#: modules kept in float whatever their size: the sinusoidal timestep embedding multiplies t (up to ~1000) by
+#: frequencies before sin / cos, and int8 on that product destroys the embedding (digits-ddpm sampled noise,
+#: FD 139 instead of 13.5)
+FLOAT_MODULE_TYPES = ("Timesteps", "TimestepTap")
+
+
 def small_layers(module: nn.Module, min_elements: int = MIN_QUANT_ELEMENTS) -> list[str]:
     """Qualified names of the Linear / Conv2d layers of ``module`` too small to be worth quantizing."""
     return [name for name, m in module.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() < min_elements]
+
+
+def float_modules(module: nn.Module) -> list[str]:
+    """Qualified names of the modules the int8 quantizer must leave in float (:data:`FLOAT_MODULE_TYPES`)."""
+    return [name for name, m in module.named_modules() if type(m).__name__ in FLOAT_MODULE_TYPES]
 
 
 def pt2e_quantize(wrapper: nn.Module, inputs: tuple[torch.Tensor, ...], batches: list[tuple[torch.Tensor, ...]],
@@ -58,7 +69,7 @@ def pt2e_quantize(wrapper: nn.Module, inputs: tuple[torch.Tensor, ...], batches:
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
                                                                                 is_dynamic=dynamic))
-    skip = [get_module_name_filter(name) for name in small_layers(wrapper)]
+    skip = [get_module_name_filter(name) for name in small_layers(wrapper) + float_modules(wrapper)]
     quantizer.set_filter_function(lambda node: not any(f(node) for f in skip))
     graph = export_program(wrapper, inputs, handle, dynamic_dims, PTE_CAPS)[0].module()
     prepared = prepare_pt2e(graph, quantizer)
@@ -111,11 +122,11 @@ def export_pte(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration
         if spec.quantize == "int8":
             mode = "dynamic" if spec.activations == "dynamic" else "static"
             batches = as_list(calibration, handle, spec.calibration_batches) if mode == "static" else []
-            skipped = small_layers(wrapper)
+            skipped = small_layers(wrapper) + float_modules(wrapper)
             wrapper = pt2e_quantize(wrapper, inputs, batches, mode == "dynamic", handle, dynamic)
             info["quantization"] = (f"XNNPACK PT2E int8: per-channel symmetric weights, {mode} activations"
                                     + (f" calibrated on {len(batches)} batches" if batches else ""))
-            info["float_layers"] = {"reason": f"weights under {MIN_QUANT_ELEMENTS} elements",
+            info["float_layers"] = {"reason": f"weights under {MIN_QUANT_ELEMENTS} elements, or timestep embedding",
                                     "names": [re.sub(r"^(inner\.)+", "", n) for n in skipped]}
         program, bounds = export_program(wrapper, inputs, handle, dynamic, PTE_CAPS)
         info["dynamic_bounds"] = bounds
