@@ -140,8 +140,11 @@ def _trajectory_batches(handle: ModelHandle, batches: int, batch_size: int) -> l
     from ..passes import Context
     from ..quant.calibration import build_calibration_set
 
-    calib = build_calibration_set(handle, Context(seed=0, show_progress=False), "every_k", batches * batch_size,
-                                  steps=25)
+    try:
+        calib = build_calibration_set(handle, Context(seed=0, show_progress=False), "every_k",
+                                      batches * batch_size, steps=25)
+    except UserError:  # e.g. a text-to-image UNet without prompt embeddings to condition on: random inputs
+        return []
     return calib.batches(batch_size)[:batches]
 
 
