@@ -10,8 +10,8 @@ residual adds unquantized, and lowering it gave wrong outputs (max abs error 5 o
 weights behind a run-time dequantize kept the convolutions out of XNNPACK (the portable convolution then
 crashed), and float weights with Q/DQ activations made a file larger than the fp32 one. Such models export
 exactly to ONNX / ORT (QDQ), and the float model goes to ``.pte`` with ``quantize: int8``.
-``to_edge_transform_and_lower`` hands every subgraph XNNPACK
-supports to it; the rest runs on ExecuTorch's portable kernels. The sidecar JSON records how many
+``to_edge_transform_and_lower`` hands every subgraph XNNPACK supports to it; the rest runs on ExecuTorch's
+portable kernels. The sidecar JSON records how many
 operators were delegated and which were not.
 """
 from __future__ import annotations

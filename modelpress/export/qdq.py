@@ -4,8 +4,8 @@ The PTQ passes leave :class:`~modelpress.quant.core.QuantLinear` / ``QuantConv2d
 codes, per-channel scale / zero point) and :class:`~modelpress.quant.core.ActQuantizer` modules (calibrated
 per-tensor activation ranges) in the model; their forward is float fake quantization. For export each is
 swapped for a module written with PyTorch's ``quantized_decomposed`` operators, whose ONNX translation is
-``QuantizeLinear`` / ``DequantizeLinear`` and which the ExecuTorch XNNPACK partitioner recognises as
-quantized operands. Semantics are ONNX's: ``x_q = clamp(round(x / s) + z)``, ``x = (x_q - z) * s``.
+``QuantizeLinear`` / ``DequantizeLinear`` (ONNX and ORT only: ExecuTorch's XNNPACK int8 kernels cannot run
+these graphs, see :mod:`modelpress.export.pte`). Semantics are ONNX's: ``x_q = clamp(round(x / s) + z)``, ``x = (x_q - z) * s``.
 
 * weights: an int8 constant holding the codes (fewer-bit codes lie inside the int8 range) and a
   ``dequantize_per_channel`` on axis 0;
