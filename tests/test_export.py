@@ -302,7 +302,7 @@ def test_pte_runs_in_executorch_and_matches_torch(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pte_int8_xnnpack_quantizer(tmp_path: Path) -> None:
-    h = tiny_bert("classifier", hidden=64)  # 64 x 64 attention weights: quantized; the 2 x 64 head: not
+    h = tiny_bert("classifier", hidden=64)  # 64 x 64 attention weights: quantized; the 3 x 64 head: not
     fp32 = export_model(h, ExportSpec(format="pte"), tmp_path)
     int8 = export_model(h, ExportSpec(format="pte", quantize="int8"), tmp_path)
     info = exported_info(int8)
