@@ -25,6 +25,7 @@ import torch
 from modelpress import zoo
 from modelpress.evaluate import EvalContext
 from modelpress.evaluate.diffusion import fd_metric
+from modelpress.model import state_bytes
 from modelpress.passes import CalibrationSpec, Context, get_pass
 
 
@@ -53,10 +54,6 @@ def fd_runs(handle: Any, seeds: list[int], n: int, steps: int) -> tuple[list[flo
         if grid is None:
             grid = r.images
     return vals, grid
-
-
-def stored_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def fmt(vals: list[float]) -> str:
@@ -107,7 +104,7 @@ def main() -> None:
     fp_mean = statistics.mean(fp_fd)
     noise = statistics.stdev(fp_fd) if len(fp_fd) > 1 else float("nan")
     rows.append({"table": "main", "setting": "FP32", "method": "full precision", "fd": fp_fd, "seconds": 0.0,
-                 "bytes": stored_bytes(fp.module)})
+                 "bytes": state_bytes(fp.module)})
 
     def run(table: str, setting: str, method: str, pass_name: str, fd_seeds: list[int], **cfg: Any) -> None:
         handle = zoo.load(args.model)
@@ -125,7 +122,7 @@ def main() -> None:
             extra["cache_kept"] = sum(v["kept"] == "cache" for v in log["maintenance"].values())
             extra["tib_outputs"] = len(log["maintenance"])
         rows.append({"table": table, "setting": setting, "method": method, "fd": vals, "seconds": secs,
-                     "bytes": stored_bytes(q.module), **extra})
+                     "bytes": state_bytes(q.module), **extra})
         print(f"{table:10s} {setting:6s} {method:40s} FD {fmt(vals):>14s}  {secs:7.1f}s", flush=True)
         write(out, rows, fp_mean, noise, fp_bytes16, args)
 

@@ -29,7 +29,7 @@ import torch
 from modelpress import zoo
 from modelpress.evaluate import EvalContext, evaluate
 from modelpress.export import ExportSpec, export_model, exported_info, load_exported
-from modelpress.model import ModelHandle, example_inputs
+from modelpress.model import ModelHandle, example_inputs, state_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,10 +78,6 @@ def ptq_w8a8(handle: ModelHandle, pass_name: str) -> ModelHandle:
     return P(P.Config(w_bits=8, a_bits=8)).apply(handle, ctx)
 
 
-def state_bytes(handle: ModelHandle) -> int:
-    return sum(t.numel() * t.element_size() for t in handle.module.state_dict().values())
-
-
 def run_model(name: str, repeats: int, threads: int, samples: int | None, out_dir: Path,
               formats: set[str], ptq_pass: str | None) -> list[dict[str, Any]]:
     handle = zoo.load(name)
@@ -101,8 +97,8 @@ def run_model(name: str, repeats: int, threads: int, samples: int | None, out_di
         runtimes[key] = src.canonical().eval()
         with torch.no_grad():
             refs[tag] = runtimes[key](*probe)
-        rows.append({"model": name, "export": key, "file": "-", "size_bytes": state_bytes(src), "max_abs_err": 0.0,
-                     "quantization": tag or "none"})
+        rows.append({"model": name, "export": key, "file": "-", "size_bytes": state_bytes(src.module),
+                     "max_abs_err": 0.0, "quantization": tag or "none"})
     for src, tag, raw in specs:
         spec = ExportSpec(**raw)
         t0 = time.perf_counter()

@@ -67,6 +67,11 @@ class _Canonical(nn.Module):
         raise ValueError(f"unknown model kind {self.kind!r}")
 
 
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s state dict as held in memory (parameters and buffers, their own dtypes)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
 def canonical_module(module: nn.Module, kind: str) -> nn.Module:
     """Wrap ``module`` so that it takes the kind's canonical positional inputs and returns one tensor."""
     if kind not in KINDS:

@@ -20,12 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifact import MANIFEST, WEIGHTS
-from ..model import ModelHandle, example_inputs
+from ..model import ModelHandle, example_inputs, state_bytes
 from . import EvalContext, MetricResult, evaluate, get_metric
-
-
-def _state_bytes(handle: ModelHandle) -> int:
-    return sum(t.numel() * t.element_size() for t in handle.module.state_dict().values())
 
 
 def _size_section(staging: Path, reference: ModelHandle) -> dict[str, Any]:
@@ -33,7 +29,7 @@ def _size_section(staging: Path, reference: ModelHandle) -> dict[str, Any]:
     by_codec: dict[str, int] = {}
     for info in manifest["tensors"].values():
         by_codec[info["codec"]] = by_codec.get(info["codec"], 0) + int(info["bytes"])
-    out = {"reference": _state_bytes(reference), "compressed": (staging / WEIGHTS).stat().st_size,
+    out = {"reference": state_bytes(reference.module), "compressed": (staging / WEIGHTS).stat().st_size,
            "by_codec": by_codec}
     if manifest["from_base"]:
         out["note"] = "compressed excludes the base model's tensors, which are loaded from the base"

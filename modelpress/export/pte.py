@@ -48,6 +48,13 @@ MIN_QUANT_ELEMENTS = 4096
 FLOAT_MODULE_TYPES = ("Timesteps", "TimestepTap")
 
 
+#: why models with the PTQ passes' quantized layers do not go to ExecuTorch (the module docstring has the
+#: details); the passes declare it too, so that a recipe asking for it fails before any work
+PTQ_REFUSAL = ("XNNPACK's int8 kernels need symmetric weights and a quantized output on every layer, which "
+               "the PTQ passes' quantized layers do not have; export the model to onnx or ort (exact int8 QDQ), "
+               "or the float model to pte with quantize: int8")
+
+
 def small_layers(module: nn.Module, min_elements: int = MIN_QUANT_ELEMENTS) -> list[str]:
     """Qualified names of the Linear / Conv2d layers of ``module`` too small to be worth quantizing."""
     return [name for name, m in module.named_modules()
@@ -60,8 +67,9 @@ def float_modules(module: nn.Module) -> list[str]:
 
 
 def pt2e_quantize(wrapper: nn.Module, inputs: tuple[torch.Tensor, ...], batches: list[tuple[torch.Tensor, ...]],
-                  dynamic: bool, handle: ModelHandle, dynamic_dims: bool) -> nn.Module:
-    """XNNPACK PT2E int8: annotate, calibrate on ``batches`` (static activations), convert."""
+                  dynamic: bool, handle: ModelHandle, dynamic_dims: bool, keep_float: list[str]) -> nn.Module:
+    """XNNPACK PT2E int8: annotate (all but the modules named in ``keep_float``), calibrate on ``batches``
+    (static activations), convert."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                          get_symmetric_quantization_config)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -69,7 +77,7 @@ def pt2e_quantize(wrapper: nn.Module, inputs: tuple[torch.Tensor, ...], batches:
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
                                                                                 is_dynamic=dynamic))
-    skip = [get_module_name_filter(name) for name in small_layers(wrapper) + float_modules(wrapper)]
+    skip = [get_module_name_filter(name) for name in keep_float]
     quantizer.set_filter_function(lambda node: not any(f(node) for f in skip))
     graph = export_program(wrapper, inputs, handle, dynamic_dims, PTE_CAPS)[0].module()
     prepared = prepare_pt2e(graph, quantizer)
@@ -112,10 +120,7 @@ def export_pte(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration
                             "input_names": list(INPUT_NAMES[handle.kind]),
                             "input_shapes": [list(x.shape) for x in inputs]}
     if has_calibrated_quant(handle.module):
-        raise UserError("cannot export to ExecuTorch: XNNPACK's int8 kernels need symmetric weights and a "
-                        "quantized output on every layer, which this PTQ model's quantized layers do not have; "
-                        "export it to onnx or ort (exact int8 QDQ), or export the float model with quantize: int8",
-                        handle.architecture.get("class"))
+        raise UserError(f"cannot export to ExecuTorch: {PTQ_REFUSAL}", handle.architecture.get("class"))
     wrapper = traceable(handle)
     program = None
     try:
@@ -123,7 +128,7 @@ def export_pte(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration
             mode = "dynamic" if spec.activations == "dynamic" else "static"
             batches = as_list(calibration, handle, spec.calibration_batches) if mode == "static" else []
             skipped = small_layers(wrapper) + float_modules(wrapper)
-            wrapper = pt2e_quantize(wrapper, inputs, batches, mode == "dynamic", handle, dynamic)
+            wrapper = pt2e_quantize(wrapper, inputs, batches, mode == "dynamic", handle, dynamic, skipped)
             info["quantization"] = (f"XNNPACK PT2E int8: per-channel symmetric weights, {mode} activations"
                                     + (f" calibrated on {len(batches)} batches" if batches else ""))
             info["float_layers"] = {"reason": f"weights under {MIN_QUANT_ELEMENTS} elements, or timestep embedding",

@@ -25,34 +25,37 @@ from ..modules import set_submodule
 from .gates import GateUnit, _ff_layers
 
 
-def _linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+def _sliced_weight(old: nn.Linear | nn.Conv2d, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """``old``'s weight keeping output channels ``rows`` and input channels ``cols`` (``None``: all)."""
     w = old.weight.detach()
     if rows is not None:
         w = w[rows]
     if cols is not None:
         w = w[:, cols]
-    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
+    return w
+
+
+def _fill(new: nn.Module, w: torch.Tensor, old: nn.Module, rows: torch.Tensor | None) -> nn.Module:
+    """Copy the sliced weight ``w`` and ``old``'s bias (its ``rows``) into the freshly built ``new``."""
     with torch.no_grad():
         new.weight.copy_(w)
         if old.bias is not None:
             new.bias.copy_(old.bias.detach() if rows is None else old.bias.detach()[rows])
     return new
+
+
+def _linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = _sliced_weight(old, rows, cols)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
+    return _fill(new, w, old, rows)
 
 
 def _conv(old: nn.Conv2d, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Conv2d:
-    w = old.weight.detach()
-    if rows is not None:
-        w = w[rows]
-    if cols is not None:
-        w = w[:, cols]
+    w = _sliced_weight(old, rows, cols)
     new = nn.Conv2d(w.shape[1] * old.groups, w.shape[0], old.kernel_size, old.stride, old.padding, old.dilation,
                     old.groups, bias=old.bias is not None, padding_mode=old.padding_mode,
                     device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if old.bias is not None:
-            new.bias.copy_(old.bias.detach() if rows is None else old.bias.detach()[rows])
-    return new
+    return _fill(new, w, old, rows)
 
 
 def _groupnorm(old: nn.GroupNorm, rows: torch.Tensor, groups: int) -> nn.GroupNorm:

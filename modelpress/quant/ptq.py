@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import UserError
+from ..export.pte import PTQ_REFUSAL
 from ..model import ModelHandle, canonical_module
 from ..passes import Context, Pass, PassConfig, register_pass
 from . import core
@@ -264,9 +265,8 @@ def finish(st: QState, ctx: Context, pass_name: str) -> ModelHandle:
     return out
 
 
-#: why the diffusion PTQ passes' models do not go to ExecuTorch (see modelpress/export/pte.py)
-NO_PTE = {"pte": "XNNPACK's int8 kernels need symmetric weights and quantized layer outputs; export the "
-                 "PTQ model to onnx or ort (int8 QDQ), or the float model to pte with quantize: int8"}
+#: the diffusion PTQ passes' models do not go to ExecuTorch (the reason is the exporter's)
+NO_PTE = {"pte": PTQ_REFUSAL}
 
 
 @register_pass
