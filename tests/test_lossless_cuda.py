@@ -25,11 +25,19 @@ SCRIPT = textwrap.dedent('''
             w[6:10] = [0x7F80, 0xFFC1, 0x8000, 0x0001]
         enc = E.encode_reference(w, dtype, lane_size=lane)
         ref = E.decode_reference(enc)
-        got = G.decode(enc, sub=32, threads=16)
-        assert got.dtype == wd and np.array_equal(got, ref) and np.array_equal(got, w), dtype
+        for staged in (False, True):
+            dec = G.CudaDecoder(E.validate(enc), sub=lane // 4 if lane % 4 == 0 else 25, threads=16,
+                                staged=staged)
+            assert dec.staged == staged   # the sub-lane size divides the lane size, so staging applies
+            got = dec.decode().copy_to_host()
+            assert got.dtype == wd and np.array_equal(got, ref) and np.array_equal(got, w), (dtype, staged)
+        # a sub-lane size that does not tile the lane falls back to the plain kernel
+        assert not G.CudaDecoder(E.validate(enc), sub=lane // 4 + 1, threads=16, staged=True).staged
     # empty tensor and a one-symbol tensor
     for w in (np.zeros(0, np.uint16), np.full(100, 0x3F80, np.uint16)):
-        assert np.array_equal(G.decode(E.encode_reference(w, "bfloat16", lane_size=40), sub=16, threads=8), w)
+        for staged in (False, True):
+            got = G.decode(E.encode_reference(w, "bfloat16", lane_size=40), sub=8, threads=8, staged=staged)
+            assert np.array_equal(got, w)
     # corrupt stream that skips checksums: clamped reads, lanes that end in the wrong place are reported
     w = (rng.standard_normal(400).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     enc = E.encode_reference(w, "bfloat16", lane_size=100)

@@ -8,17 +8,20 @@ length per lane of 16K weights (0.002 bit/weight) and build the fine-grained ind
 1. ``index`` (once per tensor, cached with the decoder): one thread per lane walks its lane's code section (table
    lookups only, no writes) and records the bit position of every ``sub``-th weight (a *sub-lane*). It also
    returns where each lane ends, which the host checks against the lane table (corrupt data -> error).
-2. ``decode`` (every forward): one thread per sub-lane (256 weights by default: ~64K threads for a 16M-weight
-   matrix) starts at its recorded bit position and decodes straight into the output, taking each weight's raw
-   bits from their fixed offset in the lane's raw section: a single pass, no prefix sum and no re-decoding.
+2. ``decode`` (every forward): one thread per sub-lane (32 weights by default: 512K threads for a 16M-weight
+   matrix) starts at its recorded bit position and decodes, taking each weight's raw bits from their fixed
+   offset in the lane's raw section: a single pass, no prefix sum and no re-decoding. By default a thread block
+   stages its output in shared memory and writes it out coalesced (:func:`staged_kernel`).
 
 Decoding uses the same complete, length-limited code table as the CPU (entry = symbol bits | code length),
 so every exponent, 0xFF (Inf/NaN) and subnormals included, decodes. Word indices are clamped, so no
-thread can read outside the stream even on corrupt input. The index costs 8 bytes per sub-lane in GPU
-memory only (0.25 bit/weight at ``sub=256``); it is never stored.
+thread can read outside the stream even on corrupt input. The index costs 4 bytes per sub-lane in GPU
+memory only (bit offsets within the lane; 1 bit/weight at ``sub=32``); it is never stored.
 
-Tested bit-exactly against the numpy reference under ``NUMBA_ENABLE_CUDASIM=1`` (the simulator); real-GPU
-throughput has not been measured in this repository (no GPU was available).
+Tested bit-exactly against the numpy reference under ``NUMBA_ENABLE_CUDASIM=1`` (the simulator, in CI) and on
+an H200 (``benchmarks/lossless_cuda.py``). Measured there: short sub-lanes matter most (each warp's reads then
+stay within a few cache lines: 36 GB/s at 256 weights, 173 at 32) and staging the output adds the rest
+(270 GB/s, 0.14x of a device copy of the same bf16 bytes); DFloat11 reports the ~200 GB/s class.
 """
 from __future__ import annotations
 
@@ -47,14 +50,31 @@ def _index_kernel(a64, lane_start, raw_bytes, lane_size, n, lut, tmask, sub, sub
     if k >= n_lanes:
         return
     wmax = a64.shape[0] - 2
-    p = (lane_start[k] + raw_bytes[k]) * 8
+    base = lane_start[k] * 8
+    p = base + raw_bytes[k] * 8
     cnt = min(lane_size, n - k * lane_size)
     for i in range(cnt):
         if i % sub == 0:
-            sub_pos[k * subs_per_lane + i // sub] = p
+            sub_pos[k * subs_per_lane + i // sub] = p - base
         e = np.uint64(lut[_peek(a64, p, wmax) & tmask])
         p += np.int64(e & np.uint64(15))
     lane_end[k] = p
+
+
+@cuda.jit(device=True, inline=True)
+def _decode_run(a64, lane_bit, code_off, first, cnt, lut, tmask, raw_bits, dst, at):
+    """Decode ``cnt`` weights of a lane starting at its weight ``first`` (whose code is ``code_off`` bits into
+    the lane) into ``dst[at:]``; the raw bits sit at fixed offsets in the lane's raw section."""
+    wmax = a64.shape[0] - 2
+    rmask = np.uint64((1 << raw_bits) - 1)
+    p = lane_bit + code_off
+    rp = lane_bit + first * raw_bits
+    for i in range(cnt):
+        e = np.uint64(lut[_peek(a64, p, wmax) & tmask])
+        length = e & np.uint64(15)
+        dst[at + i] = (e ^ length) | (_peek(a64, rp, wmax) & rmask)
+        p += np.int64(length)
+        rp += raw_bits
 
 
 @cuda.jit
@@ -68,30 +88,78 @@ def _decode_kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits,
     start = k * lane_size + first
     if first >= lane_size or start >= n:
         return
-    cnt = min(sub, lane_size - first, n - start)
-    wmax = a64.shape[0] - 2
-    rmask = np.uint64((1 << raw_bits) - 1)
-    p = sub_pos[t]
-    rp = lane_start[k] * 8 + first * raw_bits  # raw bits sit at fixed offsets in the lane's raw section
-    for i in range(cnt):
-        e = np.uint64(lut[_peek(a64, p, wmax) & tmask])
-        length = e & np.uint64(15)
-        out[start + i] = (e ^ length) | (_peek(a64, rp, wmax) & rmask)
-        p += np.int64(length)
-        rp += raw_bits
+    _decode_run(a64, lane_start[k] * 8, sub_pos[t], first, min(sub, lane_size - first, n - start), lut, tmask,
+                raw_bits, out, start)
+
+
+#: launch configuration used when a caller names none (the model's modules do not)
+#: (fastest measured on an H200: benchmarks/results/lossless_cuda.md, 270 GB/s on a Llama-7B-shaped block)
+DEFAULTS: dict[str, Any] = {"sub": 32, "threads": 128, "staged": True}
+_STAGED_CACHE: dict[tuple[int, int, int], Any] = {}
+#: bytes of shared memory a staged block may use (the default per-block limit without opting in)
+STAGED_SMEM_BYTES = 48 * 1024
+
+
+def staged_kernel(sub: int, threads: int, word_bits: int) -> Any:
+    """The decode kernel with its output staged in shared memory (compiled once per configuration).
+
+    The plain kernel's threads each write ``sub`` consecutive weights, so one warp's stores of one step land
+    in 32 different cache lines. Here a thread block decodes into shared memory first (row stride ``sub + 2``
+    words, so that the threads' rows fall in different banks) and then copies its whole output range, which
+    is contiguous because ``sub`` divides the lane size, with consecutive threads on consecutive weights.
+    """
+    key = (sub, threads, word_bits)
+    if key in _STAGED_CACHE:
+        return _STAGED_CACHE[key]
+    stride = sub + 2
+    size = threads * stride
+    word = np.uint16 if word_bits == 16 else np.uint32
+
+    @cuda.jit
+    def kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits, subs_per_lane, out):
+        buf = cuda.shared.array(size, word)
+        tid = cuda.threadIdx.x
+        t = cuda.blockIdx.x * threads + tid
+        if t < sub_pos.shape[0]:
+            k = t // subs_per_lane
+            first = (t - k * subs_per_lane) * sub
+            start = k * lane_size + first
+            if start < n:
+                _decode_run(a64, lane_start[k] * 8, sub_pos[t], first, min(sub, n - start), lut, tmask, raw_bits,
+                            buf, tid * stride)
+        cuda.syncthreads()
+        base = cuda.blockIdx.x * threads * sub
+        end = min(base + threads * sub, n)
+        for e in range(base + tid, end, threads):
+            local = e - base
+            r = local // sub
+            out[e] = buf[r * stride + local - r * sub]
+
+    _STAGED_CACHE[key] = kernel
+    return kernel
 
 
 class CudaDecoder:
     """Decoder for one validated tensor: uploads the stream and table once, builds the sub-lane index."""
 
-    def __init__(self, plan: E.Plan, sub: int = 256, threads: int = 128, where: str = "lossless tensor") -> None:
+    def __init__(self, plan: E.Plan, sub: int | None = None, threads: int | None = None,
+                 where: str = "lossless tensor", staged: bool | None = None) -> None:
+        sub = DEFAULTS["sub"] if sub is None else sub
+        threads = DEFAULTS["threads"] if threads is None else threads
+        staged = DEFAULTS["staged"] if staged is None else staged
         self.plan, self.sub, self.threads, self.where = plan, sub, threads, where
+        # staging needs sub-lanes that tile a lane exactly and a buffer that fits in shared memory
+        self.staged = (staged and plan.lane_size % sub == 0
+                       and threads * (sub + 2) * plan.word_bits // 8 <= STAGED_SMEM_BYTES)
         n_lanes = plan.lane_count.shape[0]
         self.subs_per_lane = -(-plan.lane_size // sub)
         self.a64 = cuda.to_device(plan.stream64)
         self.lut = cuda.to_device(plan.lut)
         self.tmask = np.uint64((1 << plan.table_bits) - 1)
-        self.sub_pos = cuda.to_device(np.zeros(max(n_lanes * self.subs_per_lane, 1), dtype=np.int64))
+        # bit offsets from the lane's start: int32 unless a lane is longer than 2**31 bits
+        wide = n_lanes and int(np.diff(plan.lane_start).max()) * 8 >= 2**31
+        self.sub_pos = cuda.to_device(np.zeros(max(n_lanes * self.subs_per_lane, 1),
+                                               dtype=np.int64 if wide else np.int32))
         if plan.n == 0:
             return
         self.lane_start = cuda.to_device(plan.lane_start)
@@ -117,13 +185,19 @@ class CudaDecoder:
             return out
         total = self.sub_pos.shape[0]
         grid = -(-total // self.threads)
+        if self.staged:
+            staged_kernel(self.sub, self.threads, p.word_bits)[grid, self.threads](
+                self.a64, self.sub_pos, self.lane_start, p.lane_size, p.n, self.lut, self.tmask, p.raw_bits,
+                self.subs_per_lane, out)
+            return out
         _decode_kernel[grid, self.threads](self.a64, self.sub_pos, self.lane_start, p.lane_size, p.n, self.lut,
                                            self.tmask, p.raw_bits, self.sub, self.subs_per_lane, out)
         return out
 
 
-def decode(enc: E.Encoded, sub: int = 256, threads: int = 128, where: str = "lossless tensor") -> np.ndarray:
+def decode(enc: E.Encoded, sub: int | None = None, threads: int | None = None, where: str = "lossless tensor",
+           staged: bool | None = None) -> np.ndarray:
     """Validate on the host, decode on the GPU (or the simulator), return the words on the host."""
-    dec = CudaDecoder(E.validate(enc, True, where), sub, threads, where)
+    dec = CudaDecoder(E.validate(enc, True, where), sub, threads, where, staged)
     out = dec.decode()
     return out.copy_to_host() if hasattr(out, "copy_to_host") else np.asarray(out)
