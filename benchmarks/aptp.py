@@ -174,7 +174,7 @@ def main() -> None:
                                "static: further fine-tuning")
     results["static_seconds"] = round(time.time() - t0, 1)
     results["static_log"] = {**sctx.log["static_prune"], "continued_finetune": cont}
-    statics = {"static": full, "static (same steps per model)": short}
+    statics = {"static (same steps per model)": short, "static": full}
     print(f"static built in {results['static_seconds']} s: MACs {short.module.info['code_macs_ratio'][0]}", flush=True)
 
     # 3. quality
@@ -226,8 +226,9 @@ def write_tables(results, table, macs, lat, routing, code_macs, counts, k, args)
     a = args
     lines = [f"# APTP on digits-t2i (seed {a.seed}, {a.samples} eval prompts, DDIM {a.steps} steps, guidance 3)", "",
              f"K={a.codes}, target MACs {a.target}, router {a.router_steps} steps, fine-tune {a.finetune_steps} "
-             f"steps per code (static: {a.finetune_steps * k}, i.e. the same total; 'same steps per model': "
-             f"{a.finetune_steps}), batch {a.batch}, {a.threads} threads. "
+             f"steps per code; 'static (same steps per model)': {a.finetune_steps} (the paper's protocol: every "
+             f"expert and the baseline get the same fine-tuning run); 'static': {a.finetune_steps * k}, the same "
+             f"total as the K experts together. Batch {a.batch}, {a.threads} threads. "
              f"APTP pass {results['aptp_seconds']} s, static pass {results['static_seconds']} s.", "",
              "## Overall", "",
              "| model | MACs ratio | FD to real (lower is better) | prompt agreement |",
@@ -235,13 +236,15 @@ def write_tables(results, table, macs, lat, routing, code_macs, counts, k, args)
     for name in table:
         o = table[name]["overall"]
         lines.append(f"| {name} | {macs[name]:.3f} | {o['fd']:.2f} | {o['agreement']:.3f} |")
+    names = ("unpruned", "APTP", "static (same steps per model)", "static")
     lines += ["", "## Per APTP code (the prompts routed to each code; every model on the same prompts and noise)", "",
-              "| code | MACs ratio | eval prompts | FD unpruned | FD APTP | FD static | agreement unpruned | "
-              "agreement APTP | agreement static |", "|---|---|---|---|---|---|---|---|---|"]
+              "FD / prompt agreement of: unpruned; APTP; static with the same steps per model; static with the same "
+              "total steps.", "",
+              "| code | MACs ratio | eval prompts | FD | | | | agreement | | | |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in range(k):
-        r = [table[n][f"code {c}"] for n in ("unpruned", "APTP", "static")]
-        lines.append(f"| {c} | {code_macs[c]:.3f} | {counts[c]} | {r[0]['fd']:.2f} | {r[1]['fd']:.2f} | "
-                     f"{r[2]['fd']:.2f} | {r[0]['agreement']:.3f} | {r[1]['agreement']:.3f} | {r[2]['agreement']:.3f} |")
+        r = [table[n][f"code {c}"] for n in names]
+        lines.append(f"| {c} | {code_macs[c]:.3f} | {counts[c]} | " + " | ".join(f"{x['fd']:.2f}" for x in r)
+                     + " | " + " | ".join(f"{x['agreement']:.3f}" for x in r) + " |")
     lines += ["", f"## Latency (forward of a batch of {a.latency_batch}, median of {a.repeats}, {a.threads} threads)", "",
               "| model | ms | vs unpruned |", "|---|---|---|"]
     for name, v in lat.items():
