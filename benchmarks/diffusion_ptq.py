@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["main", "ablations", "all"], default="all")
     ap.add_argument("--settings", default="8/8,4/8,4/6", help="comma-separated W/A bit settings of the main table")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ablations", default="calib,metric,tiar,maint,lsq", help="comma-separated ablation groups to run")
+    ap.add_argument("--ablations", default="calib,metric,tiar,maint,lsq,w8a8", help="comma-separated ablation groups to run")
     ap.add_argument("--fp-fd", default=None, help="comma-separated FP FD values of an earlier run at the same settings "
                     "(skips re-measuring full precision)")
     ap.add_argument("--quick", action="store_true")
@@ -153,6 +153,13 @@ def main() -> None:
                 recon_iters=args.recon_tfmq, **base)
             run("maint", "W4A8", "TFMQ, FSC off, TIB-based", "tfmq", abl_seeds, fsc=False, maintenance="tib",
                 recon_iters=args.recon_tfmq, **base)
+        if "w8a8" in groups:  # what separates PTQ4DM from the min-max baseline at W8A8: ranges or AdaRound
+            w8 = dict(w_bits=8, a_bits=8)
+            for metric, iters in (("minmax", 0), ("lp", 0), ("minmax", args.recon_ptq4dm)):
+                run("w8a8", "W8A8", f"PTQ4DM, {metric} ranges, recon {iters} iters", "ptq4dm", abl_seeds,
+                    metric=metric, recon_iters=iters, **w8)
+            run("w8a8", "W8A8", f"TFMQ-DM, minmax ranges, recon {args.recon_tfmq} iters", "tfmq", abl_seeds,
+                metric="minmax", recon_iters=args.recon_tfmq, **w8)
         if "lsq" in groups:
             for lr in (0.0, 0.01):
                 run("lsq", "W4A8", f"PTQ4DM, recon {args.recon_ptq4dm} iters, activation step lr {lr}", "ptq4dm",
