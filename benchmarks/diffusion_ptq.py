@@ -87,7 +87,7 @@ def main() -> None:
         args.fd_samples, args.seeds, args.main_seeds, args.calib, args.recon_ptq4dm, args.recon_tfmq = 64, 1, 1, 32, 2, 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    grids = out.parent / "diffusion_ptq_grids"
+    grids = out.parent / f"{out.stem}_grids"  # diffusion_ptq_grids for the default --out
     grids.mkdir(exist_ok=True)
     seeds = list(range(args.seeds))
     main_seeds = list(range(args.main_seeds))
