@@ -19,9 +19,10 @@ thread can read outside the stream even on corrupt input. The index costs 4 byte
 memory only (bit offsets within the lane; 1 bit/weight at ``sub=32``); it is never stored.
 
 Tested bit-exactly against the numpy reference under ``NUMBA_ENABLE_CUDASIM=1`` (the simulator, in CI) and on
-an H200 (``benchmarks/lossless_cuda.py``). Measured there: short sub-lanes matter most (each warp's reads then
-stay within a few cache lines: 36 GB/s at 256 weights, 173 at 32) and staging the output adds the rest
-(270 GB/s, 0.14x of a device copy of the same bf16 bytes); DFloat11 reports the ~200 GB/s class.
+an H200 (``benchmarks/lossless_cuda.py``, docs/lossless.md). Measured there on a Llama-7B-shaped block: 36 GB/s
+for 256-weight sub-lanes with direct stores, 174 with 32-weight sub-lanes (a warp's reads stay within a few
+cache lines), 270 with staged output, 336 with register bit buffers (0.18x of a device copy of the same bf16
+bytes); DFloat11 reports the ~200 GB/s class.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from numba import cuda
 
 from ..errors import CorruptData
 from . import entropy as E
+
+MAX_CODE_BITS = E.MAX_CODE_LEN  # a refilled code buffer must hold the longest code
 
 
 @cuda.jit(device=True, inline=True)
@@ -64,16 +67,35 @@ def _index_kernel(a64, lane_start, raw_bytes, lane_size, n, lut, tmask, sub, sub
 @cuda.jit(device=True, inline=True)
 def _decode_run(a64, lane_bit, code_off, first, cnt, lut, tmask, raw_bits, dst, at):
     """Decode ``cnt`` weights of a lane starting at its weight ``first`` (whose code is ``code_off`` bits into
-    the lane) into ``dst[at:]``; the raw bits sit at fixed offsets in the lane's raw section."""
+    the lane) into ``dst[at:]``; the raw bits sit at fixed offsets in the lane's raw section.
+
+    Both streams are read through 64-bit register buffers, refilled only when fewer bits than the longest code
+    (or one raw field) remain: about one refill per 8 codes and per 12 raw fields of bf16, instead of two
+    unaligned loads per weight for each."""
     wmax = a64.shape[0] - 2
+    rbits = np.uint64(raw_bits)
     rmask = np.uint64((1 << raw_bits) - 1)
     p = lane_bit + code_off
     rp = lane_bit + first * raw_bits
+    buf = _peek(a64, p, wmax)
+    avail = 64
+    rbuf = _peek(a64, rp, wmax)
+    ravail = 64
     for i in range(cnt):
-        e = np.uint64(lut[_peek(a64, p, wmax) & tmask])
+        if avail < MAX_CODE_BITS:
+            buf = _peek(a64, p, wmax)
+            avail = 64
+        if ravail < raw_bits:
+            rbuf = _peek(a64, rp, wmax)
+            ravail = 64
+        e = np.uint64(lut[buf & tmask])
         length = e & np.uint64(15)
-        dst[at + i] = (e ^ length) | (_peek(a64, rp, wmax) & rmask)
+        dst[at + i] = (e ^ length) | (rbuf & rmask)
+        buf >>= length
+        avail -= np.int64(length)
         p += np.int64(length)
+        rbuf >>= rbits
+        ravail -= raw_bits
         rp += raw_bits
 
 
@@ -93,7 +115,7 @@ def _decode_kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits,
 
 
 #: launch configuration used when a caller names none (the model's modules do not)
-#: (fastest measured on an H200: benchmarks/results/lossless_cuda.md, 270 GB/s on a Llama-7B-shaped block)
+#: (fastest measured on an H200: benchmarks/results/lossless_cuda.md, 336 GB/s on a Llama-7B-shaped block)
 DEFAULTS: dict[str, Any] = {"sub": 32, "threads": 128, "staged": True}
 _STAGED_CACHE: dict[tuple[int, int, int], Any] = {}
 #: bytes of shared memory a staged block may use (the default per-block limit without opting in)
