@@ -4,15 +4,17 @@ One run, one seed, the same eval prompts and the same initial noise for every mo
 
 1. ``aptp`` pass on ``digits-t2i`` (K codes, target MACs ratio): router training, slicing, per-code fine-tuning;
 2. the average MACs ratio APTP actually spends on the eval prompts (each prompt's code, averaged);
-3. ``static_prune`` (one architecture for all prompts) with that average as its target, the same router steps
-   and the same *total* fine-tuning steps (K x per-code steps);
+3. ``static_prune`` (one architecture for all prompts) with that average as its target and the same router
+   steps, fine-tuned for the per-code steps ("same steps per model", the paper's protocol: each expert is
+   fine-tuned in its own run), and a copy fine-tuned on to the experts' *total* (K x per-code steps);
 4. for the unpruned, APTP and static models: Fréchet distance to held-out real digits (digits-classifier
    features) and prompt agreement, overall and per APTP code (over the prompts routed to each code, so every
    model is judged on the same prompt subset and noise); which prompts go to which code (table + PNG);
    latency per code: median of repeated forwards of each physically smaller UNet, beside the full UNet and the
    static one.
 
-    python benchmarks/aptp.py                                  # the documented run (~40 min, loaded 2 cores)
+    python benchmarks/aptp.py --router-steps 250 --finetune-steps 200 --batch 24 --seed S   # the documented runs
+                                                               # (~8 min each on 2 quiet cores)
     python benchmarks/aptp.py --router-steps 40 --finetune-steps 10 --samples 100   # smoke run
 
 Writes ``benchmarks/results/aptp.md`` (+ ``.json``) and ``docs/images/aptp-routing.png``.
