@@ -1,8 +1,10 @@
 """GPU decode benchmark of the lossless codec: our numba CUDA decoder against a plain device copy.
 
 DFloat11 (Zhang et al. 2025) reports its CUDA decoder in the ~200 GB/s class (bf16 output bytes per second).
-This script measures ours on the machine it runs on, side by side with a device-to-device copy (cudaMemcpy) of
-the same bf16 bytes (the memory-bound ceiling for producing those weights), on two weight sets:
+This script measures ours on the machine it runs on, side by side with device-to-device copies of the same bf16
+bytes (the memory-bound ceiling for producing those weights: numba's cudaMemcpy, which measured ~4x slower than
+torch's copy kernel on an H200, and torch's copy where torch sees the GPU; "vs copy" uses the faster), on two
+weight sets:
 
 * ``minilm``: the real all-MiniLM-L6-v2 weights in bf16 (the tensors the ``dfloat11`` pass codes), read from
   an ``.npz`` of bit patterns that ``--export-minilm`` writes on a machine with the zoo (the GPU machine has no
