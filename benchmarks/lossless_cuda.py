@@ -14,8 +14,7 @@ weight sets:
   log-normal factor, cast to bf16. Real LLM weights are not available offline; the bits per weight of this
   set are printed so the reader can compare with the real sets.
 
-For every kernel configuration (plain or shared-memory staged output, one- or two-code table, sub-lane size,
-threads per block) every
+For every kernel configuration (plain or shared-memory staged output, sub-lane size, threads per block) every
 tensor of a set is decoded back to back into preallocated outputs, as a model's forward would, timed with CUDA
 events (min / median of ``--repeats``); each configuration's output is checked bit-exactly against the input
 first. The sub-lane index (built once per tensor when a module first runs) is timed apart. The same encoded
@@ -40,8 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PLAIN = [(256, 128), (64, 256), (32, 256)]
-STAGED = [(64, 256), (32, 128), (32, 256), (16, 256)]
-PAIRS = [(64, 256), (32, 128), (32, 256), (16, 256)]  # staged, with the two-code table
+STAGED = [(64, 256), (32, 128), (32, 256), (32, 512), (16, 256), (16, 512)]
 LLAMA_BLOCK = [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096), ("o_proj", 4096, 4096),
                ("gate_proj", 11008, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)]
 
@@ -133,11 +131,10 @@ def bench_set(name: str, words: list[np.ndarray], repeats: int, cpu_repeats: int
 
     outs = [cuda.device_array(w.size, dtype=np.uint16) for w in words]
     row["configs"] = []
-    for staged, pairs, configs in ((False, False, PLAIN), (True, False, STAGED), (True, True, PAIRS)):
+    for staged, configs in ((False, PLAIN), (True, STAGED)):
         for sub, threads in configs:
             t0 = time.perf_counter()
-            decs = [G.CudaDecoder(p, sub=sub, threads=threads, where=name, staged=staged, pairs=pairs)
-                    for p in plans]
+            decs = [G.CudaDecoder(p, sub=sub, threads=threads, where=name, staged=staged) for p in plans]
             cuda.synchronize()
             index_s = time.perf_counter() - t0
             for d, o in zip(decs, outs):
@@ -149,15 +146,14 @@ def bench_set(name: str, words: list[np.ndarray], repeats: int, cpu_repeats: int
                     d.decode(o)
 
             t = timed_events(decode_all, repeats)
-            cfg = {"staged": staged and all(d.staged for d in decs), "pairs": pairs and all(d.pairs for d in decs),
-                   "sub": sub, "threads": threads,
+            cfg = {"staged": staged and all(d.staged for d in decs), "sub": sub, "threads": threads,
                    "bit_exact": exact, "index_build_s": index_s,
                    "index_bits_per_weight": 8 * sum(d.sub_pos.nbytes for d in decs) / n, "min_s": min(t), "median_s": statistics.median(t),
                    "gbps_min": out_bytes / min(t) / 1e9, "gbps_median": out_bytes / statistics.median(t) / 1e9}
             cfg["vs_copy_min"] = cfg["gbps_min"] / max(row["copy"]["gbps_min"],
                                                         row.get("copy_torch", {}).get("gbps_min", 0.0))
             row["configs"].append(cfg)
-            print(f"  {name}: {kernel_name(cfg):13s} sub={sub:<3} threads={threads:<3} "
+            print(f"  {name}: {'staged' if cfg['staged'] else 'plain '} sub={sub:<3} threads={threads:<3} "
                   f"{cfg['gbps_min']:7.1f} GB/s min, {cfg['gbps_median']:7.1f} median, exact={exact}", flush=True)
             del decs
 
@@ -204,8 +200,7 @@ def module_check(words: list[np.ndarray], config: dict, repeats: int, device: st
     from modelpress.compress.lossless import LosslessLinear, encode_tensor
     from modelpress.kernels import entropy_cuda as G
 
-    G.DEFAULTS.update(sub=config["sub"], threads=config["threads"], staged=config["staged"],
-                      pairs=config.get("pairs", False))
+    G.DEFAULTS.update(sub=config["sub"], threads=config["threads"], staged=config["staged"])
     plain, packed = [], []
     for w in words:
         lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
@@ -228,10 +223,6 @@ def module_check(words: list[np.ndarray], config: dict, repeats: int, device: st
     return out
 
 
-def kernel_name(cfg: dict) -> str:
-    return ("staged+pairs" if cfg.get("pairs") else "staged") if cfg["staged"] else "plain"
-
-
 def markdown(result: dict) -> str:
     lines = [f"GPU: {result['gpu']}; numba {result['numba']}, torch {result['torch']}; "
              f"{result['repeats']} timed repeats (CUDA events), GB/s of bf16 output.", ""]
@@ -247,7 +238,7 @@ def markdown(result: dict) -> str:
                   "(GPU memory) | index build s | exact |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for k in row["configs"]:
-            lines.append(f"| {kernel_name(k)} | {k['sub']} | {k['threads']} | "
+            lines.append(f"| {'staged' if k['staged'] else 'plain'} | {k['sub']} | {k['threads']} | "
                          f"{k['gbps_min']:.1f} | {k['gbps_median']:.1f} | {k['vs_copy_min']:.2f}x | "
                          f"{k['index_bits_per_weight']:.2f} | "
                          f"{k['index_build_s']:.3f} | {k['bit_exact']} |")
@@ -255,7 +246,7 @@ def markdown(result: dict) -> str:
     m = result.get("module_check")
     if m:
         c = m["config"]
-        lines += [f"**Model path** (the llama7b-block tensors as `LosslessLinear`, decoder {kernel_name(c)} "
+        lines += [f"**Model path** (the llama7b-block tensors as `LosslessLinear`, decoder {'staged' if c['staged'] else 'plain'} "
                   f"sub-lane {c['sub']} / {c['threads']} threads, all 7 layers' forwards back to back): outputs "
                   f"bit-identical to `nn.Linear`: {m['identical_1'] and m['identical_64']}.", "",
                   "| tokens | nn.Linear ms (min / median) | LosslessLinear ms (min / median) | ratio (min) |",

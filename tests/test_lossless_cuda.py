@@ -25,22 +25,17 @@ SCRIPT = textwrap.dedent('''
             w[6:10] = [0x7F80, 0xFFC1, 0x8000, 0x0001]
         enc = E.encode_reference(w, dtype, lane_size=lane)
         ref = E.decode_reference(enc)
-        for staged, pairs in ((False, False), (True, False), (True, True)):
-            dec = G.CudaDecoder(E.validate(enc), sub=lane // 4, threads=16, staged=staged, pairs=pairs)
+        for staged in (False, True):
+            dec = G.CudaDecoder(E.validate(enc), sub=lane // 4, threads=16, staged=staged)
             assert dec.staged == staged   # the sub-lane size divides the lane size, so staging applies
-            assert dec.pairs == (pairs and wd is np.uint16)  # the two-code table is for 16-bit words
             got = dec.decode().copy_to_host()
-            assert got.dtype == wd and np.array_equal(got, ref) and np.array_equal(got, w), (dtype, staged, pairs)
-        # odd sub-lanes (bf16: 25 weights): a pair that would run past the sub-lane's end decodes one weight
-        got = G.CudaDecoder(E.validate(enc), sub=lane // 8, threads=16, staged=True, pairs=True).decode()
-        assert np.array_equal(got.copy_to_host(), w), dtype
+            assert got.dtype == wd and np.array_equal(got, ref) and np.array_equal(got, w), (dtype, staged)
         # a sub-lane size that does not tile the lane falls back to the plain kernel
         assert not G.CudaDecoder(E.validate(enc), sub=lane // 4 + 1, threads=16, staged=True).staged
     # empty tensor and a one-symbol tensor
     for w in (np.zeros(0, np.uint16), np.full(100, 0x3F80, np.uint16)):
-        for staged, pairs in ((False, False), (True, False), (True, True)):
-            got = G.decode(E.encode_reference(w, "bfloat16", lane_size=40), sub=8, threads=8, staged=staged,
-                           pairs=pairs)
+        for staged in (False, True):
+            got = G.decode(E.encode_reference(w, "bfloat16", lane_size=40), sub=8, threads=8, staged=staged)
             assert np.array_equal(got, w)
     # corrupt stream that skips checksums: clamped reads, lanes that end in the wrong place are reported
     w = (rng.standard_normal(400).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)

@@ -99,54 +99,6 @@ def _decode_run(a64, lane_bit, code_off, first, cnt, lut, tmask, raw_bits, dst, 
         rp += raw_bits
 
 
-@cuda.jit(device=True, inline=True)
-def _decode_run_pairs(a64, lane_bit, code_off, first, cnt, lut, tmask, pair, raw_bits, dst, at):
-    """:func:`_decode_run` with the two-code table of the CPU decoder (:func:`entropy.pair_table`, 16-bit words):
-    one lookup of the next 12 code bits yields one or two weights, which halves the chain of dependent table
-    loads. Codes longer than 12 bits, and a pair that would run past ``cnt``, take the one-code table."""
-    wmax = a64.shape[0] - 2
-    rbits = np.uint64(raw_bits)
-    rmask = np.uint64((1 << raw_bits) - 1)
-    keep = np.uint64(0xFFFF) ^ rmask
-    pmask = np.uint64((1 << E.PAIR_TABLE_MAX_BITS) - 1)
-    p = lane_bit + code_off
-    rp = lane_bit + first * raw_bits
-    buf = _peek(a64, p, wmax)
-    avail = 64
-    rbuf = _peek(a64, rp, wmax)
-    ravail = 64
-    i = 0
-    while i < cnt:
-        if avail < MAX_CODE_BITS:
-            buf = _peek(a64, p, wmax)
-            avail = 64
-        if ravail < 2 * raw_bits:
-            rbuf = _peek(a64, rp, wmax)
-            ravail = 64
-        pe = np.uint64(pair[buf & pmask])
-        hi = pe >> np.uint64(16)
-        if (hi & np.uint64(1)) != 0 and i + 1 < cnt:
-            used = pe & np.uint64(15)  # bits of both codes, kept in the first word's free raw bits
-            dst[at + i] = (pe & keep) | (rbuf & rmask)
-            rbuf >>= rbits
-            dst[at + i + 1] = (hi & keep) | (rbuf & rmask)
-            rbuf >>= rbits
-            ravail -= 2 * raw_bits
-            rp += 2 * raw_bits
-            i += 2
-        else:
-            e = np.uint64(lut[buf & tmask])
-            used = e & np.uint64(15)
-            dst[at + i] = (e ^ used) | (rbuf & rmask)
-            rbuf >>= rbits
-            ravail -= raw_bits
-            rp += raw_bits
-            i += 1
-        buf >>= used
-        avail -= np.int64(used)
-        p += np.int64(used)
-
-
 @cuda.jit
 def _decode_kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits, sub, subs_per_lane, out):
     t = cuda.grid(1)
@@ -164,22 +116,21 @@ def _decode_kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits,
 
 #: launch configuration used when a caller names none (the model's modules do not)
 #: (fastest measured on an H200: benchmarks/results/lossless_cuda.md, 336 GB/s on a Llama-7B-shaped block)
-DEFAULTS: dict[str, Any] = {"sub": 32, "threads": 128, "staged": True, "pairs": False}
-_STAGED_CACHE: dict[tuple[int, int, int, bool], Any] = {}
+DEFAULTS: dict[str, Any] = {"sub": 32, "threads": 128, "staged": True}
+_STAGED_CACHE: dict[tuple[int, int, int], Any] = {}
 #: bytes of shared memory a staged block may use (the default per-block limit without opting in)
 STAGED_SMEM_BYTES = 48 * 1024
 
 
-def staged_kernel(sub: int, threads: int, word_bits: int, pairs: bool = False) -> Any:
+def staged_kernel(sub: int, threads: int, word_bits: int) -> Any:
     """The decode kernel with its output staged in shared memory (compiled once per configuration).
 
     The plain kernel's threads each write ``sub`` consecutive weights, so one warp's stores of one step land
     in 32 different cache lines. Here a thread block decodes into shared memory first (row stride ``sub + 2``
     words, so that the threads' rows fall in different banks) and then copies its whole output range, which
     is contiguous because ``sub`` divides the lane size, with consecutive threads on consecutive weights.
-    ``pairs`` decodes with the two-code table (:func:`_decode_run_pairs`).
     """
-    key = (sub, threads, word_bits, pairs)
+    key = (sub, threads, word_bits)
     if key in _STAGED_CACHE:
         return _STAGED_CACHE[key]
     stride = sub + 2
@@ -187,7 +138,7 @@ def staged_kernel(sub: int, threads: int, word_bits: int, pairs: bool = False) -
     word = np.uint16 if word_bits == 16 else np.uint32
 
     @cuda.jit
-    def kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, pair, raw_bits, subs_per_lane, out):
+    def kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits, subs_per_lane, out):
         buf = cuda.shared.array(size, word)
         tid = cuda.threadIdx.x
         t = cuda.blockIdx.x * threads + tid
@@ -195,10 +146,7 @@ def staged_kernel(sub: int, threads: int, word_bits: int, pairs: bool = False) -
             k = t // subs_per_lane
             first = (t - k * subs_per_lane) * sub
             start = k * lane_size + first
-            if start < n and pairs:
-                _decode_run_pairs(a64, lane_start[k] * 8, sub_pos[t], first, min(sub, n - start), lut, tmask,
-                                  pair, raw_bits, buf, tid * stride)
-            elif start < n:
+            if start < n:
                 _decode_run(a64, lane_start[k] * 8, sub_pos[t], first, min(sub, n - start), lut, tmask, raw_bits,
                             buf, tid * stride)
         cuda.syncthreads()
@@ -217,18 +165,14 @@ class CudaDecoder:
     """Decoder for one validated tensor: uploads the stream and table once, builds the sub-lane index."""
 
     def __init__(self, plan: E.Plan, sub: int | None = None, threads: int | None = None,
-                 where: str = "lossless tensor", staged: bool | None = None, pairs: bool | None = None) -> None:
+                 where: str = "lossless tensor", staged: bool | None = None) -> None:
         sub = DEFAULTS["sub"] if sub is None else sub
-        pairs = DEFAULTS["pairs"] if pairs is None else pairs
         threads = DEFAULTS["threads"] if threads is None else threads
         staged = DEFAULTS["staged"] if staged is None else staged
         self.plan, self.sub, self.threads, self.where = plan, sub, threads, where
         # staging needs sub-lanes that tile a lane exactly and a buffer that fits in shared memory
         self.staged = (staged and plan.lane_size % sub == 0
                        and threads * (sub + 2) * plan.word_bits // 8 <= STAGED_SMEM_BYTES)
-        # the two-code table exists for 16-bit words with at least 4 raw bits (a dummy otherwise)
-        self.pairs = bool(pairs and self.staged and plan.pair_lut.shape[0] > 1)
-        self.pair = cuda.to_device(plan.pair_lut)
         n_lanes = plan.lane_count.shape[0]
         self.subs_per_lane = -(-plan.lane_size // sub)
         self.a64 = cuda.to_device(plan.stream64)
@@ -264,9 +208,9 @@ class CudaDecoder:
         total = self.sub_pos.shape[0]
         grid = -(-total // self.threads)
         if self.staged:
-            staged_kernel(self.sub, self.threads, p.word_bits, self.pairs)[grid, self.threads](
-                self.a64, self.sub_pos, self.lane_start, p.lane_size, p.n, self.lut, self.tmask, self.pair,
-                p.raw_bits, self.subs_per_lane, out)
+            staged_kernel(self.sub, self.threads, p.word_bits)[grid, self.threads](
+                self.a64, self.sub_pos, self.lane_start, p.lane_size, p.n, self.lut, self.tmask, p.raw_bits,
+                self.subs_per_lane, out)
             return out
         _decode_kernel[grid, self.threads](self.a64, self.sub_pos, self.lane_start, p.lane_size, p.n, self.lut,
                                            self.tmask, p.raw_bits, self.sub, self.subs_per_lane, out)
@@ -274,8 +218,8 @@ class CudaDecoder:
 
 
 def decode(enc: E.Encoded, sub: int | None = None, threads: int | None = None, where: str = "lossless tensor",
-           staged: bool | None = None, pairs: bool | None = None) -> np.ndarray:
+           staged: bool | None = None) -> np.ndarray:
     """Validate on the host, decode on the GPU (or the simulator), return the words on the host."""
-    dec = CudaDecoder(E.validate(enc, True, where), sub, threads, where, staged, pairs)
+    dec = CudaDecoder(E.validate(enc, True, where), sub, threads, where, staged)
     out = dec.decode()
     return out.copy_to_host() if hasattr(out, "copy_to_host") else np.asarray(out)
