@@ -26,6 +26,7 @@ bytes); DFloat11 reports the ~200 GB/s class.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -117,11 +118,11 @@ def _decode_kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits,
 #: launch configuration used when a caller names none (the model's modules do not)
 #: (fastest measured on an H200: benchmarks/results/lossless_cuda.md, 336 GB/s on a Llama-7B-shaped block)
 DEFAULTS: dict[str, Any] = {"sub": 32, "threads": 128, "staged": True}
-_STAGED_CACHE: dict[tuple[int, int, int], Any] = {}
 #: bytes of shared memory a staged block may use (the default per-block limit without opting in)
 STAGED_SMEM_BYTES = 48 * 1024
 
 
+@lru_cache(maxsize=None)
 def staged_kernel(sub: int, threads: int, word_bits: int) -> Any:
     """The decode kernel with its output staged in shared memory (compiled once per configuration).
 
@@ -130,9 +131,6 @@ def staged_kernel(sub: int, threads: int, word_bits: int) -> Any:
     words, so that the threads' rows fall in different banks) and then copies its whole output range, which
     is contiguous because ``sub`` divides the lane size, with consecutive threads on consecutive weights.
     """
-    key = (sub, threads, word_bits)
-    if key in _STAGED_CACHE:
-        return _STAGED_CACHE[key]
     stride = sub + 2
     size = threads * stride
     word = np.uint16 if word_bits == 16 else np.uint32
@@ -157,7 +155,6 @@ def staged_kernel(sub: int, threads: int, word_bits: int) -> Any:
             r = local // sub
             out[e] = buf[r * stride + local - r * sub]
 
-    _STAGED_CACHE[key] = kernel
     return kernel
 
 
