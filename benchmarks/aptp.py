@@ -224,6 +224,12 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def reseeded(aptp_log: dict) -> str:
+    """``step: codes`` of every dead-code re-seeding in the router log (``min_code_share``)."""
+    return ", ".join(f"{u['step']}: {u['revived']}" for u in aptp_log["router"].get("code_usage", [])
+                     if u["revived"])
+
+
 def write_tables(results, table, macs, lat, routing, code_macs, counts, k, args) -> list[str]:  # noqa: ANN001
     a = args
     lines = [f"# APTP on digits-t2i (seed {a.seed}, {a.samples} eval prompts, DDIM {a.steps} steps, guidance 3)", "",
@@ -232,6 +238,8 @@ def write_tables(results, table, macs, lat, routing, code_macs, counts, k, args)
              f"expert and the baseline get the same fine-tuning run); 'static': {a.finetune_steps * k}, the same "
              f"total as the K experts together. Batch {a.batch}, {a.threads} threads. "
              f"APTP pass {results['aptp_seconds']} s, static pass {results['static_seconds']} s.", "",
+             f"Training prompts per code: {results['aptp_log']['train_prompt_counts']}; codes re-seeded during "
+             f"router training (step: codes): {reseeded(results['aptp_log']) or 'none'}.", "",
              "## Overall", "",
              "| model | MACs ratio | FD to real (lower is better) | prompt agreement |",
              "|---|---|---|---|"]

@@ -32,12 +32,13 @@ def summarise(runs: list[dict]) -> list[str]:
              f"{a['samples']} eval prompts, DDIM {a['steps']} steps. Seeds: "
              + ", ".join(str(r["args"]["seed"]) for r in runs) + ".", "",
              "## Per seed (MACs ratio / FD / prompt agreement)", "",
-             "| seed | " + " | ".join(models) + " | eval prompts per code |",
-             "|---|" + "---|" * len(models) + "---|"]
+             "| seed | " + " | ".join(models) + " | eval prompts per code | training prompts per code |",
+             "|---|" + "---|" * len(models) + "---|---|"]
     for r in runs:
         cells = [f"{r['macs'][m]:.3f} / {r['quality'][m]['overall']['fd']:.2f} / "
                  f"{r['quality'][m]['overall']['agreement']:.3f}" for m in models]
-        lines.append(f"| {r['args']['seed']} | " + " | ".join(cells) + f" | {r['eval_counts']} |")
+        lines.append(f"| {r['args']['seed']} | " + " | ".join(cells) + f" | {r['eval_counts']} | "
+                     f"{r['aptp_log']['train_prompt_counts']} |")
     lines += ["", "## Mean ± std over seeds", "", "| model | MACs ratio | FD (lower is better) | prompt agreement |",
               "|---|---|---|---|"]
     for m in models:

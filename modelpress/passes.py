@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import random
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,12 @@ class Context:
 
     def record(self, pass_name: str, **entries: Any) -> None:
         self.log.setdefault(pass_name, {}).update(entries)
+
+    def warn(self, pass_name: str, message: str) -> None:
+        """Something the user should know about the result: printed now, kept in the manifest (the pass's
+        ``warnings``) and listed in the report."""
+        self.log.setdefault(pass_name, {}).setdefault("warnings", []).append(message)
+        tqdm.write(f"warning: {pass_name}: {message}", file=sys.stderr)
 
 
 @contextmanager

@@ -214,6 +214,8 @@ def test_build_aptp_log_and_structure(built) -> None:  # noqa: ANN001
     model, log, unet, data = built
     assert model.n_codes == 3 and len(log["code_macs_ratio"]) == 3
     assert sum(log["train_prompt_counts"]) == len(data.ehs)
+    assert min(log["train_prompt_counts"]) >= 0.25 * len(data.ehs) / 3  # dead codes re-seeded (min_code_share)
+    assert log["router"]["code_usage"][-1]["step"] == SMALL["router_steps"]
     assert log["router"]["first"]["macs_ratio"] > log["router"]["last"]["macs_ratio"]  # the budget bites
     for c, ratio in enumerate(log["code_macs_ratio"]):
         counted = count_macs(canonical_module(model.experts[c], "unet-cond"), *example())
@@ -283,6 +285,54 @@ def test_pass_rejects_bad_config_and_model() -> None:
     with pytest.raises(UserError):
         cls(cls.Config()).apply(handle, Context())
     assert get_pass("static_prune").Config().target_macs == 0.6
+
+
+def test_split_in_two_separates_clusters_and_refuses_identical_rows() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor([1.0, 0, 0]) + 0.1 * torch.rand(5, 3, generator=g),
+                   torch.tensor([0, 1.0, 0]) + 0.1 * torch.rand(7, 3, generator=g)])
+    halves = aptp._split_in_two(torch.nn.functional.normalize(x, dim=-1))
+    assert halves is not None
+    assert sorted(sorted(h.tolist()) for h in halves) == [list(range(5)), list(range(5, 12))]
+    assert aptp._split_in_two(torch.ones(6, 3) / 3 ** 0.5) is None
+    assert aptp._split_in_two(torch.ones(1, 3)) is None
+
+
+def test_dead_code_is_reseeded_from_the_most_used_code(built) -> None:  # noqa: ANN001
+    """Two codes with the same logits: the second never wins the cosine snapping (a dead code, as seen on
+    digits-t2i); the usage check splits the most used code so that every code gets its share again."""
+    model, _, unet, data = built
+    units = model.units
+    cfg = get_pass("aptp").Config(codes=3, min_code_share=0.25, **SMALL)
+    logits = model.router(data.pooled).detach()
+    codes = nn.Parameter(torch.stack([logits[:32].mean(0), logits[:32].mean(0), logits[32:].mean(0)]))
+    before, _ = aptp.route_by_codes(model.router, codes.data, data.pooled, units, cfg)
+    assert torch.bincount(before, minlength=3)[1] == 0
+    opt = torch.optim.Adam([codes], lr=0.1)
+    codes.sum().backward()
+    opt.step()
+    record = aptp._check_code_usage(model.router, codes, data.pooled, units, cfg, opt, step=5)
+    assert record["counts"][1] == 0 and record["revived"]
+    after, _ = aptp.route_by_codes(model.router, codes.data, data.pooled, units, cfg)
+    assert record["counts_after"] == torch.bincount(after, minlength=3).tolist()
+    assert min(record["counts_after"]) >= 0.25 * len(data.pooled) / 3
+    for code in record["revived"]:
+        assert float(opt.state[codes]["exp_avg"][code].abs().sum()) == 0.0
+    off = get_pass("aptp").Config(codes=3, min_code_share=0.0, **SMALL)
+    codes.data[1] = codes.data[0]
+    assert not aptp._check_code_usage(model.router, codes, data.pooled, units, off, opt, step=5)["revived"]
+
+
+def test_context_warning_reaches_manifest_and_report(tmp_path, capsys) -> None:  # noqa: ANN001
+    from modelpress.artifact import MANIFEST
+    from modelpress.evaluate.report import _pass_warnings
+
+    ctx = Context(show_progress=False)
+    ctx.warn("aptp", "code 3 receives none of the training prompts")
+    assert ctx.log["aptp"]["warnings"] == ["code 3 receives none of the training prompts"]
+    assert "warning: aptp: code 3" in capsys.readouterr().err
+    (tmp_path / MANIFEST).write_text(json.dumps({"passes": ctx.log}))
+    assert _pass_warnings(tmp_path) == ["aptp: code 3 receives none of the training prompts"]
 
 
 def test_static_prune_is_one_code() -> None:

@@ -180,6 +180,17 @@ def _versus(reference: int, other: int) -> str:
     return f"{other / max(reference, 1):.2f}x larger"
 
 
+def _pass_warnings(staging: Path) -> list[str]:
+    """``pass: message`` for every warning a pass recorded in the manifest."""
+    from ..artifact import MANIFEST
+
+    path = staging / MANIFEST
+    if not path.exists():
+        return []
+    passes = json.loads(path.read_text()).get("passes", {})
+    return [f"{name}: {w}" for name, entry in passes.items() for w in entry.get("warnings", [])]
+
+
 def _markdown(loaded: Any, report: dict[str, Any], staging: Path) -> str:
     r = loaded.recipe
     passes = ", ".join(name for name, _ in loaded.passes) or "(none)"
@@ -209,6 +220,9 @@ def _markdown(loaded: Any, report: dict[str, Any], staging: Path) -> str:
         for name, e in report["exports"].items():
             lines.append(f"| {name} | `{e['path']}` | {e['max_abs_err']:.3g} |")
         lines.append("")
+    warnings = _pass_warnings(staging)
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     for png in sorted(staging.glob("samples_*.png")):
         lines += [f"## Samples: {png.stem[len('samples_'):]}", "", f"![{png.stem}]({png.name})", ""]
     return "\n".join(lines)

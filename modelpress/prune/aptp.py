@@ -341,6 +341,10 @@ class _Settings(PassConfig):
     w_resource: float = Field(2.0, ge=0)
     w_contrastive: float = Field(100.0, ge=0)
     w_commitment: float = Field(2.0, ge=0)
+    min_code_share: float = Field(0.25, ge=0, le=1.0,
+                                  description="a code routed fewer than this share of an even split (1/K) of "
+                                  "the prompt pool during router training is re-seeded by splitting the most "
+                                  "used code (0: never)")
     prompt_dropout: float = Field(0.1, ge=0, lt=1.0, description="empty-prompt rate (guidance) while training")
     units: list[Literal["resnet", "heads", "ff", "block"]] = Field(
         default_factory=lambda: list(UNIT_KINDS), description="what may be pruned; add 'block' for whole "
@@ -414,12 +418,16 @@ def train_router(gated: GatedUNet, data: PromptImageData, n_codes: int, cfg: _Se
     warmup = int(cfg.router_steps * cfg.warmup_fraction)
     history: list[dict[str, float]] = []
     t0 = time.time()
+    revive_every = max(1, (cfg.router_steps - warmup) // 8)
+    usage: list[dict[str, Any]] = []
     bar = ctx.progress(range(cfg.router_steps), desc=f"aptp router (K={n_codes})")
     for step in bar:
         if step == warmup:
             with torch.no_grad():
                 codes.data = _kmeans_init(router(data.pooled), n_codes, template, g)
             opt = torch.optim.Adam(list(router.parameters()) + [codes], lr=cfg.router_lr)
+        elif step > warmup and n_codes > 1 and (step - warmup) % revive_every == 0:
+            usage.append(_check_code_usage(router, codes, data.pooled, units, cfg, opt, step))
         x0, ehs, pooled = data.batch(cfg.batch_size, g)
         xt, t, eps = data.noised(x0, g)
         cond = data.drop_prompts(ehs, cfg.prompt_dropout, g)
@@ -454,10 +462,81 @@ def train_router(gated: GatedUNet, data: PromptImageData, n_codes: int, cfg: _Se
         history.append(rec)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(macs=f"{rec['macs_ratio']:.3f}", d=f"{rec['diffusion']:.3f}")
+    if n_codes > 1 and cfg.router_steps > warmup:
+        usage.append(_check_code_usage(router, codes, data.pooled, units, cfg, opt, cfg.router_steps))
     log = {"steps": cfg.router_steps, "warmup_steps": warmup, "seconds": round(time.time() - t0, 1),
            "first": history[0], "last": _mean_tail(history),
-           "history": history[::max(1, cfg.router_steps // 25)]}
+           "history": history[::max(1, cfg.router_steps // 25)], "code_usage": usage}
     return router, codes.detach(), log
+
+
+@torch.no_grad()
+def route_by_codes(router: PromptRouter, codes: torch.Tensor, pooled: torch.Tensor, units: Sequence[GateUnit],
+                   cfg: _Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference-time routing (deterministic gates, cosine snapping; as :meth:`APTPModel.route_pooled`):
+    ``(code index [P], the router's 0/1 gates [P, n_gates])``."""
+    r_gates = hard_gates(gumbel_sigmoid(router(pooled), cfg.gumbel_temperature, cfg.gate_offset), units)
+    template = torch.cat([torch.full((u.n_groups,), u.n_groups ** -0.5) for u in units])
+    return snap_to_codes(r_gates, code_gate_vectors(codes, units, cfg), template).argmax(-1), r_gates
+
+
+@torch.no_grad()
+def _check_code_usage(router: PromptRouter, codes: nn.Parameter, pooled: torch.Tensor, units: Sequence[GateUnit],
+                      cfg: _Settings, opt: torch.optim.Optimizer, step: int, rounds: int = 3) -> dict[str, Any]:
+    """Route the prompt pool as inference will and re-seed every code that gets fewer than
+    ``min_code_share * P / K`` prompts (up to ``rounds`` times, re-routing in between).
+
+    Sinkhorn balances only the training assignment; the inference-time snapping can leave a code without
+    prompts (two codes with the same 0/1 gates, or a code the router vectors drifted away from). This is the
+    dead-code reset of vector quantisers (e.g. Dhariwal et al. 2020, Jukebox, Sec. 2.3), ours, not the paper's:
+    the most used code's prompts are split in two by 2-means of their 0/1 gate vectors and each half's mean
+    router logits become the two codes (their Adam moments reset)."""
+    k = codes.shape[0]
+    floor = cfg.min_code_share * len(pooled) / k
+    template = torch.cat([torch.full((u.n_groups,), u.n_groups ** -0.5) for u in units])
+    logits = router(pooled)
+    state = opt.state.get(codes, {})
+    assign, r_gates = route_by_codes(router, codes.data, pooled, units, cfg)
+    record: dict[str, Any] = {"step": step, "counts": torch.bincount(assign, minlength=k).tolist(), "revived": []}
+    for _ in range(rounds if cfg.min_code_share > 0 else 0):
+        counts = torch.bincount(assign, minlength=k)
+        if bool((counts >= floor).all()):
+            break
+        for dead in torch.nonzero(counts < floor).flatten().tolist():
+            for big in counts.argsort(descending=True).tolist():
+                members = torch.nonzero(assign == big).flatten()
+                halves = _split_in_two(F.normalize(r_gates[members] * template, dim=-1))
+                if halves is None:
+                    continue
+                for code, half in ((big, members[halves[0]]), (dead, members[halves[1]])):
+                    codes.data[code] = logits[half].mean(0)
+                    assign[half] = code
+                    for moment in ("exp_avg", "exp_avg_sq"):
+                        if moment in state:
+                            state[moment][code] = 0.0
+                counts = torch.bincount(assign, minlength=k)
+                record["revived"].append(dead)
+                break
+        assign = route_by_codes(router, codes.data, pooled, units, cfg)[0]
+    if record["revived"]:
+        record["counts_after"] = torch.bincount(assign, minlength=k).tolist()
+    return record
+
+
+def _split_in_two(x: torch.Tensor, iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """2-means (cosine) of unit rows ``x``, seeded at two far-apart rows; ``None`` when the rows are all alike."""
+    if len(x) < 2:
+        return None
+    a = x[int((x @ x.mean(0)).argmin())]
+    b = x[int((x @ a).argmin())]
+    if float(a @ b) > 1 - 1e-6:
+        return None
+    for _ in range(iterations):
+        to_b = (x @ b) > (x @ a)
+        if bool(to_b.all()) or not bool(to_b.any()):
+            return None
+        a, b = F.normalize(x[~to_b].mean(0), dim=0), F.normalize(x[to_b].mean(0), dim=0)
+    return torch.nonzero(~to_b).flatten(), torch.nonzero(to_b).flatten()
 
 
 def _mean_tail(history: list[dict[str, float]], n: int = 20) -> dict[str, float]:
@@ -528,6 +607,9 @@ def build_aptp(unet: nn.Module, data: PromptImageData, n_codes: int, cfg: _Setti
             routed = model.route_pooled(data.pooled)
         ratios = [float(gated.macs_ratio(model.code_gates[c])) for c in range(n_codes)]
         counts = torch.bincount(routed, minlength=n_codes).tolist()
+        for c in (c for c in range(n_codes) if counts[c] == 0):
+            ctx.warn("aptp", f"code {c} receives none of the {len(routed)} training prompts: its sub-network is "
+                     "not fine-tuned and only prompts unlike the training pool will reach it")
         steps = cfg.finetune_steps if finetune_steps is None else finetune_steps
         ft_logs = []
         for c in range(n_codes):
