@@ -50,7 +50,7 @@ from ..errors import UserError
 from ..model import ModelHandle, import_diffusers
 from ..modules import register_module
 from ..passes import Context, Pass, PassConfig, register_pass
-from .gates import UNIT_KINDS, GatedUNet, GateUnit, units_from_dicts
+from .gates import UNIT_KINDS, GatedUNet, GateUnit, units_from_dicts, width_template
 from .slicing import kept_groups, slice_unet
 
 
@@ -247,8 +247,7 @@ class APTPModel(nn.Module):
             for i, k in enumerate(code):
                 code_gates[c, [offsets[i] + j for j in k]] = 1.0
         self.register_buffer("code_gates", code_gates)
-        self.register_buffer("template", torch.cat([torch.full((u.n_groups,), u.n_groups ** -0.5)
-                                                    for u in self.units]))
+        self.register_buffer("template", width_template(self.units))
         self.register_buffer("uncond_pooled", torch.zeros(embed_dim))
         if experts is None:
             base = _unet_from_config(unet_class, unet_config)
@@ -476,8 +475,7 @@ def route_by_codes(router: PromptRouter, codes: torch.Tensor, pooled: torch.Tens
     """Inference-time routing (deterministic gates, cosine snapping; as :meth:`APTPModel.route_pooled`):
     ``(code index [P], the router's 0/1 gates [P, n_gates])``."""
     r_gates = hard_gates(gumbel_sigmoid(router(pooled), cfg.gumbel_temperature, cfg.gate_offset), units)
-    template = torch.cat([torch.full((u.n_groups,), u.n_groups ** -0.5) for u in units])
-    return snap_to_codes(r_gates, code_gate_vectors(codes, units, cfg), template).argmax(-1), r_gates
+    return snap_to_codes(r_gates, code_gate_vectors(codes, units, cfg), width_template(units)).argmax(-1), r_gates
 
 
 @torch.no_grad()
@@ -493,7 +491,7 @@ def _check_code_usage(router: PromptRouter, codes: nn.Parameter, pooled: torch.T
     router logits become the two codes (their Adam moments reset)."""
     k = codes.shape[0]
     floor = cfg.min_code_share * len(pooled) / k
-    template = torch.cat([torch.full((u.n_groups,), u.n_groups ** -0.5) for u in units])
+    template = width_template(units)
     logits = router(pooled)
     state = opt.state.get(codes, {})
     assign, r_gates = route_by_codes(router, codes.data, pooled, units, cfg)

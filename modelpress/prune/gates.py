@@ -186,6 +186,12 @@ def unit_macs(unit: GateUnit, per_module: dict[str, float]) -> float:
 # ---------------------------------------------------------------------------------------------------
 # The gated UNet
 
+def width_template(units: Sequence[GateUnit]) -> torch.Tensor:
+    """Per-gate weight ``1/sqrt(n_groups)`` so that every unit counts equally in a cosine similarity of
+    architecture vectors (the width normalisation of APTP's code assignment)."""
+    return torch.cat([torch.full((u.n_groups,), u.n_groups ** -0.5) for u in units])
+
+
 class GatedUNet(nn.Module):
     """A UNet with per-sample structured gates (APTP Sec. 3.2) and an exact MACs model.
 
@@ -293,9 +299,8 @@ class GatedUNet(nn.Module):
         return self.macs(gates) / self.total_macs
 
     def template(self) -> torch.Tensor:
-        """Per-gate weight ``1/sqrt(n_groups)`` so that every unit counts equally in a cosine similarity of
-        architecture vectors (the width normalisation of APTP's code assignment)."""
-        return torch.cat([torch.full((u.n_groups,), u.n_groups ** -0.5) for u in self.units])
+        """:func:`width_template` of this UNet's units."""
+        return width_template(self.units)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 gates: torch.Tensor | None = None) -> torch.Tensor:
