@@ -323,16 +323,15 @@ def test_dead_code_is_reseeded_from_the_most_used_code(built) -> None:  # noqa: 
     assert not aptp._check_code_usage(model.router, codes, data.pooled, units, off, opt, step=5)["revived"]
 
 
-def test_context_warning_reaches_manifest_and_report(tmp_path, capsys) -> None:  # noqa: ANN001
-    from modelpress.artifact import MANIFEST
+def test_context_warning_reaches_manifest_and_report(capsys) -> None:  # noqa: ANN001
     from modelpress.evaluate.report import _pass_warnings
 
     ctx = Context(show_progress=False)
     ctx.warn("aptp", "code 3 receives none of the training prompts")
     assert ctx.log["aptp"]["warnings"] == ["code 3 receives none of the training prompts"]
     assert "warning: aptp: code 3" in capsys.readouterr().err
-    (tmp_path / MANIFEST).write_text(json.dumps({"passes": ctx.log}))
-    assert _pass_warnings(tmp_path) == ["aptp: code 3 receives none of the training prompts"]
+    manifest = json.loads(json.dumps({"passes": ctx.log}))  # as written into and read from the artifact
+    assert _pass_warnings(manifest) == ["aptp: code 3 receives none of the training prompts"]
 
 
 def test_static_prune_is_one_code() -> None:

@@ -24,8 +24,7 @@ from ..model import ModelHandle, example_inputs, state_bytes
 from . import EvalContext, MetricResult, evaluate, get_metric
 
 
-def _size_section(staging: Path, reference: ModelHandle) -> dict[str, Any]:
-    manifest = json.loads((staging / MANIFEST).read_text())
+def _size_section(staging: Path, manifest: dict[str, Any], reference: ModelHandle) -> dict[str, Any]:
     by_codec: dict[str, int] = {}
     for info in manifest["tensors"].values():
         by_codec[info["codec"]] = by_codec.get(info["codec"], 0) + int(info["bytes"])
@@ -58,7 +57,8 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
                  metrics: list[Any], show_progress: bool = True, keep_exports: bool = False) -> dict[str, Any]:
     """Export, evaluate and write report.json / report.md / PNGs into ``staging``."""
     seed = loaded.recipe.seed
-    report: dict[str, Any] = {"metrics": {}, "size_bytes": _size_section(staging, reference), "exports": {}}
+    manifest = json.loads((staging / MANIFEST).read_text())
+    report: dict[str, Any] = {"metrics": {}, "size_bytes": _size_section(staging, manifest, reference), "exports": {}}
     if keep_exports and (staging / "report.json").exists():
         report["exports"] = json.loads((staging / "report.json").read_text()).get("exports", {})
 
@@ -96,7 +96,7 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
 
     (staging / "report.json").write_text(json.dumps(report, indent=1, default=float))
     _plots(staging, report, ref_results, cmp_results)
-    (staging / "report.md").write_text(_markdown(loaded, report, staging))
+    (staging / "report.md").write_text(_markdown(loaded, report, staging, _pass_warnings(manifest)))
     return report
 
 
@@ -180,18 +180,12 @@ def _versus(reference: int, other: int) -> str:
     return f"{other / max(reference, 1):.2f}x larger"
 
 
-def _pass_warnings(staging: Path) -> list[str]:
+def _pass_warnings(manifest: dict[str, Any]) -> list[str]:
     """``pass: message`` for every warning a pass recorded in the manifest."""
-    from ..artifact import MANIFEST
-
-    path = staging / MANIFEST
-    if not path.exists():
-        return []
-    passes = json.loads(path.read_text()).get("passes", {})
-    return [f"{name}: {w}" for name, entry in passes.items() for w in entry.get("warnings", [])]
+    return [f"{name}: {w}" for name, entry in manifest.get("passes", {}).items() for w in entry.get("warnings", [])]
 
 
-def _markdown(loaded: Any, report: dict[str, Any], staging: Path) -> str:
+def _markdown(loaded: Any, report: dict[str, Any], staging: Path, warnings: list[str]) -> str:
     r = loaded.recipe
     passes = ", ".join(name for name, _ in loaded.passes) or "(none)"
     lines = [f"# modelpress report", "", f"- model: `{r.model.source}`" + (f" (base `{r.base.source}`)" if r.base else ""),
@@ -220,7 +214,6 @@ def _markdown(loaded: Any, report: dict[str, Any], staging: Path) -> str:
         for name, e in report["exports"].items():
             lines.append(f"| {name} | `{e['path']}` | {e['max_abs_err']:.3g} |")
         lines.append("")
-    warnings = _pass_warnings(staging)
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     for png in sorted(staging.glob("samples_*.png")):

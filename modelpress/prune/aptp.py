@@ -138,6 +138,14 @@ def resource_loss(macs_ratio: torch.Tensor, target: float) -> torch.Tensor:
     return torch.log(macs_ratio.clamp_min(1e-6) / target).abs()
 
 
+def snap_route(logits: torch.Tensor, code_gates: torch.Tensor, units: Sequence[GateUnit], template: torch.Tensor,
+               tau: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference-time routing of router logits: deterministic 0/1 gates (no noise) snapped to the code of highest
+    cosine similarity. Returns ``(code index [B], the 0/1 gates [B, n_gates])``."""
+    gates = hard_gates(gumbel_sigmoid(logits, tau, offset), units)
+    return snap_to_codes(gates, code_gates, template).argmax(-1), gates
+
+
 def snap_to_codes(arch: torch.Tensor, codes: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
     """Cosine similarity ``[B, K]`` of width-normalised architecture vectors and codes."""
     a = F.normalize(arch * template, dim=-1)
@@ -274,8 +282,7 @@ class APTPModel(nn.Module):
         """Code index ``[B]`` for pooled prompt embeddings ``[B, D]`` (deterministic gates, cosine snapping)."""
         if self.n_codes == 1:
             return torch.zeros(pooled.shape[0], dtype=torch.long, device=pooled.device)
-        gates = hard_gates(gumbel_sigmoid(self.router(pooled), 0.4, self.gate_offset), self.units)
-        return snap_to_codes(gates, self.code_gates, self.template).argmax(-1)
+        return snap_route(self.router(pooled), self.code_gates, self.units, self.template, 0.4, self.gate_offset)[0]
 
     @torch.no_grad()
     def route(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -472,10 +479,10 @@ def train_router(gated: GatedUNet, data: PromptImageData, n_codes: int, cfg: _Se
 @torch.no_grad()
 def route_by_codes(router: PromptRouter, codes: torch.Tensor, pooled: torch.Tensor, units: Sequence[GateUnit],
                    cfg: _Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference-time routing (deterministic gates, cosine snapping; as :meth:`APTPModel.route_pooled`):
-    ``(code index [P], the router's 0/1 gates [P, n_gates])``."""
-    r_gates = hard_gates(gumbel_sigmoid(router(pooled), cfg.gumbel_temperature, cfg.gate_offset), units)
-    return snap_to_codes(r_gates, code_gate_vectors(codes, units, cfg), width_template(units)).argmax(-1), r_gates
+    """:func:`snap_route` of the prompts ``pooled`` with the code book ``codes`` (logits) during training, as
+    :meth:`APTPModel.route_pooled` will route them: ``(code index [P], the router's 0/1 gates [P, n_gates])``."""
+    return snap_route(router(pooled), code_gate_vectors(codes, units, cfg), units, width_template(units),
+                      cfg.gumbel_temperature, cfg.gate_offset)
 
 
 @torch.no_grad()
