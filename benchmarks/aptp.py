@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from modelpress import zoo  # noqa: E402
 from modelpress.evaluate import EvalContext  # noqa: E402
-from modelpress.evaluate.diffusion import feature_stats, frechet_distance, generate  # noqa: E402
+from modelpress.evaluate.diffusion import feature_stats, frechet_distance, generate, printed_fraction  # noqa: E402
 from modelpress.passes import Context, seeded  # noqa: E402
 from modelpress.prune.aptp import (APTPModel, APTPPass, StaticPrunePass, digits_training_data,  # noqa: E402
                                    finetune_expert)
-from modelpress.zoo.digits import classifier_features, classify, digits_data  # noqa: E402
+from modelpress.zoo.digits import PRINTED, classifier_features, classify, digits_data  # noqa: E402
 
 _REAL: list = []
 
@@ -53,11 +53,27 @@ def fd_to_real(samples: torch.Tensor) -> float:
 
 
 def scores(samples: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, float]:
+    """FD over the samples of handwritten prompts (a printed prompt asks for one fixed glyph), agreement over
+    all of them; with printed prompts also the agreement of each kind."""
     if idx is not None:
         samples, labels = samples[idx], labels[idx]
-    return {"fd": fd_to_real(samples) if len(samples) > 2 else float("nan"),
-            "agreement": float((classify(samples) == labels).float().mean()) if len(samples) else float("nan"),
-            "n": len(samples)}
+    hand = labels < PRINTED
+    hits = (classify(samples) == labels % PRINTED).float() if len(samples) else torch.zeros(0)
+    out = {"fd": fd_to_real(samples[hand]) if int(hand.sum()) > 2 else float("nan"),
+           "agreement": float(hits.mean()) if len(samples) else float("nan"), "n": len(samples)}
+    if not hand.all():
+        out.update(agreement_handwritten=float(hits[hand].mean()) if hand.any() else float("nan"),
+                   agreement_printed=float(hits[~hand].mean()), n_printed=int((~hand).sum()))
+    return out
+
+
+def quality_table(samples: dict[str, torch.Tensor], labels: torch.Tensor, codes: torch.Tensor, k: int) -> dict:
+    """FD / prompt agreement of every model, overall and over the prompts APTP routes to each code."""
+    table = {name: {"overall": scores(s, labels)} for name, s in samples.items()}
+    for name, s in samples.items():
+        for c in range(k):
+            table[name][f"code {c}"] = scores(s, labels, torch.nonzero(codes == c).flatten())
+    return table
 
 
 @torch.no_grad()
@@ -80,17 +96,18 @@ def routing_png(path: Path, codes: torch.Tensor, labels: torch.Tensor, samples: 
 
     from modelpress.sampling import to_unit_range
 
-    counts = torch.zeros(k, 10)
+    columns = PRINTED + 10 if bool((labels >= PRINTED).any()) else 10  # handwritten 0-9, then printed 0-9
+    counts = torch.zeros(k, columns)
     for c, d in zip(codes.tolist(), labels.tolist()):
         counts[c, d] += 1
-    fig = plt.figure(figsize=(12, 1.0 + 1.1 * k))
+    fig = plt.figure(figsize=(12 if columns == 10 else 15, 1.0 + 1.1 * k))
     ax = fig.add_axes([0.10, 0.12, 0.34, 0.78])
     ax.imshow(counts, cmap="viridis", aspect="auto")
     for c in range(k):
-        for d in range(10):
+        for d in range(columns):
             ax.text(d, c, int(counts[c, d]), ha="center", va="center", color="w", fontsize=8)
-    ax.set_xticks(range(10))
-    ax.set_xlabel("digit named by the prompt")
+    ax.set_xticks(range(columns), [str(d) if d < PRINTED else f"p{d - PRINTED}" for d in range(columns)])
+    ax.set_xlabel("digit named by the prompt" + (" (pN: printed N)" if columns > 10 else ""))
     ax.set_yticks(range(k), [f"code {c}\n{macs[c]:.2f} MACs" for c in range(k)])
     ax.set_title("eval prompts routed to each code")
     per_row = 12
@@ -101,7 +118,8 @@ def routing_png(path: Path, codes: torch.Tensor, labels: torch.Tensor, samples: 
             a.imshow(to_unit_range(samples[i, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
             a.set_xticks([])
             a.set_yticks([])
-            a.set_title(str(int(labels[i])), fontsize=7, pad=1)
+            lab = int(labels[i])
+            a.set_title(str(lab) if lab < PRINTED else f"p{lab - PRINTED}", fontsize=7, pad=1)
     fig.text(0.47, 0.93, "APTP samples per code (title: digit asked for)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -110,6 +128,8 @@ def routing_png(path: Path, codes: torch.Tensor, labels: torch.Tensor, samples: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="digits-t2i", help="zoo model: digits-t2i, or digits-t2i-printed (30%% of "
+                   "prompts ask for a printed digit, one fixed glyph: prompts of two difficulties)")
     p.add_argument("--codes", type=int, default=4)
     p.add_argument("--target", type=float, default=0.6)
     p.add_argument("--router-steps", type=int, default=200)
@@ -118,6 +138,9 @@ def main() -> None:
     p.add_argument("--router-lr", type=float, default=None)
     p.add_argument("--samples", type=int, default=400)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--train-templates", action="store_true",
+                   help="also score every model on prompts written with the training templates (seen wording); "
+                   "the static models' MACs still match APTP's on the eval prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency-batch", type=int, default=32)
@@ -128,7 +151,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     show = sys.stderr.isatty() or args.progress
-    handle = zoo.load("digits-t2i")
+    handle = zoo.load(args.model)
     results: dict = {"args": vars(args)}
     extra = {"router_lr": args.router_lr} if args.router_lr else {}
 
@@ -171,7 +194,8 @@ def main() -> None:
         short = StaticPrunePass(scfg).apply(handle, sctx)
     full = short.replace_module(copy.deepcopy(short.module))
     with seeded(args.seed):
-        cont = finetune_expert(full.module.experts[0], handle.module, digits_training_data(scfg.prompt_pool, args.seed),
+        cont = finetune_expert(full.module.experts[0], handle.module, digits_training_data(scfg.prompt_pool, args.seed,
+                                                                                     printed_fraction(handle)),
                                torch.arange(scfg.prompt_pool), scfg, sctx, 990, args.finetune_steps * (k - 1),
                                "static: further fine-tuning")
     results["static_seconds"] = round(time.time() - t0, 1)
@@ -185,11 +209,18 @@ def main() -> None:
     for label, h in statics.items():
         samples[label] = generate(h.canonical(), h, ectx)["samples"]
         macs[label] = h.module.info["code_macs_ratio"][0]
-    table = {name: {"overall": scores(s, labels)} for name, s in samples.items()}
-    for name, s in samples.items():
-        for c in range(k):
-            table[name][f"code {c}"] = scores(s, labels, torch.nonzero(codes == c).flatten())
+    table = quality_table(samples, labels, codes, k)
     results["quality"] = table
+    if args.train_templates:
+        tctx = EvalContext(seed=args.seed, samples=args.samples, options={"steps": args.steps, "prompt_split": "train"},
+                           show_progress=show)
+        handles = {"unpruned": handle, "APTP": aptp_handle, **statics}
+        seen = {name: generate(h.canonical(), h, tctx) for name, h in handles.items()}
+        t_prompts, t_labels = seen["APTP"]["prompts"], seen["APTP"]["labels"]
+        t_codes = model.route(torch.cat([encode_prompts(t_prompts[i:i + 256]) for i in range(0, len(t_prompts), 256)]))
+        results["quality_train_templates"] = quality_table({n: g["samples"] for n, g in seen.items()}, t_labels,
+                                                           t_codes, k)
+        results["train_templates_counts"] = torch.bincount(t_codes, minlength=k).tolist()
     results["macs"] = macs
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))  # partial
@@ -210,7 +241,8 @@ def main() -> None:
     results["latency_ms"] = lat
 
     # 5. which prompts go where
-    routing = {c: {"digits": torch.bincount(labels[codes == c], minlength=10).tolist(),
+    routing = {c: {"digits": torch.bincount(labels[codes == c] % PRINTED, minlength=10).tolist(),
+                   "printed": int((labels[codes == c] >= PRINTED).sum()),
                    "examples": [prompts[i] for i in torch.nonzero(codes == c).flatten()[:4].tolist()]}
                for c in range(k)}
     results["routing"] = routing
@@ -232,7 +264,7 @@ def reseeded(aptp_log: dict) -> str:
 
 def write_tables(results, table, macs, lat, routing, code_macs, counts, k, args) -> list[str]:  # noqa: ANN001
     a = args
-    lines = [f"# APTP on digits-t2i (seed {a.seed}, {a.samples} eval prompts, DDIM {a.steps} steps, guidance 3)", "",
+    lines = [f"# APTP on {a.model} (seed {a.seed}, {a.samples} eval prompts, DDIM {a.steps} steps, guidance 3)", "",
              f"K={a.codes}, target MACs {a.target}, router {a.router_steps} steps, fine-tune {a.finetune_steps} "
              f"steps per code; 'static (same steps per model)': {a.finetune_steps} (the paper's protocol: every "
              f"expert and the baseline get the same fine-tuning run); 'static': {a.finetune_steps * k}, the same "
@@ -240,12 +272,26 @@ def write_tables(results, table, macs, lat, routing, code_macs, counts, k, args)
              f"APTP pass {results['aptp_seconds']} s, static pass {results['static_seconds']} s.", "",
              f"Training prompts per code: {results['aptp_log']['train_prompt_counts']}; codes re-seeded during "
              f"router training (step: codes): {reseeded(results['aptp_log']) or 'none'}.", "",
-             "## Overall", "",
-             "| model | MACs ratio | FD to real (lower is better) | prompt agreement |",
-             "|---|---|---|---|"]
+             "## Overall", ""]
+    mixed = "agreement_printed" in table["APTP"]["overall"]
+    if mixed:
+        lines += [f"{table['APTP']['overall']['n_printed']} of {a.samples} eval prompts ask for a printed digit; FD is "
+                  "over the samples of the handwritten prompts.", "",
+                  "| model | MACs ratio | FD to real (lower is better) | prompt agreement | handwritten | printed |",
+                  "|---|---|---|---|---|---|"]
+    else:
+        lines += ["| model | MACs ratio | FD to real (lower is better) | prompt agreement |", "|---|---|---|---|"]
     for name in table:
         o = table[name]["overall"]
-        lines.append(f"| {name} | {macs[name]:.3f} | {o['fd']:.2f} | {o['agreement']:.3f} |")
+        kinds = f" | {o['agreement_handwritten']:.3f} | {o['agreement_printed']:.3f}" if mixed else ""
+        lines.append(f"| {name} | {macs[name]:.3f} | {o['fd']:.2f} | {o['agreement']:.3f}{kinds} |")
+    if "quality_train_templates" in results:
+        tq = results["quality_train_templates"]
+        lines += ["", f"## Overall on prompts written with the training templates (seen wording; APTP routes "
+                  f"them {results['train_templates_counts']})", "",
+                  "| model | FD to real | prompt agreement |", "|---|---|---|"]
+        for name, t in tq.items():
+            lines.append(f"| {name} | {t['overall']['fd']:.2f} | {t['overall']['agreement']:.3f} |")
     names = ("unpruned", "APTP", "static (same steps per model)", "static")
     lines += ["", "## Per APTP code (the prompts routed to each code; every model on the same prompts and noise)", "",
               "FD / prompt agreement of: unpruned; APTP; static with the same steps per model; static with the same "
@@ -260,12 +306,13 @@ def write_tables(results, table, macs, lat, routing, code_macs, counts, k, args)
     for name, v in lat.items():
         lines.append(f"| {name} | {v:.1f} | {v / lat['unpruned']:.2f}x |")
     lines += ["", "## Which prompts go to which code (eval prompts; counts per digit 0..9)", "",
-              "| code | MACs | " + " | ".join(str(d) for d in range(10)) + " | example prompts |",
-              "|---|---|" + "---|" * 10 + "---|"]
+              "| code | MACs | " + " | ".join(str(d) for d in range(10)) + " | of them printed | example prompts |",
+              "|---|---|" + "---|" * 11 + "---|"]
     for c in range(k):
         r = routing[c]
         ex = "; ".join(f"\"{p}\"" for p in r["examples"][:3])
-        lines.append(f"| {c} | {code_macs[c]:.3f} | " + " | ".join(str(v) for v in r["digits"]) + f" | {ex} |")
+        lines.append(f"| {c} | {code_macs[c]:.3f} | " + " | ".join(str(v) for v in r["digits"])
+                     + f" | {r['printed']} | {ex} |")
     return lines
 
 

@@ -25,7 +25,7 @@ def mean_std(values: list[float]) -> str:
 def summarise(runs: list[dict]) -> list[str]:
     a = runs[0]["args"]
     models = list(runs[0]["quality"])
-    lines = [f"# APTP vs static pruning on digits-t2i, {len(runs)} seeds", "",
+    lines = [f"# APTP vs static pruning on {a.get('model', 'digits-t2i')}, {len(runs)} seeds", "",
              f"K={a['codes']}, target MACs {a['target']}, router {a['router_steps']} steps, fine-tune "
              f"{a['finetune_steps']} steps per expert ('static (same steps per model)': {a['finetune_steps']}, the "
              f"paper's protocol; 'static': {a['finetune_steps'] * a['codes']}, the experts' total), batch {a['batch']}, "
@@ -55,6 +55,26 @@ def summarise(runs: list[dict]) -> list[str]:
         lines.append(f"| {b} | " + ", ".join(f"{v:+.2f}" for v in dfd) + f" | {statistics.mean(dfd):+.2f} | "
                      + ", ".join(f"{v:+.3f}" for v in dpa) + f" | {statistics.mean(dpa):+.3f} | "
                      f"{both} of {len(runs)} seeds |")
+    if "agreement_printed" in runs[0]["quality"]["APTP"]["overall"]:
+        lines += printed_tables(runs, models)
+    return lines
+
+
+def printed_tables(runs: list[dict], models: list[str]) -> list[str]:
+    """Runs on digits-t2i-printed: agreement on each kind of prompt, and where APTP sends the printed ones."""
+    lines = ["", "## Prompt agreement per kind of prompt (mean ± std over seeds)", "",
+             "| model | handwritten prompts | printed prompts |", "|---|---|---|"]
+    for m in models:
+        o = [r["quality"][m]["overall"] for r in runs]
+        lines.append(f"| {m} | {mean_std([x['agreement_handwritten'] for x in o])} | "
+                     f"{mean_std([x['agreement_printed'] for x in o])} |")
+    lines += ["", "## Where APTP sends the printed prompts (eval prompts per code)", "",
+              "| seed | code MACs ratios | all prompts per code | printed prompts per code |", "|---|---|---|---|"]
+    for r in runs:
+        k = len(r["eval_counts"])
+        macs = ", ".join(f"{v:.3f}" for v in r["aptp_log"]["code_macs_ratio"])
+        printed = [r["routing"][str(c)]["printed"] for c in range(k)]
+        lines.append(f"| {r['args']['seed']} | {macs} | {r['eval_counts']} | {printed} |")
     return lines
 
 

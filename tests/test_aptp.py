@@ -392,3 +392,15 @@ def test_recipe_end_to_end_on_a_checkpoint(tmp_path) -> None:  # noqa: ANN001
     with torch.no_grad():
         y = loaded.canonical()(x, t, e)
     assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_digits_training_data_pairs_printed_prompts_with_their_glyph() -> None:
+    from modelpress.zoo import digits
+
+    data = aptp.digits_training_data(40, 0, 0.3)
+    printed = torch.nonzero(data.prompt_labels >= digits.PRINTED).flatten()
+    assert len(printed) == 12
+    x0, _, _ = data.batch(8, torch.Generator().manual_seed(0), subset=printed)
+    glyphs = digits.printed_glyphs()
+    assert all(any(torch.equal(x, glyph) for glyph in glyphs) for x in x0)
+    assert torch.equal(aptp.digits_training_data(40, 0).prompt_labels, digits.digit_prompts(40, 0, "train")[1])

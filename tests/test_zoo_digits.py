@@ -168,3 +168,48 @@ def test_t2i_prompt_agreement_far_above_chance():
     res = get_metric("prompt_agreement").fn(handle.canonical(), handle, ctx)
     assert res.value > 0.5, res.details
     assert len(res.details["prompts"]) == 64 and res.images.shape[0] == 64
+
+
+# ---------------------------------------------------------------------------------------------------
+# digits-t2i-printed: prompts of two difficulties
+
+def test_printed_prompts_have_their_own_templates_and_leave_digits_t2i_prompts_unchanged():
+    prompts, labels = digits.digit_prompts(200, seed=3, split="eval", printed_fraction=0.3)
+    printed = labels >= digits.PRINTED
+    assert int(printed.sum()) == 60
+    assert torch.bincount(labels % digits.PRINTED, minlength=10).tolist() == [20] * 10
+    for p, is_printed in zip(prompts, printed.tolist()):
+        assert any(w in p for w in ("typeset", "print", "font")) == is_printed, p
+    assert not set(digits._PRINTED_TRAIN) & set(digits._PRINTED_EVAL)
+    # without printed prompts the prompts are exactly the digits-t2i ones (same random stream)
+    assert digits.digit_prompts(50, 1, "train", 0.0)[0] == digits.digit_prompts(50, 1, "train")[0]
+
+
+def test_printed_glyphs_are_train_images_the_classifier_recognises():
+    glyphs = digits.printed_glyphs()
+    xt, yt = digits.digits_data("train")
+    assert glyphs.shape == (10, 1, 16, 16)
+    for d in range(10):
+        assert any(torch.equal(glyphs[d], x) for x in xt[yt == d])
+    assert digits.classify(glyphs).tolist() == list(range(10))
+
+
+def test_t2i_printed_draws_glyphs_for_printed_prompts_and_handwriting_otherwise():
+    """Printed prompts come out near their one glyph; handwritten prompts keep their spread, and both name
+    the right digit far above chance. The metrics score FD on the handwritten samples only."""
+    from modelpress.zoo.text import encode_prompts
+
+    handle = load("digits-t2i-printed")
+    assert handle.extras["training"]["init"] == "digits-t2i"
+    prompts, labels = digits.digit_prompts(60, seed=0, split="eval", printed_fraction=0.3)
+    x = ddim_sample(handle.canonical(), SCHED, 60, steps=10, seed=0, cond=encode_prompts(prompts),
+                    uncond=digits.empty_prompt_embedding(), guidance_scale=3.0, sample_shape=(1, 16, 16))
+    printed, digit = labels >= digits.PRINTED, labels % digits.PRINTED
+    to_glyph = ((x - digits.printed_glyphs()[digit]) ** 2).flatten(1).mean(1)
+    assert to_glyph[printed].median() < 0.5 * to_glyph[~printed].median()
+    assert (digits.classify(x) == digit).float().mean() > 0.6
+    ctx = EvalContext(seed=0, samples=40, options={"steps": 8}, show_progress=False)
+    fd = get_metric("fd").fn(handle.canonical(), handle, ctx)
+    assert fd.details["samples_compared"] == 28  # the 12 printed prompts' samples are left out
+    agree = get_metric("prompt_agreement").fn(handle.canonical(), handle, ctx)
+    assert {"handwritten", "printed"} <= set(agree.details) and agree.value > 0.5

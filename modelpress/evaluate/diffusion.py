@@ -12,7 +12,8 @@ same count and seed (recorded in ``details``).
 their prompt (eval-split prompt templates, never seen in training); chance is 0.1.
 
 Options (``EvalContext.options``): ``steps`` (DDIM steps, default 25), ``guidance_scale`` (default
-:data:`GUIDANCE_SCALE`), ``eta`` (default 0).
+:data:`GUIDANCE_SCALE`), ``eta`` (default 0), ``prompt_split`` (``"eval"``, the default, or ``"train"``: prompts
+written with the training templates, to tell unseen wording from seen).
 """
 from __future__ import annotations
 
@@ -110,8 +111,9 @@ def _scheduler(handle: ModelHandle, ctx: EvalContext) -> dict[str, Any]:
 def generate(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalContext) -> dict[str, Any]:
     """Samples of ``model`` for the digits metrics: ``{"samples", "labels", "prompts", "details"}``.
 
-    ``unet``: ``n`` unconditional samples; ``unet-cond``: one sample per eval-split prompt
-    (:func:`modelpress.zoo.digits.digit_prompts` with ``ctx.seed``), guided with ``guidance_scale``.
+    ``unet``: ``n`` unconditional samples; ``unet-cond``: one sample per prompt of the ``prompt_split``
+    option (default ``"eval"``: templates never seen in training; ``"train"``: the training templates), from
+    :func:`modelpress.zoo.digits.digit_prompts` with ``ctx.seed``, guided with ``guidance_scale``.
     The seed of the initial noise is ``ctx.seed``.
     """
     from ..sampling import ddim_sample
@@ -120,7 +122,8 @@ def generate(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalC
     steps = int(ctx.options.get("steps", DEFAULT_STEPS))
     w = float(ctx.options.get("guidance_scale", GUIDANCE_SCALE))
     eta = float(ctx.options.get("eta", 0.0))
-    key = (handle.kind, n, steps, w, eta, ctx.seed, _fingerprint(model))
+    split = str(ctx.options.get("prompt_split", "eval"))
+    key = (handle.kind, n, steps, w, eta, split, ctx.seed, _fingerprint(model))
     for m, k, out in _SAMPLE_CACHE:
         if m is model and k == key:
             return out
@@ -131,12 +134,12 @@ def generate(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalC
         from ..zoo.digits import digit_prompts, empty_prompt_embedding
         from ..zoo.text import encode_prompts
 
-        prompts, labels = digit_prompts(n, ctx.seed, "eval")
+        prompts, labels = digit_prompts(n, ctx.seed, split, printed_fraction(handle))
         cond = torch.cat([encode_prompts(prompts[i:i + 256]) for i in range(0, n, 256)])
         samples = ddim_sample(model, _scheduler(handle, ctx), n, steps=steps, seed=ctx.seed, cond=cond,
                               uncond=empty_prompt_embedding(), guidance_scale=w, eta=eta, progress=progress,
                               sample_shape=_sample_shape(handle))
-        details.update(guidance_scale=w, prompt_split="eval", prompts=prompts[:GRID_IMAGES])
+        details.update(guidance_scale=w, prompt_split=split, prompts=prompts[:GRID_IMAGES])
     else:
         samples = ddim_sample(model, _scheduler(handle, ctx), n, steps=steps, seed=ctx.seed, eta=eta,
                               progress=progress, sample_shape=_sample_shape(handle))
@@ -144,6 +147,12 @@ def generate(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalC
     _SAMPLE_CACHE.append((model, key, out))
     del _SAMPLE_CACHE[:-2]
     return out
+
+
+def printed_fraction(handle: ModelHandle) -> float:
+    """Share of printed-digit prompts the model was trained with (``digits-t2i-printed``: 0.3; else 0); its
+    eval prompts keep that share."""
+    return float(handle.extras.get("training", {}).get("printed_fraction", 0.0))
 
 
 def _fingerprint(model: Any) -> tuple:
@@ -167,12 +176,16 @@ def _grid_images(samples: torch.Tensor) -> torch.Tensor:
                  "Fréchet distance of DDIM samples to held-out real digits in the digits classifier's features")
 def fd_metric(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalContext) -> MetricResult:
     gen = generate(model, handle, ctx)
-    from ..zoo.digits import classifier_features
+    from ..zoo.digits import PRINTED, classifier_features
 
+    samples = gen["samples"]
+    if gen["labels"] is not None:  # printed-digit prompts ask for one fixed glyph, not real handwriting
+        samples = samples[gen["labels"] < PRINTED]
     mu_r, sigma_r, n_real = _real_stats()
-    value = frechet_distance(*feature_stats(classifier_features(gen["samples"])), mu_r, sigma_r)
+    value = frechet_distance(*feature_stats(classifier_features(samples)), mu_r, sigma_r)
     details = dict(gen["details"])
-    details.update(real="digits heldout split", real_n=n_real, features="digits-classifier penultimate (128-d)")
+    details.update(real="digits heldout split", real_n=n_real, features="digits-classifier penultimate (128-d)",
+                   samples_compared=len(samples))
     return MetricResult(value, higher_is_better=False, details=details, images=_grid_images(gen["samples"]))
 
 
@@ -180,13 +193,15 @@ def fd_metric(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: Eval
                  "fraction of samples whose classifier digit equals the digit named by their prompt")
 def prompt_agreement_metric(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalContext) -> MetricResult:
     gen = generate(model, handle, ctx)
-    from ..zoo.digits import classify
+    from ..zoo.digits import PRINTED, classify
 
     pred = classify(gen["samples"])
-    hits = (pred == gen["labels"])
-    per_digit = {str(d): float(hits[gen["labels"] == d].float().mean()) for d in range(10)
-                 if bool((gen["labels"] == d).any())}
+    digit, printed = gen["labels"] % PRINTED, gen["labels"] >= PRINTED
+    hits = (pred == digit)
+    per_digit = {str(d): float(hits[digit == d].float().mean()) for d in range(10) if bool((digit == d).any())}
     details = dict(gen["details"])
     details.update(per_digit=per_digit, chance=0.1)
+    if printed.any():
+        details.update(handwritten=float(hits[~printed].float().mean()), printed=float(hits[printed].float().mean()))
     return MetricResult(float(hits.float().mean()), higher_is_better=True, details=details,
                         images=_grid_images(gen["samples"]))

@@ -202,14 +202,19 @@ class PromptImageData:
 
 
 @lru_cache(maxsize=2)
-def digits_training_data(n_prompts: int = 2000, seed: int = 0) -> PromptImageData:
-    """The digits-t2i training data: the train split of sklearn digits and ``n_prompts`` training prompts."""
+def digits_training_data(n_prompts: int = 2000, seed: int = 0, printed_fraction: float = 0.0) -> PromptImageData:
+    """The digits-t2i training data: the train split of sklearn digits and ``n_prompts`` training prompts;
+    with ``printed_fraction`` (``digits-t2i-printed``) that share of the prompts asks for a printed digit,
+    whose image is the digit's glyph."""
     from ..sampling import alphas_cumprod
     from ..zoo import digits
     from ..zoo.text import encode_prompts
 
     images, labels = digits.digits_data("train")
-    prompts, plabels = digits.digit_prompts(n_prompts, seed, "train")
+    if printed_fraction > 0:
+        images = torch.cat([images, digits.printed_glyphs()])
+        labels = torch.cat([labels, digits.PRINTED + torch.arange(10)])
+    prompts, plabels = digits.digit_prompts(n_prompts, seed, "train", printed_fraction)
     ehs = torch.cat([encode_prompts(prompts[i:i + 256]) for i in range(0, n_prompts, 256)])
     return PromptImageData(images, labels, ehs, plabels, digits.empty_prompt_embedding(),
                            alphas_cumprod(digits.SCHEDULER_CONFIG).float(), tuple(prompts))
@@ -636,7 +641,8 @@ def _training_data(handle: ModelHandle, cfg: _Settings, ctx: Context) -> PromptI
         if handle.architecture.get("config", {}).get("cross_attention_dim") not in (384, [384]):
             raise UserError("the digits prompt data are MiniLM embeddings (dim 384); this UNet's "
                             "cross_attention_dim differs", "passes.aptp.dataset")
-        return digits_training_data(cfg.prompt_pool, ctx.seed)
+        printed = float(handle.extras.get("training", {}).get("printed_fraction", 0.0))
+        return digits_training_data(cfg.prompt_pool, ctx.seed, printed)
     raise UserError(f"unknown dataset {cfg.dataset!r}", "passes.aptp.dataset")  # pragma: no cover
 
 

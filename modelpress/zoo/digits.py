@@ -12,6 +12,10 @@
 * ``digits-t2i`` (kind ``unet-cond``): a diffusers ``UNet2DConditionModel`` with cross-attention on frozen
   MiniLM token embeddings (:func:`modelpress.zoo.text.encode_prompts`) of natural-language prompts about
   digits, trained with 10% prompt dropout for classifier-free guidance (Ho & Salimans, 2022).
+* ``digits-t2i-printed``: ``digits-t2i`` fine-tuned so that 30% of its prompts ask for a *printed* digit
+  (label ``PRINTED + d``), whose image is one fixed glyph per digit (:func:`printed_glyphs`), while the
+  handwritten prompts keep the whole handwriting distribution: prompts of two difficulties, the setting of
+  prompt-routed pruning (APTP).
 
 The weights are committed (fp16 safetensors under ``zoo/weights/``); ``modelpress zoo build NAME`` re-runs
 the exact seeded training into the cache directory (``$MODELPRESS_CACHE``). See docs/zoo-digits.md.
@@ -105,36 +109,64 @@ _STYLES = ("", "", "", ", black and white", ", in pencil", ", on a white backgro
            ", scanned", ", written quickly")
 
 
+#: label offset of a prompt that asks for a printed digit: ``PRINTED + d`` (``digits-t2i-printed``)
+PRINTED = 10
+_PRINTED_TRAIN = ("the printed digit {w}", "a typed {n}", "the digit {n} in a font", "a typeset {w}",
+                  "the standard glyph for {w}", "a printed number {n}", "the computer font digit {w}",
+                  "a {n} printed by a machine", "the typewritten numeral {w}", "a stamped {n}")
+_PRINTED_EVAL = ("the typeset numeral {w}", "a {n} in print", "the font character {n}",
+                 "printed text showing the digit {w}")
+
+
 def _prompt(rng: random.Random, digit: int, templates: tuple[str, ...]) -> str:
     adjective = rng.choice(_ADJECTIVES) or rng.choice(_ADJECTIVES[:-1])
-    text = rng.choice(templates).format(w=NUMBER_WORDS[digit], n=str(digit), a=adjective)
+    text = rng.choice(templates).format(w=NUMBER_WORDS[digit % PRINTED], n=str(digit % PRINTED), a=adjective)
     text = text.replace("a a", "an a").replace("a e", "an e").replace("a o", "an o")
     return text + rng.choice(_STYLES)
 
 
-def digit_prompts(n: int, seed: int = 0, split: str = "train") -> tuple[list[str], torch.Tensor]:
-    """``n`` natural-language prompts about digits and their digit labels ``[n]``.
+def digit_prompts(n: int, seed: int = 0, split: str = "train", printed_fraction: float = 0.0
+                  ) -> tuple[list[str], torch.Tensor]:
+    """``n`` natural-language prompts about digits and their labels ``[n]``.
 
     ``split="train"`` draws from the training templates, ``split="eval"`` from a disjoint set of templates
     never seen in training (same vocabulary of digits, adjectives and styles). Digits cycle 0..9 so that
-    every class is equally represented; the order is shuffled with ``seed``.
+    every class is equally represented; the order is shuffled with ``seed``. With ``printed_fraction``,
+    ``round(n * printed_fraction)`` of the prompts ask for a printed digit ``d`` (label ``PRINTED + d``, its
+    own templates); the digit asked for is always ``label % PRINTED``. Without it the prompts are exactly
+    those of ``digits-t2i``.
     """
     if split not in ("train", "eval"):
         raise UserError(f"unknown prompt split {split!r}; choose train or eval")
     templates = _NOUNS_TRAIN if split == "train" else _NOUNS_EVAL
+    printed = _PRINTED_TRAIN if split == "train" else _PRINTED_EVAL
     rng = random.Random(f"{split}-{seed}")
-    labels = [i % 10 for i in range(n)]
+    n_printed = round(n * printed_fraction)
+    labels = [PRINTED + i % 10 for i in range(n_printed)] + [i % 10 for i in range(n - n_printed)]
     rng.shuffle(labels)
-    prompts = [_prompt(rng, d, templates) for d in labels]
+    prompts = [_prompt(rng, d, printed if d >= PRINTED else templates) for d in labels]
     return prompts, torch.tensor(labels, dtype=torch.long)
 
 
+@lru_cache(maxsize=1)
+def printed_glyphs() -> torch.Tensor:
+    """The image of a printed-digit prompt, one per digit ``[10, 1, 16, 16]``: the train-split image nearest
+    (L2) to its class mean, a clean and typical real digit that the classifier recognises."""
+    x, y = digits_data("train")
+    glyphs = []
+    for d in range(10):
+        members = x[y == d]
+        glyphs.append(members[int(((members - members.mean(0)) ** 2).flatten(1).sum(1).argmin())])
+    return torch.stack(glyphs)
+
+
 @lru_cache(maxsize=4)
-def _encoded_prompt_pool(n: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+def _encoded_prompt_pool(n: int, seed: int, split: str, printed_fraction: float = 0.0
+                         ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """Embeddings of a pool of prompts, encoded once (the MiniLM encoder is frozen), for training."""
     from .text import encode_prompts
 
-    prompts, labels = digit_prompts(n, seed, split)
+    prompts, labels = digit_prompts(n, seed, split, printed_fraction)
     chunks = [encode_prompts(prompts[i:i + 256]) for i in range(0, n, 256)]
     return torch.cat(chunks), labels, tuple(prompts)
 
@@ -267,15 +299,20 @@ class _EMA:
 
 
 def _train_unet(kind: str, steps: int, batch: int, lr: float, seed: int, log: Callable[[str], None],
-                prompt_dropout: float = 0.1) -> tuple[nn.Module, dict]:
+                prompt_dropout: float = 0.1, init: str | None = None, printed_fraction: float = 0.0
+                ) -> tuple[nn.Module, dict]:
     """DDPM training (Ho et al., 2020, Algorithm 1): ``x_t = sqrt(ab_t) x_0 + sqrt(1-ab_t) eps`` with
     ``t ~ U{0..T-1}``, minimise ``||eps - eps_theta(x_t, t[, c])||^2``. For ``unet-cond`` the condition is a
     random training prompt of the image's digit, replaced by the empty prompt with probability
-    ``prompt_dropout`` (classifier-free guidance, Ho & Salimans 2022)."""
+    ``prompt_dropout`` (classifier-free guidance, Ho & Salimans 2022). ``init`` starts from another zoo
+    model's weights; with ``printed_fraction``, that share of the batch is the digit's printed glyph with a
+    printed-digit prompt."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x0_all, y_all = digits_data("train")
     model = _new_unet(kind).train()
+    if init is not None:
+        model.load_state_dict(_load_state(init)[0])
     ema = _EMA(model, EMA_DECAY)
     ab = _alphas_cumprod()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -283,14 +320,19 @@ def _train_unet(kind: str, steps: int, batch: int, lr: float, seed: int, log: Ca
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     if kind == "unet-cond":
-        pool, pool_labels, _ = _encoded_prompt_pool(PROMPT_POOL, seed, "train")
-        by_digit = [torch.nonzero(pool_labels == d).flatten() for d in range(10)]
+        pool, pool_labels, _ = _encoded_prompt_pool(PROMPT_POOL, seed, "train", printed_fraction)
+        by_digit = [torch.nonzero(pool_labels == d).flatten() for d in range(PRINTED + 10)]
         empty = empty_prompt_embedding()
     t0 = time.time()
     running = None
     for step in range(steps):
         idx = torch.randint(0, len(x0_all), (batch,), generator=g)
         x0 = _augment_shift(x0_all[idx], g)
+        labels = y_all[idx]
+        if printed_fraction > 0:
+            is_printed = torch.rand(batch, generator=g) < printed_fraction
+            x0 = torch.where(is_printed.view(-1, 1, 1, 1), printed_glyphs()[labels], x0)
+            labels = torch.where(is_printed, PRINTED + labels, labels)
         t = torch.randint(0, len(ab), (batch,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         a = ab[t].view(-1, 1, 1, 1)
@@ -298,7 +340,6 @@ def _train_unet(kind: str, steps: int, batch: int, lr: float, seed: int, log: Ca
         if kind == "unet":
             pred = model(xt, t).sample
         else:
-            labels = y_all[idx]
             pick = torch.stack([by_digit[int(d)][torch.randint(0, len(by_digit[int(d)]), (1,), generator=g)]
                                 for d in labels]).flatten()
             cond = pool[pick]
@@ -323,7 +364,9 @@ def _train_unet(kind: str, steps: int, batch: int, lr: float, seed: int, log: Ca
     return model, {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "ema_decay": EMA_DECAY,
                    "final_loss_ema": running, "train_seconds": time.time() - t0, "parameters": n_params,
                    "threads": torch.get_num_threads(),
-                   **({"prompt_dropout": prompt_dropout} if kind == "unet-cond" else {})}
+                   **({"prompt_dropout": prompt_dropout} if kind == "unet-cond" else {}),
+                   **({"init": init} if init else {}),
+                   **({"printed_fraction": printed_fraction} if printed_fraction else {})}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,6 +376,8 @@ TRAINING = {
     "digits-classifier": {"seed": 0, "epochs": 12},
     "digits-ddpm": {"kind": "unet", "steps": 1000, "batch": 64, "lr": 2e-3, "seed": 0},
     "digits-t2i": {"kind": "unet-cond", "steps": 1000, "batch": 64, "lr": 2e-3, "seed": 0},
+    "digits-t2i-printed": {"kind": "unet-cond", "steps": 1500, "batch": 64, "lr": 1e-3, "seed": 0,
+                           "init": "digits-t2i", "printed_fraction": 0.3},
 }
 
 
@@ -443,6 +488,8 @@ _entry("digits-ddpm", "unet", "diffusers UNet2DModel DDPM on 16x16 sklearn digit
        lambda: _load_unet("digits-ddpm"))
 _entry("digits-t2i", "unet-cond", "diffusers UNet2DConditionModel on 16x16 digits, MiniLM prompt cross-attention",
        lambda: _load_unet("digits-t2i"))
+_entry("digits-t2i-printed", "unet-cond", "digits-t2i fine-tuned so that 30% of the prompts ask for a printed "
+       "digit (one fixed glyph each): prompts of two difficulties, for APTP", lambda: _load_unet("digits-t2i-printed"))
 
 
 
