@@ -3,7 +3,10 @@ each asking for one fixed glyph: easy; 70% handwritten: a whole distribution).
 
 1. How MiniLM (the router's input) groups the training prompts: mean cosine similarity of pooled embeddings
    within the printed prompts, within the handwritten ones, across the two kinds, and within / across digits.
-2. The router after its warm-up (router alone, UNet frozen, as in APTP's first phase; 300 steps): the MACs
+2. How much pruning hurts each kind with the UNet frozen (all the router ever sees): the unpruned UNet's
+   eps-MSE and the pruned UNet's MSE to the unpruned output (the distillation loss), per kind, under each
+   prompt's own warm-up architecture; the same noise and timesteps for both kinds.
+3. The router after its warm-up (router alone, UNet frozen, as in APTP's first phase; 300 steps): the MACs
    ratio of each prompt's own deterministic architecture, printed vs handwritten, with the paper's contrastive
    loss (weight 100) and without it; and how the training prompts of each kind are then routed to the K codes.
 
@@ -41,6 +44,31 @@ def embedding_groups(data: aptp.PromptImageData, printed: torch.Tensor) -> list[
             f"| different digits | {sim[~same].mean():.3f} |"]
 
 
+ERRORS: list[str] = []
+
+
+@torch.no_grad()
+def pruning_errors(gated: GatedUNet, data: aptp.PromptImageData, gates: torch.Tensor, seed: int,
+                   repeats: int = 4) -> dict[str, torch.Tensor]:
+    """Per training prompt, mean over ``repeats`` noisings of one of its images: the unpruned UNet's eps-MSE and
+    the gated UNet's MSE to the unpruned output."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(data.ehs)
+    eps_err, distill = torch.zeros(n), torch.zeros(n)
+    for _ in range(repeats):
+        for i in range(0, n, 250):
+            idx = torch.arange(i, min(n, i + 250))
+            pick = [data._by_label[int(lab)] for lab in data.prompt_labels[idx]]
+            x0 = data.images[torch.stack([c[torch.randint(0, len(c), (1,), generator=g)][0] for c in pick])]
+            ehs = data.ehs[idx]
+            xt, t, eps = data.noised(x0, g)
+            full = gated(xt, t, ehs)
+            pruned = gated(xt, t, ehs, gates=gates[idx])
+            eps_err[idx] += ((full - eps) ** 2).flatten(1).mean(1) / repeats
+            distill[idx] += ((pruned - full) ** 2).flatten(1).mean(1) / repeats
+    return {"eps": eps_err, "distill": distill}
+
+
 def router_after_warmup(unet: torch.nn.Module, data: aptp.PromptImageData, printed: torch.Tensor, k: int,
                         steps: int, w_contrastive: float, seed: int) -> str:
     cfg = aptp.APTPPass.Config(codes=k, target_macs=0.6, router_steps=steps, warmup_fraction=0.99, batch_size=24,
@@ -53,8 +81,12 @@ def router_after_warmup(unet: torch.nn.Module, data: aptp.PromptImageData, print
             with torch.no_grad():
                 routed, gates = aptp.route_by_codes(router, codes, data.pooled, gated.units, cfg)
                 ratio = gated.macs_ratio(gates)
+                errors = pruning_errors(gated, data, gates, seed) if w_contrastive else None
         finally:
             gated.remove_hooks()
+    if errors is not None:
+        ERRORS.append(f"| {errors['eps'][printed].mean():.4f} | {errors['eps'][~printed].mean():.4f} | "
+                      f"{errors['distill'][printed].mean():.4f} | {errors['distill'][~printed].mean():.4f} |")
     return (f"| {w_contrastive:g} | {ratio[printed].mean():.3f} ± {ratio[printed].std():.3f} | "
             f"{ratio[~printed].mean():.3f} ± {ratio[~printed].std():.3f} | "
             f"{torch.bincount(routed[printed], minlength=k).tolist()} | "
@@ -83,6 +115,9 @@ def main() -> None:
              "handwritten prompts per code |", "|---|---|---|---|---|"]
     for w in (100.0, 0.0):
         lines.append(router_after_warmup(handle.module, data, printed, args.codes, args.steps, w, args.seed))
+    lines += ["", "## What pruning costs each kind of prompt, UNet frozen (contrastive-weight-100 router's "
+              "architectures)", "", "| unpruned eps-MSE, printed | handwritten | pruned-to-unpruned MSE "
+              "(distillation), printed | handwritten |", "|---|---|---|---|", *ERRORS]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
