@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from modelpress import zoo  # noqa: E402
 from modelpress.evaluate import EvalContext  # noqa: E402
-from modelpress.evaluate.diffusion import feature_stats, frechet_distance, generate, printed_fraction  # noqa: E402
+from modelpress.evaluate.diffusion import feature_stats, frechet_distance, generate  # noqa: E402
 from modelpress.passes import Context, seeded  # noqa: E402
 from modelpress.prune.aptp import (APTPModel, APTPPass, StaticPrunePass, digits_training_data,  # noqa: E402
                                    finetune_expert)
-from modelpress.zoo.digits import PRINTED, classifier_features, classify, digits_data  # noqa: E402
+from modelpress.zoo.digits import PRINTED, classifier_features, classify, digits_data, printed_fraction  # noqa: E402
 
 _REAL: list = []
 
@@ -193,11 +193,10 @@ def main() -> None:
     with seeded(args.seed):
         short = StaticPrunePass(scfg).apply(handle, sctx)
     full = short.replace_module(copy.deepcopy(short.module))
+    data = digits_training_data(scfg.prompt_pool, args.seed, printed_fraction(handle))
     with seeded(args.seed):
-        cont = finetune_expert(full.module.experts[0], handle.module, digits_training_data(scfg.prompt_pool, args.seed,
-                                                                                     printed_fraction(handle)),
-                               torch.arange(scfg.prompt_pool), scfg, sctx, 990, args.finetune_steps * (k - 1),
-                               "static: further fine-tuning")
+        cont = finetune_expert(full.module.experts[0], handle.module, data, torch.arange(scfg.prompt_pool), scfg,
+                               sctx, 990, args.finetune_steps * (k - 1), "static: further fine-tuning")
     results["static_seconds"] = round(time.time() - t0, 1)
     results["static_log"] = {**sctx.log["static_prune"], "continued_finetune": cont}
     statics = {"static (same steps per model)": short, "static": full}

@@ -103,7 +103,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     handle = zoo.load("digits-t2i-printed")
-    data = aptp.digits_training_data(2000, args.seed, handle.extras["training"]["printed_fraction"])
+    data = aptp.digits_training_data(2000, args.seed, digits.printed_fraction(handle))
     printed = data.prompt_labels >= digits.PRINTED
     lines = [f"# APTP router probe on digits-t2i-printed (seed {args.seed}, {int(printed.sum())} printed of "
              f"{len(printed)} training prompts)", "", "## The router's input: pooled MiniLM embeddings", "",

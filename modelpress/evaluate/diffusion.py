@@ -131,7 +131,7 @@ def generate(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalC
     progress = bool(ctx.show_progress)
     prompts, labels = None, None
     if handle.kind == "unet-cond":
-        from ..zoo.digits import digit_prompts, empty_prompt_embedding
+        from ..zoo.digits import digit_prompts, empty_prompt_embedding, printed_fraction
         from ..zoo.text import encode_prompts
 
         prompts, labels = digit_prompts(n, ctx.seed, split, printed_fraction(handle))
@@ -147,12 +147,6 @@ def generate(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalC
     _SAMPLE_CACHE.append((model, key, out))
     del _SAMPLE_CACHE[:-2]
     return out
-
-
-def printed_fraction(handle: ModelHandle) -> float:
-    """Share of printed-digit prompts the model was trained with (``digits-t2i-printed``: 0.3; else 0); its
-    eval prompts keep that share."""
-    return float(handle.extras.get("training", {}).get("printed_fraction", 0.0))
 
 
 def _fingerprint(model: Any) -> tuple:

@@ -641,8 +641,9 @@ def _training_data(handle: ModelHandle, cfg: _Settings, ctx: Context) -> PromptI
         if handle.architecture.get("config", {}).get("cross_attention_dim") not in (384, [384]):
             raise UserError("the digits prompt data are MiniLM embeddings (dim 384); this UNet's "
                             "cross_attention_dim differs", "passes.aptp.dataset")
-        printed = float(handle.extras.get("training", {}).get("printed_fraction", 0.0))
-        return digits_training_data(cfg.prompt_pool, ctx.seed, printed)
+        from ..zoo.digits import printed_fraction
+
+        return digits_training_data(cfg.prompt_pool, ctx.seed, printed_fraction(handle))
     raise UserError(f"unknown dataset {cfg.dataset!r}", "passes.aptp.dataset")  # pragma: no cover
 
 

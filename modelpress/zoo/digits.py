@@ -148,6 +148,12 @@ def digit_prompts(n: int, seed: int = 0, split: str = "train", printed_fraction:
     return prompts, torch.tensor(labels, dtype=torch.long)
 
 
+def printed_fraction(handle: ModelHandle) -> float:
+    """Share of printed-digit prompts a digits model was trained with (``digits-t2i-printed``: 0.3, else 0):
+    its training data for compression passes and its eval prompts keep that share."""
+    return float(handle.extras.get("training", {}).get("printed_fraction", 0.0))
+
+
 @lru_cache(maxsize=1)
 def printed_glyphs() -> torch.Tensor:
     """The image of a printed-digit prompt, one per digit ``[10, 1, 16, 16]``: the train-split image nearest
