@@ -10,7 +10,11 @@ each asking for one fixed glyph: easy; 70% handwritten: a whole distribution).
    ratio of each prompt's own deterministic architecture, printed vs handwritten, with the paper's contrastive
    loss (weight 100) and without it; and how the training prompts of each kind are then routed to the K codes.
 
-    python benchmarks/aptp_router_probe.py --out benchmarks/results/aptp-router-probe.md   # ~2 min, 2 threads
+    python benchmarks/aptp_router_probe.py --threads 1 --out benchmarks/results/aptp-router-probe.md   # ~2 min
+    python benchmarks/aptp_router_probe.py --out benchmarks/results/aptp-router-probe-2threads.md
+
+(The thread count changes float summation order, and the router's training follows it: the two files differ
+in their numbers, not in their findings.)
 """
 from __future__ import annotations
 
