@@ -180,11 +180,15 @@ class PromptImageData:
         """``(x0, ehs, pooled)`` of ``n`` random prompts (from ``subset`` of prompt indices if given)."""
         pool = subset if subset is not None else torch.arange(len(self.ehs))
         pick = pool[torch.randint(0, len(pool), (n,), generator=g)]
+        return self.images_for(pick, g), self.ehs[pick], self.pooled[pick]
+
+    def images_for(self, prompts: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """A random image of each prompt's label, for the prompt indices ``prompts`` in order."""
         imgs = []
-        for lab in self.prompt_labels[pick].tolist():
+        for lab in self.prompt_labels[prompts].tolist():
             cands = self._by_label[int(lab)]
             imgs.append(cands[int(torch.randint(0, len(cands), (1,), generator=g))])
-        return self.images[torch.stack(imgs)], self.ehs[pick], self.pooled[pick]
+        return self.images[torch.stack(imgs)]
 
     def noised(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DDPM forward process: ``(x_t, t, eps)``."""
