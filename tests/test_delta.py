@@ -246,9 +246,13 @@ def test_dare_p0_is_exact():
     torch.testing.assert_close(_out(out, x), _out(fh, x), rtol=1e-3, atol=1e-4)  # fp16 values
 
 
-def test_darex_beats_dare_at_p099():
+def test_darex_beats_dare_at_p099_on_a_synthetic_dense_delta():
+    """On a tiny random BERT whose delta is dense Gaussian noise (half the weights' mean magnitude), both
+    DAREx-q modes halve DARE's output error at p = 0.99, scored on inputs the passes did not calibrate on.
+    This is a property of that synthetic delta only: on the zoo's fine-tunes the analytic per-layer q is
+    *worse* than DARE at every p and the unlabelled q is worse on the small delta (docs/delta.md)."""
     bh, fh = _bert_pair(scale=0.5)
-    x = example_inputs(fh, batch=8, seq_len=16, seed=42)
+    x = example_inputs(fh, batch=8, seq_len=16, seed=42)  # held out: the passes calibrate on other seeded draws
     ref = _out(fh, x)
     err = lambda h: float((_out(h, x) - ref).pow(2).mean())  # noqa: E731
     dare = err(DarePass(DarePass.Config(p=0.99)).apply(fh, _ctx(bh)))

@@ -122,8 +122,29 @@ def test_w8a8_is_close_to_full_precision_and_deterministic(w8a8) -> None:
     log = w8a8["ptq4dm"][1]
     assert log["calibration"]["sampler"] == "ndtc" and len(log["calibration"]["sample_ids"]) == 16
     assert set(log["skip_splits"].values()) == {16, 8}
-    assert log["eight_bit_layers"] == ["conv_in", "conv_out"]
+    # the min-max baseline gets the same 8-bit first and last layers as the methods it is compared with
+    assert log["eight_bit_layers"] == w8a8["ptq"][1]["eight_bit_layers"] == ["conv_in", "conv_out"]
     assert len(log["quantized_attention"]) == 4
+
+
+def test_qdrop_reconstruction_is_deterministic_and_off_at_inference(w8a8) -> None:
+    h = w8a8["ref"][0]
+    a, _ = run_pass("ptq4dm", h, recon_iters=4, recon_qdrop=0.5)
+    b, _ = run_pass("ptq4dm", h, recon_iters=4, recon_qdrop=0.5)
+    assert all(q._drop is None for q in core.act_quantizers(a.module))  # inference quantizes every value
+    with torch.no_grad():
+        out = a.module(PROBE_X, PROBE_T).sample
+        assert torch.equal(out, b.module(PROBE_X, PROBE_T).sample)
+        assert rel_err(out, h.module(PROBE_X, PROBE_T).sample) < 0.08
+
+
+def test_seed_moves_the_whole_pipeline(w8a8) -> None:
+    """A seed covers the calibration draw and the method's randomness, not only evaluation sampling."""
+    h = w8a8["ref"][0]
+    other, log = run_pass("ptq4dm", h, seed=1, recon_iters=2)
+    assert log["calibration"]["sample_ids"] != w8a8["ptq4dm"][1]["calibration"]["sample_ids"]
+    with torch.no_grad():
+        assert not torch.equal(other.module(PROBE_X, PROBE_T).sample, w8a8["ptq4dm"][0].module(PROBE_X, PROBE_T).sample)
 
 
 def test_ptq_models_are_refused_by_pte_with_a_clear_error(w8a8, tmp_path: Path) -> None:

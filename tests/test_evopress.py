@@ -224,23 +224,27 @@ def test_dp_matches_brute_force():
     assert tuple(baselines.dp_levels(space, E)) == best
 
 
-def test_evolution_improves_on_uniform_and_is_deterministic(tmp_path: Path):
+def test_evolution_improves_on_uniform_on_held_out_inputs_and_is_deterministic(tmp_path: Path):
     h = tiny_classifier(layers=3)
     spec = LevelSpec.make("bits", "rtn", [2, 3, 4, 5])
     units, weights = search_units(h.module, "bits")
     db = build_database(tmp_path / "db", h.module, spec, units, None, {})
     space = SearchSpace(spec, units, weights, target_size(spec, weights, 3.0))
     pool = calibration_pool(h, 24, seed=0, batch_size=24)
+    held_out = calibration_pool(h, 64, seed=1, batch_size=64)  # never seen by the search
     canon = h.canonical()
     pool.set_targets(canon)
+    held_out.set_targets(canon)
     sw = LevelSwitcher(h.module, spec, units, db)
     all_ids = np.arange(len(pool))
     sw.apply(space.uniform(3.0))
-    uniform_fit = pool.fitness(canon, all_ids)
+    uniform_fit, uniform_held = pool.fitness(canon, all_ids), held_out.fitness(canon, np.arange(len(held_out)))
     # every stage ranks on the whole pool: with elitism the parent's fitness can never get worse
     res = evolve(space, sw, canon, pool, 3.0, 12, 6, [2, 1], [24, 24], np.random.default_rng(0))
     assert all(b <= a + 1e-12 for a, b in zip(res.history, res.history[1:]))
     assert res.history[-1] < uniform_fit and space.cost(res.levels) == pytest.approx(space.target)
+    sw.apply(res.levels)
+    assert held_out.fitness(canon, np.arange(len(held_out))) < uniform_held
     assert len(res.stage_draws) == 12 and len(res.stage_draws[0][0]) == 24
     again = evolve(space, sw, canon, pool, 3.0, 12, 6, [2, 1], [24, 24], np.random.default_rng(0))
     assert again.levels == res.levels

@@ -148,6 +148,41 @@ def test_range_search_sees_every_pixel_position() -> None:
     assert torch.equal(a.scale, b.scale)  # seeded: the same calibration gives the same ranges
 
 
+def test_subsample_follows_the_run_seed() -> None:
+    """The observation subsample is part of the calibration draw: the run's seed moves it, seed 0 keeps
+    the historical draw."""
+    x = torch.randn(64, 16, 8, 8) * torch.linspace(0.1, 3, 16).reshape(1, 16, 1, 1)
+
+    def fitted(seed: int | None) -> torch.Tensor:
+        a = ActQuantizer(4, False)
+        if seed is not None:
+            a.seed_subsample(seed)
+        a.observing = True
+        a(x)
+        a.fit("lp")
+        return a.scale.clone()
+
+    assert torch.equal(fitted(None), fitted(0))
+    assert torch.equal(fitted(5), fitted(5)) and not torch.equal(fitted(0), fitted(5))
+
+
+def test_qdrop_keeps_full_precision_values_with_its_probability() -> None:
+    a = ActQuantizer(2, False)
+    x = torch.randn(20000)
+    a.observing = True
+    a(x)
+    a.fit("minmax")
+    xq = a(x)
+    assert (xq != x).float().mean() > 0.99  # 2-bit: (almost) every value moves
+    a.drop_quantization(0.5, torch.Generator().manual_seed(0))
+    mixed = a(x)
+    kept_fp = mixed == x
+    assert 0.47 < kept_fp.float().mean() < 0.53
+    assert torch.equal(mixed[~kept_fp], xq[~kept_fp])  # the rest is quantized as before
+    a.drop_quantization(0.0)
+    assert torch.equal(a(x), xq)
+
+
 def test_learned_step_size_folds_into_scale() -> None:
     a = ActQuantizer(4, False)
     a.observing = True

@@ -280,7 +280,9 @@ class ActQuantizer(nn.Module):
         self._obs: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._ext: dict[tuple[int, int], tuple[float, float]] = {}
         self._rng: torch.Generator | None = None
+        self._seed = 0
         self.log_step: torch.Tensor | None = None  # learned while reconstructing (see learn_step_size)
+        self._drop: tuple[float, torch.Generator] | None = None  # QDrop while reconstructing (see drop_quantization)
 
     def config(self) -> dict[str, Any]:
         return {"bits": self.bits, "symmetric": self.symmetric, "split": self.split,
@@ -319,8 +321,18 @@ class ActQuantizer(nn.Module):
         if flat.numel() <= max_keep:
             return flat.clone()
         if self._rng is None:
-            self._rng = torch.Generator().manual_seed(0)
+            self._rng = torch.Generator().manual_seed(self._seed)
         return flat[torch.randint(flat.numel(), (max_keep,), generator=self._rng)]
+
+    def seed_subsample(self, seed: int) -> None:
+        """Seed the observation subsample (the run's seed, so that the calibration draw varies with it)."""
+        self._seed, self._rng = int(seed), None
+
+    def drop_quantization(self, prob: float, gen: torch.Generator | None = None) -> None:
+        """QDrop (Wei et al., ICLR 2022, Sec. 3.3): while ``prob > 0``, each element of the output keeps its
+        full-precision value with probability ``prob`` instead of its quantized one, so that block
+        reconstruction sees a flatter loss surface; ``prob = 0`` turns it off (inference)."""
+        self._drop = (float(prob), gen or torch.Generator().manual_seed(0)) if prob > 0 else None
 
     def fit(self, metric: str = "lp", p: float = 2.4) -> None:
         """Set scale / zero point from the observed values (:func:`search_qparams`), then stop observing."""
@@ -381,7 +393,12 @@ class ActQuantizer(nn.Module):
             else:
                 s, z = s.reshape(()), z.reshape(())
             out.append(fake_quant(part, s, z, self.bits, self.symmetric))
-        return out[0] if len(out) == 1 else torch.cat(out, dim=self.channel_dim)
+        xq = out[0] if len(out) == 1 else torch.cat(out, dim=self.channel_dim)
+        if self._drop is not None:
+            prob, gen = self._drop
+            keep_fp = torch.rand(x.shape, generator=gen) < prob
+            xq = torch.where(keep_fp, x, xq)
+        return xq
 
     def export(self) -> dict[str, Any]:
         d: dict[str, Any] = {"act_bits": self.bits, "act_symmetric": self.symmetric,

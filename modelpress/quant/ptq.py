@@ -61,6 +61,8 @@ class DiffusionPTQConfig(PassConfig):
     recon_reg: float = Field(0.01, ge=0, le=10)
     recon_act_lr: float = Field(0.0, ge=0, le=1, description="Adam learning rate of the activation log step sizes "
                                 "learned during block reconstruction (LSQ; 0 = keep the calibrated ranges)")
+    recon_qdrop: float = Field(0.0, ge=0, lt=1, description="QDrop: probability that an activation inside the "
+                               "block skips its quantization during reconstruction (0 = off; the QDrop paper uses 0.5)")
     batch_size: int = Field(64, ge=1, le=4096, description="calibration forward batch")
 
     @model_validator(mode="after")
@@ -84,6 +86,7 @@ class QState:
     splits: dict[str, int]
     layers: dict[str, _QuantLayer] = field(default_factory=dict)
     log: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
     def q_fn(self) -> Callable[..., torch.Tensor]:
@@ -183,7 +186,7 @@ def prepare(handle: ModelHandle, ctx: Context, cfg: DiffusionPTQConfig, fsc: boo
     attn = core.install_attention_quant(q, cfg.a_bits, cfg.a_symmetric) if cfg.quant_attention and cfg.a_bits else []
     for aq in core.act_quantizers(q):
         aq.enabled = False
-    st = QState(handle, cfg, fp, q, calib, order, tib, splits, layers)
+    st = QState(handle, cfg, fp, q, calib, order, tib, splits, layers, seed=ctx.seed)
     st.t0 = t0
     st.log.update({"calibration": calib.record(), "calibration_seconds": round(t_calib, 2),
                    "quantized_layers": len(layers), "temporal_information_block": tib,
@@ -207,6 +210,7 @@ def calibrate_activations(st: QState, metric: str | None = None) -> None:
     plain = [a for a in quants if not a.n_timesteps]
     for a in quants:
         a.enabled = False
+        a.seed_subsample(st.seed)
     q_fn = st.q_fn()
     for a in plain:
         a.observing = True
@@ -233,7 +237,7 @@ def reconstruct_blocks(st: QState, ctx: Context, exclude: set[str] | None = None
     if cfg.recon_iters <= 0:
         return
     settings = ReconSettings(iters=cfg.recon_iters, batch_size=cfg.recon_batch, lr=cfg.recon_lr,
-                             reg_weight=cfg.recon_reg, act_lr=cfg.recon_act_lr)
+                             reg_weight=cfg.recon_reg, act_lr=cfg.recon_act_lr, qdrop=cfg.recon_qdrop)
     exclude = exclude or set()
     units = core.reconstruction_units(st.q)
     unit_mods = [(n, m) for n, m in units]
@@ -281,7 +285,6 @@ class MinMaxPTQ(Pass):
 
     class Config(DiffusionPTQConfig):
         metric: Literal["lp", "mse", "cosine", "kl", "minmax"] = "minmax"
-        first_last_8bit: bool = False
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         st = prepare(model, ctx, self.config)

@@ -30,7 +30,9 @@ class ReconSettings:
     """Reconstruction hyper-parameters (paper values in brackets): iterations [20k in Q-Diffusion / BRECQ,
     100 in the PTQ4DM scripts], batch [32], Adam learning rate of V [1e-3], rounding-loss weight lambda
     [0.01], beta annealed 20 -> 2, warm-up fraction [0.2]; ``act_lr``: Adam learning rate of the
-    activation quantizers' log step sizes inside the unit (0: ranges stay as calibrated)."""
+    activation quantizers' log step sizes inside the unit (0: ranges stay as calibrated); ``qdrop``: the
+    probability with which each activation inside the unit skips its quantization while the rounding is
+    learned (QDrop, Wei et al. ICLR 2022 [0.5]; 0: off, as in BRECQ / Q-Diffusion)."""
 
     iters: int = 200
     batch_size: int = 32
@@ -40,6 +42,7 @@ class ReconSettings:
     beta_end: float = 2.0
     warmup: float = 0.2
     act_lr: float = 0.0
+    qdrop: float = 0.0
 
 
 def rounding_regularizer(layers: list[_QuantLayer], beta: float) -> torch.Tensor:
@@ -188,7 +191,14 @@ def reconstruct_unit(q_unit: nn.Module, fp_unit: nn.Module, q_model_fn: Callable
             out = out[0]
         return (out - target[idx]).pow(2).mean()
 
-    stats = adaround_optimize(layers, loss_fn, cfg, progress, desc, act_quantizers(q_unit))
+    act_quants = act_quantizers(q_unit)
+    for a in act_quants:
+        a.drop_quantization(cfg.qdrop, gen)
+    try:
+        stats = adaround_optimize(layers, loss_fn, cfg, progress, desc, act_quants)
+    finally:
+        for a in act_quants:
+            a.drop_quantization(0.0)
     with torch.no_grad():  # error after hard rounding, on a fixed slice
         idx = torch.arange(min(n, 64))
         set_current_timesteps(t_all[idx])
