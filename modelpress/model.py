@@ -79,21 +79,6 @@ def canonical_module(module: nn.Module, kind: str) -> nn.Module:
     return _Canonical(module, kind)
 
 
-def import_diffusers():
-    """Import diffusers with its torchao integration switched off.
-
-    diffusers 0.35.2 crashes on import next to torchao 0.18 (its quantizer module references ``logger``
-    before defining it when ``torchao.dtypes.NF4Tensor`` is missing). modelpress never loads torchao-serialized
-    diffusers checkpoints, so diffusers is told that torchao is absent. Import diffusers through this.
-    """
-    import diffusers.utils.import_utils as _import_utils
-
-    _import_utils._torchao_available = False
-    import diffusers
-
-    return diffusers
-
-
 # ---------------------------------------------------------------------------------------------------
 # Architectures: rebuild a module (random init) from a JSON-able description.
 
@@ -120,7 +105,7 @@ def build_architecture(arch: dict[str, Any]) -> nn.Module:
         cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
         return cls(cfg).eval()
     if library == "diffusers":
-        diffusers = import_diffusers()
+        import diffusers
         cls = getattr(diffusers, cls_name, None)
         if cls is None:
             raise UserError(f"diffusers has no model class {cls_name!r}")

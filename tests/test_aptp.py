@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.model import ModelHandle, canonical_module, describe_architecture, import_diffusers
+from modelpress.model import ModelHandle, canonical_module, describe_architecture
 from modelpress.passes import Context, get_pass
 from modelpress.prune import aptp
 from modelpress.prune.gates import ALL_UNIT_KINDS, UNIT_KINDS, GatedUNet, count_macs, find_units
@@ -33,7 +33,7 @@ def _one_thread():  # noqa: ANN202 - the machine is shared: one thread is faster
 
 
 def tiny_unet(seed: int = 0) -> nn.Module:
-    diffusers = import_diffusers()
+    import diffusers
     torch.manual_seed(seed)
     u = diffusers.UNet2DConditionModel.from_config(TINY).eval()
     with torch.no_grad():
@@ -374,7 +374,7 @@ def test_recipe_end_to_end_on_a_checkpoint(tmp_path) -> None:  # noqa: ANN001
     from modelpress.pipeline import run
     from modelpress.recipe import parse_recipe
 
-    diffusers = import_diffusers()
+    import diffusers
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel.from_config({**TINY, "sample_size": 16, "cross_attention_dim": 384}).eval()
     save_checkpoint(ModelHandle(unet, "unet-cond", "tiny", describe_architecture(unet)), tmp_path / "ckpt")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from modelpress.artifact import load_artifact, write_artifact
-from modelpress.model import ModelHandle, describe_architecture, import_diffusers
+from modelpress.model import ModelHandle, describe_architecture
 from modelpress.passes import Context, get_pass
 from modelpress.quant import core
 from modelpress.quant.calibration import build_calibration_set, scheduler_config, snap_to_schedule
@@ -23,7 +23,7 @@ STEPS = 8
 
 
 def tiny_unet(seed: int = 0) -> ModelHandle:
-    d = import_diffusers()
+    import diffusers as d
     torch.manual_seed(seed)
     m = d.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
                       norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -32,7 +32,7 @@ def tiny_unet(seed: int = 0) -> ModelHandle:
 
 
 def tiny_cond_unet(seed: int = 0) -> ModelHandle:
-    d = import_diffusers()
+    import diffusers as d
     torch.manual_seed(seed)
     m = d.UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=12,

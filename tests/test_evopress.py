@@ -35,9 +35,7 @@ def tiny_classifier(layers: int = 3, seed: int = 0) -> ModelHandle:
 
 
 def tiny_unet() -> ModelHandle:
-    from modelpress.model import import_diffusers
-
-    diffusers = import_diffusers()
+    import diffusers
     torch.manual_seed(0)
     m = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
                               block_out_channels=(8, 16), norm_num_groups=4,

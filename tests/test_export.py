@@ -16,7 +16,7 @@ from torch import nn
 
 from modelpress.errors import UserError
 from modelpress.export import ExportSpec, export_model, exported_info, load_exported
-from modelpress.model import ModelHandle, describe_architecture, example_inputs, import_diffusers
+from modelpress.model import ModelHandle, describe_architecture, example_inputs
 
 torch.set_num_threads(1)
 
@@ -33,7 +33,7 @@ def tiny_bert(kind: str = "classifier", layers: int = 1, seed: int = 0, hidden: 
 
 
 def tiny_unet(cond: bool = False) -> ModelHandle:
-    d = import_diffusers()
+    import diffusers as d
     torch.manual_seed(0)
     common = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
                   norm_num_groups=4)

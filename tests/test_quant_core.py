@@ -209,9 +209,6 @@ def test_adaround_rectified_sigmoid() -> None:
 
 
 def test_quant_attention_processor_matches_default_when_off_and_is_saved() -> None:
-    from modelpress.model import import_diffusers
-
-    import_diffusers()
     from diffusers.models.attention_processor import Attention
 
     torch.manual_seed(0)
@@ -238,9 +235,6 @@ def test_quant_attention_processor_matches_default_when_off_and_is_saved() -> No
 
 
 def test_timestep_tap_matches_timesteps() -> None:
-    from modelpress.model import import_diffusers
-
-    import_diffusers()
     from diffusers.models.embeddings import Timesteps
 
     ts = Timesteps(32, True, 0)

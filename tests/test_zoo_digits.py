@@ -8,7 +8,7 @@ import torch
 
 from modelpress.evaluate import EvalContext, get_metric
 from modelpress.evaluate.diffusion import fd_between, feature_stats, frechet_distance
-from modelpress.model import ModelHandle, describe_architecture, import_diffusers
+from modelpress.model import ModelHandle, describe_architecture
 from modelpress.sampling import ddim_sample, ddim_timesteps
 from modelpress.zoo import digits, load
 
@@ -66,7 +66,7 @@ def test_frechet_distance_of_identical_and_shifted_gaussians():
 # DDIM sampler
 
 def _tiny_unet():
-    diffusers = import_diffusers()
+    import diffusers
     torch.manual_seed(0)
     return diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
                                  block_out_channels=(8, 16), norm_num_groups=4,
@@ -81,7 +81,7 @@ def test_ddim_timesteps_are_the_documented_leading_spacing():
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_sample_matches_diffusers_ddim_scheduler(eta):
-    diffusers = import_diffusers()
+    import diffusers
     unet = _tiny_unet()
     model = ModelHandle(unet, "unet", "t", describe_architecture(unet)).canonical()
     ours, traj = ddim_sample(model, SCHED, 3, steps=10, seed=5, eta=eta, return_trajectory=True)

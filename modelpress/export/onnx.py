@@ -138,9 +138,6 @@ def export_optimum(handle: ModelHandle, path: Path, opset: int) -> None:
     if handle.kind not in _OPTIMUM_TASKS or handle.architecture.get("library") != "transformers":
         raise UserError(f"exporter: optimum exports transformers text models, not a {handle.kind} "
                         f"({handle.architecture.get('class')}); use exporter: dynamo")
-    from ..model import import_diffusers
-
-    import_diffusers()  # optimum imports diffusers; this import path avoids diffusers' torchao crash
     from optimum.exporters.onnx import onnx_export_from_model
 
     out = path.parent / "optimum"

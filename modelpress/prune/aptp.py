@@ -47,7 +47,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import UserError
-from ..model import ModelHandle, import_diffusers
+from ..model import ModelHandle
 from ..modules import register_module
 from ..passes import Context, Pass, PassConfig, register_pass
 from .gates import UNIT_KINDS, GatedUNet, GateUnit, units_from_dicts, width_template
@@ -309,7 +309,6 @@ class APTPModel(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor,
                 codes: torch.Tensor | None = None, return_dict: bool = True) -> Any:
-        import_diffusers()
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         b = sample.shape[0]

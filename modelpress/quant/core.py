@@ -242,9 +242,6 @@ class TimestepTap(nn.Module):
         return cls(mod.num_channels, mod.flip_sin_to_cos, mod.downscale_freq_shift, getattr(mod, "scale", 1))
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
-        from ..model import import_diffusers
-
-        import_diffusers()
         from diffusers.models.embeddings import get_timestep_embedding
 
         _CURRENT_T.set(timesteps.detach())
@@ -721,10 +718,7 @@ class QuantAttnProcessor(nn.Module):
 
 @functools.lru_cache(maxsize=1)
 def _diffusers_types() -> dict[str, type]:
-    """diffusers' building-block classes (imported through :func:`modelpress.model.import_diffusers`)."""
-    from ..model import import_diffusers
-
-    import_diffusers()
+    """diffusers' building-block classes."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.attention_processor import Attention
     from diffusers.models.embeddings import Timesteps

@@ -273,9 +273,7 @@ def t2i_unet_config() -> dict[str, Any]:
 
 
 def _new_unet(kind: str) -> nn.Module:
-    from ..model import import_diffusers
-
-    diffusers = import_diffusers()
+    import diffusers
     if kind == "unet":
         return diffusers.UNet2DModel.from_config(ddpm_unet_config())
     return diffusers.UNet2DConditionModel.from_config(t2i_unet_config())
