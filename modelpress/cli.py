@@ -1,8 +1,12 @@
 """The ``modelpress`` command: a thin shell over the Python API.
 
 Exit status: 0 on success, 2 for a problem with the input (bad recipe, missing or corrupt file, mismatched
-checkpoint; reported as one line, no traceback), 130 when interrupted. Nothing is half written: artifacts
-are staged and renamed into place.
+checkpoint; reported as one line, no traceback), 1 for a bug (its traceback on the terminal and in the log),
+130 when interrupted. Nothing is half written: artifacts are staged and renamed into place.
+
+The terminal shows only modelpress's own lines: what other libraries print (Python warnings, their logging,
+native libraries' messages) goes to a log file that each artifact keeps as ``log.txt``
+(:mod:`modelpress.console`); ``--verbose`` shows it on the terminal instead.
 """
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
+from . import console
 from .errors import UserError
 
 EPILOG = """examples:
@@ -28,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "checkpoint, ONNX / .ort / .pte exports, and an accuracy report next to the original's.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"modelpress {__import__('modelpress').__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show other libraries' warnings and messages on the "
+                   "terminal (by default they go to the artifact's log.txt)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a recipe: load, compress, save, export, evaluate, report",
@@ -88,11 +97,40 @@ def _cmd_run(args: argparse.Namespace, export: bool, evaluate: bool) -> None:
     for i, loaded in enumerate(recipes):
         if len(recipes) > 1:
             names = ", ".join(name for name, _ in loaded.passes) or "no passes"
-            print(f"[{i + 1}/{len(recipes)}] {loaded.recipe.model.source}: {names}", file=sys.stderr)
+            console.say(f"[{i + 1}/{len(recipes)}] {loaded.recipe.model.source}: {names}")
         out = run(loaded, export=export, evaluate=evaluate, show_progress=not args.quiet,
-                  output=Path(args.output) if args.output else None)
-        report = out / "report.md"
-        print(f"artifact: {out}" + (f"   report: {report}" if report.exists() else ""))
+                  output=Path(args.output) if args.output else None, log=getattr(args, "log_path", None))
+        for line in summary_lines(out):
+            console.say(line, result=True)
+
+
+def summary_lines(artifact: Path) -> list[str]:
+    """What a run achieved, in a few lines: size against the input checkpoint, each metric reference ->
+    compressed (and per export), where the report is."""
+    report_path = artifact / "report.json"
+    lines = [f"artifact: {artifact}"]
+    if not report_path.exists():
+        return lines
+    report = json.loads(report_path.read_text())
+    size = report["size_bytes"]
+    ref, comp = size["reference"], size["compressed"]
+    ratio = f"{ref / comp:.2f}x smaller" if comp <= ref else f"{comp / ref:.2f}x larger"
+    what = size.get("reference_label", "reference")
+    lines.append(f"  size: {_human(comp)} vs {_human(ref)} {what} ({ratio})")
+    for name, m in report["metrics"].items():
+        arrow = "higher is better" if m["higher_is_better"] else "lower is better"
+        per_export = "".join(f", {fmt}: {_num(e['metrics'][name])}" for fmt, e in report["exports"].items()
+                             if name in e["metrics"])
+        lines.append(f"  {name}: {_num(m['reference'])} -> {_num(m['compressed'])}{per_export} ({arrow})")
+    for fmt, e in report["exports"].items():
+        lines.append(f"  export {fmt}: {e['path']} ({_human(e['size_bytes'])})")
+    if (artifact / "report.md").exists():
+        lines.append(f"  report: {artifact / 'report.md'}")
+    return lines
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}"
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -108,7 +146,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     out_dir = Path(args.artifact) / "exports"
     out_dir.mkdir(exist_ok=True)
     path = export_model(handle, spec, out_dir)
-    print(path)
+    console.say(str(path), result=True)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -120,7 +158,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .pipeline import evaluate_artifact
 
     out = evaluate_artifact(target, metrics=args.metric, show_progress=not args.quiet)
-    print(f"report: {out / 'report.md'}")
+    for line in summary_lines(out):
+        console.say(line, result=True)
 
 
 def _human(n: float) -> str:
@@ -148,20 +187,20 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
                    "from_base": len(m["from_base"]), "inputs": m["inputs"], "metrics": report.get("metrics", {}),
                    "exports": {k: e["path"] for k, e in report.get("exports", {}).items()}}
         if args.json:
-            print(json.dumps(summary, indent=1, default=str))
+            console.say(json.dumps(summary, indent=1, default=str), result=True)
             return
-        print(f"artifact {p}  ({m['kind']} model from {m['source']}, format v{m['format_version']})")
+        console.say(f"artifact {p}  ({m['kind']} model from {m['source']}, format v{m['format_version']})", result=True)
         passes = ", ".join(f"{k} ({v.get('seconds', '?')} s)" for k, v in m["passes"].items()) or "(none)"
-        print(f"passes:  {passes}")
-        print("codecs:")
+        console.say(f"passes:  {passes}", result=True)
+        console.say("codecs:", result=True)
         for codec, (n, b) in sorted(by_codec.items(), key=lambda kv: -kv[1][1]):
-            print(f"  {codec:<28} {n:>5} tensors  {_human(b):>10}")
+            console.say(f"  {codec:<28} {n:>5} tensors  {_human(b):>10}", result=True)
         if m["from_base"]:
-            print(f"  (+ {len(m['from_base'])} tensors taken from the base {m['inputs'].get('base', {}).get('source')})")
+            console.say(f"  (+ {len(m['from_base'])} tensors taken from the base {m['inputs'].get('base', {}).get('source')})", result=True)
         for name, r in report.get("metrics", {}).items():
-            print(f"metric {name}: reference {r['reference']:.4g}  compressed {r['compressed']:.4g}")
+            console.say(f"metric {name}: reference {r['reference']:.4g}  compressed {r['compressed']:.4g}", result=True)
         for name, e in report.get("exports", {}).items():
-            print(f"export {name}: {e['path']} ({_human(e['size_bytes'])}, max abs err {e['max_abs_err']:.3g})")
+            console.say(f"export {name}: {e['path']} ({_human(e['size_bytes'])}, max abs err {e['max_abs_err']:.3g})", result=True)
         return
     from .model import load_state_dict_file
 
@@ -174,8 +213,8 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     for f in files:
         for k, t in load_state_dict_file(f).items():
             total += t.numel() * t.element_size()
-            print(f"{k:<70} {str(t.dtype).replace('torch.', ''):>9} {tuple(t.shape)}")
-    print(f"total {_human(total)}")
+            console.say(f"{k:<70} {str(t.dtype).replace('torch.', ''):>9} {tuple(t.shape)}", result=True)
+    console.say(f"total {_human(total)}", result=True)
 
 
 def _cmd_zoo(args: argparse.Namespace) -> None:
@@ -183,16 +222,14 @@ def _cmd_zoo(args: argparse.Namespace) -> None:
 
     if args.zoo_command == "list":
         for name, e in sorted(zoo.entries().items()):
-            print(f"{name:<20} {e.kind:<11} {e.description}")
+            console.say(f"{name:<20} {e.kind:<11} {e.description}", result=True)
         return
     entry = zoo.get(args.name)
-    print(entry.build(args.force))
+    console.say(entry.build(args.force), result=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; map a user's mistake to exit 2, an interrupt to 130, a bug to 1 (with traceback)."""
     try:
         if args.command == "run":
             _cmd_run(args, export=not args.no_export, evaluate=not args.no_evaluate)
@@ -207,12 +244,36 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "zoo":
             _cmd_zoo(args)
     except UserError as exc:
-        print(f"modelpress: error: {exc}", file=sys.stderr)
+        console.say(f"modelpress: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("modelpress: interrupted; nothing was written", file=sys.stderr)
+        console.say("modelpress: interrupted; nothing was written")
         return 130
+    except Exception:  # a bug: keep its traceback, on the terminal and in the log
+        text = traceback.format_exc()
+        console.terminal().write(text)
+        if console.terminal() is not sys.stderr:
+            sys.stderr.write(text)
+        return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.verbose:
+        return _dispatch(args)
+    fd, name = tempfile.mkstemp(prefix="modelpress-", suffix=".log")
+    os.close(fd)
+    args.log_path = Path(name)
+    with console.third_party_output_to(args.log_path):
+        code = _dispatch(args)
+    if code == 1:  # a bug: keep the log for the bug report
+        console.say(f"modelpress: the full log (other libraries' output included) is in {args.log_path}")
+    else:
+        args.log_path.unlink(missing_ok=True)
+    return code
 
 
 if __name__ == "__main__":

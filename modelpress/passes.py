@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import random
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
+from . import console
 from .errors import UserError
 from .model import ModelHandle
 
@@ -58,10 +58,9 @@ class Context:
     log: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
 
-    def progress(self, iterable: Any = None, total: int | None = None, desc: str = "") -> tqdm:
-        """A progress bar for long work inside a pass."""
-        return tqdm(iterable, total=total, desc=desc, leave=False, disable=not self.show_progress,
-                    dynamic_ncols=True)
+    def progress(self, iterable: Any = None, total: int | None = None, desc: str = "") -> Any:
+        """A progress bar for long work inside a pass (nested under the pipeline's stage bar)."""
+        return console.progress(iterable, total=total, desc=desc, nested=True, disable=not self.show_progress)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A torch generator seeded from the recipe's seed (``offset`` separates independent streams)."""
@@ -77,7 +76,7 @@ class Context:
         """Something the user should know about the result: printed now, kept in the manifest (the pass's
         ``warnings``) and listed in the report."""
         self.log.setdefault(pass_name, {}).setdefault("warnings", []).append(message)
-        tqdm.write(f"warning: {pass_name}: {message}", file=sys.stderr)
+        tqdm.write(f"warning: {pass_name}: {message}", file=console.terminal())
 
 
 @contextmanager

@@ -6,6 +6,7 @@ whole run succeeded (see :func:`modelpress.artifact.atomic_directory`).
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -13,14 +14,15 @@ from typing import Any
 
 import torch
 import yaml
-from tqdm.auto import tqdm
-
-from . import zoo
+from . import console, zoo
 from .artifact import atomic_directory, load_artifact, read_manifest, tensors_sha256, write_artifact, WEIGHTS
 from .errors import UserError
 from .model import ModelHandle, load_checkpoint
 from .passes import CalibrationSpec, Context, get_pass, seeded
 from .recipe import LoadedRecipe, ModelSpec, load_recipes, parse_recipe
+
+#: the artifact's copy of what other libraries printed during the run
+LOG = "log.txt"
 
 
 def load_model_spec(spec: ModelSpec | str) -> ModelHandle:
@@ -54,7 +56,7 @@ def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) ->
     with tempfile.TemporaryDirectory(prefix="modelpress-") as scratch:
         ctx = Context(seed=r.seed, calibration=CalibrationSpec(cal.samples, cal.batch_size, cal.dataset),
                       base=base, scratch=Path(scratch), show_progress=show_progress)
-        bar = tqdm(loaded.passes, desc="passes", disable=not show_progress or not loaded.passes, dynamic_ncols=True)
+        bar = console.progress(loaded.passes, desc="passes", disable=not show_progress or not loaded.passes)
         for i, (name, config) in enumerate(bar):
             bar.set_postfix_str(name)
             cls = get_pass(name)
@@ -74,8 +76,9 @@ def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) ->
 
 
 def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, show_progress: bool = True,
-        output: Path | None = None) -> Path:
-    """Run the whole recipe; returns the artifact directory."""
+        output: Path | None = None, log: Path | None = None) -> Path:
+    """Run the whole recipe; returns the artifact directory. ``log``: a file with what other libraries
+    printed during the run (the command line's), kept in the artifact as ``log.txt``."""
     from .evaluate.report import build_report
 
     out = Path(output) if output else loaded.output
@@ -86,7 +89,9 @@ def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, sho
             artifact_model = load_artifact(staging, base=base)
             build_report(staging, loaded, artifact_model, reference,
                          exports=loaded.exports if export else [], metrics=loaded.recipe.evaluate if evaluate else [],
-                         show_progress=show_progress)
+                         show_progress=show_progress, log_name=LOG if log is not None else None)
+        if log is not None and log.exists():
+            shutil.copyfile(log, staging / LOG)
     return out
 
 
@@ -112,8 +117,6 @@ def evaluate_artifact(path: str | Path, *, metrics: list[str] | None = None, sho
         for f in p.iterdir():
             target = staging / f.name
             if f.is_dir():
-                import shutil
-
                 shutil.copytree(f, target)
             else:
                 target.write_bytes(f.read_bytes())

@@ -105,9 +105,9 @@ def ddim_sample(model: Callable[..., torch.Tensor], scheduler_config: dict[str, 
     trajectory: list[tuple[int, torch.Tensor]] = []
     it: Iterable[int] = range(len(ts))
     if progress is True:
-        from tqdm.auto import tqdm
+        from . import console
 
-        it = tqdm(it, total=len(ts), desc="DDIM")
+        it = console.progress(it, total=len(ts), desc="DDIM", nested=True)
     elif callable(progress):
         it = progress(it, total=len(ts), desc="DDIM")
     for i in it:

@@ -179,3 +179,38 @@ def test_loads_the_packaged_minilm_checkpoint_by_path() -> None:
     handle = load_checkpoint(minilm_dir())
     assert handle.kind == "encoder" and handle.architecture["class"] == "BertModel"
     assert handle.extras["tokenizer_dir"] == str(minilm_dir())
+
+
+#: what modelpress itself prints on stderr: its progress lines, warnings, errors
+OUR_STDERR = ("passes", "evaluate", "DDIM", "warning: ", "modelpress: ", "[")
+
+
+def test_console_shows_only_our_lines_and_the_log_keeps_the_rest(in_tmp: Path, tiny_classifier_dir: Path) -> None:
+    """A run that exports to ONNX and ExecuTorch (which pull in torchao, executorch and optimum, the noisy
+    ones) prints nothing on the terminal that is not ours; other libraries' output goes to log.txt; the run
+    ends with a summary of sizes and metrics."""
+    recipe = write(in_tmp / "r.yaml", f"model: {tiny_classifier_dir}\npasses: [{{type: cast, dtype: float16}}]\n"
+                                      "export: [onnx, pte]\nevaluate: [latency, size]\n")
+    res = subprocess.run([sys.executable, "-m", "modelpress.cli", "run", str(recipe)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    foreign = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith(OUR_STDERR)]
+    assert not foreign, foreign
+    out = res.stdout.splitlines()
+    assert out[0] == "artifact: runs/r" and out[-1] == "  report: runs/r/report.md"
+    assert any(line.startswith("  size: ") and line.endswith("x smaller)") for line in out), out
+    assert any(line.startswith("  latency: ") and "onnx: " in line and "pte: " in line for line in out), out
+    assert (in_tmp / "runs" / "r" / "log.txt").exists()
+    assert "log.txt" in (in_tmp / "runs" / "r" / "report.md").read_text()
+
+
+def test_a_bug_keeps_its_traceback_and_its_log(in_tmp: Path, tiny_classifier_dir: Path) -> None:
+    recipe = write(in_tmp / "b.yaml", f"model: {tiny_classifier_dir}\npasses: [{{type: test-boom}}]\n")
+    code = "import sys, tests.test_framework; from modelpress.cli import main; sys.exit(main(['run', sys.argv[1]]))"
+    res = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, timeout=600,
+                         cwd=in_tmp, env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert res.returncode == 1
+    assert "Traceback" in res.stderr and "RuntimeError: boom" in res.stderr
+    log = res.stderr.strip().splitlines()[-1].split(" is in ")[-1]
+    assert "RuntimeError: boom" in Path(log).read_text()
+    assert not (in_tmp / "runs").exists() or not any((in_tmp / "runs").iterdir())  # no artifact, no staging left

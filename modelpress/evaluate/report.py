@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-
+from .. import console
 from ..artifact import MANIFEST, WEIGHTS
 from ..model import ModelHandle, example_inputs, state_bytes
 from . import EvalContext, MetricResult, evaluate, get_metric
@@ -54,16 +53,18 @@ def _max_abs_err(a: torch.nn.Module, b: torch.nn.Module, handle: ModelHandle) ->
 
 
 def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: ModelHandle, *, exports: list[Any],
-                 metrics: list[Any], show_progress: bool = True, keep_exports: bool = False) -> dict[str, Any]:
-    """Export, evaluate and write report.json / report.md / PNGs into ``staging``."""
+                 metrics: list[Any], show_progress: bool = True, keep_exports: bool = False,
+                 log_name: str | None = None) -> dict[str, Any]:
+    """Export, evaluate and write report.json / report.md / PNGs into ``staging`` (``log_name``: the file
+    beside it that holds other libraries' console output, linked from the report)."""
     seed = loaded.recipe.seed
     manifest = json.loads((staging / MANIFEST).read_text())
     report: dict[str, Any] = {"metrics": {}, "size_bytes": _size_section(staging, manifest, reference), "exports": {}}
     if keep_exports and (staging / "report.json").exists():
         report["exports"] = json.loads((staging / "report.json").read_text()).get("exports", {})
 
-    steps = tqdm(total=2 * len(metrics) + len(exports), desc="evaluate", disable=not show_progress or not
-                 (metrics or exports), dynamic_ncols=True)
+    steps = console.progress(total=2 * len(metrics) + len(exports), desc="evaluate",
+                             disable=not show_progress or not (metrics or exports))
     ref_results = _run_metrics(reference.canonical(), reference, reference, metrics, seed, show_progress)
     steps.update(len(metrics))
     cmp_results = _run_metrics(model.canonical(), model, reference, metrics, seed, show_progress)
@@ -96,7 +97,7 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
 
     (staging / "report.json").write_text(json.dumps(report, indent=1, default=float))
     _plots(staging, report, ref_results, cmp_results)
-    (staging / "report.md").write_text(_markdown(loaded, report, staging, _pass_warnings(manifest)))
+    (staging / "report.md").write_text(_markdown(loaded, report, staging, _pass_warnings(manifest), log_name))
     return report
 
 
@@ -185,7 +186,7 @@ def _pass_warnings(manifest: dict[str, Any]) -> list[str]:
     return [f"{name}: {w}" for name, entry in manifest.get("passes", {}).items() for w in entry.get("warnings", [])]
 
 
-def _markdown(loaded: Any, report: dict[str, Any], staging: Path, warnings: list[str]) -> str:
+def _markdown(loaded: Any, report: dict[str, Any], staging: Path, warnings: list[str], log_name: str | None) -> str:
     r = loaded.recipe
     passes = ", ".join(name for name, _ in loaded.passes) or "(none)"
     lines = [f"# modelpress report", "", f"- model: `{r.model.source}`" + (f" (base `{r.base.source}`)" if r.base else ""),
@@ -218,6 +219,8 @@ def _markdown(loaded: Any, report: dict[str, Any], staging: Path, warnings: list
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     for png in sorted(staging.glob("samples_*.png")):
         lines += [f"## Samples: {png.stem[len('samples_'):]}", "", f"![{png.stem}]({png.name})", ""]
+    if log_name:
+        lines += [f"Other libraries' warnings and messages during this run: [{log_name}]({log_name}).", ""]
     return "\n".join(lines)
 
 

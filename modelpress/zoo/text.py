@@ -369,7 +369,7 @@ def _param_groups(model: torch.nn.Module, s: FinetuneSettings) -> list[dict]:
 
 def _train(model: torch.nn.Module, s: FinetuneSettings, label: str) -> None:
     """AdamW with linear warm-up and linear decay over ``s.epochs`` passes of the train split."""
-    from tqdm.auto import tqdm
+    from .. import console
 
     ids, mask, labels = _tokenized("train", s.max_length)
     steps_per_epoch = math.ceil(len(labels) / s.batch_size)
@@ -379,7 +379,7 @@ def _train(model: torch.nn.Module, s: FinetuneSettings, label: str) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
     model.train()
-    bar = tqdm(total=total, desc=f"fine-tuning {label}", mininterval=5.0)
+    bar = console.progress(total=total, desc=f"fine-tuning {label} (built once, then cached)", mininterval=5.0)
     for epoch in range(s.epochs):
         order = _pick(len(labels), None, s.seed * 1000 + epoch)
         for start in range(0, len(order), s.batch_size):
