@@ -133,7 +133,9 @@ def write_artifact(directory: Path, handle: ModelHandle, *, recipe: dict[str, An
         "kind": handle.kind,
         "source": handle.source,
         "architecture": _jsonable(handle.architecture),
-        "extras": _jsonable({k: v for k, v in handle.extras.items() if isinstance(v, (str, int, float, bool, dict, list))}),
+        # the input checkpoint's record describes the input, not this artifact (its sha256 is under "inputs")
+        "extras": _jsonable({k: v for k, v in handle.extras.items()
+                             if k != "checkpoint" and isinstance(v, (str, int, float, bool, dict, list))}),
         "recipe": recipe or {},
         "passes": _jsonable(pass_log or {}),
         "compressed_modules": modules,

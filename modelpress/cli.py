@@ -117,6 +117,11 @@ def summary_lines(artifact: Path) -> list[str]:
     ratio = f"{ref / comp:.2f}x smaller" if comp <= ref else f"{comp / ref:.2f}x larger"
     what = size.get("reference_label", "reference")
     lines.append(f"  size: {_human(comp)} vs {_human(ref)} {what} ({ratio})")
+    cast = report.get("cast")
+    if cast:
+        same = "bit-identical" if cast["coded_max_abs_err_vs_cast"] == 0 else "NOT bit-identical"
+        lines.append(f"    = cast {cast['from']} -> {cast['to']} (lossy, {_human(cast['bytes'])}) then lossless coding "
+                     f"({cast['bytes'] / comp:.2f}x smaller than the cast model, outputs {same})")
     for name, m in report["metrics"].items():
         arrow = "higher is better" if m["higher_is_better"] else "lower is better"
         per_export = "".join(f", {fmt}: {_num(e['metrics'][name])}" for fmt, e in report["exports"].items()

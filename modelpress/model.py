@@ -147,6 +147,18 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"not a readable safetensors file ({str(exc).splitlines()[0]})", str(path)) from None
 
 
+def checkpoint_record(files: list[Path], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What the user's checkpoint is on disk: its weight files' bytes and the dtype its float tensors are
+    stored in (the reference of every size in the report)."""
+    counts: dict[str, int] = {}
+    for t in state.values():
+        if t.dtype.is_floating_point:
+            name = str(t.dtype).replace("torch.", "")
+            counts[name] = counts.get(name, 0) + t.numel()
+    return {"bytes": sum(Path(f).stat().st_size for f in files), "files": [str(f) for f in files],
+            "dtype": max(counts, key=counts.get) if counts else None}
+
+
 def load_weights_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Load ``state`` strictly; a missing, unexpected or mis-shaped tensor is a one-line error."""
     own = module.state_dict()
@@ -214,7 +226,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Pat
     kind = kind or guess_kind(arch)
     if kind is None:
         raise UserError(f"cannot tell the kind of a {arch['class']}; set model.kind", str(p))
-    extras: dict[str, Any] = {}
+    extras: dict[str, Any] = {"checkpoint": checkpoint_record(weights, state)}
     if arch["library"] == "transformers" and (p if p.is_dir() else p.parent).joinpath("tokenizer.json").exists():
         extras["tokenizer_dir"] = str(p if p.is_dir() else p.parent)
     return ModelHandle(module.eval(), kind, str(p), describe_architecture(module), extras)

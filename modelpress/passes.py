@@ -99,6 +99,8 @@ class Pass:
     kinds: ClassVar[tuple[str, ...]] = ()
     #: export formats that cannot express the pass's output, with why (checked when a recipe is loaded)
     refuses_export: ClassVar[dict[str, str]] = {}
+    #: what an export keeps of the pass's compression, when it keeps less than the artifact (shown in the report)
+    export_note: ClassVar[str] = ""
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config

@@ -334,6 +334,8 @@ class DFloat11(Pass):
     """Lossless entropy coding of weight matrices (DFloat11-style), decoded on the fly at inference."""
 
     name = "dfloat11"
+    export_note = ("ONNX and ExecuTorch have no entropy codec: an export stores the weights decoded, "
+                   "as large as the uncoded model (or larger, where the exporter writes them in float32)")
 
     class Config(PassConfig):
         #: dtype the weights are stored (and run) in

@@ -11,6 +11,7 @@ plus ``report.md`` and PNGs: ``metrics.png`` (a bar chart per metric: reference,
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -24,11 +25,18 @@ from . import EvalContext, MetricResult, evaluate, get_metric
 
 
 def _size_section(staging: Path, manifest: dict[str, Any], reference: ModelHandle) -> dict[str, Any]:
+    """Sizes against the model as the user gave it: its checkpoint's bytes on disk (in its own dtype)
+    when it came from files, else its tensors' bytes in memory."""
     by_codec: dict[str, int] = {}
     for info in manifest["tensors"].values():
         by_codec[info["codec"]] = by_codec.get(info["codec"], 0) + int(info["bytes"])
-    out = {"reference": state_bytes(reference.module), "compressed": (staging / WEIGHTS).stat().st_size,
-           "by_codec": by_codec}
+    ckpt = reference.extras.get("checkpoint")
+    if ckpt:
+        ref, label = int(ckpt["bytes"]), f"input checkpoint ({ckpt['dtype']}, on disk)"
+    else:
+        ref, label = state_bytes(reference.module), "input model (in memory)"
+    out = {"reference": ref, "reference_label": label, "reference_in_memory": state_bytes(reference.module),
+           "compressed": (staging / WEIGHTS).stat().st_size, "by_codec": by_codec}
     if manifest["from_base"]:
         out["note"] = "compressed excludes the base model's tensors, which are loaded from the base"
     return out
@@ -46,10 +54,40 @@ def _run_metrics(model: torch.nn.Module, handle: ModelHandle, reference: ModelHa
     return out
 
 
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a module computes in: that of its first floating-point parameter or buffer (fp32 if none)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def _max_abs_err(a: torch.nn.Module, b: torch.nn.Module, handle: ModelHandle) -> float:
+    """Largest output difference of ``a`` and ``b`` on the same example inputs, each fed in its own dtype."""
     inputs = example_inputs(handle, batch=2)
+
+    def run(m: torch.nn.Module) -> torch.Tensor:
+        dt = compute_dtype(m)
+        return m(*(x.to(dt) if x.is_floating_point() else x for x in inputs)).float()
+
     with torch.no_grad():
-        return float((a(*inputs).float() - b(*inputs).float()).abs().max())
+        return float((run(a) - run(b)).abs().max())
+
+
+def _cast_step(manifest: dict[str, Any]) -> tuple[str, str] | None:
+    """``(from, to)`` when a pass cast the model's floats before coding them losslessly (dfloat11's
+    ``cast_from``): the report then shows the cast and the coding as two steps."""
+    for entry in manifest.get("passes", {}).values():
+        if entry.get("cast_from") and entry.get("dtype"):
+            return "/".join(entry["cast_from"]), entry["dtype"]
+    return None
+
+
+def _export_notes(manifest: dict[str, Any]) -> list[str]:
+    from ..passes import get_pass
+
+    return [f"{name}: {get_pass(name).export_note}" for name in manifest.get("passes", {})
+            if get_pass(name).export_note]
 
 
 def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: ModelHandle, *, exports: list[Any],
@@ -73,6 +111,16 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
         report["metrics"][name] = {"reference": ref_results[name].value, "compressed": res.value,
                                    "higher_is_better": res.higher_is_better, "details": res.details,
                                    "reference_details": ref_results[name].details}
+    cast = _cast_step(manifest)
+    if cast:  # the lossy cast and the lossless coding, measured apart
+        cast_model = reference.replace_module(copy.deepcopy(reference.module).to(getattr(torch, cast[1])))
+        cast_results = _run_metrics(cast_model.canonical(), cast_model, reference, metrics, seed, show_progress)
+        report["cast"] = {"from": cast[0], "to": cast[1], "bytes": state_bytes(cast_model.module),
+                          "metrics": {n: r.value for n, r in cast_results.items()},
+                          "coded_max_abs_err_vs_cast": _max_abs_err(model.canonical(), cast_model.canonical(), model)}
+    notes = _export_notes(manifest)
+    if notes and exports:
+        report["export_notes"] = notes
 
     if exports:
         from ..export import export_model, load_exported
@@ -193,12 +241,22 @@ def _markdown(loaded: Any, report: dict[str, Any], staging: Path, warnings: list
              f"- passes: {passes}", f"- seed: {r.seed}", ""]
     size = report["size_bytes"]
     lines += ["## Size", "", "| | bytes | vs reference |", "|---|---:|---:|",
-              f"| reference | {size['reference']:,} | 1.00x |",
+              f"| reference: {size.get('reference_label', 'input model')} | {size['reference']:,} | 1.00x |",
               f"| compressed | {size['compressed']:,} | {_versus(size['reference'], size['compressed'])} |"]
     for name, e in report["exports"].items():
         lines.append(f"| export `{name}` | {e['size_bytes']:,} | {_versus(size['reference'], e['size_bytes'])} |")
     if size.get("note"):
         lines += ["", f"({size['note']}.)"]
+    if report.get("cast"):
+        c = report["cast"]
+        same = "bit-identical" if c["coded_max_abs_err_vs_cast"] == 0 else f"max abs err {c['coded_max_abs_err_vs_cast']:.3g}"
+        lines += ["", "Two steps: the cast is lossy, the coding is not.", "",
+                  "| step | bytes | vs the step before | outputs |", "|---|---:|---:|---|",
+                  f"| 1. cast {c['from']} -> {c['to']} (lossy) | {c['bytes']:,} | "
+                  f"{_versus(size['reference'], c['bytes'])} | "
+                  + ", ".join(f"{n} {_fmt(v)}" for n, v in c["metrics"].items()) + " |",
+                  f"| 2. lossless coding | {size['compressed']:,} | {_versus(c['bytes'], size['compressed'])} | "
+                  f"{same} to step 1 |"]
     lines += ["", "Bytes by codec: " + ", ".join(f"{k} {v:,}" for k, v in size["by_codec"].items()), "", "![size](size.png)", ""]
     if report["metrics"]:
         exports = list(report["exports"])
@@ -215,6 +273,7 @@ def _markdown(loaded: Any, report: dict[str, Any], staging: Path, warnings: list
         for name, e in report["exports"].items():
             lines.append(f"| {name} | `{e['path']}` | {e['max_abs_err']:.3g} |")
         lines.append("")
+        lines += [f"- {note}" for note in report.get("export_notes", [])] + [""]
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     for png in sorted(staging.glob("samples_*.png")):

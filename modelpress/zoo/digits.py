@@ -439,7 +439,8 @@ def build(name: str, force: bool = False, directory: Path | None = None,
 
 
 def _load_state(name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    from ..model import load_state_dict_file
+    """The model's weights (as fp32) and its metadata; ``meta["checkpoint"]`` records the file on disk."""
+    from ..model import checkpoint_record, load_state_dict_file
 
     found = _find(name)
     if found is None:
@@ -447,8 +448,9 @@ def _load_state(name: str) -> tuple[dict[str, torch.Tensor], dict]:
         found = _find(name)
         assert found is not None
     w, j = found
-    state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_state_dict_file(w).items()}
-    return state, json.loads(j.read_text())
+    stored = load_state_dict_file(w)
+    state = {k: v.float() if v.dtype.is_floating_point else v for k, v in stored.items()}
+    return state, {**json.loads(j.read_text()), "checkpoint": checkpoint_record([w], stored)}
 
 
 @lru_cache(maxsize=1)
@@ -480,7 +482,8 @@ def _load_unet(name: str) -> ModelHandle:
     state, meta = _load_state(name)
     module = build_architecture(meta["architecture"])
     load_weights_into(module, state, name)
-    extras: dict[str, Any] = {"scheduler": dict(meta["scheduler"]), "zoo": name, "training": meta["training"]}
+    extras: dict[str, Any] = {"scheduler": dict(meta["scheduler"]), "zoo": name, "training": meta["training"],
+                              "checkpoint": meta["checkpoint"]}
     return ModelHandle(module.eval(), meta["kind"], f"zoo:{name}", describe_architecture(module), extras)
 
 

@@ -313,10 +313,14 @@ def _base_encoder() -> torch.nn.Module:
 
 def load_minilm() -> ModelHandle:
     """The real all-MiniLM-L6-v2 ``BertModel`` (kind ``encoder``: last hidden state out)."""
+    from ..model import checkpoint_record, load_state_dict_file
+
     module = _base_encoder()
     d = minilm_dir()
+    files = sorted(d.glob("*.safetensors"))
+    stored = {k: v for f in files for k, v in load_state_dict_file(f).items()}
     return ModelHandle(module, "encoder", str(d), describe_architecture(module),
-                       {"tokenizer_dir": str(d), "max_length": 64})
+                       {"tokenizer_dir": str(d), "max_length": 64, "checkpoint": checkpoint_record(files, stored)})
 
 
 @dataclass(frozen=True)
