@@ -122,6 +122,10 @@ def summary_lines(artifact: Path) -> list[str]:
         same = "bit-identical" if cast["coded_max_abs_err_vs_cast"] == 0 else "NOT bit-identical"
         lines.append(f"    = cast {cast['from']} -> {cast['to']} (lossy, {_human(cast['bytes'])}) then lossless coding "
                      f"({cast['bytes'] / comp:.2f}x smaller than the cast model, outputs {same})")
+    delta = report.get("delta")
+    if delta:
+        lines.append(f"    the delta alone: {_human(delta['total_bytes'])} vs {_human(delta['total_fp16_bytes'])} as an "
+                     f"fp16 delta ({delta['total_ratio']:.1f}x smaller)")
     for name, m in report["metrics"].items():
         arrow = "higher is better" if m["higher_is_better"] else "lower is better"
         per_export = "".join(f", {fmt}: {_num(e['metrics'][name])}" for fmt, e in report["exports"].items()

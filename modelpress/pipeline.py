@@ -89,7 +89,7 @@ def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, sho
             artifact_model = load_artifact(staging, base=base)
             build_report(staging, loaded, artifact_model, reference,
                          exports=loaded.exports if export else [], metrics=loaded.recipe.evaluate if evaluate else [],
-                         show_progress=show_progress, log_name=LOG if log is not None else None)
+                         show_progress=show_progress, log_name=LOG if log is not None else None, base=base)
         if log is not None and log.exists():
             shutil.copyfile(log, staging / LOG)
     return out

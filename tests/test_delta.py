@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 
 import numpy as np
 import pytest
@@ -395,6 +396,11 @@ def test_recipe_artifact_stores_only_the_delta(tmp_path, pass_yaml):
                       f"output: {tmp_path / 'out'}\n")
     out = run_recipe(recipe, export=False, evaluate=False, show_progress=False)
     manifest = read_manifest(out)
+    (tmp_path / "out-eval").mkdir()
+    report_out = run_recipe(recipe, evaluate=True, show_progress=False, output=tmp_path / "out-eval" / "r")
+    delta = json.loads((report_out / "report.json").read_text())["delta"]  # the delta against the fp16 delta
+    assert delta["total_bytes"] < delta["total_fp16_bytes"] and delta["linear_ratio"] > 8
+    assert "fp16 delta of the same tensors" in (report_out / "report.md").read_text()
     assert "bert.encoder.layer.0.attention.self.query.weight" in manifest["from_base"]
     stored = manifest["tensors"]
     assert not any(k.endswith("query.weight") for k in stored)

@@ -214,3 +214,22 @@ def test_a_bug_keeps_its_traceback_and_its_log(in_tmp: Path, tiny_classifier_dir
     log = res.stderr.strip().splitlines()[-1].split(" is in ")[-1]
     assert "RuntimeError: boom" in Path(log).read_text()
     assert not (in_tmp / "runs").exists() or not any((in_tmp / "runs").iterdir())  # no artifact, no staging left
+
+
+def test_report_measures_against_the_input_checkpoint_and_splits_cast_from_coding(in_tmp: Path,
+                                                                                tiny_classifier_dir: Path) -> None:
+    """fp32 checkpoint + dfloat11 (bf16): the size reference is the checkpoint's bytes on disk, and the
+    report shows the lossy cast and the lossless coding apart, the coded model bit-identical to the cast one."""
+    recipe = write(in_tmp / "l.yaml", f"model: {tiny_classifier_dir}\npasses: [{{type: dfloat11, min_elements: 1024}}]\n"
+                                      "export: [onnx]\nevaluate: [size]\n")
+    out = run_recipe(recipe, show_progress=False)
+    report = json.loads((out / "report.json").read_text())
+    on_disk = sum(f.stat().st_size for f in tiny_classifier_dir.glob("*.safetensors"))
+    assert report["size_bytes"]["reference"] == on_disk
+    assert report["size_bytes"]["reference_label"] == "input checkpoint (float32, on disk)"
+    cast = report["cast"]
+    assert (cast["from"], cast["to"]) == ("float32", "bfloat16") and cast["coded_max_abs_err_vs_cast"] == 0.0
+    assert report["size_bytes"]["compressed"] < cast["bytes"] < on_disk
+    md = (out / "report.md").read_text()
+    assert "1. cast float32 -> bfloat16 (lossy)" in md and "bit-identical to step 1" in md
+    assert "no entropy codec" in md  # the ONNX export cannot carry the coding, and the report says so

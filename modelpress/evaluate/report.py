@@ -92,7 +92,7 @@ def _export_notes(manifest: dict[str, Any]) -> list[str]:
 
 def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: ModelHandle, *, exports: list[Any],
                  metrics: list[Any], show_progress: bool = True, keep_exports: bool = False,
-                 log_name: str | None = None) -> dict[str, Any]:
+                 log_name: str | None = None, base: ModelHandle | None = None) -> dict[str, Any]:
     """Export, evaluate and write report.json / report.md / PNGs into ``staging`` (``log_name``: the file
     beside it that holds other libraries' console output, linked from the report)."""
     seed = loaded.recipe.seed
@@ -121,6 +121,10 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
     notes = _export_notes(manifest)
     if notes and exports:
         report["export_notes"] = notes
+    if base is not None:  # a delta: its size against the fp16 delta, not only against the whole model
+        from ..compress.delta import delta_size_report
+
+        report["delta"] = delta_size_report(model.module, base.module)
 
     if exports:
         from ..export import export_model, load_exported
@@ -145,7 +149,7 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
 
     (staging / "report.json").write_text(json.dumps(report, indent=1, default=float))
     _plots(staging, report, ref_results, cmp_results)
-    (staging / "report.md").write_text(_markdown(loaded, report, staging, _pass_warnings(manifest), log_name))
+    (staging / "report.md").write_text(_markdown(loaded, report, staging, manifest, log_name))
     return report
 
 
@@ -229,12 +233,40 @@ def _versus(reference: int, other: int) -> str:
     return f"{other / max(reference, 1):.2f}x larger"
 
 
+def _what_it_saves(report: dict[str, Any], manifest_passes: dict[str, Any]) -> list[str]:
+    """What each method is for, in its own terms: compute per prompt for pruning, the delta against the fp16
+    delta for delta methods, and why a torch number can look worse than the deployable one."""
+    lines: list[str] = []
+    for name in ("aptp", "static_prune"):
+        log = manifest_passes.get(name)
+        if log and "code_macs_ratio" in log:
+            codes = ", ".join(f"code {i}: {r:.3f} ({n} training prompts)"
+                              for i, (r, n) in enumerate(zip(log["code_macs_ratio"], log["train_prompt_counts"])))
+            lines += [f"- **Compute** ({name}): {log['average_macs_ratio']:.3f} of the unpruned UNet's MACs per "
+                      f"prompt on average, routed by prompt: {codes}. The artifact stores every code's "
+                      "sub-network, so it can be larger than the input: this method saves compute, not bytes."]
+    d = report.get("delta")
+    if d:
+        lines += [f"- **Delta**: {d['total_bytes']:,} bytes stored against {d['total_fp16_bytes']:,} for the fp16 "
+                  f"delta of the same tensors ({d['total_ratio']:.1f}x smaller; linear layers alone "
+                  f"{d['linear_ratio']:.1f}x). The size above compares the delta with the whole input model; the "
+                  "base is loaded from its own checkpoint. In torch the delta runs as base product + delta "
+                  "product per layer, so its latency is above the fine-tune's; merge it "
+                  "(`modelpress.modules.materialize`, as the exports do) or serve many fine-tunes on one base to gain."]
+    quant = [n for n in ("ptq", "ptq4dm", "tfmq") if n in manifest_passes]
+    if quant and "latency" in report["metrics"]:
+        lines += [f"- **Latency** ({', '.join(quant)}): the torch model emulates integer arithmetic in floats "
+                  "(fake quantization: dequantize, quantize the input, then a float op), so its latency is "
+                  "*above* the reference's; the exports' latency is the deployable one."]
+    return ["## What the method saves", ""] + lines + [""] if lines else []
+
+
 def _pass_warnings(manifest: dict[str, Any]) -> list[str]:
     """``pass: message`` for every warning a pass recorded in the manifest."""
     return [f"{name}: {w}" for name, entry in manifest.get("passes", {}).items() for w in entry.get("warnings", [])]
 
 
-def _markdown(loaded: Any, report: dict[str, Any], staging: Path, warnings: list[str], log_name: str | None) -> str:
+def _markdown(loaded: Any, report: dict[str, Any], staging: Path, manifest: dict[str, Any], log_name: str | None) -> str:
     r = loaded.recipe
     passes = ", ".join(name for name, _ in loaded.passes) or "(none)"
     lines = [f"# modelpress report", "", f"- model: `{r.model.source}`" + (f" (base `{r.base.source}`)" if r.base else ""),
@@ -258,6 +290,7 @@ def _markdown(loaded: Any, report: dict[str, Any], staging: Path, warnings: list
                   f"| 2. lossless coding | {size['compressed']:,} | {_versus(c['bytes'], size['compressed'])} | "
                   f"{same} to step 1 |"]
     lines += ["", "Bytes by codec: " + ", ".join(f"{k} {v:,}" for k, v in size["by_codec"].items()), "", "![size](size.png)", ""]
+    lines += _what_it_saves(report, manifest.get("passes", {}))
     if report["metrics"]:
         exports = list(report["exports"])
         header = ["metric", "reference", "compressed"] + [f"`{e}`" for e in exports]
@@ -274,6 +307,7 @@ def _markdown(loaded: Any, report: dict[str, Any], staging: Path, warnings: list
             lines.append(f"| {name} | `{e['path']}` | {e['max_abs_err']:.3g} |")
         lines.append("")
         lines += [f"- {note}" for note in report.get("export_notes", [])] + [""]
+    warnings = _pass_warnings(manifest)
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     for png in sorted(staging.glob("samples_*.png")):
