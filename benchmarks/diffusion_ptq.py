@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--recon-ptq4dm", type=int, default=100)
     ap.add_argument("--recon-tfmq", type=int, default=200)
-    ap.add_argument("--methods", default="ptq,ptq4dm,tfmq,tfmq-qdrop", help="comma-separated main-table methods")
+    ap.add_argument("--methods", default="ptq,ptq4dm,tfmq,tfmq-qdrop", help="comma-separated main-table methods: ptq, ptq4dm, tfmq, tfmq-qdrop, tfmq-mse, tfmq-cosine")
     ap.add_argument("--only", choices=["main", "ablations", "all"], default="all")
     ap.add_argument("--settings", default="8/8,4/8,4/6", help="comma-separated W/A bit settings of the main table")
     ap.add_argument("--threads", type=int, default=2)
@@ -151,6 +151,10 @@ def main() -> None:
             if "tfmq-qdrop" in methods:
                 run("main", name, "TFMQ-DM + QDrop 0.5 (tfmq, recon_qdrop)", "tfmq", main_seeds,
                     recon_iters=args.recon_tfmq, recon_qdrop=0.5, **shared)
+            for metric in ("mse", "cosine"):  # range metrics other than the papers' Lp (p = 2.4)
+                if f"tfmq-{metric}" in methods:
+                    run("main", name, f"TFMQ-DM, {metric} ranges (tfmq, metric: {metric})", "tfmq", main_seeds,
+                        recon_iters=args.recon_tfmq, metric=metric, **shared)
     if args.only in ("ablations", "all"):
         base = dict(w_bits=4, a_bits=8, first_last_8bit=True)
         groups = args.ablations.split(",")

@@ -121,7 +121,7 @@ def bench_drop_oracle(args: argparse.Namespace) -> list[str]:
 
     import numpy as np
 
-    from modelpress.search.evopress import calibration_pool
+    from modelpress.search.space import calibration_pool
     from modelpress.search.levels import LevelSpec, LevelSwitcher, search_units
 
     handle = zoo.load("minilm-docs")

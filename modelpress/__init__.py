@@ -7,7 +7,7 @@ Python entry points::
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def load(path, base=None):  # noqa: ANN001, ANN201 - thin re-export with lazy import

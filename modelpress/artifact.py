@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .errors import UserError
 from .model import ModelHandle, align_to_base, build_architecture, load_state_dict_file
 from .modules import compressed_modules, module_class, set_submodule
@@ -167,7 +167,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def _resolve_base(manifest: dict[str, Any], base: ModelHandle | str | None, where: str) -> ModelHandle:
-    from .pipeline import load_model_spec
+    from .sources import load_model
 
     info = manifest["inputs"].get("base") or {}
     if base is None:
@@ -175,7 +175,7 @@ def _resolve_base(manifest: dict[str, Any], base: ModelHandle | str | None, wher
             raise UserError("this delta artifact needs its base model, and the manifest names none", where)
         base = info["source"]
     if isinstance(base, str):
-        base = load_model_spec(base)
+        base = load_model(base)
     expected = info.get("sha256")
     if expected and tensors_sha256(base.module.state_dict()) != expected:
         raise UserError(f"wrong base model: its sha256 does not match the one this delta was made against "

@@ -49,13 +49,30 @@ class ModelHandle:
         return ModelHandle(module, self.kind, self.source, self.architecture, dict(self.extras))
 
 
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module computes in: that of its first floating-point parameter or buffer (fp32 if none)."""
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    for t in module.buffers():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 class _Canonical(nn.Module):
+    """The kind's canonical call. Floating-point inputs are fed in the dtype the model computes in (a bf16 /
+    fp16 model gets bf16 / fp16 samples and prompt embeddings); integer inputs (token ids, timesteps) as given."""
+
     def __init__(self, inner: nn.Module, kind: str) -> None:
         super().__init__()
         self.inner = inner
         self.kind = kind
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(self.inner)
+        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype
+                     else a for a in args)
         if self.kind == "classifier":
             return self.inner(input_ids=args[0], attention_mask=args[1]).logits
         if self.kind == "encoder":

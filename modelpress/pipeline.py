@@ -14,27 +14,17 @@ from typing import Any
 
 import torch
 import yaml
-from . import console, zoo
+
+from . import console
 from .artifact import atomic_directory, load_artifact, read_manifest, tensors_sha256, write_artifact, WEIGHTS
 from .errors import UserError
-from .model import ModelHandle, load_checkpoint
+from .model import ModelHandle
 from .passes import CalibrationSpec, Context, get_pass, seeded
 from .recipe import LoadedRecipe, ModelSpec, load_recipes, parse_recipe
+from .sources import load_model
 
 #: the artifact's copy of what other libraries printed during the run
 LOG = "log.txt"
-
-
-def load_model_spec(spec: ModelSpec | str) -> ModelHandle:
-    """Load a model named by a recipe's ``model:``/``base:`` (zoo name or checkpoint path)."""
-    if isinstance(spec, str):
-        spec = ModelSpec(source=spec)
-    if zoo.is_zoo_name(spec.source):
-        handle = zoo.load(spec.source)
-        if spec.kind and spec.kind != handle.kind:
-            raise UserError(f"zoo model {spec.source!r} is a {handle.kind} model, not {spec.kind}")
-        return handle
-    return load_checkpoint(spec.source, kind=spec.kind, config=spec.config)
 
 
 def _input_record(spec: ModelSpec, handle: ModelHandle) -> dict[str, Any]:
@@ -46,8 +36,8 @@ def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) ->
 
     Returns the compressed handle, the untouched reference, the base (or ``None``) and the context."""
     r = loaded.recipe
-    model = load_model_spec(r.model)
-    base = load_model_spec(r.base) if r.base else None
+    model = load_model(r.model)
+    base = load_model(r.base) if r.base else None
     reference = model.replace_module(copy.deepcopy(model.module))
     inputs = {"model": _input_record(r.model, model)}
     if base is not None:
@@ -112,7 +102,7 @@ def evaluate_artifact(path: str | Path, *, metrics: list[str] | None = None, sho
     loaded = parse_recipe(manifest["recipe"], str(p / "recipe.yaml"))
     if metrics:
         loaded.recipe.evaluate = parse_recipe({**manifest["recipe"], "evaluate": metrics}, str(p / "recipe.yaml")).recipe.evaluate
-    reference = load_model_spec(loaded.recipe.model)
+    reference = load_model(loaded.recipe.model)
     with atomic_directory(p) as staging:
         for f in p.iterdir():
             target = staging / f.name
@@ -126,4 +116,4 @@ def evaluate_artifact(path: str | Path, *, metrics: list[str] | None = None, sho
     return p
 
 
-__all__ = ["run", "run_recipe", "compress", "evaluate_artifact", "load_model_spec", "WEIGHTS"]
+__all__ = ["run", "run_recipe", "compress", "evaluate_artifact", "load_model", "WEIGHTS"]

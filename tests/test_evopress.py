@@ -14,8 +14,8 @@ from modelpress.model import ModelHandle, describe_architecture, example_inputs
 from modelpress.passes import Context, get_pass
 from modelpress.prune.sparsegpt import collect_hessians, layer_output_error, magnitude_prune, sparsegpt_prune
 from modelpress.search import baselines
-from modelpress.search.evopress import (CalibrationPool, EvoPressPass, SearchSpace, calibration_pool, evolve,
-                                        load_level_map, target_size)
+from modelpress.search.evopress import EvoPressPass, evolve, load_level_map
+from modelpress.search.space import CalibrationPool, SearchSpace, calibration_pool, target_size
 from modelpress.search.levels import (DroppedBlock, LevelDatabase, LevelSpec, LevelSwitcher, build_database,
                                       find_layers, search_units)
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from .. import console
 from ..artifact import MANIFEST, WEIGHTS
-from ..model import ModelHandle, example_inputs, state_bytes
+from ..model import ModelHandle, compute_dtype, example_inputs, state_bytes
 from . import EvalContext, MetricResult, evaluate, get_metric
 
 
@@ -52,14 +52,6 @@ def _run_metrics(model: torch.nn.Module, handle: ModelHandle, reference: ModelHa
                           show_progress=show_progress)
         out.update(evaluate(model, handle, [spec.metric], ctx))
     return out
-
-
-def compute_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype a module computes in: that of its first floating-point parameter or buffer (fp32 if none)."""
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
 
 
 def _max_abs_err(a: torch.nn.Module, b: torch.nn.Module, handle: ModelHandle) -> float:

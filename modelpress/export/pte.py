@@ -29,6 +29,7 @@ from ..model import ModelHandle
 from . import ExportSpec, register_exporter
 from .common import (INPUT_NAMES, TEXT_KINDS, as_list, atomic_path, export_error, export_program, trace_inputs, traceable,
                      write_info)
+from ..quant.core import PTE_REFUSAL
 from .qdq import has_calibrated_quant
 
 
@@ -46,13 +47,6 @@ MIN_QUANT_ELEMENTS = 4096
 #: frequencies before sin / cos, and int8 on that product destroys the embedding (digits-ddpm sampled noise,
 #: FD 139 instead of 13.5)
 FLOAT_MODULE_TYPES = ("Timesteps", "TimestepTap")
-
-
-#: why models with the PTQ passes' quantized layers do not go to ExecuTorch (the module docstring has the
-#: details); the passes declare it too, so that a recipe asking for it fails before any work
-PTQ_REFUSAL = ("XNNPACK's int8 kernels need symmetric weights and a quantized output on every layer, which "
-               "the PTQ passes' quantized layers do not have; export the model to onnx or ort (exact int8 QDQ), "
-               "or the float model to pte with quantize: int8")
 
 
 def small_layers(module: nn.Module, min_elements: int = MIN_QUANT_ELEMENTS) -> list[str]:
@@ -120,7 +114,7 @@ def export_pte(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration
                             "input_names": list(INPUT_NAMES[handle.kind]),
                             "input_shapes": [list(x.shape) for x in inputs]}
     if has_calibrated_quant(handle.module):
-        raise UserError(f"cannot export to ExecuTorch: {PTQ_REFUSAL}", handle.architecture.get("class"))
+        raise UserError(f"cannot export to ExecuTorch: {PTE_REFUSAL}", handle.architecture.get("class"))
     wrapper = traceable(handle)
     program = None
     try:

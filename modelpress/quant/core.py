@@ -39,6 +39,13 @@ METRICS: tuple[str, ...] = ("lp", "mse", "cosine", "kl", "minmax")
 # Integer ranges, quantize / dequantize
 
 
+
+#: why models with these quantized layers do not go to ExecuTorch (see :mod:`modelpress.export.pte`); the PTQ
+#: passes declare it, so that a recipe asking for it fails before any work
+PTE_REFUSAL = ("XNNPACK's int8 kernels need symmetric weights and a quantized output on every layer, which "
+               "the PTQ passes' quantized layers do not have; export the model to onnx or ort (exact int8 QDQ), "
+               "or the float model to pte with quantize: int8")
+
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """Signed integer code range: narrow ``[-(2^(b-1)-1), 2^(b-1)-1]`` when symmetric (zero point 0),
     full ``[-2^(b-1), 2^(b-1)-1]`` when asymmetric (integer zero point inside the range)."""

@@ -27,7 +27,6 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import UserError
-from ..export.pte import PTQ_REFUSAL
 from ..model import ModelHandle, canonical_module
 from ..passes import Context, Pass, PassConfig, register_pass
 from . import core
@@ -270,7 +269,7 @@ def finish(st: QState, ctx: Context, pass_name: str) -> ModelHandle:
 
 
 #: the diffusion PTQ passes' models do not go to ExecuTorch (the reason is the exporter's)
-NO_PTE = {"pte": PTQ_REFUSAL}
+NO_PTE = {"pte": core.PTE_REFUSAL}
 
 
 @register_pass

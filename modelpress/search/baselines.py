@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evopress import CalibrationPool, SearchSpace
+from .space import CalibrationPool, SearchSpace
 from .levels import LevelSwitcher
 
 #: largest DP capacity (budget in cost units); beyond it, costs are coarsened (rounded up, so the budget holds)

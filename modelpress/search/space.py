@@ -1,0 +1,288 @@
+"""The search space of EvoPress and of the baselines it is compared with: the calibration pool the
+candidates are scored on (fitness: divergence from the dense model's outputs) and the level maps with their
+exact budget and the level-switch mutation (EvoPress Sec. 3.2). Shared by :mod:`.evopress` and
+:mod:`.baselines`, which import it and not each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..model import ModelHandle, example_inputs
+from .levels import LevelSpec
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration pool and fitness
+
+
+@dataclass
+class CalibrationPool:
+    """Calibration inputs (stacked over samples) and the dense model's outputs on them.
+
+    ``ids`` are the dataset indices of the samples (recorded in the manifest); ``source`` names the data.
+    """
+
+    inputs: tuple[torch.Tensor, ...]
+    ids: list[int]
+    source: str
+    distance: Literal["kl", "mse", "rel_mse"]
+    targets: torch.Tensor | None = None
+    batch_size: int = 32
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    #: text inputs whose output does not depend on the padded length (class logits): cut each batch's
+    #: padding columns beyond its longest sequence (exactly the same outputs, less compute)
+    trim_padding: bool = False
+
+    def batches(self, idx: list[int] | np.ndarray) -> list[tuple[torch.Tensor, ...]]:
+        idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        out = []
+        for s in range(0, len(idx_t), self.batch_size):
+            b = tuple(x[idx_t[s:s + self.batch_size]] for x in self.inputs)
+            if self.trim_padding:
+                n = int(b[1].sum(1).max())
+                b = (b[0][:, :n], b[1][:, :n]) + b[2:]
+            out.append(b)
+        return out
+
+    @torch.no_grad()
+    def outputs(self, model: nn.Module, idx: list[int] | np.ndarray) -> torch.Tensor:
+        return torch.cat([model(*b).float() for b in self.batches(idx)])
+
+    @torch.no_grad()
+    def set_targets(self, model: nn.Module) -> None:
+        self.targets = self.outputs(model, np.arange(len(self)))
+
+    def length_sorted(self, idx: list[int] | np.ndarray) -> np.ndarray:
+        """``idx`` ordered by sequence length when padding is trimmed (batches of similar lengths)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if not self.trim_padding:
+            return idx
+        lengths = self.inputs[1][torch.as_tensor(idx)].sum(1).numpy()
+        return idx[np.argsort(lengths, kind="stable")]
+
+    @torch.no_grad()
+    def fitness(self, model: nn.Module, idx: list[int] | np.ndarray) -> float:
+        """Mean per-sample divergence from the dense outputs on pool samples ``idx`` (lower is better)."""
+        idx = self.length_sorted(idx)
+        out = self.outputs(model, idx)
+        return float(sample_divergence(out, self.targets[torch.as_tensor(np.asarray(idx, dtype=np.int64))],
+                                       self.distance).mean())
+
+
+def sample_divergence(out: torch.Tensor, target: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-sample divergence of ``out`` from ``target`` (first dim = samples).
+
+    ``kl``: KL(softmax(target) || softmax(out)) over the last dim, summed over any middle dims;
+    ``mse``: mean squared difference; ``rel_mse``: mse divided by the target's mean square.
+    """
+    out, target = out.double(), target.double()  # KLs near 0 need the precision
+    if distance == "kl":
+        lp_t = F.log_softmax(target, dim=-1)
+        lp_o = F.log_softmax(out, dim=-1)
+        kl = (lp_t.exp() * (lp_t - lp_o)).sum(-1)
+        return kl.reshape(kl.shape[0], -1).sum(1)
+    d = (out - target).pow(2).reshape(out.shape[0], -1).mean(1)
+    if distance == "rel_mse":
+        d = d / target.pow(2).reshape(target.shape[0], -1).mean(1).clamp_min(1e-12)
+    return d
+
+
+def _text_inputs(handle: ModelHandle, n: int, seed: int, max_length: int, split: str) -> tuple[tuple[torch.Tensor, ...], list[int], str]:
+    """Docs-task texts for MiniLM-vocabulary models, random tokens for stand-ins with their own vocabulary."""
+    vocab = int(handle.architecture["config"].get("vocab_size", 0))
+    if vocab == 30522:
+        from ..zoo.text import docs_tensors
+
+        ids, mask, _ = docs_tensors(split, None, max_length)
+        pick = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:n]
+        return (ids[pick], mask[pick]), pick.tolist(), f"pydocs-10/{split}"
+    x = example_inputs(handle, batch=n, seq_len=min(max_length, 32), seed=seed)
+    return x, list(range(n)), f"random-tokens(seed={seed})"
+
+
+def _unet_inputs(handle: ModelHandle, n: int, seed: int) -> tuple[tuple[torch.Tensor, ...], list[int], str]:
+    """``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` of real training digits at uniform random timesteps."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = handle.architecture["config"]
+    size = cfg.get("sample_size", 16)
+    if handle.extras.get("zoo", "").startswith("digits") or (cfg.get("in_channels") == 1 and size == 16):
+        from ..zoo.digits import _alphas_cumprod, digits_data
+
+        x0, _ = digits_data("train")
+        pick = torch.randperm(len(x0), generator=g)[:n]
+        x0, source = x0[pick], "digits/train"
+        ab = _alphas_cumprod()
+    else:
+        x0 = example_inputs(handle, batch=n, seed=seed)[0]
+        pick, source = torch.arange(n), f"gaussian(seed={seed})"
+        ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+    t = torch.randint(0, len(ab), (len(x0),), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = ab[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    inputs: tuple[torch.Tensor, ...] = (xt, t)
+    if handle.kind == "unet-cond":
+        cond = example_inputs(handle, batch=len(x0), seed=seed)[2]
+        inputs = inputs + (cond,)
+    return inputs, pick.tolist(), f"{source}, t~U[0,{len(ab)})"
+
+
+def calibration_pool(handle: ModelHandle, n: int, seed: int, batch_size: int = 32, max_length: int = 64,
+                     split: str = "train") -> CalibrationPool:
+    """``n`` calibration samples of the handle's kind with the matching divergence (targets not yet set)."""
+    if handle.kind in ("classifier", "encoder"):
+        inputs, ids, src = _text_inputs(handle, n, seed, max_length, split)
+        dist = "kl" if handle.kind == "classifier" else "rel_mse"
+    else:
+        inputs, ids, src = _unet_inputs(handle, n, seed)
+        dist = "mse"
+    return CalibrationPool(inputs, ids, src, dist, batch_size=batch_size, trim_padding=handle.kind == "classifier")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The search space
+
+
+@dataclass
+class SearchSpace:
+    """Units, their budget weights and the levels; a level map is one level index per unit."""
+
+    spec: LevelSpec
+    units: list[str]
+    weights: list[int]
+    target: float  # sum of weight * size the map may use
+    grouping: Literal["size", "none"] = "size"
+    groups: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        by_weight: dict[int, list[int]] = {}
+        for i, w in enumerate(self.weights):
+            by_weight.setdefault(w, []).append(i)
+        self.groups = [g for g in by_weight.values() if len(g) > 1] if self.grouping == "size" else \
+            [list(range(len(self.units)))]
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.spec.values)
+
+    def cost(self, levels: list[int]) -> float:
+        sizes = self.spec.sizes
+        return float(sum(w * sizes[lv] for w, lv in zip(self.weights, levels)))
+
+    def fits(self, levels: list[int]) -> bool:
+        return self.cost(levels) <= self.target * (1 + 1e-9) + 1e-9
+
+    def average(self, levels: list[int]) -> float:
+        """The budget measure the user gave: average sparsity / bits, or number of dropped blocks."""
+        if self.spec.family == "drop":
+            return float(sum(self.spec.values[lv] for lv in levels))
+        vals = self.spec.values
+        return float(sum(w * vals[lv] for w, lv in zip(self.weights, levels)) / sum(self.weights))
+
+    def level_map(self, levels: list[int]) -> dict[str, float]:
+        return {u: self.spec.values[lv] for u, lv in zip(self.units, levels)}
+
+    def from_level_map(self, level_map: dict[str, float]) -> list[int]:
+        missing = [u for u in self.units if u not in level_map]
+        if missing:
+            raise UserError(f"the level map has no level for {len(missing)} units (e.g. {missing[0]})", "level_map")
+        return [self.spec.index_of(level_map[u]) for u in self.units]
+
+    # -- mutation -------------------------------------------------------------------------------------
+
+    def _switch(self, child: list[int], rng: np.random.Generator) -> bool:
+        """One level switch inside a group chosen with probability proportional to its size."""
+        sizes = np.array([len(g) for g in self.groups], dtype=float)
+        group = self.groups[rng.choice(len(self.groups), p=sizes / sizes.sum())]
+        down = [i for i in group if child[i] > 0]
+        if not down:
+            return False
+        i = down[rng.integers(len(down))]
+        up = [j for j in group if j != i and child[j] < self.n_levels - 1]
+        if not up:
+            return False
+        j = up[rng.integers(len(up))]
+        child[i] -= 1
+        child[j] += 1
+        return True
+
+    def _ungrouped(self, child: list[int], n: int, rng: np.random.Generator) -> bool:
+        """Raise ``n`` random units one level, then lower random units until the budget holds
+        (EvoPress' mutation across layers of different sizes). Rejects mutations of more than 10 changes."""
+        changes = 0
+        for _ in range(n):
+            up = [j for j in range(len(child)) if child[j] < self.n_levels - 1]
+            if not up:
+                return False
+            child[up[rng.integers(len(up))]] += 1
+            changes += 1
+        while not self.fits(child):
+            down = [i for i in range(len(child)) if child[i] > 0]
+            if not down or changes >= 10:
+                return False
+            child[down[rng.integers(len(down))]] -= 1
+            changes += 1
+        return True
+
+    def mutate(self, parent: list[int], rng: np.random.Generator) -> list[int] | None:
+        """An offspring of ``parent`` (``None`` if the drawn mutation is impossible or changes nothing)."""
+        n = int(min(rng.integers(1, 4), rng.integers(1, 4)))
+        child = list(parent)
+        if self.grouping == "none":
+            return child if self._ungrouped(child, n, rng) and child != parent else None
+        if not self.groups:
+            return None
+        for _ in range(n):
+            if not self._switch(child, rng):
+                return None
+        return child if child != parent else None  # switches may cancel out
+
+    # -- starting points ------------------------------------------------------------------------------
+
+    def uniform(self, value: float) -> list[int]:
+        return [self.spec.index_of(value)] * len(self.units)
+
+    def random_start(self, rng: np.random.Generator) -> list[int]:
+        """All units at the least compressed level that is >= the budget on average, then random units one
+        level down until the budget holds (EvoPress' initialisation for budgets between two levels)."""
+        sizes = self.spec.sizes
+        total = sum(self.weights)
+        start = next((i for i, s in enumerate(sizes) if s * total >= self.target - 1e-9), self.n_levels - 1)
+        child = [start] * len(self.units)
+        while not self.fits(child):
+            down = [i for i in range(len(child)) if child[i] > 0]
+            if not down:
+                raise UserError("the budget is below the most compressed level", "budget")
+            excess = self.cost(child) - self.target
+            sizes_ = self.spec.sizes
+            exact = [i for i in down if self.weights[i] * (sizes_[child[i]] - sizes_[child[i] - 1]) <= excess + 1e-9]
+            down = exact or down  # land on the budget exactly when the unit sizes allow it
+            w = np.array([self.weights[i] for i in down], dtype=float)
+            child[down[rng.choice(len(down), p=w / w.sum())]] -= 1
+        return child
+
+
+def target_size(spec: LevelSpec, weights: list[int], budget: float) -> float:
+    """The budget as a total size (sum of weight x level size) for the given family."""
+    if spec.family == "drop":
+        if budget != int(budget) or not 0 <= budget < len(weights):
+            raise UserError(f"the number of blocks to drop must be an integer in 0..{len(weights) - 1}", "budget")
+        return float(len(weights) - budget)
+    vals = spec.values
+    if not min(vals) - 1e-9 <= budget <= max(vals) + 1e-9:
+        raise UserError(f"budget {budget} lies outside the levels {min(vals)}..{max(vals)}", "budget")
+    size = budget if spec.family == "bits" else 1.0 - budget
+    return float(size * sum(weights))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evolutionary search

@@ -1,0 +1,35 @@
+"""Where a model comes from: a zoo name or a checkpoint path, resolved to a :class:`ModelHandle`.
+
+Below the artifact and the pipeline, so that both (a delta artifact loads its base; a recipe loads its model
+and base) use the one resolver without importing each other.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from . import zoo
+from .errors import UserError
+from .model import ModelHandle, load_checkpoint
+
+
+class ModelSource(Protocol):
+    """What a recipe's ``model:`` / ``base:`` gives (:class:`modelpress.recipe.ModelSpec`)."""
+
+    source: str
+    kind: str | None
+    config: str | Path | None
+
+
+def load_model(spec: ModelSource | str) -> ModelHandle:
+    """Load a model named by a zoo name or a checkpoint path (with an optional kind and config)."""
+    if isinstance(spec, str):
+        source, kind, config = spec, None, None
+    else:
+        source, kind, config = spec.source, spec.kind, spec.config
+    if zoo.is_zoo_name(source):
+        handle = zoo.load(source)
+        if kind and kind != handle.kind:
+            raise UserError(f"zoo model {source!r} is a {handle.kind} model, not {kind}")
+        return handle
+    return load_checkpoint(source, kind=kind, config=config)
