@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="FD seeds of the full-precision model (its noise level)")
     ap.add_argument("--main-seeds", type=int, default=3, help="full-pipeline seeds of each main-table row")
     ap.add_argument("--ablation-seeds", type=int, default=1, help="full-pipeline seeds of each ablation row")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from here (to add seeds to an earlier run)")
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--recon-ptq4dm", type=int, default=100)
     ap.add_argument("--recon-tfmq", type=int, default=200)
@@ -96,8 +97,8 @@ def main() -> None:
     grids = out.parent / f"{out.stem}_grids"  # diffusion_ptq_grids for the default --out
     grids.mkdir(exist_ok=True)
     seeds = list(range(args.seeds))
-    main_seeds = list(range(args.main_seeds))
-    abl_seeds = list(range(args.ablation_seeds))
+    main_seeds = list(range(args.first_seed, args.first_seed + args.main_seeds))
+    abl_seeds = list(range(args.first_seed, args.first_seed + args.ablation_seeds))
 
     fp = zoo.load(args.model)
     fp_bytes16 = 2 * sum(p.numel() for p in fp.module.parameters())
@@ -135,6 +136,7 @@ def main() -> None:
                      "seconds": statistics.median(secs), "bytes": state_bytes(q.module), **extra})
         print(f"{table:10s} {setting:6s} {method:40s} FD {fmt(vals):>14s}  {statistics.median(secs):7.1f}s", flush=True)
         write(out, rows, fp_mean, noise, fp_bytes16, args)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))  # per-seed values, after every row
 
     if args.only in ("main", "all"):
         for setting in args.settings.split(","):
