@@ -250,3 +250,15 @@ def test_bitsandbytes_cpu_backend(mode: str, tmp_path: Path) -> None:
     write_artifact(tmp_path / mode, q)
     with torch.no_grad():
         assert torch.equal(load_artifact(tmp_path / mode).module(PROBE_X, PROBE_T).sample, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_canonical_call_feeds_a_half_precision_model_in_its_own_dtype(dtype) -> None:
+    """Metrics, samplers and exports call models with fp32 samples and prompt embeddings; a bf16 / fp16 model
+    gets them in its own dtype (integer timesteps as given) and answers in it."""
+    for h, extra in ((tiny_unet(), ()), (tiny_cond_unet(), (torch.randn(4, 3, 12),))):
+        ref = h.canonical()(PROBE_X, PROBE_T, *extra)
+        h.module.to(dtype)
+        with torch.no_grad():
+            out = h.canonical()(PROBE_X, PROBE_T, *extra)
+        assert out.dtype == dtype and rel_err(out.float(), ref) < 0.05
