@@ -122,11 +122,13 @@ def bench_drop_oracle(args: argparse.Namespace) -> list[str]:
     import numpy as np
 
     from modelpress.search.space import calibration_pool
+    from modelpress.sources import load_dataset
     from modelpress.search.levels import LevelSpec, LevelSwitcher, search_units
 
     handle = zoo.load("minilm-docs")
     units, _ = search_units(handle.module, "drop")
-    pool = calibration_pool(handle, args.pool, args.seed + 1, args.batch_size)  # other samples than the search's
+    pool = calibration_pool(handle, load_dataset("pydocs-10/train"), args.pool, args.seed + 1,
+                            args.batch_size)  # other samples than the search's
     canon = handle.canonical()
     pool.set_targets(canon)
     ids = np.arange(min(args.oracle_samples, len(pool)))

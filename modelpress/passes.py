@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from . import console
+from .data import Dataset
 from .errors import UserError
 from .model import ModelHandle
 
@@ -35,24 +36,28 @@ class PassConfig(BaseModel):
 
 @dataclass
 class CalibrationSpec:
-    """The recipe's ``calibration:`` block as passes see it."""
+    """The recipe's ``calibration:`` block as passes see it (``None``: the recipe does not set it, the pass's
+    own default applies; see :meth:`Context.setting`)."""
 
-    samples: int = 64
-    batch_size: int = 16
+    samples: int | None = None
+    batch_size: int | None = None
     dataset: str | None = None
+    seq_len: int | None = None
 
 
 @dataclass
 class Context:
     """What a pass gets besides the model.
 
-    ``base`` is the base model of a delta recipe (``None`` otherwise). ``log`` collects each pass's
-    record (choices, errors, timings) for the manifest. ``scratch`` is a private directory that is
-    deleted after the run.
+    ``base`` is the base model of a delta recipe (``None`` otherwise). ``data`` is the calibration dataset,
+    resolved once from ``calibration.dataset`` (or the zoo model's own), ``None`` when there is none.
+    ``log`` collects each pass's record (choices, errors, timings) for the manifest. ``scratch`` is a
+    private directory that is deleted after the run.
     """
 
     seed: int = 0
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    data: Dataset | None = None
     base: ModelHandle | None = None
     scratch: Path | None = None
     log: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +76,52 @@ class Context:
 
     def record(self, pass_name: str, **entries: Any) -> None:
         self.log.setdefault(pass_name, {}).update(entries)
+
+    def setting(self, config: "PassConfig", name: str) -> Any:
+        """A calibration setting (``samples``, ``batch_size``, ``seq_len``) for a pass: the pass's own option
+        when its recipe entry sets it, else the recipe's ``calibration:`` value, else the pass's default."""
+        if name in config.model_fields_set:
+            return getattr(config, name)
+        given = getattr(self.calibration, name, None)
+        return given if given is not None else getattr(config, name)
+
+    def calibration_data(self, pass_name: str, handle: ModelHandle | None = None) -> Dataset:
+        """The calibration dataset (a context made without one takes the zoo model's own, if ``handle`` is a
+        zoo model); a one-line error when there is none. Random data is flagged (warning in the report,
+        ``calibration.random`` in the manifest)."""
+        if self.data is None and handle is not None:
+            from .sources import load_dataset
+
+            self.data = load_dataset(self.calibration.dataset, handle, "calibration")
+        if self.data is None:
+            raise UserError(f"pass {pass_name!r} calibrates on data: set calibration.dataset (a .txt or .jsonl "
+                            "file, a folder of texts or images, a named dataset, or 'random')", "calibration")
+        if self.data.is_random and "random" not in self.log.get(pass_name, {}).get("calibration", {}):
+            self.warn(pass_name, "calibrated on random inputs (calibration.dataset: random): "
+                                 "its quality on real data is unknown")
+        return self.data
+
+    def calibration_inputs(self, handle: ModelHandle, pass_name: str, n: int, seq_len: int = 64,
+                           offset: int = 0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """``n`` calibration examples as ``handle``'s canonical inputs (stacked), drawn with the recipe seed
+        plus ``offset`` (or ``generator``); what was drawn is recorded under the pass's ``calibration``."""
+        from .data.inputs import model_inputs
+
+        data = self.calibration_data(pass_name, handle)
+        inputs, examples = model_inputs(handle, data, n, self.seed + offset if generator is None else generator,
+                                        seq_len)
+        self.record(pass_name, calibration={"dataset": data.name, "random": data.is_random, "samples": n,
+                                            "seq_len": seq_len if handle.kind in ("encoder", "classifier") else None,
+                                            "ids": examples.ids})
+        return inputs
+
+    def calibration_batches(self, handle: ModelHandle, pass_name: str, n: int, batch_size: int,
+                            seq_len: int = 64, offset: int = 0) -> list[tuple[torch.Tensor, ...]]:
+        """:meth:`calibration_inputs` in batches of ``batch_size`` (``n`` rounded up to whole batches)."""
+        from .data.inputs import batched
+
+        n = max(1, -(-n // batch_size)) * batch_size
+        return batched(self.calibration_inputs(handle, pass_name, n, seq_len, offset), batch_size)
 
     def warn(self, pass_name: str, message: str) -> None:
         """Something the user should know about the result: printed now, kept in the manifest (the pass's

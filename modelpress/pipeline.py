@@ -21,7 +21,7 @@ from .errors import UserError
 from .model import ModelHandle
 from .passes import CalibrationSpec, Context, get_pass, seeded
 from .recipe import LoadedRecipe, ModelSpec, load_recipes, parse_recipe
-from .sources import load_model
+from .sources import load_dataset, load_model
 
 #: the artifact's copy of what other libraries printed during the run
 LOG = "log.txt"
@@ -31,6 +31,17 @@ def _input_record(spec: ModelSpec, handle: ModelHandle) -> dict[str, Any]:
     return {"source": spec.source, "kind": handle.kind, "sha256": tensors_sha256(handle.module.state_dict())}
 
 
+def check_metric_data(recipe: Any, model: ModelHandle) -> None:
+    """Before any work: the accuracy datasets' labels are classes the classifier has (one-line error)."""
+    from .data.inputs import class_indices
+
+    for i, spec in enumerate(recipe.evaluate):
+        if spec.dataset and spec.metric == "accuracy" and model.kind == "classifier":
+            data = load_dataset(spec.dataset)
+            data.require("label", f"evaluate[{i}] (accuracy)")
+            class_indices(model, data.all().labels, data.name)
+
+
 def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) -> tuple[ModelHandle, ModelHandle, ModelHandle | None, Context]:
     """Load the model (and base), run the passes and write the artifact into ``staging``.
 
@@ -38,14 +49,18 @@ def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) ->
     r = loaded.recipe
     model = load_model(r.model)
     base = load_model(r.base) if r.base else None
+    check_metric_data(r, model)
     reference = model.replace_module(copy.deepcopy(model.module))
     inputs = {"model": _input_record(r.model, model)}
     if base is not None:
         inputs["base"] = _input_record(r.base, base)
     cal = r.calibration
+    data = load_dataset(cal.dataset, model, "calibration", loaded.path.parent if loaded.path else None)
+    if data is not None:
+        inputs["calibration"] = {"dataset": data.name, "random": data.is_random}
     with tempfile.TemporaryDirectory(prefix="modelpress-") as scratch:
-        ctx = Context(seed=r.seed, calibration=CalibrationSpec(cal.samples, cal.batch_size, cal.dataset),
-                      base=base, scratch=Path(scratch), show_progress=show_progress)
+        ctx = Context(seed=r.seed, calibration=CalibrationSpec(cal.samples, cal.batch_size, cal.dataset, cal.seq_len),
+                      data=data, base=base, scratch=Path(scratch), show_progress=show_progress)
         bar = console.progress(loaded.passes, desc="passes", disable=not show_progress or not loaded.passes)
         for i, (name, config) in enumerate(bar):
             bar.set_postfix_str(name)

@@ -5,10 +5,11 @@ Top-level keys::
     model:        zoo name or checkpoint path, or {source: ..., kind: ..., config: ...}
     base:         the base model of a delta recipe (same forms as model)
     seed:         integer, default 0
-    calibration:  {samples: 64, batch_size: 16, dataset: null}
+    calibration:  {dataset: NAME_OR_PATH, samples: N, seq_len: L, batch_size: B}   (unset: each pass's default;
+                  dataset unset: the zoo model's own data; ``random`` only when said)
     passes:       [{type: <pass name>, ...that pass's options}, ...]
     export:       [{format: onnx|ort|pte, ...options}, ...]   (a bare string is {format: <it>})
-    evaluate:     [<metric name> | {metric: <name>, samples: N, ...options}, ...]
+    evaluate:     [<metric name> | {metric: <name>, samples: N, dataset: NAME_OR_PATH, options: {...}}, ...]
     output:       the artifact directory, default runs/<recipe file stem>
 
 Errors read ``<file>: <field path>: <what is wrong>``, e.g.
@@ -37,14 +38,18 @@ class ModelSpec(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    samples: int = Field(64, ge=1, le=1_000_000)
-    batch_size: int = Field(16, ge=1, le=4096)
-    dataset: str | None = None
+    """Unset values leave each pass its own default (the paper's setting)."""
+
+    dataset: str | None = Field(None, min_length=1)
+    samples: int | None = Field(None, ge=1, le=1_000_000)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    seq_len: int | None = Field(None, ge=1, le=1_000_000)
 
 
 class MetricSpec(_Strict):
     metric: str
     samples: int | None = Field(None, ge=1, le=1_000_000)
+    dataset: str | None = Field(None, min_length=1)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -188,6 +193,23 @@ def _check_model_source(spec: ModelSpec, field: str, where: str, recipe_dir: Pat
     return spec.model_copy(update={"source": str(p)})
 
 
+def _check_datasets(recipe: Recipe, where: str, recipe_dir: Path | None) -> None:
+    """Open every dataset the recipe names (files are read and checked line by line) before any work, and
+    rewrite relative paths to paths from the working directory."""
+    from .sources import load_dataset
+
+    entries = [("calibration.dataset", recipe.calibration)] + \
+              [(f"evaluate[{i}].dataset", m) for i, m in enumerate(recipe.evaluate)]
+    for field, holder in entries:
+        if holder.dataset is None:
+            continue
+        try:
+            data = load_dataset(holder.dataset, base_dir=recipe_dir)
+        except UserError as exc:
+            raise UserError(f"{field}: {exc}", where) from None
+        holder.dataset = data.name
+
+
 def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path | None = None) -> LoadedRecipe:
     """Validate a recipe mapping completely: top-level schema, model paths, every pass and export entry."""
     from .passes import get_pass
@@ -237,6 +259,7 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
                     raise UserError(f"export[{i}]: a model from pass {name!r} cannot be exported to "
                                     f"{exports[-1].format}: {why}", where)
 
+    _check_datasets(recipe, where, recipe_dir)
     from .evaluate import metric_registry
 
     metrics = metric_registry()

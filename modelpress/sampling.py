@@ -19,6 +19,16 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+#: diffusers' default DDPM schedule, used when a model carries none
+DEFAULT_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "linear",
+                                     "beta_start": 1e-4, "beta_end": 0.02, "clip_sample": True}
+
+
+def scheduler_config(handle: Any) -> dict[str, Any]:
+    """The DDPM schedule of a model handle (``handle.extras["scheduler"]``; :data:`DEFAULT_SCHEDULER` if the
+    model carries none)."""
+    return dict(handle.extras.get("scheduler") or DEFAULT_SCHEDULER)
+
 
 def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
     """``alpha_bar_t`` (float64, ``[T]``) of a DDPM scheduler config (``linear`` or ``scaled_linear`` betas)."""

@@ -1,4 +1,5 @@
-"""Where a model comes from: a zoo name or a checkpoint path, resolved to a :class:`ModelHandle`.
+"""Where a model and its data come from: a zoo name or a checkpoint path, resolved to a
+:class:`ModelHandle`; a dataset name or path, resolved to a :class:`~modelpress.data.Dataset`.
 
 Below the artifact and the pipeline, so that both (a delta artifact loads its base; a recipe loads its model
 and base) use the one resolver without importing each other.
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import zoo
+from .data import Dataset, open_dataset
 from .errors import UserError
 from .model import ModelHandle, load_checkpoint
 
@@ -33,3 +35,15 @@ def load_model(spec: ModelSource | str) -> ModelHandle:
             raise UserError(f"zoo model {source!r} is a {handle.kind} model, not {kind}")
         return handle
     return load_checkpoint(source, kind=kind, config=config)
+
+
+def load_dataset(ref: str | None, handle: ModelHandle | None = None, role: str = "calibration",
+                 base_dir: str | Path | None = None) -> Dataset | None:
+    """The dataset ``ref`` names (a zoo dataset, ``random``, a file or folder), else the zoo model's own
+    dataset for ``role`` (``calibration``, ``evaluation``, ``validation``), else ``None``."""
+    zoo.entries()  # the zoo modules register their datasets and prompt encoders
+    if ref is None:
+        ref = ((handle.extras.get("datasets") or {}).get(role)) if handle is not None else None
+        if ref is None:
+            return None
+    return open_dataset(ref, None if base_dir is None else str(base_dir))

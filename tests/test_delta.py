@@ -8,8 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load, save
 
+from modelpress.data import random_dataset
 from modelpress.compress.bitdelta import BitDeltaLinear, BitDeltaPass
 from modelpress.compress.dare import DareLinear, DarePass, DarexPass, analytic_q, random_keep_mask
 from modelpress.compress.delta import (DeltaLinear, delta_size_report, find_linear_layers, match_linear_layers,
@@ -66,7 +68,7 @@ def _gpt2_pair():
 
 
 def _ctx(base: ModelHandle, seed: int = 0) -> Context:
-    return Context(seed=seed, base=base, show_progress=False)
+    return Context(seed=seed, base=base, data=random_dataset(), show_progress=False)
 
 
 def _out(handle: ModelHandle, x):
@@ -155,9 +157,13 @@ def test_bitdelta_exact_on_bert_and_weight_is_the_base():
 def test_bitdelta_distillation_trains_only_alphas():
     bh, fh = _bert_pair(scale=0.5)
     ctx = _ctx(bh)
+    probe = example_inputs(fh, batch=16, seq_len=16, seed=123)  # inputs the distillation never saw
+    target = _out(fh, probe)
+    init = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fh, _ctx(bh))
     out = BitDeltaPass(BitDeltaPass.Config(steps=30, lr=3e-3, batch_size=4, seq_len=16)).apply(fh, ctx)
     log = ctx.log["bitdelta"]
-    assert log["loss_last"] < 0.8 * log["loss_first"]
+    # the trained scales fit the fine-tune's outputs better than the initial ones (mean |delta|), on new inputs
+    assert F.mse_loss(_out(out, probe), target) < 0.8 * F.mse_loss(_out(init, probe), target)
     assert any(abs(log["alpha"][k] - log["alpha_init"][k]) > 1e-6 for k in log["alpha"])
     # everything else still equals the input fine-tune (norms kept) or the base (embeddings reverted)
     ft_state, st = fh.module.state_dict(), out.module.state_dict()
@@ -392,8 +398,8 @@ def test_recipe_artifact_stores_only_the_delta(tmp_path, pass_yaml):
     save_checkpoint(bh, tmp_path / "base")
     save_checkpoint(fh, tmp_path / "ft")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {tmp_path / 'ft'}\nbase: {tmp_path / 'base'}\npasses:\n  - {pass_yaml}\n"
-                      f"output: {tmp_path / 'out'}\n")
+    recipe.write_text(f"model: {tmp_path / 'ft'}\nbase: {tmp_path / 'base'}\ncalibration: {{dataset: random}}\n"
+                      f"passes:\n  - {pass_yaml}\noutput: {tmp_path / 'out'}\n")
     out = run_recipe(recipe, export=False, evaluate=False, show_progress=False)
     manifest = read_manifest(out)
     (tmp_path / "out-eval").mkdir()
@@ -401,6 +407,9 @@ def test_recipe_artifact_stores_only_the_delta(tmp_path, pass_yaml):
     delta = json.loads((report_out / "report.json").read_text())["delta"]  # the delta against the fp16 delta
     assert delta["total_bytes"] < delta["total_fp16_bytes"] and delta["linear_ratio"] > 8
     assert "fp16 delta of the same tensors" in (report_out / "report.md").read_text()
+    # random calibration data is never silent: recorded in the manifest and warned about in the report
+    assert manifest["inputs"]["calibration"] == {"dataset": "random", "random": True}
+    assert "calibrated on random inputs" in (report_out / "report.md").read_text()
     assert "bert.encoder.layer.0.attention.self.query.weight" in manifest["from_base"]
     stored = manifest["tensors"]
     assert not any(k.endswith("query.weight") for k in stored)

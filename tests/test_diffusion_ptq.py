@@ -6,17 +6,19 @@ storage and reload are exercised for real; image quality is measured in benchmar
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from modelpress.artifact import load_artifact, write_artifact
+from modelpress.data import finite, register_prompt_encoder
 from modelpress.model import ModelHandle, describe_architecture
 from modelpress.passes import Context, get_pass
 from modelpress.quant import core
-from modelpress.quant.calibration import build_calibration_set, scheduler_config, snap_to_schedule
-from modelpress.sampling import ddim_sample, ddim_timesteps
+from modelpress.quant.calibration import build_calibration_set, snap_to_schedule
+from modelpress.sampling import ddim_sample, ddim_timesteps, scheduler_config
 
 torch.set_num_threads(1)
 STEPS = 8
@@ -38,14 +40,25 @@ def tiny_cond_unet(seed: int = 0) -> ModelHandle:
                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=12,
                                attention_head_dim=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
-    cond = torch.randn(8, 3, 12, generator=torch.Generator().manual_seed(1))
-    return ModelHandle(m, "unet-cond", "tiny-cond", describe_architecture(m),
-                       {"calibration_cond": cond, "uncond": torch.zeros(1, 3, 12)})
+    return ModelHandle(m, "unet-cond", "tiny-cond", describe_architecture(m), {"prompt_encoder": "tiny-test"})
+
+
+def tiny_prompt_encoder(prompts: list[str]) -> torch.Tensor:
+    """Embeddings [B, 3, 12] fixed by each prompt's text; the empty prompt is zeros."""
+    out = []
+    for p in prompts:
+        g = torch.Generator().manual_seed(int(hashlib.sha256(p.encode()).hexdigest()[:8], 16))
+        out.append(torch.randn(3, 12, generator=g) if p else torch.zeros(3, 12))
+    return torch.stack(out)
+
+
+register_prompt_encoder("tiny-test", tiny_prompt_encoder)
+TINY_PROMPTS = finite("tiny-prompts", {"prompt"}, prompts=[f"prompt number {i}" for i in range(8)])
 
 
 def run_pass(name: str, handle: ModelHandle, seed: int = 0, **cfg) -> tuple[ModelHandle, dict]:
     P = get_pass(name)
-    ctx = Context(seed=seed, show_progress=False)
+    ctx = Context(seed=seed, data=TINY_PROMPTS, show_progress=False)
     opts = dict(samples=16, steps=STEPS, batch_size=16, recon_batch=8)
     opts.update(cfg)
     out = P(P.Config(**opts)).apply(handle, ctx)
@@ -65,7 +78,7 @@ def test_ndtc_calibration_maps_timesteps_onto_the_sampler_trajectory() -> None:
     visited = ddim_timesteps({}, STEPS)  # 875, 750, ..., 0
     assert snap_to_schedule(torch.tensor([880.0, 10.0, 370.0]), visited).tolist() == [0, 7, 4]
     ctx = Context(seed=3, show_progress=False)
-    cs = build_calibration_set(h, ctx, "ndtc", 24, STEPS)
+    cs = build_calibration_set(h, ctx, "test", "ndtc", 24, STEPS)
     assert set(cs.t.tolist()) <= set(visited)
     assert len({(i, s) for i, s in cs.ids}) == 24
     # x_t is the full-precision sampler's state when it calls the model at t (not forward-noised data)
@@ -75,13 +88,13 @@ def test_ndtc_calibration_maps_timesteps_onto_the_sampler_trajectory() -> None:
         assert traj[s][0] == int(cs.t[row])
         assert torch.equal(traj[s][1][i], cs.x[row])
     # NDTC centres t at 0.4 T: the mean is well below the uniform mean of the visited set
-    many = build_calibration_set(h, ctx, "ndtc", 120, STEPS)
+    many = build_calibration_set(h, ctx, "test", "ndtc", 120, STEPS)
     assert abs(many.t.float().mean().item() - 400) < 90
     rec = cs.record()
     assert rec["seed"] == cs.seed and len(rec["sample_ids"]) == 24 and rec["sampler"] == "ndtc"
-    ek = build_calibration_set(h, ctx, "every_k", 16, STEPS, interval=2)
+    ek = build_calibration_set(h, ctx, "test", "every_k", 16, STEPS, interval=2)
     assert set(ek.t.tolist()) == {visited[s] for s in range(0, STEPS, 2)}
-    st = build_calibration_set(h, ctx, "single_t", 8, STEPS, single_t=0.5)
+    st = build_calibration_set(h, ctx, "test", "single_t", 8, STEPS, single_t=0.5)
     assert set(st.t.tolist()) == {500}
 
 
@@ -89,7 +102,7 @@ def test_discovery_by_structure() -> None:
     from modelpress.quant.ptq import _probe_pair
 
     h = tiny_unet()
-    cs = build_calibration_set(h, Context(seed=0, show_progress=False), "uniform", 8, STEPS)
+    cs = build_calibration_set(h, Context(seed=0, show_progress=False), "test", "uniform", 8, STEPS)
     fn = h.canonical()
     layers = core.quantizable_layers(h.module)
     tib = core.temporal_layers(h.module, lambda w: fn(*_probe_pair(cs, w)), layers)
@@ -214,7 +227,7 @@ def test_unet_cond_tfmq_runs_and_quantizes_cross_attention() -> None:
     h = tiny_cond_unet()
     q, log = run_pass("tfmq", h, w_bits=8, a_bits=8, recon_iters=2, samples=8)
     x, t = PROBE_X, PROBE_T
-    c = h.extras["calibration_cond"][:4]
+    c = tiny_prompt_encoder(TINY_PROMPTS.all().prompts[:4])
     with torch.no_grad():
         ref = h.module(x, t, encoder_hidden_states=c).sample
         out = q.module(x, t, encoder_hidden_states=c).sample

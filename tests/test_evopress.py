@@ -12,7 +12,9 @@ import torch
 from modelpress.errors import UserError
 from modelpress.model import ModelHandle, describe_architecture, example_inputs
 from modelpress.passes import Context, get_pass
-from modelpress.prune.sparsegpt import collect_hessians, layer_output_error, magnitude_prune, sparsegpt_prune
+from modelpress.data import random_dataset
+from modelpress.data.capture import collect_hessians
+from modelpress.prune.sparsegpt import layer_output_error, magnitude_prune, sparsegpt_prune
 from modelpress.search import baselines
 from modelpress.search.evopress import EvoPressPass, evolve, load_level_map
 from modelpress.search.space import CalibrationPool, SearchSpace, calibration_pool, target_size
@@ -228,8 +230,8 @@ def test_evolution_improves_on_uniform_on_held_out_inputs_and_is_deterministic(t
     units, weights = search_units(h.module, "bits")
     db = build_database(tmp_path / "db", h.module, spec, units, None, {})
     space = SearchSpace(spec, units, weights, target_size(spec, weights, 3.0))
-    pool = calibration_pool(h, 24, seed=0, batch_size=24)
-    held_out = calibration_pool(h, 64, seed=1, batch_size=64)  # never seen by the search
+    pool = calibration_pool(h, random_dataset(), 24, seed=0, batch_size=24)
+    held_out = calibration_pool(h, random_dataset(), 64, seed=1, batch_size=64)  # never seen by the search
     canon = h.canonical()
     pool.set_targets(canon)
     held_out.set_targets(canon)
@@ -257,7 +259,7 @@ def test_cosine_scores_rank_a_near_identity_block_lowest():
     units, weights = search_units(h.module, "drop")
     spec = LevelSpec.make("drop")
     space = SearchSpace(spec, units, weights, target_size(spec, weights, 1))
-    pool = calibration_pool(h, 8, 0)
+    pool = calibration_pool(h, random_dataset(), 8, 0)
     scores = baselines.cosine_block_scores(h.module, h.canonical(), units, pool, np.arange(8))
     assert int(np.argmin(scores)) == 2
     assert baselines.drop_lowest(space, scores, 1) == [1, 1, 0]
@@ -272,7 +274,7 @@ def test_cosine_scores_rank_a_near_identity_block_lowest():
     ("sparsity", "magnitude", 0.5, "uniform"), ("drop", "auto", 1, "evolution"), ("drop", "auto", 1, "cosine")])
 def test_pass_meets_budget_and_records(tmp_path: Path, family, method, budget, strategy):
     h = tiny_classifier(layers=3)
-    ctx = Context(seed=3, show_progress=False)
+    ctx = Context(seed=3, data=random_dataset(), show_progress=False)
     levels = [0.0, 0.25, 0.5, 0.75] if family == "sparsity" else None
     cfg = fast_config(family=family, method=method, budget=budget, strategy=strategy, levels=levels,
                       database=str(tmp_path / "db"))
@@ -287,7 +289,7 @@ def test_pass_meets_budget_and_records(tmp_path: Path, family, method, budget, s
     if strategy == "evolution":
         assert log["achieved_budget"] == pytest.approx(budget)
         assert len(log["fitness_history"]) == 4 and len(log["calibration_ids"]) == 32
-        assert log["calibration_source"].startswith("random-tokens")
+        assert log["calibration_source"] == "random"
     if family == "sparsity":  # the built model has the mapped sparsity in every layer
         for name, s in log["level_map"].items():
             w = out.module.get_submodule(name).weight
@@ -300,7 +302,7 @@ def test_pass_is_deterministic_and_level_map_reusable(tmp_path: Path):
     cfg = fast_config(family="bits", method="rtn", budget=3.0, database=str(tmp_path / "db"))
     logs, models = [], []
     for _ in range(2):
-        ctx = Context(seed=5, show_progress=False)
+        ctx = Context(seed=5, data=random_dataset(), show_progress=False)
         models.append(get_pass("evopress")(cfg).apply(h, ctx))
         logs.append(ctx.log["evopress"])
     assert logs[0]["level_map"] == logs[1]["level_map"]
@@ -308,7 +310,7 @@ def test_pass_is_deterministic_and_level_map_reusable(tmp_path: Path):
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps({"passes": {"evopress": logs[0]}}))
     assert load_level_map(str(path)) == logs[0]["level_map"]
-    ctx = Context(seed=99, show_progress=False)
+    ctx = Context(seed=99, data=random_dataset(), show_progress=False)
     reused = get_pass("evopress")(fast_config(family="bits", method="rtn", budget=3.0, level_map=str(path),
                                               database=str(tmp_path / "db"))).apply(h, ctx)
     for a, b in zip(models[0].module.state_dict().values(), reused.module.state_dict().values()):
@@ -318,7 +320,7 @@ def test_pass_is_deterministic_and_level_map_reusable(tmp_path: Path):
 
 def test_pass_on_a_unet_with_ungrouped_mutation(tmp_path: Path):
     h = tiny_unet()
-    ctx = Context(seed=0, show_progress=False)
+    ctx = Context(seed=0, data=random_dataset(), show_progress=False)
     cfg = fast_config(family="sparsity", method="magnitude", budget=0.5, grouping="none",
                       database=str(tmp_path / "db"))
     out = get_pass("evopress")(cfg).apply(h, ctx)
@@ -338,7 +340,7 @@ def test_config_errors(tmp_path: Path):
                dict(family="bits", method="rtn", budget=3, strategy="cosine"),
                dict(family="bits", method="rtn", levels=[2, 3, 8], budget=3)):
         with pytest.raises(UserError):
-            get_pass("evopress")(fast_config(database=str(tmp_path / "db"), **kw)).apply(h, Context(show_progress=False))
+            get_pass("evopress")(fast_config(database=str(tmp_path / "db"), **kw)).apply(h, Context(data=random_dataset(), show_progress=False))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
@@ -349,7 +351,7 @@ def test_artifact_round_trip_with_dropped_blocks(tmp_path: Path):
     from modelpress.artifact import load_artifact, write_artifact
 
     h = tiny_classifier(layers=3)
-    ctx = Context(seed=0, show_progress=False)
+    ctx = Context(seed=0, data=random_dataset(), show_progress=False)
     out = get_pass("evopress")(fast_config(family="drop", budget=1, strategy="cosine")).apply(h, ctx)
     write_artifact(tmp_path / "art", out, pass_log=ctx.log)
     loaded = load_artifact(tmp_path / "art")
@@ -368,14 +370,15 @@ def test_recipe_end_to_end_and_reuse_of_the_saved_map(tiny_classifier_dir: Path,
     search = {"type": "evopress", "family": "bits", "method": "rtn", "levels": [2, 3, 4], "budget": 3,
               "generations": 3, "offspring": 3, "survivors": [1], "stage_samples": [8], "calibration_samples": 16,
               "database": str(in_tmp / "db")}
-    out = run(parse_recipe({"model": str(tiny_classifier_dir), "passes": [search], "output": "a"}),
+    random = {"dataset": "random"}
+    out = run(parse_recipe({"model": str(tiny_classifier_dir), "calibration": random, "passes": [search], "output": "a"}),
               export=False, evaluate=False, show_progress=False)
     manifest = json.loads((out / "modelpress.json").read_text())
     log = manifest["passes"]["evopress"]
     assert log["achieved_budget"] == pytest.approx(3.0) and len(log["level_map"]) == 12
     reuse = {k: v for k, v in search.items() if k not in ("generations",)}
     reuse["level_map"] = str(out / "modelpress.json")
-    out2 = run(parse_recipe({"model": str(tiny_classifier_dir), "passes": [reuse], "output": "b"}),
+    out2 = run(parse_recipe({"model": str(tiny_classifier_dir), "calibration": random, "passes": [reuse], "output": "b"}),
                export=False, evaluate=False, show_progress=False)
     a, b = load_artifact(out).module.state_dict(), load_artifact(out2).module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "modelpress"
 LAYERS: list[set[str]] = [
     {"errors", "console", "_version"},
     {"model", "kernels", "sampling"},
-    {"passes", "modules", "zoo", "sources"},
+    {"passes", "modules", "zoo", "sources", "data"},
     {"quant", "compress", "prune", "search", "builtin"},
     {"artifact"},
     {"export", "evaluate"},

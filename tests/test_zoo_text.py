@@ -13,6 +13,7 @@ import torch
 from modelpress import zoo
 from modelpress.errors import UserError
 from modelpress.evaluate import EvalContext, evaluate, get_metric
+from modelpress.sources import load_dataset
 from modelpress.model import ModelHandle, describe_architecture
 from modelpress.zoo import text as zt
 
@@ -101,7 +102,9 @@ def _tiny(cls_name: str) -> ModelHandle:
         with torch.no_grad():
             module.classifier.weight.mul_(100.0)  # confident logits, so that perturbations show in the KL
     kind = "classifier" if cls_name.endswith("Classification") else "encoder"
-    return ModelHandle(module, kind, "tiny", describe_architecture(module))
+    # a MiniLM-vocabulary model: MiniLM's tokenizer, and the docs task as its own data
+    return ModelHandle(module, kind, "tiny", describe_architecture(module),
+                       {"tokenizer_dir": str(zt.minilm_dir()), "datasets": zt.TEXT_DATASETS})
 
 
 def _perturbed(handle: ModelHandle, scale: float = 0.5) -> ModelHandle:
@@ -143,11 +146,12 @@ def test_cached_outputs_follow_in_place_changes():
 
     ref = _tiny("BertForSequenceClassification")
     ctx = EvalContext(samples=32, reference=ref)
-    first = et._outputs(ref.canonical(), ctx, pool=False)[0]
-    assert et._outputs(ref.canonical(), ctx, pool=False)[0] is first  # the reference runs once
+    data = load_dataset("pydocs-10/test")
+    first = et._outputs(ref.canonical(), ref, ctx, data, pool=False)[0]
+    assert et._outputs(ref.canonical(), ref, ctx, data, pool=False)[0] is first  # the reference runs once
     with torch.no_grad():
         ref.module.classifier.bias.add_(1.0)
-    second = et._outputs(ref.canonical(), ctx, pool=False)[0]
+    second = et._outputs(ref.canonical(), ref, ctx, data, pool=False)[0]
     assert torch.allclose(second, first + 1.0, atol=1e-5)
 
 

@@ -155,8 +155,9 @@ class BitDeltaPass(Pass):
         init = {n: student.get_submodule(n).alpha.item() for n in names}
         losses: list[float] = []
         if cfg.steps > 0:
-            n = cfg.samples or cfg.steps * cfg.batch_size
-            batches = calibration_batches(model, ctx, n, cfg.batch_size, cfg.seq_len, offset=11)
+            bs = ctx.setting(cfg, "batch_size")
+            n = ctx.setting(cfg, "samples") or cfg.steps * bs
+            batches = calibration_batches(model, ctx, self.name, n, bs, ctx.setting(cfg, "seq_len"), offset=11)
             losses = scale_distillation(model, student, teacher, batches, cfg.steps, cfg.lr, cfg.target, ctx)
         ctx.record(self.name, layers=len(names), reverted=other["reverted"], kept=other["kept"],
                    alpha_init=init, alpha={n: student.get_submodule(n).alpha.item() for n in names},

@@ -41,10 +41,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ..data.inputs import labelled_text
 from ..errors import UserError
 from ..model import ModelHandle
 from ..modules import register_module
 from ..passes import Context, Pass, register_pass
+from ..sources import load_dataset
 from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
                     handle_other_tensors, match_linear_layers, model_outputs, output_change, pack_signs,
                     replace_module, require_base, unpack_signs)
@@ -188,14 +190,14 @@ def search_q(model: torch.nn.Module, p: float, n: int, score: Callable[[], float
     return best, trials
 
 
-def labelled_validation(handle: ModelHandle, n: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(input_ids, attention_mask, labels)`` of the validation split of a zoo docs classifier, else None."""
-    zoo_name = str(handle.extras.get("zoo", ""))
-    if not zoo_name.startswith("minilm-docs"):
+def labelled_validation(handle: ModelHandle, dataset: str | None, n: int | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(input_ids, attention_mask, labels)`` of the first ``n`` examples of the labelled validation data
+    (``dataset``, else the zoo model's own validation split), or ``None`` when there is none."""
+    data = load_dataset(dataset, handle, "validation")
+    if data is None or "label" not in data.fields:
         return None
-    from ..zoo.text import docs_tensors
-
-    return docs_tensors("val", n, max_length=int(handle.extras.get("max_length", 64)))
+    return labelled_text(handle, data, n, int(handle.extras.get("max_length", 64)))
 
 
 def _accuracy_error(handle: ModelHandle, module: torch.nn.Module,
@@ -259,6 +261,8 @@ class DarexPass(_DareBase):
         samples: int = Field(32, ge=1, le=100_000, description="calibration texts (search / statistics)")
         val_samples: int | None = Field(None, ge=1, le=100_000,
                                         description="labelled validation examples (default: the whole split)")
+        val_dataset: str | None = Field(None, min_length=1, description="labelled validation data of q_mode "
+                                        "labelled (default: the zoo model's validation split)")
         batch_size: int = Field(16, ge=1, le=1024)
         seq_len: int = Field(64, ge=4, le=4096, description="tokens per calibration text")
 
@@ -268,7 +272,8 @@ class DarexPass(_DareBase):
         if cfg.q_mode == "fixed" and cfg.q is None:
             raise UserError("darex: q_mode fixed needs q", "passes")
         t0 = time.time()
-        batches = calibration_batches(model, ctx, cfg.samples, cfg.batch_size, cfg.seq_len, offset=31)
+        batches = calibration_batches(model, ctx, self.name, ctx.setting(cfg, "samples"),
+                                          ctx.setting(cfg, "batch_size"), ctx.setting(cfg, "seq_len"), offset=31)
         hessians: dict[str, torch.Tensor] = {}
         if cfg.q_mode == "analytic" or cfg.prune == "importance":
             layers0 = match_linear_layers(model.module, ctx.base.module, cfg.skip)
@@ -295,11 +300,10 @@ class DarexPass(_DareBase):
             best, trials = search_q(student, cfg.p, cfg.grid, change, ctx, "darex q search (unlabelled)")
             record.update(q=best, trials=trials)
         else:
-            data = labelled_validation(model, cfg.val_samples)
+            data = labelled_validation(model, cfg.val_dataset, cfg.val_samples)
             if data is None:
-                raise UserError("darex: q_mode labelled needs a labelled validation split; the model "
-                                f"{model.extras.get('zoo', model.source)!r} has none in the zoo (use unlabelled "
-                                "or analytic)", "passes")
+                raise UserError("darex: q_mode labelled needs labelled validation data: set val_dataset (a .jsonl "
+                                "file with text and label) or use q_mode unlabelled or analytic", "passes")
             best, trials = search_q(student, cfg.p, cfg.grid, _accuracy_error(model, student, data), ctx,
                                     "darex q search (labelled)")
             record.update(q=best, trials=trials)

@@ -29,7 +29,8 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import UserError
-from ..model import ModelHandle, align_to_base, example_inputs
+from ..data.capture import model_hessians
+from ..model import ModelHandle, align_to_base
 from ..passes import Context, PassConfig
 
 TensorOption = Literal["keep", "base"]
@@ -362,62 +363,11 @@ def delta_size_report(model: nn.Module, base: nn.Module) -> dict[str, Any]:
 # Calibration data and reference outputs
 
 
-def _fallback_texts() -> list[str]:
-    """Paragraphs of the Python documentation shipped with the interpreter (``pydoc_data.topics``)."""
-    from pydoc_data.topics import topics
-
-    out = []
-    for key in sorted(topics):
-        for para in topics[key].split("\n\n"):
-            para = " ".join(para.split())
-            if len(para) > 80:
-                out.append(para)
-    return out
-
-
-def calibration_texts(n: int, seed: int) -> list[str]:
-    """``n`` calibration texts: the text zoo's sampler when available, else Python-docs paragraphs."""
-    try:
-        from ..zoo import text as zoo_text
-
-        fn = getattr(zoo_text, "calibration_texts", None)
-        if fn is not None:
-            texts = list(fn(n, seed=seed))
-            if texts:
-                return texts[:n]
-    except Exception:  # the text zoo is optional for this fallback
-        pass
-    texts = _fallback_texts()
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(texts), size=min(n, len(texts)), replace=False)
-    return [texts[i] for i in idx]
-
-
-def calibration_batches(handle: ModelHandle, ctx: Context, n_samples: int, batch_size: int,
+def calibration_batches(handle: ModelHandle, ctx: Context, pass_name: str, n_samples: int, batch_size: int,
                         seq_len: int = 128, offset: int = 0) -> list[tuple[torch.Tensor, ...]]:
-    """Canonical input batches for calibration (``n_samples`` in batches of ``batch_size``).
-
-    Text models with a real vocabulary get tokenized documentation text; models without one (tiny test
-    models) and UNets get seeded random canonical inputs.
-    """
-    batches: list[tuple[torch.Tensor, ...]] = []
-    n_batches = max(1, math.ceil(n_samples / batch_size))
-    vocab = int(handle.architecture.get("config", {}).get("vocab_size", 0) or 0)
-    if handle.kind in ("encoder", "classifier") and vocab >= 30000:
-        try:
-            from ..zoo.text import tokenize
-
-            texts = calibration_texts(n_batches * batch_size, ctx.seed + offset)
-            ids, mask = tokenize(texts, max_length=seq_len)
-            for i in range(0, len(texts), batch_size):
-                batches.append((ids[i:i + batch_size], mask[i:i + batch_size]))
-            return batches
-        except Exception:  # no tokenizer available: random tokens below
-            batches = []
-    for b in range(n_batches):
-        batches.append(example_inputs(handle, batch=batch_size, seq_len=seq_len,
-                                      seed=ctx.seed * 7919 + offset * 104729 + b))
-    return batches
+    """Canonical input batches of the recipe's calibration data (``n_samples`` rounded up to whole batches
+    of ``batch_size``), drawn with the recipe seed plus ``offset`` (each method its own draw)."""
+    return ctx.calibration_batches(handle, pass_name, n_samples, batch_size, seq_len, offset)
 
 
 def model_outputs(handle: ModelHandle, module: nn.Module, batch: tuple[torch.Tensor, ...],
@@ -454,33 +404,8 @@ def output_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 def collect_input_hessians(handle: ModelHandle, layers: list[DeltaLayer], batches: list[tuple[torch.Tensor, ...]],
                            ctx: Context, desc: str = "calibration") -> dict[str, torch.Tensor]:
     """``H = X^T X / n`` (float64, ``[in, in]``) of each layer's inputs over ``batches`` (real tokens only
-    when the batch carries an attention mask)."""
-    hs = {l.name: torch.zeros(l.in_features, l.in_features, dtype=torch.float64) for l in layers}
-    counts = {l.name: 0 for l in layers}
-    current_mask: list[torch.Tensor | None] = [None]
-
-    def hook(name: str) -> Callable:
-        def fn(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
-            x = inputs[0].detach()
-            m = current_mask[0]
-            if m is not None and x.dim() == 3 and x.shape[:2] == m.shape:
-                x = x[m.bool()]
-            x = x.reshape(-1, x.shape[-1]).double()
-            hs[name] += x.T @ x
-            counts[name] += x.shape[0]
-        return fn
-
-    handles = [l.module.register_forward_hook(hook(l.name)) for l in layers]
-    canon = handle.canonical()
-    try:
-        with torch.no_grad():
-            for batch in ctx.progress(batches, desc=desc):
-                current_mask[0] = batch[1] if handle.kind in ("encoder", "classifier") else None
-                canon(*batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: hs[k] / max(1, counts[k]) for k in hs}
+    when the batch carries an attention mask; :func:`modelpress.data.capture.model_hessians`)."""
+    return model_hessians(handle, [l.name for l in layers], ctx.progress(batches, desc=desc), scale=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -220,7 +220,8 @@ class DeltaCoMePass(Pass):
         layers = match_linear_layers(student, base.module, cfg.skip)
         hessians: dict[str, torch.Tensor] = {}
         if cfg.quantizer == "gptq":
-            batches = calibration_batches(model, ctx, cfg.samples, cfg.batch_size, cfg.seq_len, offset=23)
+            batches = calibration_batches(model, ctx, self.name, ctx.setting(cfg, "samples"),
+                                          ctx.setting(cfg, "batch_size"), ctx.setting(cfg, "seq_len"), offset=23)
             hessians = collect_input_hessians(model.replace_module(student), layers, batches, ctx,
                                               desc="delta_come hessians")
         other = handle_other_tensors(student, base.module, cfg.embeddings, cfg.norms, cfg.biases)

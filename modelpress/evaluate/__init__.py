@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..data import Dataset
 from ..errors import UserError
 from ..model import ModelHandle
 
@@ -31,6 +32,8 @@ class EvalContext:
     options: dict[str, Any] = field(default_factory=dict)
     reference: ModelHandle | None = None
     show_progress: bool = True
+    #: the metric's data (``evaluate[i].dataset``); ``None``: the zoo model's own evaluation data
+    dataset: Dataset | None = None
 
 
 @dataclass

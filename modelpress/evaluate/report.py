@@ -21,6 +21,7 @@ import torch
 from .. import console
 from ..artifact import MANIFEST, WEIGHTS
 from ..model import ModelHandle, example_inputs, state_bytes
+from ..sources import load_dataset
 from . import EvalContext, MetricResult, evaluate, get_metric
 
 
@@ -49,7 +50,8 @@ def _run_metrics(model: torch.nn.Module, handle: ModelHandle, reference: ModelHa
         if spec.metric == "size":
             continue
         ctx = EvalContext(seed=seed, samples=spec.samples, options=dict(spec.options), reference=reference,
-                          show_progress=show_progress)
+                          show_progress=show_progress,
+                          dataset=load_dataset(spec.dataset) if getattr(spec, "dataset", None) else None)
         out.update(evaluate(model, handle, [spec.metric], ctx))
     return out
 
@@ -120,8 +122,10 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
         export_dir = staging / "exports"
         export_dir.mkdir(exist_ok=True)
         torch_model = model.canonical()
+        named = loaded.recipe.calibration.dataset if loaded is not None else None
+        calibration = load_dataset(named) if named else None  # else the model's own (export.common)
         for spec in exports:
-            path = export_model(model, spec, export_dir)
+            path = export_model(model, spec, export_dir, calibration)
             runtime = load_exported(path, model)
             key = spec.format if spec.format not in report["exports"] else f"{spec.format}-{len(report['exports'])}"
             entry: dict[str, Any] = {"path": str(path.relative_to(staging)), "size_bytes": path.stat().st_size,

@@ -101,8 +101,8 @@ def _exporters() -> dict[str, Exporter]:
 def export_model(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration: Calibration | None = None) -> Path:
     """Export ``handle`` (its canonical module) as ``spec`` says into ``out_dir``; return the main file.
 
-    ``calibration`` is an iterable of canonical input tuples for static int8; without it, batches come
-    from the model's zoo data (text) or from :func:`modelpress.export.calibration.default_calibration`.
+    ``calibration`` is an iterable of canonical input tuples for static int8, or a dataset to draw them
+    from; without it, :func:`modelpress.export.common.default_calibration` draws from the model's own data.
     Files are written under a temporary name and renamed, so a failed export leaves nothing behind.
     """
     out_dir = Path(out_dir)

@@ -14,7 +14,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..data import Dataset
+from ..data.inputs import batched, model_inputs
 from ..model import ModelHandle, example_inputs
+from ..sources import load_dataset
 
 #: canonical input names per kind, in positional order (the same names in every exported file)
 INPUT_NAMES: dict[str, tuple[str, ...]] = {
@@ -114,56 +117,32 @@ def export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...], handle: 
 # ---------------------------------------------------------------------------------------------------
 # Calibration data
 
-def default_calibration(handle: ModelHandle, batches: int, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
-    """Calibration batches when the caller gives none: real text (the train split of the zoo's docs task,
-    tokenized with the MiniLM tokenizer) for text models with MiniLM's vocabulary; for UNets the states of
-    the model's own DDIM trajectories; else random canonical inputs (seeded)."""
-    real = (_docs_batches(handle, batches, batch_size) if handle.kind in TEXT_KINDS
-            else _trajectory_batches(handle, batches, batch_size))
-    if real:
-        return real
-    out = []
-    for i in range(batches):
-        if handle.kind in TEXT_KINDS:
-            out.append(example_inputs(handle, batch=batch_size, seq_len=TEXT_SEQ_LEN, seed=1000 + i))
-        else:
-            out.append(example_inputs(handle, batch=batch_size, seed=1000 + i))
-    return out
-
-
-MINILM_VOCAB = 30522
-
-
-def _trajectory_batches(handle: ModelHandle, batches: int, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
-    """``(x_t, t[, prompt])`` from every other step of the model's own DDIM-25 trajectories (Q-Diffusion's
-    calibration): random ``x ~ N(0, 1)`` at random ``t`` is not what a UNet sees when it samples."""
+def default_calibration(handle: ModelHandle, batches: int, batch_size: int = 8,
+                        dataset: Dataset | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """Calibration batches when the caller gives none, from ``dataset`` (the recipe's calibration data; the
+    zoo model's own when ``None``): text models get its texts (seed 0, :data:`TEXT_SEQ_LEN` tokens); UNets
+    the states of the model's own DDIM-25 trajectories (Q-Diffusion's calibration: random ``x ~ N(0, 1)``
+    at random ``t`` is not what a UNet sees when it samples), prompted by its prompts for ``unet-cond``."""
+    data = dataset or load_dataset(None, handle, "calibration")
+    if data is None:
+        raise UserError("static int8 export calibrates on data: set calibration.dataset in the recipe "
+                        "(or 'random')")
+    n = batches * batch_size
+    if handle.kind in TEXT_KINDS or data.is_random:
+        return batched(model_inputs(handle, data, n, 0, TEXT_SEQ_LEN)[0], batch_size)
     from ..passes import Context
     from ..quant.calibration import build_calibration_set
 
-    try:
-        calib = build_calibration_set(handle, Context(seed=0, show_progress=False), "every_k",
-                                      batches * batch_size, steps=25)
-    except UserError:  # e.g. a text-to-image UNet without prompt embeddings to condition on: random inputs
-        return []
+    calib = build_calibration_set(handle, Context(seed=0, data=data, show_progress=False), "export", "every_k",
+                                  n, steps=25)
     return calib.batches(batch_size)[:batches]
 
 
-def _docs_batches(handle: ModelHandle, batches: int, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
-    if int(handle.architecture.get("config", {}).get("vocab_size", 0)) != MINILM_VOCAB:
-        return []
-    try:
-        from ..zoo import text as zoo_text
-
-        it = zoo_text.text_batches("train", batches * batch_size, batch_size, seed=0, max_length=TEXT_SEQ_LEN)
-        return [(ids, mask) for ids, mask, _ in it][:batches]
-    except Exception:  # no dataset on this machine: random tokens instead
-        return []
-
-
 def as_list(calibration: Any, handle: ModelHandle, batches: int) -> list[tuple[torch.Tensor, ...]]:
-    """The first ``batches`` calibration tuples (the caller's, or :func:`default_calibration`)."""
-    if calibration is None:
-        return default_calibration(handle, batches)
+    """The first ``batches`` calibration tuples: the caller's, or drawn from the caller's dataset, or
+    :func:`default_calibration`'s."""
+    if calibration is None or isinstance(calibration, Dataset):
+        return default_calibration(handle, batches, dataset=calibration)
     out = []
     for item in calibration:
         out.append(tuple(item))

@@ -1,5 +1,4 @@
-"""SparseGPT-style one-shot unstructured pruning, and the input-Hessian collector it shares with GPTQ-style
-methods.
+"""SparseGPT-style one-shot unstructured pruning.
 
 Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot".
 For a layer ``y = W x`` and calibration inputs ``X``, the layer-wise problem is
@@ -11,80 +10,14 @@ the Cholesky trick of Sec. 3.3). The mask is chosen adaptively per block of ``bl
 saliency ``w^2 / [H^-1]_jj^2`` (Sec. 3.4, "adaptive mask selection").
 
 Here the Hessian of every selected layer is collected in one forward pass over calibration data through the
-*dense* model (:func:`collect_hessians`); EvoPress' level database needs many levels of the same layer, and
+*dense* model (:func:`modelpress.data.capture.collect_hessians`, shared with GPTQ and Delta-CoMe); EvoPress' level database needs many levels of the same layer, and
 each level is computed from the same dense inputs.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..quant.gptq import _inverse_cholesky  # the upper Cholesky factor of (H + lambda I)^-1, shared with GPTQ
-
-
-def layer_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight of a Linear or Conv2d as a ``[out, in * kh * kw]`` matrix (a view when possible)."""
-    w = module.weight.detach()
-    return w.reshape(w.shape[0], -1)
-
-
-def _layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows of the layer's input matrix ``X^T`` (``[n, in_features]``); convolutions are unfolded."""
-    if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                        stride=module.stride)  # [B, in*kh*kw, L]
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
-
-
-class HessianAccumulator:
-    """Running ``H = 2/n * sum_i x_i x_i^T`` over the input rows seen so far (eq. 1's Hessian, as in GPTQ)."""
-
-    def __init__(self, columns: int) -> None:
-        self.H = torch.zeros(columns, columns, dtype=torch.float64)
-        self.n = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().to(torch.float64)
-        m = rows.shape[0]
-        if m == 0:
-            return
-        self.H.mul_(self.n / (self.n + m))
-        self.n += m
-        self.H.add_(rows.T @ rows, alpha=2.0 / self.n)
-
-
-@contextmanager
-def hessian_hooks(model: nn.Module, names: list[str]) -> Iterator[dict[str, HessianAccumulator]]:
-    """Within the block, every forward through the modules ``names`` (Linear or Conv2d) adds its inputs to
-    that module's :class:`HessianAccumulator`."""
-    accs: dict[str, HessianAccumulator] = {}
-    handles = []
-    for name in names:
-        mod = model.get_submodule(name)
-        accs[name] = HessianAccumulator(layer_matrix(mod).shape[1])
-
-        def hook(m: nn.Module, args: tuple, _out: object, acc: HessianAccumulator = accs[name]) -> None:
-            acc.add(_layer_inputs(m, args[0]))
-
-        handles.append(mod.register_forward_hook(hook))
-    try:
-        yield accs
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
-def collect_hessians(model: nn.Module, names: list[str], run: Callable[[], None]) -> dict[str, torch.Tensor]:
-    """Input Hessians (float64, ``[in, in]``) of the layers ``names``; ``run()`` feeds the calibration data."""
-    with hessian_hooks(model, names) as accs:
-        run()
-    return {k: a.H for k, a in accs.items()}
 
 
 @torch.no_grad()

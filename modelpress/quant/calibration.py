@@ -26,15 +26,14 @@ from typing import Any
 
 import torch
 
+from ..data.inputs import encode_prompts, sample_shape
 from ..errors import UserError
 from ..model import ModelHandle
 from ..passes import Context
-from ..sampling import ddim_sample, ddim_timesteps
+from ..sampling import ddim_sample, ddim_timesteps, scheduler_config
 
 SAMPLERS = ("ndtc", "every_k", "uniform", "single_t")
 
-DEFAULT_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "linear",
-                                     "beta_start": 1e-4, "beta_end": 0.02, "clip_sample": True}
 
 
 @dataclass
@@ -67,50 +66,24 @@ class CalibrationSet:
                 "sample_ids": [list(i) for i in self.ids], "timesteps": self.t.tolist()}
 
 
-def scheduler_config(handle: ModelHandle) -> dict[str, Any]:
-    """The DDPM schedule of the model (``handle.extras["scheduler"]``; diffusers' default linear schedule
-    if the model carries none)."""
-    return dict(handle.extras.get("scheduler") or DEFAULT_SCHEDULER)
-
-
-def sample_shape(handle: ModelHandle) -> tuple[int, int, int]:
-    cfg = handle.architecture["config"]
-    size = cfg.get("sample_size", 16)
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(cfg.get("in_channels", 1)), int(h), int(w)
-
-
-def conditions(handle: ModelHandle, n: int, seed: int) -> torch.Tensor | None:
-    """Prompt embeddings for ``unet-cond`` calibration: the zoo's training prompts when the model is a
-    digits zoo model, otherwise a ``calibration_cond`` tensor in ``handle.extras`` (cycled), otherwise an
-    error (random embeddings would calibrate the cross-attention on inputs it never sees)."""
+def conditions(handle: ModelHandle, ctx: Context, pass_name: str, n: int) -> torch.Tensor | None:
+    """Prompt embeddings ``[n, L, D]`` for ``unet-cond`` calibration: ``n`` prompts of the calibration
+    dataset (the zoo model's own templated prompts when the recipe names none) drawn with the recipe seed,
+    encoded by the model's prompt encoder. Random embeddings would calibrate the cross-attention on inputs it
+    never sees, so there is no fallback to them."""
     if handle.kind != "unet-cond":
         return None
-    given = handle.extras.get("calibration_cond")
-    if isinstance(given, torch.Tensor):
-        return given[torch.arange(n) % given.shape[0]].float()
-    if str(handle.extras.get("zoo", "")).startswith("digits"):
-        from ..zoo.digits import digit_prompts
-        from ..zoo.text import encode_prompts
-
-        prompts, _ = digit_prompts(n, seed=seed, split="train")
-        return torch.cat([encode_prompts(prompts[i:i + 256]) for i in range(0, n, 256)]).float()
-    raise UserError("calibrating a unet-cond model needs prompt embeddings: put a tensor [N, L, D] in "
-                    "handle.extras['calibration_cond']", "calibration")
+    data = ctx.calibration_data(pass_name, handle)
+    data.require("prompt", "calibrating a unet-cond model")
+    prompts = data.draw(n, ctx.seed).prompts
+    return encode_prompts(handle, prompts)
 
 
 def unconditional(handle: ModelHandle) -> torch.Tensor | None:
     """The empty-prompt embedding ``[1, L, D]`` for classifier-free guidance (``unet-cond`` only)."""
     if handle.kind != "unet-cond":
         return None
-    given = handle.extras.get("uncond")
-    if isinstance(given, torch.Tensor):
-        return given.float()
-    if str(handle.extras.get("zoo", "")).startswith("digits"):
-        from ..zoo.digits import empty_prompt_embedding
-
-        return empty_prompt_embedding().float()
-    return None
+    return encode_prompts(handle, [""])
 
 
 def _draw_timesteps(sampler: str, n: int, T: int, gen: torch.Generator, mean: float, std: float,
@@ -133,7 +106,7 @@ def snap_to_schedule(t: torch.Tensor, visited: list[int]) -> torch.Tensor:
     return (t.double()[:, None] - v[None, :]).abs().argmin(dim=1)
 
 
-def build_calibration_set(handle: ModelHandle, ctx: Context, sampler: str, n: int, steps: int,
+def build_calibration_set(handle: ModelHandle, ctx: Context, pass_name: str, sampler: str, n: int, steps: int,
                           ndtc_mean: float = 0.4, ndtc_std: float = 0.4, interval: int = 2,
                           single_t: float = 0.5, batch_size: int = 128, guidance_scale: float = 3.0
                           ) -> CalibrationSet:
@@ -158,7 +131,7 @@ def build_calibration_set(handle: ModelHandle, ctx: Context, sampler: str, n: in
     else:
         n_traj = n
         step_of = snap_to_schedule(_draw_timesteps(sampler, n, T, gen, ndtc_mean, ndtc_std, single_t), visited)
-    cond = conditions(handle, n_traj, ctx.seed)
+    cond = conditions(handle, ctx, pass_name, n_traj)
     uncond = unconditional(handle)
     model = handle.canonical().eval()
     _, traj = ddim_sample(model, sched, n_traj, steps=steps, seed=seed, cond=cond, uncond=uncond,

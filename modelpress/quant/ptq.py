@@ -30,9 +30,14 @@ from ..errors import UserError
 from ..model import ModelHandle, canonical_module
 from ..passes import Context, Pass, PassConfig, register_pass
 from . import core
-from .calibration import CalibrationSet, build_calibration_set, sample_shape
+from ..data.inputs import sample_shape
+from .calibration import CalibrationSet, build_calibration_set
 from .core import _QuantLayer, run_with_hooks
 from .reconstruction import ReconSettings, reconstruct_unit
+
+
+#: calibration samples when neither the pass nor the recipe says
+DEFAULT_SAMPLES = 64
 
 
 class DiffusionPTQConfig(PassConfig):
@@ -45,7 +50,8 @@ class DiffusionPTQConfig(PassConfig):
     metric: Literal["lp", "mse", "cosine", "kl", "minmax"] = "lp"
     p: float = Field(2.4, gt=0, le=10, description="exponent of the Lp range-search error")
     sampler: Literal["ndtc", "every_k", "uniform", "single_t"] = "every_k"
-    samples: int | None = Field(None, ge=8, le=100_000, description="calibration samples (default: recipe calibration.samples)")
+    samples: int | None = Field(None, ge=8, le=100_000,
+                                description=f"calibration samples (default: recipe calibration.samples, else {DEFAULT_SAMPLES})")
     steps: int = Field(25, ge=2, le=1000, description="DDIM steps of the sampler being calibrated for (the fd metric samples with 25)")
     ndtc_mean: float = Field(0.4, ge=0, le=1, description="NDTC mean of t, fraction of T")
     ndtc_std: float = Field(0.4, gt=0, le=2, description="NDTC std of t, fraction of T")
@@ -99,7 +105,7 @@ class QState:
 
     def visited_timesteps(self) -> list[int]:
         from ..sampling import ddim_timesteps
-        from .calibration import scheduler_config
+        from ..sampling import scheduler_config
 
         return ddim_timesteps(scheduler_config(self.handle), self.cfg.steps)
 
@@ -151,13 +157,13 @@ def raw_input_readers(model: nn.Module, run: Callable[[], Any], parents: list[st
     return out
 
 
-def prepare(handle: ModelHandle, ctx: Context, cfg: DiffusionPTQConfig, fsc: bool = False) -> QState:
+def prepare(handle: ModelHandle, ctx: Context, cfg: DiffusionPTQConfig, pass_name: str, fsc: bool = False) -> QState:
     """Step 1: calibration set, discovery and module swaps (see the module docstring)."""
     if handle.kind not in ("unet", "unet-cond"):
         raise UserError(f"diffusion PTQ needs a unet or unet-cond model, got kind {handle.kind!r}")
     t0 = time.perf_counter()
-    n = cfg.samples or ctx.calibration.samples
-    calib = build_calibration_set(handle, ctx, cfg.sampler, n, cfg.steps, cfg.ndtc_mean, cfg.ndtc_std,
+    n = cfg.samples or ctx.calibration.samples or DEFAULT_SAMPLES
+    calib = build_calibration_set(handle, ctx, pass_name, cfg.sampler, n, cfg.steps, cfg.ndtc_mean, cfg.ndtc_std,
                                   cfg.interval, cfg.single_t, batch_size=max(cfg.batch_size, 128))
     t_calib = time.perf_counter() - t0
     fp = handle.module.eval()
@@ -286,7 +292,7 @@ class MinMaxPTQ(Pass):
         metric: Literal["lp", "mse", "cosine", "kl", "minmax"] = "minmax"
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
-        st = prepare(model, ctx, self.config)
+        st = prepare(model, ctx, self.config, self.name)
         init_weight_ranges(st)
         calibrate_activations(st)
         reconstruct_blocks(st, ctx)

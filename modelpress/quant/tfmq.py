@@ -195,7 +195,7 @@ class TFMQ(Pass):
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         cfg = self.config
-        st = prepare(model, ctx, cfg, fsc=cfg.fsc)
+        st = prepare(model, ctx, cfg, self.name, fsc=cfg.fsc)
         init_weight_ranges(st)
         calibrate_activations(st)
         outputs = tib_outputs(st.q, st.tib)

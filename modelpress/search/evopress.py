@@ -232,7 +232,8 @@ class EvoPressPass(Pass):
         pool = None
         if need_pool:
             n_pool = max(cfg.calibration_samples, cfg.hessian_samples, cfg.baseline_samples, max(cfg.stage_samples))
-            pool = calibration_pool(handle, n_pool, ctx.seed, cfg.batch_size, cfg.max_length)
+            pool = calibration_pool(handle, ctx.calibration_data(self.name, handle), n_pool, ctx.seed, cfg.batch_size,
+                                    cfg.max_length)
         db = self._database(handle, spec, units, pool, cfg, ctx) if spec.family != "drop" else None
         switcher = LevelSwitcher(module, spec, units, db)
 
@@ -260,7 +261,7 @@ class EvoPressPass(Pass):
 
     def _database(self, handle: ModelHandle, spec: LevelSpec, units: list[str], pool: CalibrationPool | None,
                   cfg: "EvoPressPass.Config", ctx: Context) -> LevelDatabase:
-        from ..prune.sparsegpt import collect_hessians
+        from ..data.capture import collect_hessians
 
         n_h = min(cfg.hessian_samples, len(pool)) if pool is not None else 0
         calib = {"source": pool.source if pool else None, "seed": ctx.seed, "samples": n_h,

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..model import ModelHandle, example_inputs
+from ..data import Dataset
+from ..data.inputs import model_inputs
+from ..model import ModelHandle
+from ..sampling import scheduler_config
 from .levels import LevelSpec
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,56 +99,19 @@ def sample_divergence(out: torch.Tensor, target: torch.Tensor, distance: str) ->
     return d
 
 
-def _text_inputs(handle: ModelHandle, n: int, seed: int, max_length: int, split: str) -> tuple[tuple[torch.Tensor, ...], list[int], str]:
-    """Docs-task texts for MiniLM-vocabulary models, random tokens for stand-ins with their own vocabulary."""
-    vocab = int(handle.architecture["config"].get("vocab_size", 0))
-    if vocab == 30522:
-        from ..zoo.text import docs_tensors
-
-        ids, mask, _ = docs_tensors(split, None, max_length)
-        pick = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:n]
-        return (ids[pick], mask[pick]), pick.tolist(), f"pydocs-10/{split}"
-    x = example_inputs(handle, batch=n, seq_len=min(max_length, 32), seed=seed)
-    return x, list(range(n)), f"random-tokens(seed={seed})"
-
-
-def _unet_inputs(handle: ModelHandle, n: int, seed: int) -> tuple[tuple[torch.Tensor, ...], list[int], str]:
-    """``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` of real training digits at uniform random timesteps."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = handle.architecture["config"]
-    size = cfg.get("sample_size", 16)
-    if handle.extras.get("zoo", "").startswith("digits") or (cfg.get("in_channels") == 1 and size == 16):
-        from ..zoo.digits import _alphas_cumprod, digits_data
-
-        x0, _ = digits_data("train")
-        pick = torch.randperm(len(x0), generator=g)[:n]
-        x0, source = x0[pick], "digits/train"
-        ab = _alphas_cumprod()
-    else:
-        x0 = example_inputs(handle, batch=n, seed=seed)[0]
-        pick, source = torch.arange(n), f"gaussian(seed={seed})"
-        ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
-    t = torch.randint(0, len(ab), (len(x0),), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    a = ab[t].view(-1, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    inputs: tuple[torch.Tensor, ...] = (xt, t)
-    if handle.kind == "unet-cond":
-        cond = example_inputs(handle, batch=len(x0), seed=seed)[2]
-        inputs = inputs + (cond,)
-    return inputs, pick.tolist(), f"{source}, t~U[0,{len(ab)})"
-
-
-def calibration_pool(handle: ModelHandle, n: int, seed: int, batch_size: int = 32, max_length: int = 64,
-                     split: str = "train") -> CalibrationPool:
-    """``n`` calibration samples of the handle's kind with the matching divergence (targets not yet set)."""
+def calibration_pool(handle: ModelHandle, dataset: Dataset, n: int, seed: int, batch_size: int = 32,
+                     max_length: int = 64) -> CalibrationPool:
+    """``n`` samples of ``dataset`` drawn with ``seed`` as the model's inputs (texts tokenized to
+    ``max_length``; UNets: images noised at uniform random timesteps, see :mod:`modelpress.data.inputs`),
+    with the kind's divergence: KL of the class distributions for a classifier, relative MSE of the hidden
+    states for an encoder, MSE of the predicted noise for a UNet. Targets are set later."""
+    inputs, examples = model_inputs(handle, dataset, n, seed, max_length)
     if handle.kind in ("classifier", "encoder"):
-        inputs, ids, src = _text_inputs(handle, n, seed, max_length, split)
-        dist = "kl" if handle.kind == "classifier" else "rel_mse"
+        dist, source = ("kl" if handle.kind == "classifier" else "rel_mse"), dataset.name
     else:
-        inputs, ids, src = _unet_inputs(handle, n, seed)
-        dist = "mse"
-    return CalibrationPool(inputs, ids, src, dist, batch_size=batch_size, trim_padding=handle.kind == "classifier")
+        dist, source = "mse", f"{dataset.name}, t~U[0,{int(scheduler_config(handle)['num_train_timesteps'])})"
+    return CalibrationPool(inputs, examples.ids, source, dist, batch_size=batch_size,
+                           trim_padding=handle.kind == "classifier")
 
 
 # ---------------------------------------------------------------------------------------------------

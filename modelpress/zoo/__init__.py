@@ -7,7 +7,7 @@ built on first use into the cache directory (``$MODELPRESS_CACHE``, default ``~/
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +31,9 @@ class ZooEntry:
     description: str
     load: Callable[[], ModelHandle]
     build: Callable[[bool], Path]  # build(force) -> directory or file written
+    #: the model's own data: named datasets (:mod:`modelpress.data`) by role (``calibration``,
+    #: ``evaluation``, ``validation``), used when a recipe names none
+    datasets: dict[str, str] = field(default_factory=dict)
 
 
 _ENTRIES: dict[str, ZooEntry] = {}
@@ -60,8 +63,10 @@ def get(name: str) -> ZooEntry:
 
 def load(name: str) -> ModelHandle:
     """Load zoo model ``name``, building and caching it first if needed."""
-    handle = get(name).load()
+    entry = get(name)
+    handle = entry.load()
     handle.extras.setdefault("zoo", name)
+    handle.extras.setdefault("datasets", dict(entry.datasets))
     return handle
 
 

