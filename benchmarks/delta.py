@@ -236,7 +236,7 @@ def serving_section(base: ModelHandle, fts: list[ModelHandle], args) -> tuple[li
     # the kernel alone: one 1536x384 sign matrix, GEMV and a 512-row GEMM, vs torch on unpacked signs
     g = np.random.default_rng(0)
     signs = torch.from_numpy(g.random((1536, 384)) > 0.5)
-    from modelpress.compress.delta import pack_signs, unpack_signs
+    from modelpress.quant.primitives import pack_signs, unpack_signs
 
     packed = pack_signs(signs).numpy()
     dense = unpack_signs(torch.from_numpy(packed), 384)

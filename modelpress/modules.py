@@ -73,10 +73,11 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def materialize(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in which every compressed module that can be rebuilt as a plain torch layer
-    (it defines ``decompressed() -> nn.Module``: lossless-coded and delta layers) is replaced by it.
+    (it defines ``decompressed() -> nn.Module``: lossless-coded, delta, packed weight-only quantized and sparse
+    layers) is replaced by it.
 
-    Exporters use it: an ONNX / ExecuTorch graph of a lossless or delta artifact is the rebuilt model.
-    Quantized modules define no ``decompressed`` and stay, so their integer scales reach the export."""
+    Exporters use it: an ONNX / ExecuTorch graph of such an artifact is the rebuilt model. The PTQ passes'
+    quantized layers define no ``decompressed`` and stay, so their integer scales reach the export."""
     import copy
 
     out = copy.deepcopy(model)

@@ -15,7 +15,7 @@ from modelpress.data import random_dataset
 from modelpress.compress.bitdelta import BitDeltaLinear, BitDeltaPass
 from modelpress.compress.dare import DareLinear, DarePass, DarexPass, analytic_q, random_keep_mask
 from modelpress.compress.delta import (DeltaLinear, delta_size_report, find_linear_layers, match_linear_layers,
-                                       pack_codes, pack_signs, quantize_base, unpack_codes, unpack_signs)
+                                       quantize_base)
 from modelpress.compress.delta_come import DeltaCoMeLinear, DeltaCoMePass, allocate_ranks, DEFAULT_GROUPS
 from modelpress.compress.serving import MultiTenantModel
 from modelpress.errors import UserError
@@ -23,6 +23,7 @@ from modelpress.kernels.sign_gemv import sign_matmul, sign_matmul_reference
 from modelpress.model import ModelHandle, describe_architecture, example_inputs
 from modelpress.modules import compressed_modules, module_class
 from modelpress.passes import Context, get_pass
+from modelpress.quant.primitives import pack_codes, pack_signs, unpack_codes, unpack_signs
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,9 @@ from modelpress.artifact import load_artifact, write_artifact
 from modelpress.data import finite, register_prompt_encoder
 from modelpress.model import ModelHandle, describe_architecture
 from modelpress.passes import Context, get_pass
-from modelpress.quant import core
+from modelpress.quant import surgery
+from modelpress.quant.layers import QuantLinear
+from modelpress.quant.timesteps import set_current_timesteps
 from modelpress.quant.calibration import build_calibration_set, snap_to_schedule
 from modelpress.sampling import ddim_sample, ddim_timesteps, scheduler_config
 
@@ -104,12 +106,12 @@ def test_discovery_by_structure() -> None:
     h = tiny_unet()
     cs = build_calibration_set(h, Context(seed=0, show_progress=False), "test", "uniform", 8, STEPS)
     fn = h.canonical()
-    layers = core.quantizable_layers(h.module)
-    tib = core.temporal_layers(h.module, lambda w: fn(*_probe_pair(cs, w)), layers)
+    layers = surgery.quantizable_layers(h.module)
+    tib = surgery.temporal_layers(h.module, lambda w: fn(*_probe_pair(cs, w)), layers)
     # the TIB is the time-embedding MLP and every residual block's time projection (names only checked here)
     expected = {n for n, _ in layers if n.startswith("time_embedding.") or n.endswith("time_emb_proj")}
     assert set(tib) == expected and len(expected) == 2 + 8
-    splits = core.skip_concat_splits(h.module, lambda: fn(*_probe_pair(cs, 0)))
+    splits = surgery.skip_concat_splits(h.module, lambda: fn(*_probe_pair(cs, 0)))
     assert splits == {"up_blocks.0.resnets.0": 16, "up_blocks.0.resnets.1": 16,
                       "up_blocks.1.resnets.0": 16, "up_blocks.1.resnets.1": 8}
 
@@ -144,7 +146,7 @@ def test_qdrop_reconstruction_is_deterministic_and_off_at_inference(w8a8) -> Non
     h = w8a8["ref"][0]
     a, _ = run_pass("ptq4dm", h, recon_iters=4, recon_qdrop=0.5)
     b, _ = run_pass("ptq4dm", h, recon_iters=4, recon_qdrop=0.5)
-    assert all(q._drop is None for q in core.act_quantizers(a.module))  # inference quantizes every value
+    assert all(q._drop is None for q in surgery.act_quantizers(a.module))  # inference quantizes every value
     with torch.no_grad():
         out = a.module(PROBE_X, PROBE_T).sample
         assert torch.equal(out, b.module(PROBE_X, PROBE_T).sample)
@@ -202,7 +204,7 @@ def test_tfmq_tiar_fsc_cache_and_selection() -> None:
     q, log = run_pass("tfmq", h, w_bits=4, a_bits=8, recon_iters=4, maintenance="tib")
     assert log["tiar"]["iters"] == 4
     proj = q.module.down_blocks[0].resnets[0].time_emb_proj
-    assert isinstance(proj, core.QuantLinear) and proj.act.n_timesteps == STEPS  # FSC: one range per t
+    assert isinstance(proj, QuantLinear) and proj.act.n_timesteps == STEPS  # FSC: one range per t
     assert sorted(proj.act.timesteps.tolist()) == sorted(ddim_timesteps({}, STEPS))
     assert all(v["kept"] == "tib" for v in log["maintenance"].values())
     qc, logc = run_pass("tfmq", h, w_bits=4, a_bits=8, recon_iters=0, maintenance="cache")
@@ -214,13 +216,13 @@ def test_tfmq_tiar_fsc_cache_and_selection() -> None:
         assert v["cache_error"] < v["tib_error"]
     # the cache reproduces the full-precision temporal feature of a timestep of the set
     t = torch.tensor([ddim_timesteps({}, STEPS)[3]])
-    core.set_current_timesteps(t)
+    set_current_timesteps(t)
     with torch.no_grad():
         fp_mod = h.module.down_blocks[0].resnets[0]
         emb = h.module.time_embedding(h.module.time_proj(t))
         want = fp_mod.time_emb_proj(fp_mod.nonlinearity(emb))
         assert rel_err(cached(torch.zeros(1, 32)), want) < 0.02
-    core.set_current_timesteps(None)
+    set_current_timesteps(None)
 
 
 def test_unet_cond_tfmq_runs_and_quantizes_cross_attention() -> None:

@@ -395,3 +395,54 @@ def test_sparsegpt_levels_equal_separate_calls():
     together = sparsegpt_prune_levels(W, H, levels, blocksize=8)
     for s, t in zip(levels, together):
         torch.testing.assert_close(t, sparsegpt_prune(W, H, s, blocksize=8), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family,method,budget,levels", [
+    ("bits", "rtn", 3.0, [2, 3, 4, 5, 6, 7, 8]), ("bits", "gptq", 3.0, [2, 3, 4]),
+    ("sparsity", "magnitude", 0.5, [0.0, 0.25, 0.5, 0.75])])
+def test_artifact_stores_the_levels_compressed_and_loads_the_database_weights(tmp_path: Path, family, method,
+                                                                             budget, levels):
+    """The final model holds packed codes (bits) or fp16 values + a bitmask (sparsity); after save / load every
+    searched layer computes with exactly the database weights the search scored, and the file is smaller than
+    the same model stored with dense layers."""
+    import copy
+
+    from modelpress.artifact import WEIGHTS, load_artifact, write_artifact
+    from modelpress.prune.sparse import SparseLinear
+    from modelpress.quant.packed import PackedLinear
+
+    h = tiny_classifier(layers=2)
+    ctx = Context(seed=0, show_progress=False)
+    cfg = fast_config(family=family, method=method, budget=budget, levels=levels, database=str(tmp_path / "db"),
+                      generations=2)
+    out = get_pass("evopress")(cfg).apply(h, ctx)
+    log = ctx.log["evopress"]
+    write_artifact(tmp_path / "art", out, pass_log=ctx.log)
+    loaded = load_artifact(tmp_path / "art").module
+
+    spec = LevelSpec.make(family, method, levels, cfg.group_size, cfg.sym)
+    db = LevelDatabase.open(tmp_path / "db")
+    units = list(log["level_map"])
+    idx = [spec.index_of(log["level_map"][u]) for u in units]
+    dense = copy.deepcopy(h.module)  # what the search scored: the database's weights in the float layers
+    LevelSwitcher(dense, spec, units, db).apply(idx)
+    kind = PackedLinear if family == "bits" else SparseLinear
+    for u, i in zip(units, idx):
+        mod = loaded.get_submodule(u)
+        assert isinstance(mod, kind)
+        want = db.weight(u, i).float()
+        if method == "gptq":  # dequantized from float32 scales: within one fp16 rounding step of the database
+            torch.testing.assert_close(mod.weight.float(), want, rtol=2**-10, atol=1e-6)
+        else:
+            assert torch.equal(mod.weight.float(), want)
+    x = example_inputs(h)
+    if method != "gptq":
+        torch.testing.assert_close(loaded(*x).logits, dense(*x).logits, rtol=0, atol=0)
+    assert log["max_abs_diff_vs_database"] == 0.0 or method == "gptq"
+
+    write_artifact(tmp_path / "dense", ModelHandle(dense, "classifier", "tiny", describe_architecture(dense)))
+    size, dense_size = ((tmp_path / d / WEIGHTS).stat().st_size for d in ("art", "dense"))
+    saved = 4 * log["searched_layers_fp16_bytes"] // 2 - log["searched_layers_bytes"]  # fp32 layers -> stored
+    assert size < dense_size and abs((dense_size - size) - saved) < 4096
+    limit = 0.30 if family == "bits" else 0.75  # includes the scales / zero points (one group per row here)
+    assert log["searched_layers_bytes"] <= limit * log["searched_layers_fp16_bytes"]

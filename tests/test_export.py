@@ -168,7 +168,7 @@ def test_weight_only_int4_uses_matmulnbits(tmp_path: Path) -> None:
 def calibrated_quant_bert(act_bits: int = 8, w_bits: int = 8) -> ModelHandle:
     """A tiny BERT whose Linear layers are the quant core's QuantLinear with min-max calibrated ranges."""
     from modelpress.modules import set_submodule
-    from modelpress.quant.core import QuantLinear
+    from modelpress.quant.layers import QuantLinear
 
     h = tiny_bert("encoder")
     names = [n for n, m in h.module.named_modules() if isinstance(m, nn.Linear)]
@@ -191,7 +191,7 @@ def calibrated_quant_bert(act_bits: int = 8, w_bits: int = 8) -> ModelHandle:
 
 def test_qdq_activation_matches_numpy_reference() -> None:
     from modelpress.export.qdq import QDQAct
-    from modelpress.quant.core import ActQuantizer
+    from modelpress.quant.act import ActQuantizer
 
     for bits, symmetric in ((8, False), (8, True), (6, False)):
         act = ActQuantizer(bits, symmetric)

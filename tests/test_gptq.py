@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from modelpress.quant.gptq import gptq_quantize, hessian_from_inputs, quant_grid, rtn_quantize
+from modelpress.quant.gptq import gptq_quantize, hessian_from_inputs, rtn_quantize
+from modelpress.quant.primitives import quant_grid
 
 
 def _problem(rows: int = 32, cols: int = 96, n: int = 512, seed: int = 0):

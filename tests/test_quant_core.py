@@ -1,4 +1,5 @@
-"""The quantization core (modelpress.quant.core): quantizers against numpy references, range search,
+"""The diffusion PTQ quantization modules (modelpress.quant.primitives / ranges / act / layers / attention /
+timesteps): quantizers against numpy references, range search,
 bit packing, quantized layers (storage, export, save/load), split and per-timestep activation ranges,
 quantized attention matmuls, AdaRound's rectified sigmoid."""
 from __future__ import annotations
@@ -8,10 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.quant import core
-from modelpress.quant.core import (ActQuantizer, QuantConv2d, QuantLinear, adaround_h, adaround_logit, fake_quant,
-                                   int_range, pack_codes, qparams_from_range, range_error, search_qparams,
-                                   unpack_codes)
+from modelpress.quant.act import ActQuantizer
+from modelpress.quant.attention import QuantAttnProcessor
+from modelpress.quant.layers import QuantConv2d, QuantLinear, _QuantLayer, adaround_h, adaround_logit
+from modelpress.quant.primitives import (fake_quant, int_range, pack_signed_codes, packed_bytes, qparams_from_range,
+                                         unpack_signed_codes)
+from modelpress.quant.ranges import range_error, search_qparams
+from modelpress.quant.timesteps import TimestepTap, current_timesteps, set_current_timesteps
 
 
 def np_fake_quant(x: np.ndarray, lo: float, hi: float, bits: int, symmetric: bool) -> np.ndarray:
@@ -62,15 +66,15 @@ def test_lp_error_matches_numpy_and_search_beats_minmax() -> None:
 def test_pack_roundtrip_and_size(bits: int) -> None:
     qmin, qmax = int_range(bits, False)
     codes = torch.randint(qmin, qmax + 1, (7, 13), generator=torch.Generator().manual_seed(bits), dtype=torch.int8)
-    packed = pack_codes(codes, bits)
+    packed = pack_signed_codes(codes, bits)
     assert packed.dtype == torch.uint8
-    assert packed.numel() == -(-codes.numel() // core.codes_per_byte(bits))
-    assert torch.equal(unpack_codes(packed, bits, codes.numel()).reshape(7, 13), codes)
+    assert packed.numel() == packed_bytes(codes.numel(), bits) == -(-codes.numel() * bits // 8)
+    assert torch.equal(unpack_signed_codes(packed, bits, codes.numel()).reshape(7, 13), codes)
     if bits == 4:
         assert packed.numel() == -(-codes.numel() // 2)  # two 4-bit codes per byte
 
 
-def _calibrated(layer: nn.Module, x: torch.Tensor, bits: int = 4) -> core._QuantLayer:
+def _calibrated(layer: nn.Module, x: torch.Tensor, bits: int = 4) -> _QuantLayer:
     q = (QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear).from_float(
         layer, w_bits=bits, w_symmetric=False, act_bits=8)
     q.init_weight_qparams("lp")
@@ -117,17 +121,17 @@ def test_split_and_per_timestep_activation_ranges() -> None:
     assert (a(x)[:, :3] - x[:, :3]).abs().max() < 1e-4  # the small half keeps its resolution
 
     f = ActQuantizer(8, False, n_timesteps=2, channel_dim=-1)
-    core.set_current_timesteps(torch.tensor([10, 500]))
+    set_current_timesteps(torch.tensor([10, 500]))
     v = torch.stack([torch.linspace(-1, 1, 16), torch.linspace(-50, 50, 16)])
     f.observing = True
     f(v)
     f.fit("minmax")
     assert f.timesteps.tolist() == [10, 500]
     assert f.scale[0, 0] * 40 < f.scale[1, 0]
-    core.set_current_timesteps(torch.tensor([500, 10]))
+    set_current_timesteps(torch.tensor([500, 10]))
     out = f(v.flip(0))
     assert (out - v.flip(0)).abs()[1].max() < 0.01  # row with t=10 uses the fine range
-    core.set_current_timesteps(None)
+    set_current_timesteps(None)
 
 
 def test_range_search_sees_every_pixel_position() -> None:
@@ -216,7 +220,7 @@ def test_quant_attention_processor_matches_default_when_off_and_is_saved() -> No
                      upcast_softmax=True, _from_deprecated_attn_block=True).eval()
     x = torch.randn(2, 16, 4, 4)
     ref = attn(x)
-    attn.set_processor(core.QuantAttnProcessor(8))
+    attn.set_processor(QuantAttnProcessor(8))
     proc = attn.processor
     assert "processor" in dict(attn.named_children())
     for aq in proc.quantizers():
@@ -238,7 +242,7 @@ def test_timestep_tap_matches_timesteps() -> None:
     from diffusers.models.embeddings import Timesteps
 
     ts = Timesteps(32, True, 0)
-    tap = core.TimestepTap.from_timesteps(ts)
+    tap = TimestepTap.from_timesteps(ts)
     t = torch.tensor([0, 17, 999])
     assert torch.equal(tap(t), ts(t))
-    assert torch.equal(core.current_timesteps(), t)
+    assert torch.equal(current_timesteps(), t)

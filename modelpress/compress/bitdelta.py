@@ -13,7 +13,7 @@ target is the last hidden state (all real tokens) plus the logits (``target: bot
 learning rate is 1e-4 (alphas of MiniLM deltas are ~1e-3, so Adam steps of 1e-4 move them by ~10 %
 per step; we measured larger rates to oscillate: see docs/delta.md).
 
-Signs are packed 32 per int32 (:func:`~modelpress.compress.delta.pack_signs`); the stored delta of a
+Signs are packed 32 per int32 (:func:`~modelpress.quant.primitives.pack_signs`); the stored delta of a
 ``[out, in]`` matrix is ``out * ceil(in/32) * 4 + 4`` bytes, ~1/16 of its fp16 delta.
 """
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pydantic import Field
 from ..model import ModelHandle
 from ..modules import register_module
 from ..passes import Context, Pass, register_pass
+from ..quant.primitives import pack_signs, unpack_signs
 from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, handle_other_tensors,
-                    match_linear_layers, model_outputs, output_mse, pack_signs, replace_module, require_base,
-                    unpack_signs)
+                    match_linear_layers, model_outputs, output_mse, replace_module, require_base)
 
 
 @register_module

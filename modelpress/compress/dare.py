@@ -46,10 +46,11 @@ from ..errors import UserError
 from ..model import ModelHandle
 from ..modules import register_module
 from ..passes import Context, Pass, register_pass
+from ..quant.primitives import pack_signs, unpack_signs
 from ..sources import load_dataset
 from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
-                    handle_other_tensors, match_linear_layers, model_outputs, output_change, pack_signs,
-                    replace_module, require_base, unpack_signs)
+                    handle_other_tensors, match_linear_layers, model_outputs, output_change,
+                    replace_module, require_base)
 
 PruneMethod = Literal["random", "magnitude", "importance"]
 

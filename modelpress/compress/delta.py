@@ -12,24 +12,22 @@ A *delta* is ``W_ft - W_base`` for a tensor the fine-tune shares with its base. 
 * handles the non-linear tensors (embeddings, norms, biases) by option: ``keep`` the fine-tune's values
   (stored in full) or revert them to the ``base`` (their delta is dropped; the artifact then stores nothing
   for them). Tensors with no base counterpart (a new classification head) are always kept;
-* packs sign bits 32 per int32 and arbitrary b-bit codes into bytes;
+* re-exports the sign packing of :mod:`modelpress.quant.primitives` (BitDelta's and DARE's masks);
 * counts the stored bytes of a compressed delta against the fp16 delta;
 * draws calibration batches and reference outputs for the distillation / search steps.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..errors import UserError
 from ..data.capture import model_hessians
+from ..errors import UserError
 from ..model import ModelHandle, align_to_base
 from ..passes import Context, PassConfig
 
@@ -271,49 +269,6 @@ def handle_other_tensors(model: nn.Module, base: nn.Module, embeddings: TensorOp
         else:
             kept.append(key)
     return {"reverted": reverted, "kept": kept}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Bit packing
-
-
-def pack_signs(positive: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean ``[rows, cols]`` matrix (True = +1, False = -1) into int32 ``[rows, ceil(cols/32)]``.
-
-    Bit ``j`` (LSB first) of word ``k`` of a row holds column ``32 k + j``; padding bits are 0.
-    """
-    rows, cols = positive.shape
-    words = math.ceil(cols / 32)
-    bits = np.zeros((rows, words * 32), dtype=np.uint8)
-    bits[:, :cols] = positive.cpu().numpy().astype(np.uint8)
-    packed = np.packbits(bits.reshape(rows, words, 32), axis=-1, bitorder="little")  # [rows, words, 4]
-    return torch.from_numpy(np.ascontiguousarray(packed).view("<i4").reshape(rows, words).copy())
-
-
-def unpack_signs(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_signs`: a float32 ``[rows, cols]`` matrix of +-1."""
-    rows, words = packed.shape
-    as_bytes = packed.cpu().numpy().astype("<i4").view(np.uint8).reshape(rows, words * 4)
-    bits = np.unpackbits(as_bytes, axis=-1, bitorder="little")[:, :cols]
-    return torch.from_numpy(bits.astype(np.float32) * 2.0 - 1.0)
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned integer codes (< 2**bits) into a uint8 bit stream (LSB first, row-major order)."""
-    flat = codes.reshape(-1).cpu().numpy().astype(np.uint8)
-    planes = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits]  # [n, bits]
-    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little").copy())
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``n`` codes as int64."""
-    stream = np.unpackbits(packed.cpu().numpy().astype(np.uint8), bitorder="little")[: n * bits]
-    weights = (1 << np.arange(bits)).astype(np.int64)
-    return torch.from_numpy(stream.reshape(n, bits).astype(np.int64) @ weights)
-
-
-def packed_code_bytes(n: int, bits: int) -> int:
-    return math.ceil(n * bits / 8)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ from ..model import ModelHandle
 from ..modules import register_module
 from ..passes import Context, Pass, register_pass
 from ..quant.gptq import QuantResult, gptq_quantize, rtn_quantize
+from ..quant.primitives import dequantize_groups, pack_codes, packed_bytes, symmetric_zero, unpack_codes
 from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
-                    handle_other_tensors, match_linear_layers, pack_codes, packed_code_bytes, replace_module,
-                    require_base, unpack_codes)
+                    handle_other_tensors, match_linear_layers, replace_module, require_base)
 
 
 class PrecisionGroup(BaseModel):
@@ -61,7 +61,7 @@ def group_bits(rank: int, bits: int, out_features: int, in_features: int, group_
     if rank <= 0:
         return 0
     per_scale = 16 + (0 if sym else 8)
-    codes = 8 * (packed_code_bytes(out_features * rank, bits) + packed_code_bytes(rank * in_features, bits))
+    codes = 8 * (packed_bytes(out_features * rank, bits) + packed_bytes(rank * in_features, bits))
     scales = per_scale * (out_features * _groups_of(rank, min(group_size, rank) if group_size > 0 else rank)
                           + rank * _groups_of(in_features, group_size))
     return codes + scales
@@ -106,7 +106,7 @@ class DeltaCoMeLinear(DeltaLinear):
             for side, rows, cols in (("r", r, in_features), ("u", out_features, r)):
                 gs = self._gs(cols)
                 ng = _groups_of(cols, gs)
-                self.register_buffer(f"{side}{i}_codes", torch.zeros(packed_code_bytes(rows * cols, bits), dtype=torch.uint8))
+                self.register_buffer(f"{side}{i}_codes", torch.zeros(packed_bytes(rows * cols, bits), dtype=torch.uint8))
                 self.register_buffer(f"{side}{i}_scales", torch.zeros(rows, ng, dtype=torch.float16))
                 if not sym:
                     self.register_buffer(f"{side}{i}_zeros", torch.zeros(rows, ng, dtype=torch.uint8))
@@ -132,10 +132,8 @@ class DeltaCoMeLinear(DeltaLinear):
     def _load(self, side: str, i: int, bits: int, rows: int, cols: int) -> torch.Tensor:
         codes = unpack_codes(getattr(self, f"{side}{i}_codes"), bits, rows * cols).reshape(rows, cols).float()
         scales = getattr(self, f"{side}{i}_scales").float()
-        maxq = 2**bits - 1
-        zeros = torch.full_like(scales, (maxq + 1) / 2) if self.sym else getattr(self, f"{side}{i}_zeros").float()
-        idx = torch.arange(cols) // self._gs(cols)
-        return (codes - zeros[:, idx]) * scales[:, idx]
+        zeros = torch.full_like(scales, symmetric_zero(bits)) if self.sym else getattr(self, f"{side}{i}_zeros").float()
+        return dequantize_groups(codes, scales, zeros, self._gs(cols))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized ``(U [out, r], R [r, in])`` over all groups (cached until the next load)."""

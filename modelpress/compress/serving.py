@@ -61,7 +61,7 @@ class MultiTenantBitDeltaLinear(nn.Module):
             y = sign_matmul(x.detach().float().cpu().numpy(), self.signs[t].numpy(), self.in_features)
             return torch.from_numpy(y).to(x.dtype)
         if self._signs_f is None:
-            from .delta import unpack_signs
+            from ..quant.primitives import unpack_signs
 
             self._signs_f = torch.stack([unpack_signs(s, self.in_features) for s in self.signs])
         return F.linear(x, self._signs_f[t].to(x.dtype))

@@ -2,7 +2,7 @@
 
 Quantized ONNX comes from one of three places, always as real integer tensors in the file:
 
-1. **The model's own calibrated quantizers** (the PTQ passes' :class:`~modelpress.quant.core.QuantLinear` /
+1. **The model's own calibrated quantizers** (the PTQ passes' :class:`~modelpress.quant.layers.QuantLinear` /
    ``QuantConv2d`` / ``ActQuantizer``): each is swapped for a module written in PyTorch's
    ``quantized_decomposed`` ops, which torch.onnx translates to ``QuantizeLinear`` / ``DequantizeLinear``.
    Weights become int8 initializers with per-output-channel scale and zero point (axis 0), activations

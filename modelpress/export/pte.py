@@ -29,7 +29,7 @@ from ..model import ModelHandle
 from . import ExportSpec, register_exporter
 from .common import (INPUT_NAMES, TEXT_KINDS, as_list, atomic_path, export_error, export_program, trace_inputs, traceable,
                      write_info)
-from ..quant.core import PTE_REFUSAL
+from ..quant.layers import PTE_REFUSAL
 from .qdq import has_calibrated_quant
 
 

@@ -1,7 +1,7 @@
 """Calibrated quantizers -> QuantizeLinear / DequantizeLinear.
 
-The PTQ passes leave :class:`~modelpress.quant.core.QuantLinear` / ``QuantConv2d`` layers (integer weight
-codes, per-channel scale / zero point) and :class:`~modelpress.quant.core.ActQuantizer` modules (calibrated
+The PTQ passes leave :class:`~modelpress.quant.layers.QuantLinear` / ``QuantConv2d`` layers (integer weight
+codes, per-channel scale / zero point) and :class:`~modelpress.quant.act.ActQuantizer` modules (calibrated
 per-tensor activation ranges) in the model; their forward is float fake quantization. For export each is
 swapped for a module written with PyTorch's ``quantized_decomposed`` operators, whose ONNX translation is
 ``QuantizeLinear`` / ``DequantizeLinear`` (ONNX and ORT only: ExecuTorch's XNNPACK int8 kernels cannot run
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..modules import set_submodule
+from ..quant.primitives import int_range
 
 
 def _decomposed() -> Any:
@@ -34,11 +35,10 @@ def _decomposed() -> Any:
 
 
 def _quant_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    try:
-        from ..quant import core
-    except ImportError:  # pragma: no cover - the quant package is optional for export
-        return (), ()
-    return tuple(getattr(core, "QUANT_LAYERS", ())), ((core.ActQuantizer,) if hasattr(core, "ActQuantizer") else ())
+    from ..quant.act import ActQuantizer
+    from ..quant.layers import QUANT_LAYERS
+
+    return QUANT_LAYERS, (ActQuantizer,)
 
 
 def has_calibrated_quant(module: nn.Module) -> bool:
@@ -46,12 +46,6 @@ def has_calibrated_quant(module: nn.Module) -> bool:
     layers, acts = _quant_classes()
     kinds = layers + acts
     return bool(kinds) and any(isinstance(m, kinds) for m in module.modules())
-
-
-def int8_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """The code range of a ``bits``-bit signed quantizer (narrow when symmetric), as in the quant core."""
-    half = 2 ** (bits - 1)
-    return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
 
 
 class QDQAct(nn.Module):
@@ -67,7 +61,7 @@ class QDQAct(nn.Module):
         self.register_buffer("zero_point", act.zero_point.detach().to(torch.int64).clone())
         if self.n_timesteps:
             self.register_buffer("timesteps", act.timesteps.detach().clone())
-        self.qmin, self.qmax = int8_range(self.bits, self.symmetric)
+        self.qmin, self.qmax = int_range(self.bits, self.symmetric)
         # python constants for the per-tensor case (ONNX initializers of Q / DQ)
         self._const = [(float(self.scale[0, g]), int(self.zero_point[0, g])) for g in range(self.scale.shape[1])]
 
@@ -80,7 +74,7 @@ class QDQAct(nn.Module):
         return qd.dequantize_per_tensor(q, s, z, self.qmin, self.qmax, torch.int8)
 
     def _per_timestep(self, x: torch.Tensor, g: int) -> torch.Tensor:
-        from ..quant.core import timestep_rows
+        from ..quant.timesteps import timestep_rows
 
         qd = _decomposed()
         rows = timestep_rows(self.timesteps, x.shape[0])
@@ -108,7 +102,7 @@ class QDQLayer(nn.Module):
         self.register_buffer("w_scale", p["weight_scale"].float().contiguous())
         self.register_buffer("w_zero_point", p["weight_zero_point"].to(torch.int64).contiguous())
         self.bias = None if p["bias"] is None else nn.Parameter(p["bias"].float(), requires_grad=False)
-        self.qmin, self.qmax = int8_range(int(p["weight_bits"]), bool(p["weight_symmetric"]))
+        self.qmin, self.qmax = int_range(int(p["weight_bits"]), bool(p["weight_symmetric"]))
         self.act = QDQAct(layer.act) if getattr(layer, "act", None) is not None else None
         self.__dict__["_op"] = layer._op  # the original's conv / linear call (stride, padding...), not a submodule
 

@@ -3,7 +3,7 @@
 BitDelta (Liu et al., "BitDelta: Your Fine-Tune May Only Be Worth One Bit", 2024), Sec. 3.3: a batch of
 requests for different fine-tunes shares one base GEMM; each request adds ``alpha_i * X_i @ S_i^T`` with
 its own sign matrix ``S_i`` kept as packed bits. Layout (same as
-:func:`modelpress.compress.delta.pack_signs`): ``packed[o, k]`` is an int32 whose bit ``j`` (LSB first)
+:func:`modelpress.quant.primitives.pack_signs`): ``packed[o, k]`` is an int32 whose bit ``j`` (LSB first)
 is 1 when ``S[o, 32 k + j] = +1`` and 0 when it is -1.
 
 Since ``S = 2 B - 1`` for the bit matrix ``B``, ``x . s_o = 2 * sum_{j: bit set} x_j - sum_j x_j``; the

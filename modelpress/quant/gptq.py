@@ -16,7 +16,9 @@ The API is deliberately small::
     res.zeros     # [rows, n_groups] float32 zero points (integers stored as floats)
     rtn_quantize(W, bits, group_size, sym)  # the same result type, without error feedback
 
-``dequant = (codes - zeros[:, g]) * scales[:, g]`` with ``g = column // group_size``.
+``dequant = (codes - zeros[:, g]) * scales[:, g]`` with ``g = column // group_size``; the grid, rounding and
+packing are :mod:`modelpress.quant.primitives`' (unsigned codes), and ``res.to_module(layer, sym)`` stores a
+result as a packed :class:`~modelpress.quant.packed.PackedLinear` / ``PackedConv2d``.
 ``group_size=None`` (or >= the number of columns) means one group per row. ``bits`` is 1..8.
 Everything runs in float64 on the CPU for the Cholesky steps when the matrix is small, float32 otherwise.
 """
@@ -26,8 +28,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-__all__ = ["QuantResult", "gptq_quantize", "rtn_quantize", "quant_grid", "hessian_from_inputs"]
+from ..data.capture import HessianAccumulator
+from .primitives import dequantize, dequantize_groups, group_grids, group_slices, quant_grid, quantize
+
+__all__ = ["QuantResult", "gptq_quantize", "rtn_quantize", "hessian_from_inputs"]
 
 
 @dataclass
@@ -43,36 +49,19 @@ class QuantResult:
 
     def dequantize(self) -> torch.Tensor:
         """Rebuild the float weights from codes, scales and zeros (equals ``dequant``)."""
-        idx = torch.arange(self.codes.shape[1]) // self.group_size
-        return (self.codes.float() - self.zeros[:, idx]) * self.scales[:, idx]
+        return dequantize_groups(self.codes, self.scales, self.zeros, self.group_size)
+
+    def to_module(self, layer: nn.Module, sym: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The packed quantized replacement of ``layer`` (an ``nn.Linear`` / ``nn.Conv2d`` whose weight, as
+        ``[out, -1]``, this result quantized): see :class:`~modelpress.quant.packed.PackedLinear`."""
+        from .packed import packed_from_result
+
+        return packed_from_result(self, layer, sym, dtype)
 
 
-def quant_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row min/max grid of ``w`` ([rows, k]): returns ``(scale, zero)`` of shape [rows].
-
-    Asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``. Symmetric (GPTQ's
-    convention): the range is ``[-max|w|, max|w|]`` and ``zero = (2^b - 1 + 1) / 2``, so zero is exact.
-    """
-    maxq = 2**bits - 1
-    xmin = torch.clamp(w.min(dim=1).values, max=0)
-    xmax = torch.clamp(w.max(dim=1).values, min=0)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = -xmax
-    dead = (xmax - xmin) == 0
-    xmin = torch.where(dead, torch.full_like(xmin, -1.0), xmin)
-    xmax = torch.where(dead, torch.full_like(xmax, 1.0), xmax)
-    scale = (xmax - xmin) / maxq
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) / 2)
-    else:
-        zero = torch.round(-xmin / scale)
-    return scale, zero
-
-
-def _quantize_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-    return q, scale * (q - zero)
+def _quantize_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = quantize(w, scale, zero, bits, signed=False)
+    return q, dequantize(q, scale, zero)
 
 
 def _check(W: torch.Tensor, bits: int, group_size: int | None) -> int:
@@ -89,25 +78,20 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int | None = 128, sym: 
     gs = _check(W, bits, group_size)
     Wf = W.detach().float()
     rows, cols = Wf.shape
-    ngroups = math.ceil(cols / gs)
-    maxq = 2**bits - 1
     codes = torch.empty(rows, cols)
     deq = torch.empty(rows, cols)
-    scales = torch.empty(rows, ngroups)
-    zeros = torch.empty(rows, ngroups)
-    for g in range(ngroups):
-        sl = slice(g * gs, min((g + 1) * gs, cols))
-        s, z = quant_grid(Wf[:, sl], bits, sym)
-        scales[:, g], zeros[:, g] = s, z
-        q, d = _quantize_col(Wf[:, sl], s[:, None], z[:, None], maxq)
-        codes[:, sl], deq[:, sl] = q, d
+    scales, zeros = group_grids(Wf, bits, gs, sym)
+    for g, sl in enumerate(group_slices(cols, gs)):
+        codes[:, sl], deq[:, sl] = _quantize_col(Wf[:, sl], scales[:, g, None], zeros[:, g, None], bits)
     return QuantResult(deq.to(W.dtype), codes.to(torch.uint8), scales, zeros, bits, gs)
 
 
 def hessian_from_inputs(X: torch.Tensor) -> torch.Tensor:
-    """``H = 2 X^T X / n`` for inputs ``X`` of shape [..., in_features] (GPTQ's Hessian, averaged)."""
-    X = X.reshape(-1, X.shape[-1]).double()
-    return 2.0 * X.T @ X / max(1, X.shape[0])
+    """``H = 2 X^T X / n`` for inputs ``X`` of shape [..., in_features] (GPTQ's Hessian, averaged; the one
+    accumulator of :mod:`modelpress.data.capture`)."""
+    acc = HessianAccumulator(X.shape[-1], scale=2.0)
+    acc.add(X.reshape(-1, X.shape[-1]))
+    return acc.H
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -151,14 +135,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     Hp = Hd[perm][:, perm]
     U = _inverse_cholesky(Hp, percdamp)
 
-    maxq = 2**bits - 1
     ngroups = math.ceil(cols / gs)
     scales = torch.zeros(rows, ngroups, dtype=dtype)
     zeros = torch.zeros(rows, ngroups, dtype=dtype)
     if act_order:  # fix every group's grid from the original weights
-        for g in range(ngroups):
-            sl = slice(g * gs, min((g + 1) * gs, cols))
-            scales[:, g], zeros[:, g] = quant_grid(Wf[:, sl], bits, sym)
+        scales[:], zeros[:] = group_grids(Wf, bits, gs, sym)
     have = torch.zeros(ngroups, dtype=torch.bool) | act_order
 
     Q = torch.zeros_like(Wp)
@@ -179,7 +160,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
                 scales[:, g], zeros[:, g] = quant_grid(cur_cols, bits, sym)
                 have[g] = True
             w = W1[:, j]
-            q, dq = _quantize_col(w, scales[:, g], zeros[:, g], maxq)
+            q, dq = _quantize_col(w, scales[:, g], zeros[:, g], bits)
             Q[:, b0 + j], codes[:, b0 + j] = dq, q
             d = U[b0 + j, b0 + j]
             err = (w - dq) / d

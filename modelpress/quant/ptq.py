@@ -6,7 +6,7 @@ The engine runs the steps every diffusion PTQ method here is made of, each a sma
 1. :func:`prepare` — full-precision calibration set (:mod:`.calibration`), structural discovery (layer
    execution order, temporal information block, concatenated skip inputs), swap in quantized layers,
    the timestep tap and quantized attention processors;
-2. :func:`init_weight_ranges` — per-channel weight ranges (min-max or a range search, :mod:`.core`);
+2. :func:`init_weight_ranges` — per-channel weight ranges (min-max or a range search, :mod:`.ranges`);
 3. :func:`calibrate_activations` — per-tensor activation ranges on the calibration set (per-timestep
    ranges over the whole sampling schedule for the layers listed in ``fsc``, TFMQ-DM's FSC);
 4. :func:`reconstruct_blocks` — BRECQ + AdaRound block reconstruction (:mod:`.reconstruction`);
@@ -29,11 +29,13 @@ from torch import nn
 from ..errors import UserError
 from ..model import ModelHandle, canonical_module
 from ..passes import Context, Pass, PassConfig, register_pass
-from . import core
 from ..data.inputs import sample_shape
+from . import surgery
 from .calibration import CalibrationSet, build_calibration_set
-from .core import _QuantLayer, run_with_hooks
+from .layers import PTE_REFUSAL, _QuantLayer
 from .reconstruction import ReconSettings, reconstruct_unit
+from .surgery import run_with_hooks
+from .timesteps import set_current_timesteps
 
 
 #: calibration samples when neither the pass nor the recipe says
@@ -170,10 +172,10 @@ def prepare(handle: ModelHandle, ctx: Context, cfg: DiffusionPTQConfig, pass_nam
     q = copy.deepcopy(fp).eval()
     q_fn = canonical_module(q, handle.kind)
     probe = _probe_pair(calib, 0)
-    floats = core.quantizable_layers(q)
-    order = core.execution_order(q, lambda: q_fn(*probe), floats)
-    tib = core.temporal_layers(q, lambda w: q_fn(*_probe_pair(calib, w)), floats)
-    splits = core.skip_concat_splits(q, lambda: q_fn(*probe)) if cfg.split_skip else {}
+    floats = surgery.quantizable_layers(q)
+    order = surgery.execution_order(q, lambda: q_fn(*probe), floats)
+    tib = surgery.temporal_layers(q, lambda w: q_fn(*_probe_pair(calib, w)), floats)
+    splits = surgery.skip_concat_splits(q, lambda: q_fn(*probe)) if cfg.split_skip else {}
     readers = raw_input_readers(q, lambda: q_fn(*probe), list(splits))
     split_of = {layer: splits[p] for p, layers in readers.items() for layer in layers}
     image_layers = [nm for nm in order if nm not in tib]
@@ -186,10 +188,10 @@ def prepare(handle: ModelHandle, ctx: Context, cfg: DiffusionPTQConfig, pass_nam
                 "act_bits": a_bits, "act_symmetric": cfg.a_symmetric, "act_split": split_of.get(name, 0),
                 "act_timesteps": n_t if name in tib and a_bits else 0}
 
-    layers = core.swap_in_quant_layers(q, order, quant_for)
-    core.install_timestep_tap(q)
-    attn = core.install_attention_quant(q, cfg.a_bits, cfg.a_symmetric) if cfg.quant_attention and cfg.a_bits else []
-    for aq in core.act_quantizers(q):
+    layers = surgery.swap_in_quant_layers(q, order, quant_for)
+    surgery.install_timestep_tap(q)
+    attn = surgery.install_attention_quant(q, cfg.a_bits, cfg.a_symmetric) if cfg.quant_attention and cfg.a_bits else []
+    for aq in surgery.act_quantizers(q):
         aq.enabled = False
     st = QState(handle, cfg, fp, q, calib, order, tib, splits, layers, seed=ctx.seed)
     st.t0 = t0
@@ -210,7 +212,7 @@ def calibrate_activations(st: QState, metric: str | None = None) -> None:
     """Step 3: observe every activation quantizer's input on the calibration set (quantized weights,
     full-precision activations), then fit its range; per-timestep quantizers observe one row per visited
     timestep of the sampling schedule instead (the TIB does not depend on the sample)."""
-    quants = core.act_quantizers(st.q)
+    quants = surgery.act_quantizers(st.q)
     per_t = [a for a in quants if a.n_timesteps]
     plain = [a for a in quants if not a.n_timesteps]
     for a in quants:
@@ -244,28 +246,28 @@ def reconstruct_blocks(st: QState, ctx: Context, exclude: set[str] | None = None
     settings = ReconSettings(iters=cfg.recon_iters, batch_size=cfg.recon_batch, lr=cfg.recon_lr,
                              reg_weight=cfg.recon_reg, act_lr=cfg.recon_act_lr, qdrop=cfg.recon_qdrop)
     exclude = exclude or set()
-    units = core.reconstruction_units(st.q)
+    units = surgery.reconstruction_units(st.q)
     unit_mods = [(n, m) for n, m in units]
-    order = core.execution_order(st.q, lambda: st.q_fn()(*st.batches()[0]), unit_mods)
+    order = surgery.execution_order(st.q, lambda: st.q_fn()(*st.batches()[0]), unit_mods)
     by_name = dict(units)
     names_of = {id(m): n for n, m in st.q.named_modules()}
     gen = ctx.generator(offset=777)
     stats: dict[str, Any] = {}
     for name in ctx.progress(order, desc="block reconstruction"):
         unit = by_name[name]
-        layers = [l for l in core.layers_in(unit) if names_of[id(l)] not in exclude]
+        layers = [l for l in surgery.layers_in(unit) if names_of[id(l)] not in exclude]
         if not layers:
             continue
         fp_unit = st.fp.get_submodule(name) if name else st.fp
         stats[name] = reconstruct_unit(unit, fp_unit, st.q_fn(), st.fp_fn(), st.batches(), layers, settings, gen)
-    core.set_current_timesteps(None)
+    set_current_timesteps(None)
     st.log["reconstruction"] = {"iters_per_unit": cfg.recon_iters, "units": stats}
 
 
 def finish(st: QState, ctx: Context, pass_name: str) -> ModelHandle:
     """Step 5: pack the integer weights, record the log, return the quantized model."""
-    core.freeze_all(st.q)
-    core.set_current_timesteps(None)
+    surgery.freeze_all(st.q)
+    set_current_timesteps(None)
     st.log["quantization_seconds"] = round(time.perf_counter() - st.t0, 2)
     st.log["settings"] = st.cfg.model_dump()
     ctx.record(pass_name, **st.log)
@@ -275,7 +277,7 @@ def finish(st: QState, ctx: Context, pass_name: str) -> ModelHandle:
 
 
 #: the diffusion PTQ passes' models do not go to ExecuTorch (the reason is the exporter's)
-NO_PTE = {"pte": core.PTE_REFUSAL}
+NO_PTE = {"pte": PTE_REFUSAL}
 
 
 @register_pass

@@ -22,7 +22,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .core import ActQuantizer, _QuantLayer, _Stop, act_quantizers, adaround_h, set_current_timesteps
+from .act import ActQuantizer
+from .layers import _QuantLayer, adaround_h
+from .surgery import _Stop, act_quantizers
+from .timesteps import set_current_timesteps
 
 
 @dataclass

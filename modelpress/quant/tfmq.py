@@ -6,7 +6,7 @@ Quantization" (arXiv 2407.19547).
 
 * Temporal Information Block (TIB): the modules whose output depends on the timestep only — the
   time-embedding MLP and every residual block's time-embedding projection. Found by structure
-  (:func:`modelpress.quant.core.temporal_layers`: layers whose input is unchanged when the sample and the
+  (:func:`modelpress.quant.surgery.temporal_layers`: layers whose input is unchanged when the sample and the
   prompt change but t does not), never by names.
 * TIAR (Temporal Information Aware Reconstruction): the TIB's outputs (all temporal features, i.e. the
   outputs of the projections) are reconstructed directly — AdaRound over the TIB layers with the loss
@@ -31,8 +31,11 @@ from torch import nn
 from ..model import ModelHandle
 from ..modules import register_module, set_submodule
 from ..passes import Context, Pass, register_pass
-from . import core
-from .core import _Stop, pack_codes, quantize, search_qparams, timestep_rows, unpack_codes
+from . import surgery
+from .primitives import pack_signed_codes, packed_bytes, quantize, unpack_signed_codes
+from .ranges import search_qparams
+from .surgery import _Stop
+from .timesteps import set_current_timesteps, timestep_rows
 from .ptq import (NO_PTE, DiffusionPTQConfig, QState, calibrate_activations, finish, init_weight_ranges, prepare,
                   reconstruct_blocks)
 from .reconstruction import ReconSettings, adaround_optimize
@@ -49,7 +52,7 @@ class CachedTemporalFeature(nn.Module):
         super().__init__()
         self.n_timesteps, self.features, self.bits = int(n_timesteps), int(features), int(bits)
         self.register_buffer("timesteps", torch.zeros(self.n_timesteps, dtype=torch.int64))
-        self.register_buffer("codes", torch.zeros(core.packed_numel(self.n_timesteps * self.features, self.bits),
+        self.register_buffer("codes", torch.zeros(packed_bytes(self.n_timesteps * self.features, self.bits),
                                                   dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(self.n_timesteps))
         self.register_buffer("zero_point", torch.zeros(self.n_timesteps, dtype=torch.int8))
@@ -70,7 +73,7 @@ class CachedTemporalFeature(nn.Module):
         s, z = search_qparams(feats.float(), bits, False, metric, p)
         codes = quantize(feats.float(), s[:, None], z[:, None], bits, False).to(torch.int8)
         m.timesteps.copy_(timesteps)
-        m.codes.copy_(pack_codes(codes, bits))
+        m.codes.copy_(pack_signed_codes(codes, bits))
         m.scale.copy_(s)
         m.zero_point.copy_(z.to(torch.int8))
         return m
@@ -78,7 +81,7 @@ class CachedTemporalFeature(nn.Module):
     def table(self) -> torch.Tensor:
         """The dequantized feature table ``[S, D]``."""
         if self._table is None:
-            c = unpack_codes(self.codes, self.bits, self.n_timesteps * self.features).reshape(self.n_timesteps, -1)
+            c = unpack_signed_codes(self.codes, self.bits, self.n_timesteps * self.features).reshape(self.n_timesteps, -1)
             self._table = (c.float() - self.zero_point.float()[:, None]) * self.scale[:, None]
         return self._table
 
@@ -88,7 +91,7 @@ class CachedTemporalFeature(nn.Module):
 
     def export_qparams(self) -> dict[str, Any]:
         """The lookup table: int8 ``codes [S, D]``, per-timestep ``scale`` / ``zero_point``, ``timesteps``."""
-        c = unpack_codes(self.codes, self.bits, self.n_timesteps * self.features).reshape(self.n_timesteps, -1)
+        c = unpack_signed_codes(self.codes, self.bits, self.n_timesteps * self.features).reshape(self.n_timesteps, -1)
         return {"codes": c, "scale": self.scale.clone(), "zero_point": self.zero_point.clone(),
                 "timesteps": self.timesteps.clone(), "bits": self.bits, "has_act_quant": False}
 
@@ -100,7 +103,7 @@ def tib_outputs(model: nn.Module, tib: list[str]) -> list[str]:
     """The TIB layers whose outputs leave the TIB: the projections inside residual blocks (the
     time-embedding MLP feeds them). Without residual blocks, every TIB layer counts as an output."""
     named = dict(model.named_modules())
-    inside = [n for n in tib if any(core.is_resnet(named[p]) for p in _ancestors(n))]
+    inside = [n for n in tib if any(surgery.is_resnet(named[p]) for p in _ancestors(n))]
     return inside or list(tib)
 
 
@@ -150,7 +153,7 @@ def tiar(st: QState, ctx: Context, outputs: list[str]) -> dict[str, Any]:
         return sum((got[n] - target[n]).pow(2).mean() for n in outputs)
 
     stats = adaround_optimize(layers, loss_fn, settings, ctx.progress, "TIAR")
-    core.set_current_timesteps(None)
+    set_current_timesteps(None)
     return stats
 
 

@@ -240,7 +240,8 @@ class EvoPressPass(Pass):
         log: dict[str, Any] = {"family": spec.family, "method": spec.method, "levels": list(spec.values),
                                "budget": cfg.budget, "strategy": cfg.strategy, "units": len(units),
                                "database": str(db.root) if db else None,
-                               "database_storage": "dequantized/masked float16 weights" if db else None}
+                               "database_storage": None if db is None else "float16 weights + packed codes"
+                               if spec.family == "bits" else "float16 weights"}
         if saved is not None:
             levels = space.from_level_map(saved)
             log["level_map_source"] = str(cfg.level_map)
@@ -253,7 +254,10 @@ class EvoPressPass(Pass):
         if not space.fits(levels):
             raise UserError(f"the level map exceeds the budget ({space.average(levels):.4g} vs {cfg.budget})",
                             "level_map")
-        switcher.apply(levels)
+        stored = switcher.store_compressed(levels)
+        if spec.family != "drop":  # the searched layers' stored bytes against their fp16 weights
+            log.update(searched_layers_bytes=stored["stored_bytes"], searched_layers_fp16_bytes=stored["fp16_bytes"],
+                       max_abs_diff_vs_database=stored["max_abs_diff_vs_database"])
         log.update(level_map=space.level_map(levels), achieved_budget=space.average(levels),
                    seconds=round(time.perf_counter() - t0, 2))
         ctx.record(self.name, **log)

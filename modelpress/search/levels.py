@@ -10,12 +10,13 @@ Families (``LevelSpec.family``) and the unit each level applies to:
   Conv2d) layer, made by magnitude pruning or SparseGPT (:mod:`modelpress.prune.sparsegpt`);
 * ``bits``: bit widths 2..8 of the same layers, by round-to-nearest or GPTQ (:mod:`modelpress.quant.gptq`),
   asymmetric per-row grids in groups of ``group_size`` input columns. The database stores the *dequantized*
-  weights (fp16); the search only needs the level map, and the final model is rebuilt from it;
+  weights (fp16), which the search swaps in, and beside them the level's packed codes, scales and zero points,
+  from which the final model's :class:`~modelpress.quant.packed.PackedLinear` layers are made;
 * ``drop``: whole repeated blocks (the transformer layers of a BERT encoder) kept or replaced by the identity.
 
 On disk a database is a directory with ``index.json`` (what was built, from which weights) and one
 safetensors file per (layer, level): ``<layer path>/<level key>.safetensors`` holding one tensor
-``weight``. Files are read only when a level is first used (then kept in a bounded in-memory cache), and a
+``weight`` (plus ``codes``, ``scales``, ``zeros`` for bit widths). Files are read only when a level is first used (then kept in a bounded in-memory cache), and a
 :class:`LevelSwitcher` swaps only the layers whose level changed. Dropping needs no files.
 
 Levels are indexed ``0..L-1`` from the most compressed to the least (``2 bits .. 8 bits``, ``90% .. 0%``
@@ -38,6 +39,10 @@ from torch import nn
 
 from ..errors import UserError
 from ..modules import register_module, set_submodule
+from ..prune.sparse import sparse_from_dense
+from ..quant.gptq import QuantResult
+from ..quant.packed import packed_from_result
+from ..quant.primitives import pack_codes, unpack_codes
 
 FAMILIES = ("sparsity", "bits", "drop")
 #: the compression methods of each family; the first is the default
@@ -194,29 +199,45 @@ def _returns_tuple(block: nn.Module) -> bool:
 # Building the variants
 
 
-def compress_weight(W: torch.Tensor, spec: LevelSpec, idx: int, H: torch.Tensor | None) -> torch.Tensor:
-    """Layer weight ``W`` (any shape; treated as ``[out, -1]``) at level ``idx`` of ``spec``."""
-    return compress_levels(W, spec, H, [idx])[0]
+def quantize_levels(W: torch.Tensor, spec: LevelSpec, H: torch.Tensor | None,
+                    indices: list[int] | None = None) -> list[QuantResult]:
+    """GPTQ / RTN results of layer weight ``W`` (any shape; treated as ``[out, -1]``) at the bit-width levels
+    ``indices`` of ``spec`` (all levels by default)."""
+    from ..quant.gptq import gptq_quantize, rtn_quantize
+
+    indices = list(range(len(spec.values))) if indices is None else indices
+    M = W.detach().reshape(W.shape[0], -1).float()
+    if spec.method == "gptq":
+        return [gptq_quantize(M, H, int(spec.values[i]), spec.group_size, spec.sym) for i in indices]
+    return [rtn_quantize(M, int(spec.values[i]), spec.group_size, spec.sym) for i in indices]
 
 
 def compress_levels(W: torch.Tensor, spec: LevelSpec, H: torch.Tensor | None,
                     indices: list[int] | None = None) -> list[torch.Tensor]:
     """Layer weight ``W`` at the levels ``indices`` of ``spec`` (all levels by default)."""
     from ..prune.sparsegpt import magnitude_prune, sparsegpt_prune_levels
-    from ..quant.gptq import gptq_quantize, rtn_quantize
 
+    if spec.family == "bits":
+        return [r.dequant.reshape(W.shape) for r in quantize_levels(W, spec, H, indices)]
     indices = list(range(len(spec.values))) if indices is None else indices
     M = W.detach().reshape(W.shape[0], -1).float()
     vals = [spec.values[i] for i in indices]
     if spec.method == "sparsegpt":
         outs = sparsegpt_prune_levels(M, H, vals)
-    elif spec.method == "magnitude":
-        outs = [magnitude_prune(M, v) for v in vals]
-    elif spec.method == "gptq":
-        outs = [gptq_quantize(M, H, int(v), spec.group_size, spec.sym).dequant for v in vals]
     else:
-        outs = [rtn_quantize(M, int(v), spec.group_size, spec.sym).dequant for v in vals]
+        outs = [magnitude_prune(M, v) for v in vals]
     return [o.reshape(W.shape) for o in outs]
+
+
+def level_files(W: torch.Tensor, spec: LevelSpec, H: torch.Tensor | None) -> list[dict[str, torch.Tensor]]:
+    """What the database stores for every level of ``W``: the fp16 ``weight`` the search swaps in and, for
+    bit widths, the packed ``codes`` (:func:`~modelpress.quant.primitives.pack_codes`), float32 ``scales`` and
+    uint8 ``zeros`` of the same GPTQ / RTN call, from which :meth:`LevelDatabase.compressed_layer` rebuilds it."""
+    if spec.family != "bits":
+        return [{"weight": w.to(torch.float16).contiguous()} for w in compress_levels(W, spec, H)]
+    return [{"weight": r.dequant.reshape(W.shape).to(torch.float16).contiguous(),
+             "codes": pack_codes(r.codes, r.bits), "scales": r.scales.float().contiguous(),
+             "zeros": r.zeros.round().to(torch.uint8).contiguous()} for r in quantize_levels(W, spec, H)]
 
 
 def weights_fingerprint(module: nn.Module, names: list[str]) -> str:
@@ -231,9 +252,11 @@ def weights_fingerprint(module: nn.Module, names: list[str]) -> str:
 
 
 def _index(spec: LevelSpec, names: list[str], fingerprint: str, calibration: dict[str, Any]) -> dict[str, Any]:
-    return {"format": DB_FORMAT, "spec": asdict(spec), "layers": names, "weights_sha256": fingerprint,
-            "calibration": calibration if spec.method in ("gptq", "sparsegpt") else None,
-            "dtype": "float16"}
+    index = {"format": DB_FORMAT, "spec": asdict(spec), "layers": names, "weights_sha256": fingerprint,
+             "calibration": calibration if spec.method in ("gptq", "sparsegpt") else None, "dtype": "float16"}
+    if spec.family == "bits":  # databases from before the packed codes were stored are rebuilt
+        index["codes"] = "packed"
+    return index
 
 
 @dataclass
@@ -256,16 +279,37 @@ class LevelDatabase:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        from safetensors.torch import load_file
-
-        t = load_file(str(self.path(layer, idx)))["weight"]
-        self.reads += 1
+        t = self.tensors(layer, idx, ("weight",))["weight"]
         self._cache[key] = t
         self._cached += t.numel() * t.element_size()
         while self._cached > self.cache_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._cached -= old.numel() * old.element_size()
         return t
+
+    def tensors(self, layer: str, idx: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The stored tensors of one variant (all, or ``names``), read from disk (not cached)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path(layer, idx)), framework="pt") as f:
+            out = {k: f.get_tensor(k) for k in (names if names is not None else f.keys())}
+        self.reads += 1
+        return out
+
+    def compressed_layer(self, layer_module: nn.Module, layer: str, idx: int) -> nn.Module:
+        """The compressed replacement of ``layer_module`` at level ``idx``: a :class:`~modelpress.quant.packed.PackedLinear`
+        / ``PackedConv2d`` (bit widths; its codes are the database's, dequantized in float16 as the database's
+        ``weight``) or a :class:`~modelpress.prune.sparse.SparseLinear` / ``SparseConv2d`` (sparsity; the
+        database's float16 weight without its zeros)."""
+        if self.spec.family == "sparsity":
+            return sparse_from_dense(layer_module, self.weight(layer, idx))
+        t = self.tensors(layer, idx)
+        rows, bits = t["scales"].shape[0], int(self.spec.values[idx])
+        cols = layer_module.weight[0].numel()
+        gs = cols if self.spec.group_size <= 0 else min(self.spec.group_size, cols)
+        codes = unpack_codes(t["codes"], bits, rows * cols).view(rows, cols).to(torch.uint8)
+        res = QuantResult(t["weight"], codes, t["scales"], t["zeros"].float(), bits, gs)
+        return packed_from_result(res, layer_module, self.spec.sym, torch.float16)
 
     @staticmethod
     def open(root: str | Path) -> "LevelDatabase":
@@ -309,11 +353,10 @@ def build_database(root: str | Path, module: nn.Module, spec: LevelSpec, layers:
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     try:
         for name in (progress(layers, desc=f"level database ({spec.method})") if progress else layers):
-            outs = compress_levels(module.get_submodule(name).weight, spec, H.get(name))
+            files = level_files(module.get_submodule(name).weight, spec, H.get(name))
             (tmp / name).mkdir(exist_ok=True)
-            for idx, out in enumerate(outs):
-                save_file({"weight": out.to(torch.float16).contiguous()},
-                          str(tmp / name / f"{spec.key(idx)}.safetensors"))
+            for idx, tensors in enumerate(files):
+                save_file(tensors, str(tmp / name / f"{spec.key(idx)}.safetensors"))
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         if root.exists():
             shutil.rmtree(root)
@@ -374,3 +417,28 @@ class LevelSwitcher:
         """Set unit ``i`` only (the others keep their levels)."""
         if self.current[i] != level:
             self._set(i, level)
+
+    @torch.no_grad()
+    def store_compressed(self, levels: list[int | None]) -> dict[str, Any]:
+        """Set ``levels`` and swap every compressed layer for its stored form (:meth:`LevelDatabase.compressed_layer`:
+        packed codes for bit widths, float16 values plus a bitmask for sparsity), so that the artifact holds
+        what the level costs. The layers compute with exactly the weights the search scored (the database's
+        float16 ``weight``): ``max_abs_diff_vs_database`` says by how much they differ (0 for RTN and sparsity;
+        GPTQ's dequantization from float32 scales can differ from its float64 one by one fp16 rounding step).
+        Dropped blocks are already free. The switcher cannot switch these layers afterwards."""
+        self.apply(levels)
+        stats = {"stored_bytes": 0, "fp16_bytes": 0, "max_abs_diff_vs_database": 0.0}
+        if self.spec.family == "drop":
+            return stats
+        for unit, level in zip(self.units, levels):
+            if level is None:
+                continue
+            layer = self.module.get_submodule(unit)
+            new = self.db.compressed_layer(layer, unit, level)
+            diff = (new.stored_weight().float() - layer.weight.float()).abs().max()
+            stats["max_abs_diff_vs_database"] = max(stats["max_abs_diff_vs_database"], float(diff))
+            stats["stored_bytes"] += sum(t.numel() * t.element_size() for k, t in new.state_dict().items()
+                                         if k != "bias")
+            stats["fp16_bytes"] += 2 * layer.weight.numel()
+            set_submodule(self.module, unit, new)
+        return stats
