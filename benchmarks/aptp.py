@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modelpress import zoo  # noqa: E402
-from modelpress.evaluate import EvalContext  # noqa: E402
-from modelpress.evaluate.diffusion import feature_stats, frechet_distance, generate  # noqa: E402
+from modelpress.metrics import EvalContext  # noqa: E402
+from modelpress.metrics.diffusion import feature_stats, frechet_distance, generate  # noqa: E402
 from modelpress.passes import Context, seeded  # noqa: E402
 from modelpress.prune.aptp import (APTPModel, APTPPass, StaticPrunePass, digits_training_data,  # noqa: E402
                                    finetune_expert)

@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modelpress import zoo  # noqa: E402
-from modelpress.compress.bitdelta import BitDeltaPass  # noqa: E402
-from modelpress.compress.dare import DarePass, DarexPass  # noqa: E402
-from modelpress.compress.delta import delta_size_report, match_linear_layers, quantize_base  # noqa: E402
-from modelpress.compress.delta_come import DeltaCoMePass  # noqa: E402
+from modelpress.codecs.bitdelta import BitDeltaPass  # noqa: E402
+from modelpress.codecs.dare import DarePass, DarexPass  # noqa: E402
+from modelpress.codecs.delta import delta_size_report, match_linear_layers, quantize_base  # noqa: E402
+from modelpress.codecs.delta_come import DeltaCoMePass  # noqa: E402
 from modelpress.model import ModelHandle  # noqa: E402
 from modelpress.passes import Context  # noqa: E402
 
@@ -192,7 +192,7 @@ def dare_section(name: str, base: ModelHandle, ft: ModelHandle, data, args) -> t
 
 
 def serving_section(base: ModelHandle, fts: list[ModelHandle], args) -> tuple[list[str], dict]:
-    from modelpress.compress.serving import MultiTenantModel
+    from modelpress.codecs.serving import MultiTenantModel
     from modelpress.kernels.sign_gemv import sign_matmul
     from modelpress.zoo.text import docs_tensors
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from modelpress import zoo
-from modelpress.evaluate import EvalContext
-from modelpress.evaluate.diffusion import fd_metric
+from modelpress.metrics import EvalContext
+from modelpress.metrics.diffusion import fd_metric
 from modelpress.model import state_bytes
 from modelpress.passes import CalibrationSpec, Context, get_pass
 

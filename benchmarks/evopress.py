@@ -5,7 +5,7 @@ same level database, the same calibration pool (pydocs-10 train split, seed 0) a
 result is measured on held-out data the search never saw:
 
 * ``minilm-docs`` (36 linear layers / 6 blocks): test-split accuracy and KL(dense || compressed) of the class
-  distributions (the definitions of ``accuracy`` / ``logit_kl`` in modelpress/evaluate/text.py) at
+  distributions (the definitions of ``accuracy`` / ``logit_kl`` in modelpress/metrics/text.py) at
   3 bits on average (GPTQ levels 2..8), 50% and 70% average sparsity (SparseGPT levels 0..90%), and 2 of 6
   blocks dropped;
 * ``digits-ddpm``: Fréchet distance (digits-classifier features, DDIM) at one equal budget.
@@ -155,7 +155,7 @@ def bench_drop_oracle(args: argparse.Namespace) -> list[str]:
 
 
 def bench_digits(args: argparse.Namespace) -> list[str]:
-    from modelpress.evaluate import EvalContext, get_metric
+    from modelpress.metrics import EvalContext, get_metric
 
     handle = zoo.load("digits-ddpm")
     fd = get_metric("fd").fn

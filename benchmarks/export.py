@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from modelpress import zoo
-from modelpress.evaluate import EvalContext, evaluate
-from modelpress.export import ExportSpec, export_model, exported_info, load_exported
+from modelpress.metrics import EvalContext, evaluate
+from modelpress.exporters import ExportSpec, export_model, exported_info, load_exported
 from modelpress.model import ModelHandle, example_inputs, state_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,7 +88,7 @@ def run_model(name: str, repeats: int, threads: int, samples: int | None, out_di
         # the PTQ pass's own scales: exported as QDQ whatever `quantize` says, so one plain spec per format
         sources[f"{ptq_pass}-w8a8"] = ptq_w8a8(handle, ptq_pass)
         specs += [(sources[f"{ptq_pass}-w8a8"], f"{ptq_pass}-w8a8", {"format": f})
-                  for f in ("onnx", "ort") if f in formats]  # pte refuses PTQ models (modelpress/export/pte.py)
+                  for f in ("onnx", "ort") if f in formats]  # pte refuses PTQ models (modelpress/exporters/pte.py)
     probe = example_inputs(handle)
     refs, rows = {}, []
     runtimes: dict[str, Any] = {}

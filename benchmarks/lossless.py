@@ -32,7 +32,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from modelpress.compress.lossless import tensor_words  # noqa: E402
+from modelpress.codecs.lossless import tensor_words  # noqa: E402
 from modelpress.kernels import entropy as E  # noqa: E402
 from modelpress.kernels import entropy_cpu as C  # noqa: E402
 

@@ -197,7 +197,7 @@ def module_check(words: list[np.ndarray], config: dict, repeats: int, device: st
     batch 1 and 64 tokens, with ``config`` as the decoder's launch configuration."""
     import torch
 
-    from modelpress.compress.lossless import LosslessLinear, encode_tensor
+    from modelpress.codecs.lossless import LosslessLinear, encode_tensor
     from modelpress.kernels import entropy_cuda as G
 
     G.DEFAULTS.update(sub=config["sub"], threads=config["threads"], staged=config["staged"])

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from modelpress import zoo
-from modelpress.evaluate import EvalContext, get_metric
-from modelpress.evaluate.diffusion import fd_between
+from modelpress.metrics import EvalContext, get_metric
+from modelpress.metrics.diffusion import fd_between
 from modelpress.sampling import ddim_sample, to_unit_range
 from modelpress.zoo import digits
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from modelpress import zoo
-from modelpress.evaluate import EvalContext, get_metric
+from modelpress.metrics import EvalContext, get_metric
 from modelpress.zoo import text as zt
 
 OUT = Path(__file__).resolve().parent / "results" / "zoo_text.md"
@@ -48,7 +48,7 @@ def delta_stats(handle) -> dict[str, float]:
 
 def metric_seconds(handle, n: int) -> dict[str, float]:
     """Cold wall seconds of each text metric on ``n`` test examples (outputs cache cleared first)."""
-    from modelpress.evaluate import text as et
+    from modelpress.metrics import text as et
 
     out = {}
     for name in ("accuracy", "logit_kl", "embedding_cosine"):

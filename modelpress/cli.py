@@ -144,7 +144,7 @@ def _num(v: float) -> str:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .artifact import load_artifact, read_manifest
-    from .export import ExportSpec, export_model
+    from .exporters import ExportSpec, export_model
 
     read_manifest(args.artifact)
     handle = load_artifact(args.artifact)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from .errors import UserError
+from .registry import Registry
 
 
 class CompressedModule(Protocol):
@@ -28,8 +29,13 @@ class CompressedModule(Protocol):
     def from_module_config(cls, cfg: dict[str, Any]) -> nn.Module: ...
 
 
-_MODULES: dict[str, type[nn.Module]] = {}
-_discovered = False
+def _discover() -> None:
+    from .passes import pass_registry
+
+    pass_registry()  # importing the method packages registers their modules
+
+
+MODULES: Registry[type[nn.Module]] = Registry("module type", _discover)
 
 
 def register_module(cls: type[nn.Module]) -> type[nn.Module]:
@@ -37,20 +43,13 @@ def register_module(cls: type[nn.Module]) -> type[nn.Module]:
     for method in ("module_config", "from_module_config"):
         if not hasattr(cls, method):
             raise TypeError(f"{cls.__name__} lacks {method}()")
-    _MODULES[cls.__name__] = cls
-    return cls
+    return MODULES.add(cls.__name__, cls)
 
 
 def module_class(name: str) -> type[nn.Module]:
-    global _discovered
-    if not _discovered:
-        from .passes import pass_registry
-
-        pass_registry()  # importing the method packages registers their modules
-        _discovered = True
-    if name not in _MODULES:
+    if name not in MODULES:
         raise UserError(f"the artifact uses module type {name!r}, which this modelpress version does not know")
-    return _MODULES[name]
+    return MODULES.get(name)
 
 
 def compressed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -58,7 +57,7 @@ def compressed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     nested inside another compressed module are part of their parent and are not listed."""
     found: list[tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
-        if type(mod).__name__ in _MODULES and _MODULES[type(mod).__name__] is type(mod):
+        if MODULES.all().get(type(mod).__name__) is type(mod):
             if not any(name.startswith(p + ".") for p, _ in found):
                 found.append((name, mod))
     return found

@@ -26,6 +26,7 @@ from . import console
 from .data import Dataset
 from .errors import UserError
 from .model import ModelHandle
+from .registry import Registry
 
 
 class PassConfig(BaseModel):
@@ -62,6 +63,20 @@ class Context:
     scratch: Path | None = None
     log: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
+    #: the untouched input model the pipeline keeps for evaluation (see :meth:`original`)
+    reference: ModelHandle | None = None
+    #: passes run so far in this context
+    passes_done: int = 0
+
+    def original(self, model: ModelHandle) -> ModelHandle:
+        """The model as this pass received it, for passes that need it beside the one they change in place (a
+        distillation teacher, reconstruction targets): the pipeline's reference copy when this is the first
+        pass, else a copy made now. Passes change the model they are given in place; this is the only copy."""
+        if self.reference is not None and self.passes_done == 0:
+            return self.reference
+        import copy
+
+        return model.replace_module(copy.deepcopy(model.module))
 
     def progress(self, iterable: Any = None, total: int | None = None, desc: str = "") -> Any:
         """A progress bar for long work inside a pass (nested under the pipeline's stage bar)."""
@@ -160,27 +175,12 @@ class Pass:
         raise NotImplementedError
 
 
-_PASSES: dict[str, type[Pass]] = {}
-_METHOD_PACKAGES = ("modelpress.builtin", "modelpress.quant", "modelpress.compress", "modelpress.prune",
+_METHOD_PACKAGES = ("modelpress.builtin", "modelpress.quant", "modelpress.codecs", "modelpress.prune",
                     "modelpress.search")
-_discovered = False
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make ``cls`` available as ``type: <cls.name>`` in recipes."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} has no name")
-    if cls.name in _PASSES and _PASSES[cls.name] is not cls:
-        raise TypeError(f"two passes are named {cls.name!r}")
-    _PASSES[cls.name] = cls
-    return cls
 
 
 def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
+    """Import every module of the method packages (their passes register themselves)."""
     for pkg_name in _METHOD_PACKAGES:
         pkg = importlib.import_module(pkg_name)
         if hasattr(pkg, "__path__"):
@@ -188,14 +188,20 @@ def _discover() -> None:
                 importlib.import_module(f"{pkg_name}.{info.name}")
 
 
+PASSES: Registry[type[Pass]] = Registry("pass type", _discover)
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make ``cls`` available as ``type: <cls.name>`` in recipes."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    return PASSES.add(cls.name, cls, replace=False)
+
+
 def pass_registry() -> dict[str, type[Pass]]:
     """Every registered pass, by recipe name."""
-    _discover()
-    return dict(_PASSES)
+    return PASSES.all()
 
 
 def get_pass(name: str) -> type[Pass]:
-    registry = pass_registry()
-    if name not in registry:
-        raise UserError(f"unknown pass type {name!r}; available: {', '.join(sorted(registry))}")
-    return registry[name]
+    return PASSES.get(name)

@@ -5,30 +5,21 @@ whole run succeeded (see :func:`modelpress.artifact.atomic_directory`).
 """
 from __future__ import annotations
 
-import copy
 import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from . import console
-from .artifact import atomic_directory, load_artifact, read_manifest, tensors_sha256, write_artifact, WEIGHTS
-from .errors import UserError
+from . import api
+from .api import Compressed
+from .artifact import atomic_directory, load_artifact, read_manifest, WEIGHTS
 from .model import ModelHandle
-from .passes import CalibrationSpec, Context, get_pass, seeded
-from .recipe import LoadedRecipe, ModelSpec, load_recipes, parse_recipe
+from .recipe import LoadedRecipe, load_recipes, parse_recipe
 from .sources import load_dataset, load_model
 
 #: the artifact's copy of what other libraries printed during the run
 LOG = "log.txt"
-
-
-def _input_record(spec: ModelSpec, handle: ModelHandle) -> dict[str, Any]:
-    return {"source": spec.source, "kind": handle.kind, "sha256": tensors_sha256(handle.module.state_dict())}
 
 
 def check_metric_data(recipe: Any, model: ModelHandle) -> None:
@@ -42,53 +33,36 @@ def check_metric_data(recipe: Any, model: ModelHandle) -> None:
             class_indices(model, data.all().labels, data.name)
 
 
-def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) -> tuple[ModelHandle, ModelHandle, ModelHandle | None, Context]:
-    """Load the model (and base), run the passes and write the artifact into ``staging``.
-
-    Returns the compressed handle, the untouched reference, the base (or ``None``) and the context."""
+def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) -> Compressed:
+    """Load the model (and base), run the passes (:func:`modelpress.api.compress`) and write the artifact
+    into ``staging``; returns the result (its ``reference`` is the untouched input model)."""
     r = loaded.recipe
     model = load_model(r.model)
-    base = load_model(r.base) if r.base else None
     check_metric_data(r, model)
-    reference = model.replace_module(copy.deepcopy(model.module))
-    inputs = {"model": _input_record(r.model, model)}
-    if base is not None:
-        inputs["base"] = _input_record(r.base, base)
-    cal = r.calibration
-    data = load_dataset(cal.dataset, model, "calibration", loaded.path.parent if loaded.path else None)
-    if data is not None:
-        inputs["calibration"] = {"dataset": data.name, "random": data.is_random}
-    with tempfile.TemporaryDirectory(prefix="modelpress-") as scratch:
-        ctx = Context(seed=r.seed, calibration=CalibrationSpec(cal.samples, cal.batch_size, cal.dataset, cal.seq_len),
-                      data=data, base=base, scratch=Path(scratch), show_progress=show_progress)
-        bar = console.progress(loaded.passes, desc="passes", disable=not show_progress or not loaded.passes)
-        for i, (name, config) in enumerate(bar):
-            bar.set_postfix_str(name)
-            cls = get_pass(name)
-            if cls.kinds and model.kind not in cls.kinds:
-                raise UserError(f"passes[{i}]: pass {name!r} works on {', '.join(cls.kinds)} models, not "
-                                f"{model.kind} ({r.model.source})", str(loaded.path))
-            t0 = time.perf_counter()
-            with seeded(r.seed + i), torch.random.fork_rng():
-                model = cls(config).apply(model, ctx)
-            ctx.record(name, seconds=round(time.perf_counter() - t0, 3), config=config.model_dump(mode="json"))
-    write_artifact(staging, model, recipe=loaded.raw, pass_log=ctx.log, base=base, inputs=inputs)
+    # the recipe's dataset path was resolved (beside the recipe) and checked when the recipe was parsed
+    result = api.compress(model, loaded.passes, base=load_model(r.base) if r.base else None,
+                          calibration=r.calibration.model_dump(exclude_none=True), seed=r.seed,
+                          show_progress=show_progress, where=str(loaded.path) if loaded.path else "passes")
+    result.recipe = loaded.raw
+    result.write(staging)
     if loaded.path is not None and loaded.path.exists():
         (staging / "recipe.yaml").write_text(loaded.path.read_text())
     else:
         (staging / "recipe.yaml").write_text(yaml.safe_dump(loaded.raw, sort_keys=False))
-    return model, reference, base, ctx
+    return result
 
 
 def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, show_progress: bool = True,
         output: Path | None = None, log: Path | None = None) -> Path:
     """Run the whole recipe; returns the artifact directory. ``log``: a file with what other libraries
     printed during the run (the command line's), kept in the artifact as ``log.txt``."""
-    from .evaluate.report import build_report
+    from .metrics.report import build_report
 
     out = Path(output) if output else loaded.output
     with atomic_directory(out) as staging:
-        model, reference, base, ctx = compress(loaded, staging, show_progress)
+        result = compress(loaded, staging, show_progress)
+        reference, base = result.reference, result.base
+        del result  # the compressed module in memory: what is evaluated is the artifact as loaded
         if export or evaluate:
             # Evaluate what a user gets back: the artifact as loaded, not the in-memory module.
             artifact_model = load_artifact(staging, base=base)
@@ -110,7 +84,7 @@ def run_recipe(path: str | Path, **kwargs: Any) -> Path | list[Path]:
 
 def evaluate_artifact(path: str | Path, *, metrics: list[str] | None = None, show_progress: bool = True) -> Path:
     """(Re-)evaluate an artifact against the reference model named in its manifest; rewrites its report."""
-    from .evaluate.report import build_report
+    from .metrics.report import build_report
 
     p = Path(path)
     manifest = read_manifest(p)

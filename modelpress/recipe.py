@@ -83,7 +83,7 @@ class LoadedRecipe(BaseModel):
     path: Path | None
     recipe: Recipe
     passes: list[tuple[str, Any]]  # (pass name, its Config instance)
-    exports: list[Any]  # modelpress.export.ExportSpec instances
+    exports: list[Any]  # modelpress.exporters.ExportSpec instances
     raw: dict[str, Any]
 
     @property
@@ -193,6 +193,30 @@ def _check_model_source(spec: ModelSpec, field: str, where: str, recipe_dir: Pat
     return spec.model_copy(update={"source": str(p)})
 
 
+def parse_passes(passes: Any, where: str = "passes") -> list[tuple[str, Any]]:
+    """``(name, config)`` pairs from recipe-shaped dicts (``{"type": ..., options}``) or ``(name, config)``
+    pairs; every entry validated against its pass's ``Config`` (errors name ``passes[i].option``)."""
+    from .passes import PassConfig, get_pass
+
+    out = []
+    for i, entry in enumerate(passes):
+        if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], PassConfig):
+            out.append((get_pass(entry[0]).name, entry[1]))
+            continue
+        if not isinstance(entry, dict) or "type" not in entry:
+            raise UserError(f"passes[{i}]: must be a mapping with a 'type' key", where)
+        try:
+            cls = get_pass(str(entry["type"]))
+        except UserError as exc:
+            raise UserError(f"passes[{i}].type: {exc.message}", where) from None
+        try:
+            config = cls.Config.model_validate({k: v for k, v in entry.items() if k != "type"})
+        except ValidationError as exc:
+            raise validation_error(where, exc, cls.Config, prefix=f"passes[{i}]") from None
+        out.append((cls.name, config))
+    return out
+
+
 def _check_datasets(recipe: Recipe, where: str, recipe_dir: Path | None) -> None:
     """Open every dataset the recipe names (files are read and checked line by line) before any work, and
     rewrite relative paths to paths from the working directory."""
@@ -222,30 +246,19 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
     if recipe.base is not None:
         recipe = recipe.model_copy(update={"base": _check_model_source(recipe.base, "base", where, recipe_dir)})
 
-    passes = []
-    for i, entry in enumerate(recipe.passes):
-        if not isinstance(entry, dict) or "type" not in entry:
-            raise UserError(f"passes[{i}]: must be a mapping with a 'type' key", where)
-        try:
-            cls = get_pass(str(entry["type"]))
-        except UserError as exc:
-            raise UserError(f"passes[{i}].type: {exc.message}", where) from None
-        options = {k: v for k, v in entry.items() if k != "type"}
-        try:
-            config = cls.Config.model_validate(options)
-        except ValidationError as exc:
-            raise validation_error(where, exc, cls.Config, prefix=f"passes[{i}]") from None
+    passes = parse_passes(recipe.passes, where)
+    for i, (name, _) in enumerate(passes):
+        cls = get_pass(name)
         if cls.needs_base and recipe.base is None:
             raise UserError(f"passes[{i}]: pass {cls.name!r} compresses a fine-tune against its base: add 'base:'",
                             where)
         if cls.kinds and recipe.model.kind and recipe.model.kind not in cls.kinds:
             raise UserError(f"passes[{i}]: pass {cls.name!r} works on {', '.join(cls.kinds)} models, "
                             f"not {recipe.model.kind}", where)
-        passes.append((cls.name, config))
 
     exports = []
     if recipe.export:
-        from .export import ExportSpec
+        from .exporters import ExportSpec
 
         for i, entry in enumerate(recipe.export):
             entry = {"format": entry} if isinstance(entry, str) else entry
@@ -260,7 +273,7 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
                                     f"{exports[-1].format}: {why}", where)
 
     _check_datasets(recipe, where, recipe_dir)
-    from .evaluate import metric_registry
+    from .metrics import metric_registry
 
     metrics = metric_registry()
     for i, m in enumerate(recipe.evaluate):

@@ -324,7 +324,7 @@ def test_dead_code_is_reseeded_from_the_most_used_code(built) -> None:  # noqa: 
 
 
 def test_context_warning_reaches_manifest_and_report(capsys) -> None:  # noqa: ANN001
-    from modelpress.evaluate.report import _pass_warnings
+    from modelpress.metrics.report import _pass_warnings
 
     ctx = Context(show_progress=False)
     ctx.warn("aptp", "code 3 receives none of the training prompts")

@@ -6,6 +6,7 @@ storage and reload are exercised for real; image quality is measured in benchmar
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -25,6 +26,11 @@ from modelpress.sampling import ddim_sample, ddim_timesteps, scheduler_config
 torch.set_num_threads(1)
 STEPS = 8
 
+
+
+def fresh(handle: ModelHandle) -> ModelHandle:
+    """A copy of ``handle`` to give a pass (passes change the model they are given in place)."""
+    return handle.replace_module(copy.deepcopy(handle.module))
 
 def tiny_unet(seed: int = 0) -> ModelHandle:
     import diffusers as d
@@ -63,7 +69,7 @@ def run_pass(name: str, handle: ModelHandle, seed: int = 0, **cfg) -> tuple[Mode
     ctx = Context(seed=seed, data=TINY_PROMPTS, show_progress=False)
     opts = dict(samples=16, steps=STEPS, batch_size=16, recon_batch=8)
     opts.update(cfg)
-    out = P(P.Config(**opts)).apply(handle, ctx)
+    out = P(P.Config(**opts)).apply(fresh(handle), ctx)
     return out, ctx.log[name]
 
 
@@ -164,7 +170,7 @@ def test_seed_moves_the_whole_pipeline(w8a8) -> None:
 
 def test_ptq_models_are_refused_by_pte_with_a_clear_error(w8a8, tmp_path: Path) -> None:
     from modelpress.errors import UserError
-    from modelpress.export import ExportSpec, export_model
+    from modelpress.exporters import ExportSpec, export_model
     from modelpress.recipe import load_recipe
 
     with pytest.raises(UserError, match="XNNPACK's int8 kernels need symmetric weights") as err:

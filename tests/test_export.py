@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from modelpress.errors import UserError
-from modelpress.export import ExportSpec, export_model, exported_info, load_exported
+from modelpress.exporters import ExportSpec, export_model, exported_info, load_exported
 from modelpress.model import ModelHandle, describe_architecture, example_inputs
 
 torch.set_num_threads(1)
@@ -190,7 +190,7 @@ def calibrated_quant_bert(act_bits: int = 8, w_bits: int = 8) -> ModelHandle:
 
 
 def test_qdq_activation_matches_numpy_reference() -> None:
-    from modelpress.export.qdq import QDQAct
+    from modelpress.exporters.qdq import QDQAct
     from modelpress.quant.act import ActQuantizer
 
     for bits, symmetric in ((8, False), (8, True), (6, False)):
@@ -210,8 +210,8 @@ def test_qdq_activation_matches_numpy_reference() -> None:
 def test_calibrated_quantizers_become_a_qdq_graph(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from modelpress.export.onnx import feeds_for
-    from modelpress.export.runtime import OnnxRuntimeModule
+    from modelpress.exporters.onnx import feeds_for
+    from modelpress.exporters.runtime import OnnxRuntimeModule
 
     h = calibrated_quant_bert()
     path = export_model(h, ExportSpec(format="onnx", quantize="int8"), tmp_path)
@@ -282,8 +282,8 @@ def test_load_exported_rejects_other_files(tmp_path: Path) -> None:
 
 
 def test_pte_int8_keeps_timestep_embedding_and_tiny_layers_in_float() -> None:
-    from modelpress.export.common import traceable
-    from modelpress.export.pte import float_modules, small_layers
+    from modelpress.exporters.common import traceable
+    from modelpress.exporters.pte import float_modules, small_layers
 
     wrapper = traceable(tiny_unet())
     assert [n.split(".")[-1] for n in float_modules(wrapper)] == ["time_proj"]  # t * freq must not be int8

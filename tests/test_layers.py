@@ -13,13 +13,13 @@ ROOT = Path(__file__).resolve().parents[1] / "modelpress"
 #: errors / console -> model, kernels -> registries and data -> methods -> artifact -> export, evaluate ->
 #: recipe, pipeline -> cli and the package's lazy entry points
 LAYERS: list[set[str]] = [
-    {"errors", "console", "_version"},
+    {"errors", "console", "_version", "registry"},
     {"model", "kernels", "sampling"},
     {"passes", "modules", "zoo", "sources", "data"},
-    {"quant", "compress", "prune", "search", "builtin"},
+    {"quant", "codecs", "prune", "search", "builtin"},
     {"artifact"},
-    {"export", "evaluate"},
-    {"recipe", "pipeline"},
+    {"exporters", "metrics"},
+    {"recipe", "pipeline", "api"},
     {"cli", ""},  # "" is modelpress/__init__.py
 ]
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from modelpress.compress.lossless import (DFloat11, LosslessConv2d, LosslessEmbedding, LosslessLinear,
+from modelpress.codecs.lossless import (DFloat11, LosslessConv2d, LosslessEmbedding, LosslessLinear,
                                           decode_tensor, encode_tensor)
 from modelpress.errors import CorruptData, UserError
 from modelpress.kernels import entropy as E

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from modelpress.evaluate import EvalContext, get_metric
-from modelpress.evaluate.diffusion import fd_between, feature_stats, frechet_distance
+from modelpress.metrics import EvalContext, get_metric
+from modelpress.metrics.diffusion import fd_between, feature_stats, frechet_distance
 from modelpress.model import ModelHandle, describe_architecture
 from modelpress.sampling import ddim_sample, ddim_timesteps
 from modelpress.zoo import digits, load

@@ -12,7 +12,7 @@ import torch
 
 from modelpress import zoo
 from modelpress.errors import UserError
-from modelpress.evaluate import EvalContext, evaluate, get_metric
+from modelpress.metrics import EvalContext, evaluate, get_metric
 from modelpress.sources import load_dataset
 from modelpress.model import ModelHandle, describe_architecture
 from modelpress.zoo import text as zt
@@ -142,7 +142,7 @@ def test_text_metrics_against_themselves_and_a_perturbed_model():
 
 
 def test_cached_outputs_follow_in_place_changes():
-    from modelpress.evaluate import text as et
+    from modelpress.metrics import text as et
 
     ref = _tiny("BertForSequenceClassification")
     ctx = EvalContext(samples=32, reference=ref)

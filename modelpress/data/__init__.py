@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from ..registry import Registry
 
 RANDOM = "random"
 
@@ -153,29 +154,28 @@ def random_dataset() -> Dataset:
 # ---------------------------------------------------------------------------------------------------
 # The registry of named datasets (filled by the zoo modules that own the data)
 
-_NAMED: dict[str, Callable[[], Dataset]] = {}
-_PROMPT_ENCODERS: dict[str, Callable[[list[str]], torch.Tensor]] = {}
+#: named datasets (filled by the zoo modules that own the data) and prompt encoders
+DATASETS: Registry[Callable[[], Dataset]] = Registry("dataset")
+PROMPT_ENCODERS: Registry[Callable[[list[str]], torch.Tensor]] = Registry("prompt encoder")
 
 
 def register_dataset(name: str, load: Callable[[], Dataset]) -> None:
     """Make ``name`` usable as ``dataset: <name>`` (``load`` runs when a recipe uses it)."""
-    _NAMED[name] = load
+    DATASETS.add(name, load)
 
 
 def register_prompt_encoder(name: str, encode: Callable[[list[str]], torch.Tensor]) -> None:
     """A text encoder turning prompts into the ``encoder_hidden_states [B, L, D]`` of ``unet-cond`` models
     that name it in ``extras["prompt_encoder"]``."""
-    _PROMPT_ENCODERS[name] = encode
+    PROMPT_ENCODERS.add(name, encode)
 
 
 def prompt_encoder(name: str) -> Callable[[list[str]], torch.Tensor]:
-    if name not in _PROMPT_ENCODERS:
-        raise UserError(f"unknown prompt encoder {name!r}; known: {', '.join(sorted(_PROMPT_ENCODERS)) or 'none'}")
-    return _PROMPT_ENCODERS[name]
+    return PROMPT_ENCODERS.get(name)
 
 
 def named_datasets() -> list[str]:
-    return sorted(_NAMED)
+    return sorted(DATASETS.all())
 
 
 def open_dataset(ref: str, base_dir: str | None = None) -> Dataset:
@@ -187,8 +187,8 @@ def open_dataset(ref: str, base_dir: str | None = None) -> Dataset:
 
     if ref == RANDOM:
         return random_dataset()
-    if ref in _NAMED:
-        return _NAMED[ref]()
+    if ref in DATASETS:
+        return DATASETS.get(ref)()
     p = Path(ref)
     if not p.exists() and base_dir is not None and (Path(base_dir) / p).exists():
         p = Path(base_dir) / p

@@ -19,7 +19,7 @@ from .primitives import int_range, pack_signed_codes, packed_bytes, unpack_signe
 from .ranges import search_qparams
 
 
-#: why models with these quantized layers do not go to ExecuTorch (see :mod:`modelpress.export.pte`); the PTQ
+#: why models with these quantized layers do not go to ExecuTorch (see :mod:`modelpress.exporters.pte`); the PTQ
 #: passes declare it, so that a recipe asking for it fails before any work
 PTE_REFUSAL = ("XNNPACK's int8 kernels need symmetric weights and a quantized output on every layer, which "
                "the PTQ passes' quantized layers do not have; export the model to onnx or ort (exact int8 QDQ), "

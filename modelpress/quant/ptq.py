@@ -17,7 +17,6 @@ The engine runs the steps every diffusion PTQ method here is made of, each a sma
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -168,8 +167,8 @@ def prepare(handle: ModelHandle, ctx: Context, cfg: DiffusionPTQConfig, pass_nam
     calib = build_calibration_set(handle, ctx, pass_name, cfg.sampler, n, cfg.steps, cfg.ndtc_mean, cfg.ndtc_std,
                                   cfg.interval, cfg.single_t, batch_size=max(cfg.batch_size, 128))
     t_calib = time.perf_counter() - t0
-    fp = handle.module.eval()
-    q = copy.deepcopy(fp).eval()
+    fp = ctx.original(handle).module.eval()  # reconstruction targets; the model itself is quantized in place
+    q = handle.module.eval()
     q_fn = canonical_module(q, handle.kind)
     probe = _probe_pair(calib, 0)
     floats = surgery.quantizable_layers(q)

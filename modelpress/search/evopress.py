@@ -215,10 +215,8 @@ class EvoPressPass(Pass):
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         cfg = self.config
         t0 = time.perf_counter()
-        import copy
-
-        handle = model.replace_module(copy.deepcopy(model.module).eval())
-        module = handle.module
+        handle = model  # changed in place: the chosen units are swapped for their levels
+        module = handle.module.eval()
         spec = LevelSpec.make(cfg.family, cfg.method, cfg.levels, cfg.group_size, cfg.sym)
         units, weights = search_units(module, spec.family)
         space = SearchSpace(spec, units, weights, target_size(spec, weights, cfg.budget), cfg.grouping)

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..errors import UserError
 from ..model import ModelHandle
+from ..registry import Registry
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -36,29 +37,24 @@ class ZooEntry:
     datasets: dict[str, str] = field(default_factory=dict)
 
 
-_ENTRIES: dict[str, ZooEntry] = {}
-
-
-def register(entry: ZooEntry) -> ZooEntry:
-    _ENTRIES[entry.name] = entry
-    return entry
-
-
 def _discover() -> None:
     # Importing the entry modules registers them.
     from . import digits, text  # noqa: F401
 
 
+ENTRIES: Registry[ZooEntry] = Registry("zoo model", _discover)
+
+
+def register(entry: ZooEntry) -> ZooEntry:
+    return ENTRIES.add(entry.name, entry)
+
+
 def entries() -> dict[str, ZooEntry]:
-    _discover()
-    return dict(_ENTRIES)
+    return ENTRIES.all()
 
 
 def get(name: str) -> ZooEntry:
-    all_entries = entries()
-    if name not in all_entries:
-        raise UserError(f"unknown zoo model {name!r}; available: {', '.join(sorted(all_entries))}")
-    return all_entries[name]
+    return ENTRIES.get(name)
 
 
 def load(name: str) -> ModelHandle:

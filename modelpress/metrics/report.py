@@ -112,12 +112,12 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
     if notes and exports:
         report["export_notes"] = notes
     if base is not None:  # a delta: its size against the fp16 delta, not only against the whole model
-        from ..compress.delta import delta_size_report
+        from ..codecs.delta import delta_size_report
 
         report["delta"] = delta_size_report(model.module, base.module)
 
     if exports:
-        from ..export import export_model, load_exported
+        from ..exporters import export_model, load_exported
 
         export_dir = staging / "exports"
         export_dir.mkdir(exist_ok=True)

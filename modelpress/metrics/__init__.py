@@ -23,6 +23,7 @@ from torch import nn
 from ..data import Dataset
 from ..errors import UserError
 from ..model import ModelHandle
+from ..registry import Registry
 
 
 @dataclass
@@ -59,35 +60,32 @@ class Metric:
     relative: bool = False
 
 
-_METRICS: dict[str, Metric] = {}
-_discovered = False
+def _discover() -> None:
+    """Import the metric modules (their metrics register themselves)."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "report":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+METRICS: Registry[Metric] = Registry("metric", _discover)
 
 
 def register_metric(name: str, kinds: tuple[str, ...], description: str, relative: bool = False) -> Callable[[MetricFn], MetricFn]:
     """Decorator: make ``fn`` available as ``evaluate: [name]`` in recipes for models of ``kinds``."""
 
     def wrap(fn: MetricFn) -> MetricFn:
-        _METRICS[name] = Metric(name, fn, kinds, description, relative)
+        METRICS.add(name, Metric(name, fn, kinds, description, relative))
         return fn
 
     return wrap
 
 
 def metric_registry() -> dict[str, Metric]:
-    global _discovered
-    if not _discovered:
-        _discovered = True
-        for info in pkgutil.iter_modules(__path__):
-            if info.name != "report":
-                importlib.import_module(f"{__name__}.{info.name}")
-    return dict(_METRICS)
+    return METRICS.all()
 
 
 def get_metric(name: str) -> Metric:
-    registry = metric_registry()
-    if name not in registry:
-        raise UserError(f"unknown metric {name!r}; available: {', '.join(sorted(registry))}")
-    return registry[name]
+    return METRICS.get(name)
 
 
 def evaluate(model: nn.Module, handle: ModelHandle, names: list[str], ctx: EvalContext) -> dict[str, MetricResult]:

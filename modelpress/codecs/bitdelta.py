@@ -6,7 +6,7 @@ Liu, Yuan, Wang, Ma, Zhang, Finkelstein, Li, "BitDelta: Your Fine-Tune May Only 
 fixed sign matrix (Eq. 2). Then *scale distillation* (Sec. 3.2, Eq. 3): only the per-matrix alphas are
 trained so that the compressed model's outputs match the fine-tune's on calibration text (MSE), with
 AdamW (paper: lr 1e-4, 200 steps x batch 4 x 128 tokens on C4, for 7B-70B LLMs). Embeddings, norms and the
-head are not 1-bit compressed (here: by option, see :mod:`modelpress.compress.delta`).
+head are not 1-bit compressed (here: by option, see :mod:`modelpress.codecs.delta`).
 
 Our scale: the MiniLM classifiers have 37 matrices and logits of a few classes, so the distillation
 target is the last hidden state (all real tokens) plus the logits (``target: both``), and the default
@@ -18,7 +18,6 @@ Signs are packed 32 per int32 (:func:`~modelpress.quant.primitives.pack_signs`);
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 from typing import Any, Literal
@@ -148,8 +147,8 @@ class BitDeltaPass(Pass):
         cfg = self.config
         base = require_base(self.name, model, ctx)
         t0 = time.time()
-        teacher = model.module.eval()
-        student = copy.deepcopy(teacher)
+        teacher = ctx.original(model).module.eval()  # the fine-tune; the model itself becomes the student
+        student = model.module.eval()
         other = handle_other_tensors(student, base.module, cfg.embeddings, cfg.norms, cfg.biases)
         names = compress_layers(student, base.module, cfg.skip)
         init = {n: student.get_submodule(n).alpha.item() for n in names}

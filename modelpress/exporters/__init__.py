@@ -5,10 +5,10 @@ Three formats, one entry point (:func:`export_model`) and one loader (:func:`loa
 * ``onnx`` -- ``torch.onnx.export(dynamo=True)`` of the kind's canonical module, or optimum-onnx for
   transformers models (``exporter: optimum``); int8 as a real QDQ graph (QuantizeLinear /
   DequantizeLinear around integer weights) that ONNX Runtime runs with integer kernels, weight-only
-  int8 / int4 as ``MatMulNBits`` (see :mod:`modelpress.export.onnx`);
-* ``ort`` -- the ONNX Runtime mobile format, converted from the ONNX export (:mod:`modelpress.export.ort`);
+  int8 / int4 as ``MatMulNBits`` (see :mod:`modelpress.exporters.onnx`);
+* ``ort`` -- the ONNX Runtime mobile format, converted from the ONNX export (:mod:`modelpress.exporters.ort`);
 * ``pte`` -- an ExecuTorch program lowered to the XNNPACK delegate, 8-bit through the XNNPACK PT2E
-  quantizer (:mod:`modelpress.export.pte`).
+  quantizer (:mod:`modelpress.exporters.pte`).
 
 Every exported file takes the kind's canonical positional inputs (:mod:`modelpress.model`) and is run in
 its own runtime by :func:`load_exported`, so the same metrics score the torch model and its exports.
@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..model import ModelHandle
+from ..registry import Registry
 
 Calibration = Iterable[tuple[torch.Tensor, ...]]
 
@@ -79,37 +80,32 @@ class ExportSpec(BaseModel):
 
 
 Exporter = Callable[[ModelHandle, ExportSpec, Path, "Calibration | None"], Path]
-_EXPORTERS: dict[str, Exporter] = {}
+def _discover() -> None:
+    from . import onnx, ort, pte  # noqa: F401  (registers the exporters)
+
+
+EXPORTERS: Registry[Exporter] = Registry("export format", _discover)
 
 
 def register_exporter(fmt: str) -> Callable[[Exporter], Exporter]:
     """Decorator: ``fn(handle, spec, out_dir, calibration) -> main file`` exports format ``fmt``."""
 
     def wrap(fn: Exporter) -> Exporter:
-        _EXPORTERS[fmt] = fn
-        return fn
+        return EXPORTERS.add(fmt, fn)
 
     return wrap
-
-
-def _exporters() -> dict[str, Exporter]:
-    from . import onnx, ort, pte  # noqa: F401  (registers the exporters)
-
-    return _EXPORTERS
 
 
 def export_model(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration: Calibration | None = None) -> Path:
     """Export ``handle`` (its canonical module) as ``spec`` says into ``out_dir``; return the main file.
 
     ``calibration`` is an iterable of canonical input tuples for static int8, or a dataset to draw them
-    from; without it, :func:`modelpress.export.common.default_calibration` draws from the model's own data.
+    from; without it, :func:`modelpress.exporters.common.default_calibration` draws from the model's own data.
     Files are written under a temporary name and renamed, so a failed export leaves nothing behind.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    exporter = _exporters().get(spec.format)
-    if exporter is None:  # pragma: no cover - guarded by the Literal
-        raise UserError(f"unknown export format {spec.format!r}")
+    exporter = EXPORTERS.get(spec.format)
     from ..modules import materialize
 
     module = materialize(handle.module).eval()  # lossless / delta layers -> the rebuilt plain layers

@@ -5,7 +5,7 @@ codes, per-channel scale / zero point) and :class:`~modelpress.quant.act.ActQuan
 per-tensor activation ranges) in the model; their forward is float fake quantization. For export each is
 swapped for a module written with PyTorch's ``quantized_decomposed`` operators, whose ONNX translation is
 ``QuantizeLinear`` / ``DequantizeLinear`` (ONNX and ORT only: ExecuTorch's XNNPACK int8 kernels cannot run
-these graphs, see :mod:`modelpress.export.pte`). Semantics are ONNX's: ``x_q = clamp(round(x / s) + z)``, ``x = (x_q - z) * s``.
+these graphs, see :mod:`modelpress.exporters.pte`). Semantics are ONNX's: ``x_q = clamp(round(x / s) + z)``, ``x = (x_q - z) * s``.
 
 * weights: an int8 constant holding the codes (fewer-bit codes lie inside the int8 range) and a
   ``dequantize_per_channel`` on axis 0;

@@ -1,11 +1,11 @@
 """ONNX Runtime mobile: the ``.ort`` (flatbuffer) format, converted from the ONNX export.
 
-The ONNX graph (float, QDQ or weight-only, as the spec says) is built by :mod:`modelpress.export.onnx`,
+The ONNX graph (float, QDQ or weight-only, as the spec says) is built by :mod:`modelpress.exporters.onnx`,
 then ``onnxruntime.tools.convert_onnx_models_to_ort`` optimizes it once ("fixed" optimization style:
 the graph optimizations are baked in, so a minimal runtime needs no optimizer) and serializes it. The
 converter's operator list is kept beside the file as ``<stem>.required_operators.config``: it is what a
 reduced-size mobile build of ONNX Runtime is built from. The ``.ort`` file is run by the regular
-onnxruntime package (:class:`~modelpress.export.runtime.OnnxRuntimeModule`).
+onnxruntime package (:class:`~modelpress.exporters.runtime.OnnxRuntimeModule`).
 """
 from __future__ import annotations
 

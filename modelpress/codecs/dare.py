@@ -32,7 +32,6 @@ a packed 1-bit mask, whichever is smaller.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Any, Callable, Literal
@@ -218,7 +217,7 @@ class _DareBase(Pass):
 
     def _compress(self, model: ModelHandle, ctx: Context, p: float, method: PruneMethod,
                   hessians: dict[str, torch.Tensor], skip: list[str]) -> tuple[torch.nn.Module, list[DeltaLayer]]:
-        student = copy.deepcopy(model.module).eval()
+        student = model.module.eval()  # changed in place
         layers = match_linear_layers(student, ctx.base.module, skip)
         for i, layer in enumerate(layers):
             norms = torch.sqrt(torch.diag(hessians[layer.name])) if layer.name in hessians else None
@@ -279,6 +278,7 @@ class DarexPass(_DareBase):
         if cfg.q_mode == "analytic" or cfg.prune == "importance":
             layers0 = match_linear_layers(model.module, ctx.base.module, cfg.skip)
             hessians = collect_input_hessians(model, layers0, batches, ctx, desc="darex input statistics")
+        teacher = ctx.original(model) if cfg.q_mode == "unlabelled" else None  # the fine-tune's outputs
         student, layers = self._compress(model, ctx, cfg.p, cfg.prune, hessians, cfg.skip)
         other = handle_other_tensors(student, ctx.base.module, cfg.embeddings, cfg.norms, cfg.biases)
         record: dict[str, Any] = {}
@@ -291,7 +291,7 @@ class DarexPass(_DareBase):
             record["q"] = qs
         elif cfg.q_mode == "unlabelled":
             with torch.no_grad():
-                refs = [model_outputs(model, model.module, b, "hidden") for b in batches]
+                refs = [model_outputs(teacher, teacher.module, b, "hidden") for b in batches]
 
             def change() -> float:
                 with torch.no_grad():

@@ -21,7 +21,6 @@ Choices here (documented in docs/delta.md):
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Any, Literal
@@ -214,7 +213,7 @@ class DeltaCoMePass(Pass):
             raise UserError("delta_come: at most one group may have count -1 (fill the budget)", "passes")
         base = require_base(self.name, model, ctx)
         t0 = time.time()
-        student = copy.deepcopy(model.module).eval()
+        student = model.module.eval()  # changed in place
         layers = match_linear_layers(student, base.module, cfg.skip)
         hessians: dict[str, torch.Tensor] = {}
         if cfg.quantizer == "gptq":

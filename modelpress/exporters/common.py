@@ -60,10 +60,17 @@ def traceable(handle: ModelHandle, module: nn.Module | None = None) -> nn.Module
     return wrapper.eval()
 
 
+def text_seq_len(handle: ModelHandle) -> int:
+    """:data:`TEXT_SEQ_LEN`, capped at the model's ``max_position_embeddings``."""
+    longest = handle.architecture.get("config", {}).get("max_position_embeddings")
+    return min(TEXT_SEQ_LEN, int(longest)) if longest else TEXT_SEQ_LEN
+
+
 def trace_inputs(handle: ModelHandle, batch: int = 2) -> tuple[torch.Tensor, ...]:
-    """Example canonical inputs for tracing (text at :data:`TEXT_SEQ_LEN` tokens)."""
+    """Example canonical inputs for tracing (text at :data:`TEXT_SEQ_LEN` tokens, or the model's
+    ``max_position_embeddings`` when that is fewer)."""
     if handle.kind in TEXT_KINDS:
-        return example_inputs(handle, batch=batch, seq_len=TEXT_SEQ_LEN)
+        return example_inputs(handle, batch=batch, seq_len=text_seq_len(handle))
     return example_inputs(handle, batch=batch)
 
 
@@ -129,7 +136,7 @@ def default_calibration(handle: ModelHandle, batches: int, batch_size: int = 8,
                         "(or 'random')")
     n = batches * batch_size
     if handle.kind in TEXT_KINDS or data.is_random:
-        return batched(model_inputs(handle, data, n, 0, TEXT_SEQ_LEN)[0], batch_size)
+        return batched(model_inputs(handle, data, n, 0, text_seq_len(handle))[0], batch_size)
     from ..passes import Context
     from ..quant.calibration import build_calibration_set
 
