@@ -38,9 +38,10 @@ from modelpress import zoo  # noqa: E402
 from modelpress.metrics import EvalContext  # noqa: E402
 from modelpress.metrics.diffusion import feature_stats, frechet_distance, generate  # noqa: E402
 from modelpress.passes import Context, seeded  # noqa: E402
-from modelpress.prune.aptp import (APTPModel, APTPPass, StaticPrunePass, digits_training_data,  # noqa: E402
+from modelpress.sources import load_dataset  # noqa: E402
+from modelpress.prune.aptp import (APTPModel, APTPPass, StaticPrunePass, training_data,  # noqa: E402
                                    finetune_expert)
-from modelpress.zoo.digits import PRINTED, classifier_features, classify, digits_data, printed_fraction  # noqa: E402
+from modelpress.zoo.digits import PRINTED, classifier_features, classify, digits_data  # noqa: E402
 
 _REAL: list = []
 
@@ -193,7 +194,7 @@ def main() -> None:
     with seeded(args.seed):
         short = StaticPrunePass(scfg).apply(handle, sctx)
     full = short.replace_module(copy.deepcopy(short.module))
-    data = digits_training_data(scfg.prompt_pool, args.seed, printed_fraction(handle))
+    data = training_data(handle, load_dataset("digits-prompts/train"), scfg.prompt_pool, args.seed)
     with seeded(args.seed):
         cont = finetune_expert(full.module.experts[0], handle.module, data, torch.arange(scfg.prompt_pool), scfg,
                                sctx, 990, args.finetune_steps * (k - 1), "static: further fine-tuning")

@@ -32,6 +32,7 @@ from modelpress import zoo  # noqa: E402
 from modelpress.passes import Context  # noqa: E402
 from modelpress.prune import aptp  # noqa: E402
 from modelpress.prune.gates import GatedUNet  # noqa: E402
+from modelpress.sources import load_dataset  # noqa: E402
 from modelpress.zoo import digits  # noqa: E402
 
 
@@ -102,7 +103,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     handle = zoo.load("digits-t2i-printed")
-    data = aptp.digits_training_data(2000, args.seed, digits.printed_fraction(handle))
+    data = aptp.training_data(handle, load_dataset("digits-prompts/train"), 2000, args.seed)
     printed = data.prompt_labels >= digits.PRINTED
     lines = [f"# APTP router probe on digits-t2i-printed (seed {args.seed}, {int(printed.sum())} printed of "
              f"{len(printed)} training prompts)", "", "## The router's input: pooled MiniLM embeddings", "",

@@ -395,12 +395,16 @@ def test_recipe_end_to_end_on_a_checkpoint(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_digits_training_data_pairs_printed_prompts_with_their_glyph() -> None:
+    from modelpress import zoo
+    from modelpress.sources import load_dataset
     from modelpress.zoo import digits
 
-    data = aptp.digits_training_data(40, 0, 0.3)
+    printed, plain = zoo.load("digits-t2i-printed"), zoo.load("digits-t2i")
+    prompts = load_dataset(None, printed, "calibration")
+    data = aptp.training_data(printed, prompts, 40, 0)
     printed = torch.nonzero(data.prompt_labels >= digits.PRINTED).flatten()
     assert len(printed) == 12
     x0, _, _ = data.batch(8, torch.Generator().manual_seed(0), subset=printed)
     glyphs = digits.printed_glyphs()
     assert all(any(torch.equal(x, glyph) for glyph in glyphs) for x in x0)
-    assert torch.equal(aptp.digits_training_data(40, 0).prompt_labels, digits.digit_prompts(40, 0, "train")[1])
+    assert torch.equal(aptp.training_data(plain, prompts, 40, 0).prompt_labels, digits.digit_prompts(40, 0, "train")[1])

@@ -417,7 +417,7 @@ def test_artifact_stores_the_levels_compressed_and_loads_the_database_weights(tm
     from modelpress.quant.packed import PackedLinear
 
     h = tiny_classifier(layers=2)
-    ctx = Context(seed=0, show_progress=False)
+    ctx = Context(seed=0, data=random_dataset(), show_progress=False)
     cfg = fast_config(family=family, method=method, budget=budget, levels=levels, database=str(tmp_path / "db"),
                       generations=2)
     out = get_pass("evopress")(cfg).apply(fresh(h), ctx)

@@ -38,18 +38,20 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..data import Dataset
+from ..data.inputs import encode_prompts, fit_images
 from ..errors import UserError
 from ..model import ModelHandle
 from ..modules import register_module
 from ..passes import Context, Pass, PassConfig, register_pass
+from ..sampling import alphas_cumprod, scheduler_config
 from .gates import UNIT_KINDS, GatedUNet, GateUnit, units_from_dicts, width_template
 from .slicing import kept_groups, slice_unet
 
@@ -205,23 +207,26 @@ class PromptImageData:
         return torch.where(drop.view(-1, 1, 1), self.empty.expand_as(ehs), ehs)
 
 
-@lru_cache(maxsize=2)
-def digits_training_data(n_prompts: int = 2000, seed: int = 0, printed_fraction: float = 0.0) -> PromptImageData:
-    """The digits-t2i training data: the train split of sklearn digits and ``n_prompts`` training prompts;
-    with ``printed_fraction`` (``digits-t2i-printed``) that share of the prompts asks for a printed digit,
-    whose image is the digit's glyph."""
-    from ..sampling import alphas_cumprod
-    from ..zoo import digits
-    from ..zoo.text import encode_prompts
+def training_data(handle: ModelHandle, dataset: Dataset, n_prompts: int, seed: int) -> PromptImageData:
+    """The prompt-image training pool of APTP from a calibration dataset with prompts and images.
 
-    images, labels = digits.digits_data("train")
-    if printed_fraction > 0:
-        images = torch.cat([images, digits.printed_glyphs()])
-        labels = torch.cat([labels, digits.PRINTED + torch.arange(10)])
-    prompts, plabels = digits.digit_prompts(n_prompts, seed, "train", printed_fraction)
-    ehs = torch.cat([encode_prompts(prompts[i:i + 256]) for i in range(0, n_prompts, 256)])
-    return PromptImageData(images, labels, ehs, plabels, digits.empty_prompt_embedding(),
-                           alphas_cumprod(digits.SCHEDULER_CONFIG).float(), tuple(prompts))
+    A dataset that supplies a labelled pool (``extras["prompt_image_pool"](n, seed, handle)``: the zoo's
+    digits prompts, each paired with any training image of its digit) gives ``n_prompts`` prompts and every
+    image; otherwise ``n_prompts`` rows (at most the dataset's size) are drawn with ``seed`` and each prompt is
+    paired with its own image. Prompts are encoded by the model's prompt encoder."""
+    dataset.require("prompt", "aptp (prompt-routed pruning)")
+    dataset.require("image", "aptp (prompt-image pairs for the denoising loss)")
+    pool = dataset.extras.get("prompt_image_pool")
+    if pool is not None:
+        images, labels, prompts, plabels = pool(n_prompts, seed, handle)
+    else:
+        ex = dataset.draw(min(n_prompts, dataset.size or n_prompts), seed)
+        images, prompts = ex.images, ex.prompts
+        labels = plabels = torch.arange(len(prompts))
+    ehs = encode_prompts(handle, list(prompts))
+    return PromptImageData(fit_images(handle, images, dataset.name), labels, ehs, plabels,
+                           encode_prompts(handle, [""]), alphas_cumprod(scheduler_config(handle)).float(),
+                           tuple(prompts))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -365,8 +370,8 @@ class _Settings(PassConfig):
         "transformer blocks")
     ff_groups: int = Field(8, ge=1, le=1024)
     router_hidden: int = Field(256, ge=8, le=8192)
-    prompt_pool: int = Field(2000, ge=16, le=100_000, description="training prompts (digits templates)")
-    dataset: Literal["digits"] = "digits"
+    prompt_pool: int = Field(2000, ge=16, le=100_000, description="training prompts drawn from the calibration "
+                             "dataset (prompts with images)")
     threads: int = Field(2, ge=1, le=256, description="torch CPU threads while training")
 
 
@@ -639,17 +644,6 @@ def build_aptp(unet: nn.Module, data: PromptImageData, n_codes: int, cfg: _Setti
     return model.eval(), log
 
 
-def _training_data(handle: ModelHandle, cfg: _Settings, ctx: Context) -> PromptImageData:
-    if cfg.dataset == "digits":
-        if handle.architecture.get("config", {}).get("cross_attention_dim") not in (384, [384]):
-            raise UserError("the digits prompt data are MiniLM embeddings (dim 384); this UNet's "
-                            "cross_attention_dim differs", "passes.aptp.dataset")
-        from ..zoo.digits import printed_fraction
-
-        return digits_training_data(cfg.prompt_pool, ctx.seed, printed_fraction(handle))
-    raise UserError(f"unknown dataset {cfg.dataset!r}", "passes.aptp.dataset")  # pragma: no cover
-
-
 def _check_handle(handle: ModelHandle, name: str) -> None:
     if handle.kind != "unet-cond" or type(handle.module).__name__ != "UNet2DConditionModel":
         raise UserError(f"{name} needs a unet-cond model (diffusers UNet2DConditionModel); got a "
@@ -670,7 +664,7 @@ class APTPPass(Pass):
         _check_handle(model, self.name)
         cfg = self.config
         with _threads(cfg.threads):
-            data = _training_data(model, cfg, ctx)
+            data = training_data(model, ctx.calibration_data(self.name, model), cfg.prompt_pool, ctx.seed)
             pruned, log = build_aptp(model.module, data, cfg.codes, cfg, ctx)
         ctx.record(self.name, **log)
         return model.replace_module(pruned)
@@ -691,7 +685,7 @@ class StaticPrunePass(Pass):
         _check_handle(model, self.name)
         cfg = self.config
         with _threads(cfg.threads):
-            data = _training_data(model, cfg, ctx)
+            data = training_data(model, ctx.calibration_data(self.name, model), cfg.prompt_pool, ctx.seed)
             pruned, log = build_aptp(model.module, data, 1, cfg, ctx, use_contrastive=False)
         ctx.record(self.name, **log)
         return model.replace_module(pruned)

@@ -505,6 +505,20 @@ def _images_dataset(split: str):  # noqa: ANN202 - a Dataset loader
     return load
 
 
+@lru_cache(maxsize=4)
+def prompt_image_pool(n: int, seed: int, printed: float = 0.0
+                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], torch.Tensor]:
+    """APTP's training pool: every training image (plus the printed glyphs when ``printed`` > 0) with its
+    label, and ``n`` training prompts (:func:`digit_prompts`, seed ``seed``) with theirs; a prompt goes with any
+    image of its label."""
+    images, labels = digits_data("train")
+    if printed > 0:
+        images = torch.cat([images, printed_glyphs()])
+        labels = torch.cat([labels, PRINTED + torch.arange(10)])
+    prompts, plabels = digit_prompts(n, seed, "train", printed)
+    return images, labels, tuple(prompts), plabels
+
+
 def _prompts_dataset(split: str):  # noqa: ANN202 - a Dataset loader
     """Templated prompts (:func:`digit_prompts`, ``split`` train or eval), each paired with a training image
     of its digit drawn with the same seed (prompt-image pairs for calibrating a text-to-image UNet on noised
@@ -517,7 +531,13 @@ def _prompts_dataset(split: str):  # noqa: ANN202 - a Dataset loader
                 (torch.nonzero(y == int(d)).flatten() for d in labels)]
         return Examples(ids=list(range(n)), prompts=prompts, labels=labels.tolist(), images=x[pick])
 
-    return lambda: generated(f"digits-prompts/{split}", {"prompt", "label", "image"}, draw)
+    def load():  # noqa: ANN202
+        data = generated(f"digits-prompts/{split}", {"prompt", "label", "image"}, draw)
+        if split == "train":  # APTP's pool (prune/aptp.py): prompts with every image of their digit
+            data.extras["prompt_image_pool"] = lambda n, seed, handle: prompt_image_pool(n, seed, printed_fraction(handle))
+        return data
+
+    return load
 
 
 for _split in ("train", "heldout"):
