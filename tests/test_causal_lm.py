@@ -452,3 +452,20 @@ def test_text_too_short_for_one_window_is_one_line(llm: dict[str, Path], capsys:
     recipe = _recipe(llm["root"], "short", llm["llama"], [{"type": "bnb"}],
                      evaluate=[{"metric": "perplexity", "dataset": str(llm["root"] / "short.txt")}])
     _fails(recipe, capsys, "fewer than one window of 64")
+
+
+def test_recipes_in_recipes_llm_validate_on_a_path_loaded_model(llm: dict[str, Path]) -> None:
+    """The shipped recipes/llm/*.yaml, their placeholder paths pointed at this test's models and files."""
+    from modelpress.recipe import parse_recipe
+
+    files = sorted((Path(__file__).parent.parent / "recipes" / "llm").glob("*.yaml"))
+    assert len(files) >= 9
+    swap = {"path/to/your/llama-finetune": str(llm["llama-ft"]), "path/to/your/llama": str(llm["llama"]),
+            "path/to/train.txt": str(llm["root"] / "train.txt"), "path/to/test.txt": str(llm["root"] / "test.txt"),
+            "path/to/questions.jsonl": str(llm["root"] / "choices.jsonl")}
+    for f in files:
+        text = f.read_text()
+        for k, v in swap.items():
+            text = text.replace(k, v)
+        loaded = parse_recipe(yaml.safe_load(text), str(f))
+        assert loaded.recipe.model.source.startswith(str(llm["root"])), f
