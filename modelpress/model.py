@@ -8,6 +8,7 @@ kind            canonical inputs                                        canonica
 ==============  ======================================================  ===================
 ``encoder``     ``input_ids, attention_mask`` (int64, [B, L])           last hidden state
 ``classifier``  ``input_ids, attention_mask``                           class logits [B, C]
+``causal-lm``   ``input_ids, attention_mask`` (padding on the right)    next-token logits [B, L, V]
 ``unet``        ``sample [B, C, H, W], timestep [B] (int64)``           predicted noise
 ``unet-cond``   ``sample, timestep, encoder_hidden_states [B, L, D]``   predicted noise
 ==============  ======================================================  ===================
@@ -27,7 +28,11 @@ from torch import nn
 
 from .errors import UserError
 
-KINDS = ("encoder", "classifier", "unet", "unet-cond")
+KINDS = ("encoder", "classifier", "causal-lm", "unet", "unet-cond")
+#: the kinds whose canonical inputs are token ids and an attention mask
+TEXT_KINDS = ("encoder", "classifier", "causal-lm")
+#: the output attribute each transformers kind's canonical call returns
+_OUTPUT_FIELD = {"encoder": "last_hidden_state", "classifier": "logits", "causal-lm": "logits"}
 
 
 @dataclass
@@ -73,15 +78,44 @@ class _Canonical(nn.Module):
         dtype = compute_dtype(self.inner)
         args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype
                      else a for a in args)
-        if self.kind == "classifier":
-            return self.inner(input_ids=args[0], attention_mask=args[1]).logits
-        if self.kind == "encoder":
-            return self.inner(input_ids=args[0], attention_mask=args[1]).last_hidden_state
+        if self.kind in _OUTPUT_FIELD:
+            out = self.inner(input_ids=args[0], attention_mask=args[1])
+            value = getattr(out, _OUTPUT_FIELD[self.kind], None)
+            if value is None:
+                raise UserError(f"a {type(self.inner).__name__} gives no {_OUTPUT_FIELD[self.kind]}: it is not "
+                                f"a {self.kind} model (set model.kind to the model's kind)")
+            return value
         if self.kind == "unet":
             return self.inner(args[0], args[1]).sample
         if self.kind == "unet-cond":
             return self.inner(args[0], args[1], encoder_hidden_states=args[2]).sample
         raise ValueError(f"unknown model kind {self.kind!r}")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2-style ``Conv1D``: a linear layer whose weight is stored transposed, ``[in, out]``
+    (``y = x @ W + b``)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is a dependency, but keep the module usable without it
+        return False
+    return isinstance(module, Conv1D)
+
+
+def cast_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating-point parameters and persistent buffers (what a checkpoint stores) to ``dtype``, in
+    place. Non-persistent buffers (a rotary embedding's ``inv_freq``) keep their dtype, as in a model that
+    transformers' ``from_pretrained(dtype=...)`` loads, or that an artifact of the cast weights rebuilds."""
+    stored = set(module.state_dict(keep_vars=True))
+    for name, p in module.named_parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for prefix, mod in module.named_modules():
+        for name, b in list(mod._buffers.items()):
+            key = f"{prefix}.{name}" if prefix else name
+            if b is not None and b.is_floating_point() and key in stored:
+                mod._buffers[name] = b.to(dtype)
+    return module
 
 
 def state_bytes(module: nn.Module) -> int:
@@ -149,9 +183,25 @@ def guess_kind(arch: dict[str, Any]) -> str | None:
         return "unet-cond"
     if cls.endswith("ForSequenceClassification"):
         return "classifier"
+    if cls.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
     if cls.endswith("Model") and arch["library"] == "transformers":
         return "encoder"
     return None
+
+
+def check_kind(arch: dict[str, Any], kind: str, where: str) -> None:
+    """A one-line error when ``kind`` (forced by ``model.kind``) cannot fit the class: a causal LM as an
+    encoder, a UNet as a classifier. Classes whose kind cannot be told from their name are let through (their
+    canonical call fails with a one-line error if the output is not there)."""
+    if kind not in KINDS:
+        raise UserError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}", where)
+    guessed = guess_kind(arch)
+    text_lib = arch["library"] == "transformers"
+    if (kind in TEXT_KINDS) != text_lib or (guessed is not None and guessed != kind):
+        raise UserError(f"a {arch['class']} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} model"
+                        + (f" (it is a {guessed} model: drop model.kind or set it to {guessed})" if guessed else ""),
+                        where)
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -176,12 +226,38 @@ def checkpoint_record(files: list[Path], state: dict[str, torch.Tensor]) -> dict
             "dtype": max(counts, key=counts.get) if counts else None}
 
 
+def tied_names(module: nn.Module) -> dict[str, str]:
+    """``{name: first name}`` for every state-dict entry that is the same tensor as an earlier one (tied
+    weights: a causal LM's ``lm_head.weight`` and its input embedding)."""
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    out: dict[str, str] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if not t.numel():
+            continue
+        sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if sig in first:
+            out[name] = first[sig]
+        else:
+            first[sig] = name
+    return out
+
+
 def load_weights_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load ``state`` strictly; a missing, unexpected or mis-shaped tensor is a one-line error."""
+    """Load ``state`` strictly; a missing, unexpected or mis-shaped tensor is a one-line error.
+
+    Tensors keep the checkpoint's dtypes (a bf16 / fp16 checkpoint is not upcast to the float32 the module
+    was built in). Tied weights stay tied: a checkpoint may hold only one name of a tied pair (a causal LM
+    saved without ``lm_head.weight``); the other name takes the same tensor."""
     own = module.state_dict()
     # Older checkpoints carry buffers that are non-persistent now (BERT's position_ids): not weights.
     non_persistent = {name for name, _ in module.named_buffers()} - set(own)
     state = {k: v for k, v in state.items() if k not in non_persistent}
+    tied = tied_names(module)
+    for name, target in tied.items():
+        if name not in state and target in state:
+            state[name] = state[target]
+        elif target not in state and name in state:
+            state[target] = state[name]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -192,7 +268,16 @@ def load_weights_into(module: nn.Module, state: dict[str, torch.Tensor], where: 
         if tuple(v.shape) != tuple(own[k].shape):
             raise UserError(f"weights do not match the config: {k} has shape {tuple(v.shape)}, "
                             f"the config needs {tuple(own[k].shape)}", where)
-    module.load_state_dict(state, strict=True)
+    for k, v in state.items():
+        if own[k].is_floating_point() != v.is_floating_point():
+            raise UserError(f"weights do not match the config: {k} is {v.dtype}, the model needs "
+                            f"{own[k].dtype}", where)
+    # assign: every tensor keeps the checkpoint's dtype; then the tied names share one parameter again
+    module.load_state_dict({k: v for k, v in state.items() if k not in tied}, strict=False, assign=True)
+    for name, target in tied.items():
+        path, _, leaf = name.rpartition(".")
+        tpath, _, tleaf = target.rpartition(".")
+        setattr(module.get_submodule(path), leaf, getattr(module.get_submodule(tpath), tleaf))
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Path | None = None) -> ModelHandle:
@@ -239,6 +324,8 @@ def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Pat
     for w in weights:
         state.update(load_state_dict_file(w))
     state = _align_prefix(module, state)
+    if kind is not None:
+        check_kind(arch, kind, str(p))
     load_weights_into(module, state, str(p))
     kind = kind or guess_kind(arch)
     if kind is None:
@@ -281,6 +368,9 @@ def example_inputs(handle: ModelHandle, batch: int = 2, seq_len: int = 32, seed:
     """Random inputs in the kind's canonical signature (for tracing, export and smoke tests)."""
     g = torch.Generator().manual_seed(seed)
     cfg = handle.architecture["config"]
+    if handle.kind == "causal-lm":
+        vocab = int(cfg.get("vocab_size", 1000))
+        return torch.randint(0, vocab, (batch, seq_len), generator=g), torch.ones(batch, seq_len, dtype=torch.long)
     if handle.kind in ("encoder", "classifier"):
         vocab = int(cfg.get("vocab_size", 1000))
         ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch, seq_len), generator=g)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import console
 from .data import Dataset
 from .errors import UserError
-from .model import ModelHandle
+from .model import TEXT_KINDS, ModelHandle
 from .registry import Registry
 
 
@@ -126,7 +126,7 @@ class Context:
         inputs, examples = model_inputs(handle, data, n, self.seed + offset if generator is None else generator,
                                         seq_len)
         self.record(pass_name, calibration={"dataset": data.name, "random": data.is_random, "samples": n,
-                                            "seq_len": seq_len if handle.kind in ("encoder", "classifier") else None,
+                                            "seq_len": seq_len if handle.kind in TEXT_KINDS else None,
                                             "ids": examples.ids})
         return inputs
 

@@ -33,7 +33,7 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     source: str = Field(min_length=1)
-    kind: Literal["encoder", "classifier", "unet", "unet-cond"] | None = None
+    kind: Literal["encoder", "classifier", "causal-lm", "unet", "unet-cond"] | None = None
     config: str | None = None
 
 

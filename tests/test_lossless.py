@@ -374,7 +374,7 @@ def test_conv2d_and_tied_weights() -> None:
             self.conv = nn.Conv2d(8, 16, 3, padding=1, stride=2)
             self.emb = nn.Embedding(100, 64)
             self.head = nn.Linear(64, 100, bias=False)
-            self.head.weight = self.emb.weight  # tied: left alone
+            self.head.weight = self.emb.weight  # tied: coded once, shared
 
         def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
             return self.conv(x).sum() + self.head(self.emb(ids)).sum()
@@ -385,10 +385,14 @@ def test_conv2d_and_tied_weights() -> None:
     ids = torch.randint(0, 100, (3, 5))
     with torch.no_grad():
         conv_ref = net.conv(x)
+        net_head_ref = net.head(net.emb(ids))
     handle = ModelHandle(net, "unet", "tiny", {})
     out, ctx = _run(handle, min_elements=64)
     assert isinstance(out.module.conv, LosslessConv2d)
-    assert ctx.log["dfloat11"]["tied_skipped"] == ["emb", "head"]
+    assert ctx.log["dfloat11"]["tied_shared"] == {"head": "emb"} and ctx.log["dfloat11"]["tied_skipped"] == []
+    assert out.module.head.df11_stream is out.module.emb.df11_stream
+    with torch.no_grad():
+        assert torch.equal(out.module.head(out.module.emb(ids)), net_head_ref)
     with torch.no_grad():
         assert torch.equal(out.module.conv(x), conv_ref)
     cfg = out.module.conv.module_config()

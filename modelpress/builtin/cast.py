@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from ..model import ModelHandle
+from ..model import ModelHandle, cast_weights
 from ..passes import Context, Pass, PassConfig, register_pass
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -16,7 +16,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @register_pass
 class Cast(Pass):
-    """Cast every floating-point parameter and buffer to ``dtype``."""
+    """Cast every floating-point parameter and stored buffer to ``dtype`` (:func:`~modelpress.model.cast_weights`)."""
 
     name = "cast"
 
@@ -26,6 +26,6 @@ class Cast(Pass):
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         dtype = DTYPES[self.config.dtype]
         n = sum(p.numel() for p in model.module.parameters() if p.is_floating_point())
-        model.module.to(dtype)
+        cast_weights(model.module, dtype)
         ctx.record(self.name, dtype=self.config.dtype, parameters=n)
         return model

@@ -8,6 +8,12 @@ trained so that the compressed model's outputs match the fine-tune's on calibrat
 AdamW (paper: lr 1e-4, 200 steps x batch 4 x 128 tokens on C4, for 7B-70B LLMs). Embeddings, norms and the
 head are not 1-bit compressed (here: by option, see :mod:`modelpress.codecs.delta`).
 
+Causal LMs (kind ``causal-lm``): as in the paper (Sec. 3, "we keep the embedding and LM head layers in
+high precision"), only the transformer blocks' linear layers are 1-bit compressed by default: the
+fine-tune's input embeddings and ``lm_head`` are kept at full precision (``embeddings: keep``,
+``lm_head: keep``); a tied ``lm_head`` is the embedding and follows ``embeddings``. The distillation
+matches the logits at the real tokens plus the last hidden state (``target: both``).
+
 Our scale: the MiniLM classifiers have 37 matrices and logits of a few classes, so the distillation
 target is the last hidden state (all real tokens) plus the logits (``target: both``), and the default
 learning rate is 1e-4 (alphas of MiniLM deltas are ~1e-3, so Adam steps of 1e-4 move them by ~10 %
@@ -31,7 +37,8 @@ from ..modules import register_module
 from ..passes import Context, Pass, register_pass
 from ..quant.primitives import pack_signs, unpack_signs
 from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, handle_other_tensors,
-                    match_linear_layers, model_outputs, output_mse, replace_module, require_base)
+                    match_linear_layers, model_outputs, output_head_path, output_mse, replace_module,
+                    require_base)
 
 
 @register_module
@@ -135,6 +142,12 @@ class BitDeltaPass(Pass):
     needs_base = True
 
     class Config(DeltaConfig):
+        embeddings: TensorOption | None = Field(
+            None, description="keep the fine-tune's embeddings or revert them to the base; default: keep for "
+                              "causal LMs (BitDelta Sec. 3 keeps them in full precision), base otherwise")
+        lm_head: Literal["keep", "compress"] | None = Field(
+            None, description="a causal LM's output head: keep the fine-tune's at full precision (default, "
+                              "BitDelta Sec. 3) or 1-bit compress its delta like the blocks' layers")
         steps: int = Field(200, ge=0, le=100_000, description="scale-distillation steps (0: keep mean|delta|)")
         lr: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate of the alphas")
         batch_size: int = Field(4, ge=1, le=1024)
@@ -149,8 +162,14 @@ class BitDeltaPass(Pass):
         t0 = time.time()
         teacher = ctx.original(model).module.eval()  # the fine-tune; the model itself becomes the student
         student = model.module.eval()
-        other = handle_other_tensors(student, base.module, cfg.embeddings, cfg.norms, cfg.biases)
-        names = compress_layers(student, base.module, cfg.skip)
+        causal = model.kind == "causal-lm"
+        embeddings = cfg.embeddings or ("keep" if causal else "base")
+        skip = list(cfg.skip)
+        head = output_head_path(student) if causal and (cfg.lm_head or "keep") == "keep" else None
+        if head:
+            skip.append(head)
+        other = handle_other_tensors(student, base.module, embeddings, cfg.norms, cfg.biases)
+        names = compress_layers(student, base.module, skip)
         init = {n: student.get_submodule(n).alpha.item() for n in names}
         losses: list[float] = []
         if cfg.steps > 0:
@@ -158,7 +177,8 @@ class BitDeltaPass(Pass):
             n = ctx.setting(cfg, "samples") or cfg.steps * bs
             batches = calibration_batches(model, ctx, self.name, n, bs, ctx.setting(cfg, "seq_len"), offset=11)
             losses = scale_distillation(model, student, teacher, batches, cfg.steps, cfg.lr, cfg.target, ctx)
-        ctx.record(self.name, layers=len(names), reverted=other["reverted"], kept=other["kept"],
+        ctx.record(self.name, layers=len(names), embeddings=embeddings, head_kept=head,
+                   reverted=other["reverted"], kept=other["kept"],
                    alpha_init=init, alpha={n: student.get_submodule(n).alpha.item() for n in names},
                    loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                    seconds=round(time.time() - t0, 2))

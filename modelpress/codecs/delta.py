@@ -28,7 +28,7 @@ from torch import nn
 
 from ..data.capture import model_hessians
 from ..errors import UserError
-from ..model import ModelHandle, align_to_base
+from ..model import TEXT_KINDS, ModelHandle, align_to_base, is_conv1d, tied_names
 from ..passes import Context, PassConfig
 
 TensorOption = Literal["keep", "base"]
@@ -49,23 +49,13 @@ class DeltaConfig(PassConfig):
 # Finding linear layers
 
 
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is a dependency, but keep the module usable without it
-        return None
-    return Conv1D
-
-
 def is_linear(module: nn.Module) -> bool:
     """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2 style, weight ``[in, out]``)."""
-    conv1d = _conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def is_transposed(module: nn.Module) -> bool:
-    conv1d = _conv1d_class()
-    return conv1d is not None and isinstance(module, conv1d)
+    return is_conv1d(module)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -108,6 +98,22 @@ class DeltaLayer:
         return (s[1], s[0]) if self.transposed else (s[0], s[1])
 
 
+def tied_linear_paths(model: nn.Module) -> list[str]:
+    """Linear layers whose weight is tied to another module's (a causal LM's ``lm_head`` sharing the input
+    embedding): they are an embedding, follow the ``embeddings`` option and are never compressed as a linear
+    delta (that would untie them)."""
+    tied = tied_names(model)
+    names = set(tied) | set(tied.values())
+    return [n for n, m in find_linear_layers(model) if f"{n}.weight" in names]
+
+
+def output_head_path(model: nn.Module) -> str | None:
+    """The module path of a causal LM's output projection (``lm_head``), ``None`` for other models."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+
+
 def match_linear_layers(model: nn.Module, base: nn.Module, skip: Iterable[str] = ()) -> list[DeltaLayer]:
     """The fine-tune's linear layers that have a same-shaped weight in the base (heads have none).
 
@@ -117,8 +123,9 @@ def match_linear_layers(model: nn.Module, base: nn.Module, skip: Iterable[str] =
     base_state = base.state_dict()
     out = []
     skip = tuple(skip)
+    tied = {f"{path}.weight" for path in tied_linear_paths(model)}
     for name, mod in find_linear_layers(model):
-        if any(s and s in name for s in skip):
+        if any(s and s in name for s in skip) or f"{name}.weight" in tied:
             continue
         key = mapping.get(f"{name}.weight")
         if key is None or tuple(base_state[key].shape) != tuple(mod.weight.shape):
@@ -329,19 +336,22 @@ def model_outputs(handle: ModelHandle, module: nn.Module, batch: tuple[torch.Ten
                   target: Literal["output", "hidden", "both"] = "both") -> dict[str, torch.Tensor]:
     """The tensors compared in distillation and in DAREx's output-change search.
 
-    ``output``: the canonical output (logits of a classifier). ``hidden``: the last hidden state of a
-    transformers encoder/classifier (the last layer's output, masked to real tokens); other kinds have no
-    separate hidden state and use the output.
+    ``output``: the canonical output (logits of a classifier; a causal LM's next-token logits at the real
+    tokens, the logits BitDelta's Eq. 3 matches). ``hidden``: the last hidden state of a transformers text
+    model (the last layer's output, masked to real tokens); other kinds have no separate hidden state and use
+    the output.
     """
     out: dict[str, torch.Tensor] = {}
-    if handle.kind in ("encoder", "classifier") and target in ("hidden", "both"):
+    if handle.kind in TEXT_KINDS and target in ("hidden", "both"):
         res = module(input_ids=batch[0], attention_mask=batch[1], output_hidden_states=True)
         hidden = res.hidden_states[-1] if getattr(res, "hidden_states", None) is not None else res.last_hidden_state
         out["hidden"] = hidden * batch[1].unsqueeze(-1).to(hidden.dtype)
         if target == "both":
-            out["output"] = res.logits if handle.kind == "classifier" else res.last_hidden_state
-        return out
-    out["output"] = handle.replace_module(module).canonical()(*batch)
+            out["output"] = res.last_hidden_state if handle.kind == "encoder" else res.logits
+    else:
+        out["output"] = handle.replace_module(module).canonical()(*batch)
+    if handle.kind == "causal-lm" and "output" in out:  # padding positions predict nothing
+        out["output"] = out["output"] * batch[1].unsqueeze(-1).to(out["output"].dtype)
     return out
 
 

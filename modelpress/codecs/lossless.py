@@ -7,11 +7,13 @@ bit-identical outputs. Our codec (``modelpress.kernels.entropy``) codes sign, ex
 bits jointly with an optimal length-limited canonical Huffman code, which lands below the order-0 exponent
 bound; see docs/lossless.md for the format, the measured sizes and the differences from DFloat11.
 
-Each selected ``nn.Linear`` / ``nn.Embedding`` / ``nn.Conv2d`` is replaced by a module that keeps only the
-encoded weight (five registered buffers, so the artifact's safetensors hold it) and decodes it at the
-start of every forward into a temporary tensor that is freed when the forward returns: peak memory is
+Each selected ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Embedding`` / ``nn.Conv2d`` is replaced by a module that
+keeps only the encoded weight (five registered buffers, so the artifact's safetensors hold it) and decodes
+it at the start of every forward into a temporary tensor that is freed when the forward returns: peak memory is
 the compressed model plus one decoded weight. The decoded weight is bit-identical to the stored one, so
-the outputs equal those of the uncompressed model in the stored dtype.
+the outputs equal those of the uncompressed model in the stored dtype. Tied weights (a causal LM's
+``lm_head`` sharing its input embedding, DFloat11 Sec. 3 codes every weight matrix of the LLM) are coded
+once: both replacements hold the same buffers, which the artifact stores once.
 
 The only lossy step is the optional cast (``cast: true``) of a model whose weights are in another dtype
 (e.g. fp32 -> bf16), which casts the whole model; with ``cast: false`` such a model is an error.
@@ -28,7 +30,7 @@ from torch import nn
 
 from ..errors import CorruptData, UserError
 from ..kernels import entropy as E
-from ..model import ModelHandle
+from ..model import ModelHandle, cast_weights, is_conv1d
 from ..modules import register_module, set_submodule
 from ..passes import Context, Pass, PassConfig, register_pass
 
@@ -302,31 +304,90 @@ class LosslessConv2d(_LosslessWeight):
         return conv.requires_grad_(False)
 
 
+@register_module
+class LosslessConv1D(LosslessLinear):
+    """transformers' GPT-2 ``Conv1D`` (``y = x @ W + b``, ``W`` stored ``[in, out]``) whose weight is entropy
+    coded in its own layout and decoded at every forward; the product is Conv1D's own ``addmm``, so outputs
+    are bit-identical to the uncoded layer."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_dtype: str,
+                 sizes: dict[str, int]) -> None:
+        super().__init__(in_features, out_features, has_bias, weight_dtype, sizes)
+        self.weight_shape = (in_features, out_features)
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, enc: E.Encoded) -> "LosslessConv1D":
+        in_f, out_f = conv.weight.shape
+        m = cls(in_f, out_f, conv.bias is not None, str(conv.weight.dtype).replace("torch.", ""),
+                {k: a.shape[0] for k, a in enc.arrays().items()})
+        m._set_encoded(enc)
+        if conv.bias is not None:
+            m.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.decoded_weight()
+        bias = self.bias if self.bias is not None else torch.zeros(self.out_features, dtype=w.dtype, device=w.device)
+        y = torch.addmm(bias, x.view(-1, x.size(-1)), w)
+        return y.view(x.size()[:-1] + (self.out_features,))
+
+    def decompressed(self) -> nn.Module:
+        """transformers' ``Conv1D`` with the decoded weight (for export)."""
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D(self.out_features, self.in_features).to(TORCH_DTYPES[self.weight_dtype])
+        conv.weight.data = self.decoded_weight()
+        if self.bias is not None:
+            conv.bias.data = self.bias.detach().clone()
+        else:
+            conv.bias.data.zero_()
+        return conv.requires_grad_(False)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The pass.
 
 _KINDS: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Embedding": nn.Embedding, "Conv2d": nn.Conv2d}
 
 
-def _candidates(module: nn.Module, kinds: list[str], min_elements: int) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    """Modules to compress, and the paths skipped because their weight is shared (tied) with another."""
-    owners: dict[int, int] = {}
-    for _, m in module.named_modules():
+def _selected(m: nn.Module, kinds: list[str]) -> bool:
+    if is_conv1d(m):  # GPT-2's linear layers
+        return "Linear" in kinds
+    return type(m) in tuple(_KINDS[k] for k in kinds) and not (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros")
+
+
+def _candidates(module: nn.Module, kinds: list[str], min_elements: int
+                ) -> tuple[list[tuple[str, nn.Module]], dict[str, str], list[str]]:
+    """Modules to code; tied modules ``{path: path of the module coded first with the same weight}`` (a causal
+    LM's ``lm_head`` and input embedding: coded once, the buffers shared); and tied modules left alone
+    because another module sharing their weight is not coded."""
+    sharing: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, m in module.named_modules():
         w = getattr(m, "weight", None)
         if isinstance(w, torch.Tensor):
-            owners[id(w)] = owners.get(id(w), 0) + 1
-    types = tuple(_KINDS[k] for k in kinds)
-    chosen, tied = [], []
-    for name, m in module.named_modules():
-        if type(m) not in types or m.weight.numel() < min_elements:
+            sharing.setdefault(id(w), []).append((name, m))
+    chosen, tied, skipped = [], {}, []
+    for group in sharing.values():
+        picked = [(n, m) for n, m in group if _selected(m, kinds) and m.weight.numel() >= min_elements]
+        if not picked:
             continue
-        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+        if len(picked) < len(group):  # some other user of the weight would keep a dense copy
+            skipped += [n for n, _ in group]
             continue
-        if owners[id(m.weight)] > 1:
-            tied.append(name)
-            continue
-        chosen.append((name, m))
-    return chosen, tied
+        chosen.append(picked[0])
+        tied.update({n: picked[0][0] for n, _ in picked[1:]})
+    order = {n: i for i, (n, _) in enumerate(module.named_modules())}
+    return sorted(chosen, key=lambda c: order[c[0]]), tied, sorted(skipped, key=order.__getitem__)
+
+
+def _coded_module(m: nn.Module, enc: E.Encoded) -> nn.Module:
+    if is_conv1d(m):
+        return LosslessConv1D.from_conv1d(m, enc)
+    if isinstance(m, nn.Linear):
+        return LosslessLinear.from_linear(m, enc)
+    if isinstance(m, nn.Embedding):
+        return LosslessEmbedding.from_embedding(m, enc)
+    return LosslessConv2d.from_conv(m, enc)
 
 
 @register_pass
@@ -364,19 +425,21 @@ class DFloat11(Pass):
                 raise UserError(f"the model's weights are {sorted(str(d) for d in dtypes)}, not {cfg.dtype}; "
                                 f"set cast: true to cast them first (lossy) or choose dtype to match", "dfloat11")
             cast_from = sorted(str(d).replace("torch.", "") for d in dtypes)
-            module.to(target)
-        chosen, tied = _candidates(module, list(cfg.modules), cfg.min_elements)
+            cast_weights(module, target)
+        chosen, tied, skipped = _candidates(module, list(cfg.modules), cfg.min_elements)
+        originals = {n: module.get_submodule(n) for n in tied}
         per_module: dict[str, Any] = {}
         dense_bytes = coded_bytes = 0
         bound_bits = 0.0
         for name, m in ctx.progress(chosen, desc="dfloat11"):
             enc, bound = encode_tensor(m.weight, cfg.block_size, cfg.mantissa_bits, cfg.max_code_length)
-            if isinstance(m, nn.Linear):
-                new: nn.Module = LosslessLinear.from_linear(m, enc)
-            elif isinstance(m, nn.Embedding):
-                new = LosslessEmbedding.from_embedding(m, enc)
-            else:
-                new = LosslessConv2d.from_conv(m, enc)
+            new = _coded_module(m, enc)
+            for other, owner in tied.items():  # the same coded buffers (stored once: artifact aliases)
+                if owner == name:
+                    twin = _coded_module(originals[other], enc)
+                    for k in BUFFERS:
+                        setattr(twin, f"df11_{k}", getattr(new, f"df11_{k}"))
+                    set_submodule(module, other, twin)
             n = m.weight.numel()
             per_module[name] = {"elements": n, "bits_per_weight": round(enc.nbytes * 8 / n, 4),
                                 "exponent_bound": round(bound, 4)}
@@ -388,7 +451,8 @@ class DFloat11(Pass):
             else:
                 module = new
         total = sum(v["elements"] for v in per_module.values())
-        ctx.record(self.name, dtype=cfg.dtype, cast_from=cast_from, modules=len(per_module), tied_skipped=tied,
+        ctx.record(self.name, dtype=cfg.dtype, cast_from=cast_from, modules=len(per_module), tied_shared=tied,
+                   tied_skipped=skipped,
                    dense_bytes=dense_bytes, coded_bytes=coded_bytes,
                    bits_per_weight=round(coded_bytes * 8 / total, 4) if total else None,
                    exponent_bound_bits_per_weight=round(bound_bits / total, 4) if total else None,

@@ -6,8 +6,9 @@ names:
 * a zoo dataset (``pydocs-10/train``, ``digits/train``, ``digits-prompts/eval``, ...), registered by the zoo
   modules that own the data (each zoo entry also declares its default calibration and evaluation datasets);
 * a user's file or folder (see :mod:`modelpress.data.files`): plain text (``.txt``, one document per line,
-  or a folder of ``.txt`` files, one document each), JSON Lines (``{"text": ..., "label": ...}`` or
-  ``{"prompt": ...}``), a folder of images;
+  or a folder of ``.txt`` files, one document each), JSON Lines (``{"text": ..., "label": ...}``,
+  ``{"prompt": ...}`` or multiple-choice questions ``{"context": ..., "choices": [...], "answer": i}``), a
+  folder of images;
 * ``random``: seeded random model inputs, for models without data. It is never chosen silently: a recipe
   says so, the manifest records it and the report shows a warning.
 
@@ -40,6 +41,8 @@ class Examples:
     labels: list[int | str] | None = None
     prompts: list[str] | None = None
     images: torch.Tensor | None = None
+    #: multiple-choice questions ``{"context": str, "choices": [str, ...], "answer": int}``
+    choices: list[dict] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -105,7 +108,7 @@ class Dataset:
             return hashlib.sha256(self.name.encode()).hexdigest()
         ex = self.all()
         h = hashlib.sha256()
-        for name in ("texts", "prompts", "labels"):
+        for name in ("texts", "prompts", "labels", "choices"):
             for v in getattr(ex, name) or []:
                 h.update(f"{name}\t{v}\n".encode())
         if ex.images is not None:
@@ -122,9 +125,9 @@ class Dataset:
 
 def finite(name: str, fields: set[str], *, texts: list[str] | None = None, labels: list | None = None,
            prompts: list[str] | None = None, images: torch.Tensor | None = None,
-           label_names: tuple[str, ...] | None = None) -> Dataset:
+           label_names: tuple[str, ...] | None = None, choices: list[dict] | None = None) -> Dataset:
     """A dataset of the given lists (all of one length)."""
-    sizes = {len(v) for v in (texts, labels, prompts, images) if v is not None}
+    sizes = {len(v) for v in (texts, labels, prompts, images, choices) if v is not None}
     if len(sizes) != 1:
         raise ValueError(f"dataset {name}: fields of different lengths {sizes}")
     size = sizes.pop()
@@ -135,7 +138,8 @@ def finite(name: str, fields: set[str], *, texts: list[str] | None = None, label
         return Examples(ids=idx, texts=None if texts is None else [texts[i] for i in idx],
                         labels=None if labels is None else [labels[i] for i in idx],
                         prompts=None if prompts is None else [prompts[i] for i in idx],
-                        images=None if images is None else images[torch.as_tensor(idx, dtype=torch.long)])
+                        images=None if images is None else images[torch.as_tensor(idx, dtype=torch.long)],
+                        choices=None if choices is None else [choices[i] for i in idx])
 
     return Dataset(name, frozenset(fields), size, _take=take, label_names=label_names)
 

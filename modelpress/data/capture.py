@@ -16,15 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import ModelHandle
-
-TEXT_KINDS = ("encoder", "classifier")
+from ..model import TEXT_KINDS, ModelHandle, is_conv1d
 
 
 def layer_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight of a Linear or Conv2d as a ``[out, in * kh * kw]`` matrix (a view when possible)."""
+    """The weight of a Linear, GPT-2 ``Conv1D`` or Conv2d as a ``[out, in * kh * kw]`` matrix (a view when
+    possible)."""
     w = module.weight.detach()
-    return w.reshape(w.shape[0], -1)
+    return w.t() if is_conv1d(module) else w.reshape(w.shape[0], -1)
 
 
 def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

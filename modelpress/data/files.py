@@ -7,7 +7,8 @@ what                     examples
 folder of ``.txt``       one document per file, in name order
 ``data.jsonl``           one JSON object per line with ``text`` and/or ``prompt``, optionally ``label``
                          (an int, or a class name of the model's ``label2id``) and ``image`` (a path
-                         relative to the file)
+                         relative to the file); or multiple-choice questions ``{"context": str,
+                         "choices": [str, ...], "answer": index of the right choice}``
 folder of images         ``.png`` / ``.jpg`` / ``.jpeg`` / ``.bmp`` / ``.webp``; subfolders name their
                          images' labels (``cats/1.png`` has label ``cats``)
 =======================  ==============================================================================
@@ -26,8 +27,10 @@ from ..errors import UserError
 from . import Dataset, finite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-#: the fields a JSON Lines example may have; one of ``text`` / ``prompt`` / ``image`` is required
-JSONL_FIELDS = ("text", "prompt", "label", "image")
+#: the fields a JSON Lines example may have; one of ``text`` / ``prompt`` / ``image`` is required, or all the
+#: multiple-choice fields
+JSONL_FIELDS = ("text", "prompt", "label", "image", "context", "choices", "answer")
+CHOICE_FIELDS = ("context", "choices", "answer")
 
 
 def read_path(path: Path) -> Dataset:
@@ -73,6 +76,8 @@ def _read_jsonl(path: Path) -> Dataset:
     if not rows:
         raise UserError("the file is empty (one JSON object per line expected)", str(path))
     fields = [f for f in JSONL_FIELDS if f in rows[0][1]]
+    if set(fields) & set(CHOICE_FIELDS):
+        return _choice_dataset(path, rows)
     if not set(fields) & {"text", "prompt", "image"}:
         raise UserError(f"line {rows[0][0]}: no 'text', 'prompt' or 'image' field", str(path))
     for n, row in rows:
@@ -90,6 +95,27 @@ def _read_jsonl(path: Path) -> Dataset:
     texts = column.get("text")
     prompts = column.get("prompt")
     return finite(str(path), set(fields), texts=texts, labels=column.get("label"), prompts=prompts, images=images)
+
+
+def _choice_dataset(path: Path, rows: list[tuple[int, dict]]) -> Dataset:
+    """Multiple-choice questions: every line needs a string ``context``, a list of at least two strings
+    ``choices`` and an integer ``answer`` indexing them."""
+    questions = []
+    for n, row in rows:
+        missing = [f for f in CHOICE_FIELDS if f not in row]
+        if missing:
+            raise UserError(f"line {n}: no {missing[0]!r} field (a question needs context, choices and answer)",
+                            str(path))
+        context, choices, answer = row["context"], row["choices"], row["answer"]
+        if not isinstance(context, str):
+            raise UserError(f"line {n}: 'context' must be a string, got {type(context).__name__}", str(path))
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise UserError(f"line {n}: 'choices' must be a list of at least two non-empty strings", str(path))
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise UserError(f"line {n}: 'answer' must be the index of the right choice (0..{len(choices) - 1}), "
+                            f"got {answer!r}", str(path))
+        questions.append({"context": context, "choices": list(choices), "answer": answer})
+    return finite(str(path), set(CHOICE_FIELDS), choices=questions)
 
 
 def _image_path(jsonl: Path, rel: str, line: int) -> Path:

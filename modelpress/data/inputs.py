@@ -1,7 +1,9 @@
 """A draw of examples as a model's canonical inputs (see :mod:`modelpress.model` for the kinds).
 
-* ``encoder`` / ``classifier``: the texts, tokenized with the model's own tokenizer (the one beside its
-  checkpoint, ``extras["tokenizer_dir"]``), padded to ``seq_len`` tokens;
+* ``encoder`` / ``classifier`` / ``causal-lm``: the texts, tokenized with the model's own tokenizer (the one
+  beside its checkpoint, ``extras["tokenizer_dir"]``), padded to ``seq_len`` tokens (on the right; a
+  tokenizer without a pad token, like GPT-2's or Llama's, pads with its end-of-sequence token and the
+  attention mask marks the real tokens);
 * ``unet``: the images, resized to the model's sample size and forward-noised,
   ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` at uniform random training timesteps ``t`` of the model's own
   schedule (DDPM, Ho et al. 2020, eq. 4);
@@ -19,11 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..model import ModelHandle, example_inputs
+from ..model import TEXT_KINDS, ModelHandle, example_inputs
 from ..sampling import alphas_cumprod, scheduler_config
 from . import Dataset, Examples, prompt_encoder
-
-TEXT_KINDS = ("encoder", "classifier")
 
 
 @lru_cache(maxsize=8)
@@ -50,8 +50,17 @@ def tokenize(handle: ModelHandle, texts: list[str], seq_len: int) -> tuple[torch
     model's ``max_position_embeddings``)."""
     longest = handle.architecture.get("config", {}).get("max_position_embeddings")
     seq_len = min(seq_len, int(longest)) if longest else seq_len
-    enc = tokenizer_for(handle)(list(texts), padding="max_length", truncation=True, max_length=seq_len,
-                                return_tensors="pt")
+    tok = tokenizer_for(handle)
+    options: dict[str, Any] = {}
+    if tok.pad_token is None:  # GPT-2, Llama: pad with end-of-sequence, the attention mask marks real tokens
+        if tok.eos_token is None:
+            raise UserError("the model's tokenizer has neither a pad token nor an end-of-sequence token to pad "
+                            "with", str(handle.extras.get("tokenizer_dir")))
+        tok.pad_token = tok.eos_token
+    if handle.kind == "causal-lm":
+        options["padding_side"] = "right"  # the canonical call of a causal LM: real tokens first
+    enc = tok(list(texts), padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt",
+              **options)
     return enc["input_ids"], enc["attention_mask"]
 
 

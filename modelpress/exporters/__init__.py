@@ -106,6 +106,11 @@ def export_model(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibrati
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     exporter = EXPORTERS.get(spec.format)
+    from .common import INPUT_NAMES
+
+    if handle.kind not in INPUT_NAMES:
+        raise UserError(f"{spec.format} export of a {handle.kind} model is not built yet (an ONNX / .pte decoder "
+                        "needs a KV cache); export encoder, classifier or UNet models")
     from ..modules import materialize
 
     module = materialize(handle.module).eval()  # lossless / delta layers -> the rebuilt plain layers

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from .. import console
 from ..artifact import MANIFEST, WEIGHTS
-from ..model import ModelHandle, example_inputs, state_bytes
+from ..model import ModelHandle, cast_weights, example_inputs, state_bytes
 from ..sources import load_dataset
 from . import EvalContext, MetricResult, evaluate, get_metric
 
@@ -103,7 +103,7 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
                                    "reference_details": ref_results[name].details}
     cast = _cast_step(manifest)
     if cast:  # the lossy cast and the lossless coding, measured apart
-        cast_model = reference.replace_module(copy.deepcopy(reference.module).to(getattr(torch, cast[1])))
+        cast_model = reference.replace_module(cast_weights(copy.deepcopy(reference.module), getattr(torch, cast[1])))
         cast_results = _run_metrics(cast_model.canonical(), cast_model, reference, metrics, seed, show_progress)
         report["cast"] = {"from": cast[0], "to": cast[1], "bytes": state_bytes(cast_model.module),
                           "metrics": {n: r.value for n, r in cast_results.items()},

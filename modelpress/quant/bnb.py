@@ -4,7 +4,8 @@ Dettmers et al., "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Sc
 vector-wise absmax int8 weights; Dettmers et al., "QLoRA" (NeurIPS 2023), 4-bit NormalFloat with block-wise
 absmax (block 64).
 
-The pass ``bnb`` replaces every ``nn.Linear`` (and, by default, every ``nn.Conv2d``: bitsandbytes has no
+The pass ``bnb`` replaces every ``nn.Linear`` and GPT-2 ``Conv1D`` (a causal LM's output head only with
+``lm_head: true``, as transformers' bitsandbytes integration leaves it) (and, by default, every ``nn.Conv2d``: bitsandbytes has no
 conv module, so the conv weight is quantized with the same functional kernels) by :class:`BnbWeightOnly`,
 which stores bitsandbytes' own quantized tensors (int8 codes + row scales, or packed NF4 + block absmax) as
 plain buffers and dequantizes them with ``bitsandbytes.functional`` in its forward. Activations stay in
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..model import ModelHandle
+from ..model import ModelHandle, is_conv1d
 from ..modules import register_module, set_submodule
 from ..passes import Context, Pass, PassConfig, register_pass
 
@@ -73,9 +74,11 @@ class BnbWeightOnly(nn.Module):
         if isinstance(mod, nn.Conv2d):
             conv = {"stride": list(mod.stride), "padding": list(mod.padding) if not isinstance(mod.padding, str) else mod.padding,
                     "dilation": list(mod.dilation), "groups": mod.groups}
-        q = cls(mode, list(mod.weight.shape), mod.bias is not None, blocksize, conv)
-        bf = _bnb_functional()
         w = mod.weight.detach().float()
+        if is_conv1d(mod):  # GPT-2's Conv1D stores [in, out]: quantize the [out, in] matrix
+            w = w.t().contiguous()
+        q = cls(mode, list(w.shape), mod.bias is not None, blocksize, conv)
+        bf = _bnb_functional()
         if mode == "int8":
             codes, scale, _ = bf.int8_vectorwise_quant(w.reshape(w.shape[0], -1))
             q.qweight.copy_(codes)
@@ -127,12 +130,16 @@ class BitsAndBytes(Pass):
         blocksize: int = Field(64, ge=32, le=4096, description="NF4 block size")
         include_conv: bool = True
         min_numel: int = Field(0, ge=0, description="leave layers with fewer weights in float")
+        lm_head: bool = Field(False, description="also quantize a causal LM's output head (transformers' "
+                                                 "bitsandbytes integration keeps it in full precision)")
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         cfg = self.config
         types = (nn.Linear, nn.Conv2d) if cfg.include_conv else (nn.Linear,)
+        get_head = getattr(model.module, "get_output_embeddings", None)
+        head = get_head() if model.kind == "causal-lm" and callable(get_head) and not cfg.lm_head else None
         names = [n for n, m in model.module.named_modules()
-                 if type(m) in types and m.weight.numel() >= cfg.min_numel
+                 if (type(m) in types or is_conv1d(m)) and m is not head and m.weight.numel() >= cfg.min_numel
                  and (cfg.mode == "int8" or m.weight.numel() % 2 == 0)]
         for n in ctx.progress(names, desc=f"bitsandbytes {cfg.mode}"):
             set_submodule(model.module, n, BnbWeightOnly.from_float(model.module.get_submodule(n), cfg.mode, cfg.blocksize))

@@ -15,7 +15,9 @@ dropping) takes one level from a precomputed database (:mod:`modelpress.search.l
   last stage (elitism), whose single survivor is the next parent.
 * **Fitness**: divergence of the compressed model's outputs from the dense model's on the same inputs.
   Classifiers: KL(p_dense || p_compressed) of the class distributions (the paper uses the token-level KL of a
-  language model's next-token distribution; a classifier's class distribution is the analogue). Encoders:
+  language model's next-token distribution, which is what causal LMs get here: the KL of every real token's
+  next-token distribution, averaged per sample over its real tokens, padding left out; a classifier's class
+  distribution is the analogue). Encoders:
   mean squared error of the last hidden state relative to its mean square. UNets: mean squared error between
   the compressed and the dense noise prediction at sampled timesteps (``x_t`` made by forward noising real
   training images).

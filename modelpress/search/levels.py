@@ -25,10 +25,12 @@ sparse, ``dropped, kept``); the *size* of a level (bits per weight, density, kep
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
 import tempfile
+import typing
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..model import is_conv1d
 from ..modules import register_module, set_submodule
 from ..prune.sparse import sparse_from_dense
 from ..quant.gptq import QuantResult
@@ -132,7 +135,7 @@ def find_blocks(module: nn.Module) -> str:
                         "bits family")
     for name, mod in module.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > best_len and len({type(m) for m in mod}) == 1:
-            if any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+            if any(isinstance(m, nn.Linear) or is_conv1d(m) for m in mod[0].modules()):
                 best, best_len = name, len(mod)
     if best_len < 2:
         raise UserError(f"{type(module).__name__} has no stack of repeated blocks to drop; use the sparsity or "
@@ -149,7 +152,13 @@ def find_layers(module: nn.Module) -> list[str]:
     """
     if _is_transformers(module):
         root = find_blocks(module)
-        return [f"{root}.{n}" for n, m in module.get_submodule(root).named_modules() if isinstance(m, nn.Linear)]
+        blocks = module.get_submodule(root)
+        conv1d = [n for n, m in blocks.named_modules() if is_conv1d(m)]
+        if conv1d:
+            raise UserError(f"{type(module).__name__} keeps its linear layers as GPT-2-style Conv1D "
+                            f"({root}.{conv1d[0]}, ...), which the sparsity and bits families do not search; "
+                            "use family: drop")
+        return [f"{root}.{n}" for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
     skip = {"conv_in", "conv_out"}
     return [n for n, m in module.named_modules()
             if n not in skip and (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))]
@@ -176,23 +185,38 @@ class DroppedBlock(nn.Module):
     """A repeated block removed from the model: returns its hidden-state input unchanged (as the one-item
     tuple transformer layers return, when ``returns_tuple``). Holds no tensors."""
 
-    def __init__(self, returns_tuple: bool = True) -> None:
+    def __init__(self, returns_tuple: bool = True, attention_type: str | None = None) -> None:
         super().__init__()
         self.returns_tuple = bool(returns_tuple)
+        if attention_type is not None:  # read by the decoder loop of Qwen2 / Mistral-style models
+            self.attention_type = attention_type
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return (hidden_states,) if self.returns_tuple else hidden_states
 
     def module_config(self) -> dict[str, Any]:
-        return {"returns_tuple": self.returns_tuple}
+        return {"returns_tuple": self.returns_tuple, "attention_type": getattr(self, "attention_type", None)}
 
     @classmethod
     def from_module_config(cls, cfg: dict[str, Any]) -> "DroppedBlock":
-        return cls(bool(cfg.get("returns_tuple", True)))
+        return cls(bool(cfg.get("returns_tuple", True)), cfg.get("attention_type"))
+
+    @classmethod
+    def replacing(cls, block: nn.Module) -> "DroppedBlock":
+        """The dropped stand-in of ``block``: its return convention and the attributes its model reads."""
+        return cls(_returns_tuple(block), getattr(block, "attention_type", None))
 
 
 def _returns_tuple(block: nn.Module) -> bool:
-    return type(block).__module__.startswith("transformers")
+    """Whether the block returns a tuple (BERT's and GPT-2's layers) or the hidden states alone (the decoder
+    layers of Llama, Qwen2, Mistral in transformers >= 4.54), read from its ``forward``'s return annotation."""
+    if not type(block).__module__.startswith("transformers"):
+        return False
+    try:
+        ret = typing.get_type_hints(type(block).forward).get("return")
+    except Exception:  # annotations naming types the module does not import
+        ret = inspect.signature(type(block).forward).return_annotation
+    return not (ret is torch.Tensor or ret in ("torch.Tensor", "Tensor"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -396,7 +420,7 @@ class LevelSwitcher:
         if self.spec.family == "drop":
             dropped = level is not None and self.spec.values[level] == 1.0
             orig = self.originals[unit]
-            set_submodule(self.module, unit, DroppedBlock(_returns_tuple(orig)) if dropped else orig)
+            set_submodule(self.module, unit, DroppedBlock.replacing(orig) if dropped else orig)
         else:
             layer = self.module.get_submodule(unit)
             src = self.originals[unit] if level is None else self.db.weight(unit, level)

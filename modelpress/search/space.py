@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import UserError
 from ..data import Dataset
 from ..data.inputs import model_inputs
-from ..model import ModelHandle
+from ..model import TEXT_KINDS, ModelHandle
 from ..sampling import scheduler_config
 from .levels import LevelSpec
 
@@ -44,6 +44,9 @@ class CalibrationPool:
     #: text inputs whose output does not depend on the padded length (class logits): cut each batch's
     #: padding columns beyond its longest sequence (exactly the same outputs, less compute)
     trim_padding: bool = False
+    #: per-token outputs (a causal LM's logits ``[B, L, V]``): the divergence is averaged over each sample's
+    #: real tokens (attention mask 1); padding positions are left out
+    token_outputs: bool = False
 
     def batches(self, idx: list[int] | np.ndarray) -> list[tuple[torch.Tensor, ...]]:
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
@@ -77,21 +80,28 @@ class CalibrationPool:
         """Mean per-sample divergence from the dense outputs on pool samples ``idx`` (lower is better)."""
         idx = self.length_sorted(idx)
         out = self.outputs(model, idx)
-        return float(sample_divergence(out, self.targets[torch.as_tensor(np.asarray(idx, dtype=np.int64))],
-                                       self.distance).mean())
+        idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        mask = self.inputs[1][idx_t] if self.token_outputs else None
+        return float(sample_divergence(out, self.targets[idx_t], self.distance, mask).mean())
 
 
-def sample_divergence(out: torch.Tensor, target: torch.Tensor, distance: str) -> torch.Tensor:
+def sample_divergence(out: torch.Tensor, target: torch.Tensor, distance: str,
+                      token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample divergence of ``out`` from ``target`` (first dim = samples).
 
-    ``kl``: KL(softmax(target) || softmax(out)) over the last dim, summed over any middle dims;
-    ``mse``: mean squared difference; ``rel_mse``: mse divided by the target's mean square.
+    ``kl``: KL(softmax(target) || softmax(out)) over the last dim, summed over any middle dims, or, with a
+    ``token_mask [N, L]`` for per-token outputs ``[N, L, V]``, averaged over each sample's real tokens (the
+    token-level KL of EvoPress' language-model fitness, Sec. 4); ``mse``: mean squared difference;
+    ``rel_mse``: mse divided by the target's mean square.
     """
     out, target = out.double(), target.double()  # KLs near 0 need the precision
     if distance == "kl":
         lp_t = F.log_softmax(target, dim=-1)
         lp_o = F.log_softmax(out, dim=-1)
         kl = (lp_t.exp() * (lp_t - lp_o)).sum(-1)
+        if token_mask is not None:
+            m = token_mask.to(kl.dtype)
+            return (kl * m).sum(1) / m.sum(1).clamp_min(1.0)
         return kl.reshape(kl.shape[0], -1).sum(1)
     d = (out - target).pow(2).reshape(out.shape[0], -1).mean(1)
     if distance == "rel_mse":
@@ -103,15 +113,16 @@ def calibration_pool(handle: ModelHandle, dataset: Dataset, n: int, seed: int, b
                      max_length: int = 64) -> CalibrationPool:
     """``n`` samples of ``dataset`` drawn with ``seed`` as the model's inputs (texts tokenized to
     ``max_length``; UNets: images noised at uniform random timesteps, see :mod:`modelpress.data.inputs`),
-    with the kind's divergence: KL of the class distributions for a classifier, relative MSE of the hidden
-    states for an encoder, MSE of the predicted noise for a UNet. Targets are set later."""
+    with the kind's divergence: KL of the class distributions for a classifier, per-token KL of the next-token
+    distributions over real tokens for a causal LM, relative MSE of the hidden states for an encoder, MSE of
+    the predicted noise for a UNet. Targets are set later."""
     inputs, examples = model_inputs(handle, dataset, n, seed, max_length)
-    if handle.kind in ("classifier", "encoder"):
-        dist, source = ("kl" if handle.kind == "classifier" else "rel_mse"), dataset.name
+    if handle.kind in TEXT_KINDS:
+        dist, source = ("rel_mse" if handle.kind == "encoder" else "kl"), dataset.name
     else:
         dist, source = "mse", f"{dataset.name}, t~U[0,{int(scheduler_config(handle)['num_train_timesteps'])})"
     return CalibrationPool(inputs, examples.ids, source, dist, batch_size=batch_size,
-                           trim_padding=handle.kind == "classifier")
+                           trim_padding=handle.kind == "classifier", token_outputs=handle.kind == "causal-lm")
 
 
 # ---------------------------------------------------------------------------------------------------
