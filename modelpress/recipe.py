@@ -2,7 +2,7 @@
 
 Top-level keys::
 
-    model:        zoo name or checkpoint path, or {source: ..., kind: ..., config: ...}
+    model:        zoo name or checkpoint path, or {source: ..., kind: ..., config: ..., prompt_encoder: ...}
     base:         the base model of a delta recipe (same forms as model)
     seed:         integer, default 0
     calibration:  {dataset: NAME_OR_PATH, samples: N, seq_len: L, batch_size: B}   (unset: each pass's default;
@@ -32,9 +32,13 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
+    """``prompt_encoder``: the registered text encoder whose token embeddings condition a ``unet-cond`` model
+    (``minilm-tokens``: MiniLM's last hidden states, 16 tokens, as the zoo's digits-t2i)."""
+
     source: str = Field(min_length=1)
     kind: Literal["encoder", "classifier", "causal-lm", "unet", "unet-cond"] | None = None
     config: str | None = None
+    prompt_encoder: str | None = None
 
 
 class CalibrationConfig(_Strict):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import zoo
-from .data import Dataset, open_dataset
+from .data import Dataset, open_dataset, prompt_encoder
 from .errors import UserError
 from .model import ModelHandle, load_checkpoint
 
@@ -21,20 +21,26 @@ class ModelSource(Protocol):
     source: str
     kind: str | None
     config: str | Path | None
+    prompt_encoder: str | None
 
 
 def load_model(spec: ModelSource | str) -> ModelHandle:
     """Load a model named by a zoo name or a checkpoint path (with an optional kind and config)."""
     if isinstance(spec, str):
-        source, kind, config = spec, None, None
+        source, kind, config, encoder = spec, None, None, None
     else:
         source, kind, config = spec.source, spec.kind, spec.config
+        encoder = getattr(spec, "prompt_encoder", None)
     if zoo.is_zoo_name(source):
         handle = zoo.load(source)
         if kind and kind != handle.kind:
             raise UserError(f"zoo model {source!r} is a {handle.kind} model, not {kind}")
-        return handle
-    return load_checkpoint(source, kind=kind, config=config)
+    else:
+        handle = load_checkpoint(source, kind=kind, config=config)
+    if encoder:
+        prompt_encoder(encoder)  # a one-line error for an unknown name
+        handle.extras["prompt_encoder"] = encoder
+    return handle
 
 
 def load_dataset(ref: str | None, handle: ModelHandle | None = None, role: str = "calibration",

@@ -378,7 +378,9 @@ def test_recipe_end_to_end_on_a_checkpoint(tmp_path) -> None:  # noqa: ANN001
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel.from_config({**TINY, "sample_size": 16, "cross_attention_dim": 384}).eval()
     save_checkpoint(ModelHandle(unet, "unet-cond", "tiny", describe_architecture(unet)), tmp_path / "ckpt")
-    raw = {"model": str(tmp_path / "ckpt"), "seed": 0, "output": str(tmp_path / "out"),
+    # the user's UNet names its prompt encoder; it trains on the zoo's prompt-image pairs
+    raw = {"model": {"source": str(tmp_path / "ckpt"), "prompt_encoder": "minilm-tokens"}, "seed": 0,
+           "calibration": {"dataset": "digits-prompts/train"}, "output": str(tmp_path / "out"),
            "passes": [{"type": "aptp", "codes": 2, "router_steps": 3, "finetune_steps": 1, "batch_size": 4,
                        "prompt_pool": 16, "threads": 1}]}
     out = run(parse_recipe(raw, "test"), export=False, evaluate=False, show_progress=False)

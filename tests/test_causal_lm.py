@@ -157,11 +157,11 @@ def _run(recipe: Path) -> tuple:
     loaded = load_recipe(recipe)
     staging = loaded.output
     staging.mkdir(parents=True, exist_ok=True)
-    model, reference, base, ctx = compress(loaded, staging, show_progress=False)
-    art = load_artifact(staging, base=base)
-    report = build_report(staging, loaded, art, reference, exports=[], metrics=loaded.recipe.evaluate,
-                          show_progress=False, base=base)
-    return model, art, reference, ctx.log, report
+    result = compress(loaded, staging, show_progress=False)
+    art = load_artifact(staging, base=result.base)
+    report = build_report(staging, loaded, art, result.reference, exports=[], metrics=loaded.recipe.evaluate,
+                          show_progress=False, base=result.base)
+    return result.handle, art, result.reference, result.log, report
 
 
 def _same_logits(a, b, handle) -> None:
