@@ -32,8 +32,15 @@ from ..model import ModelHandle
 from ..modules import register_module, set_submodule
 from ..passes import Context, Pass, PassConfig, register_pass
 
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_INT_VIEW = {16: torch.int16, 32: torch.int32}
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+_INT_VIEW = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
+#: a LosslessLinear forward on the CPU with at most this many rows (tokens) runs the fused decode + matmul
+#: kernel; above it, decode once and torch's dense F.linear. Measured (benchmarks/lossless_kernels.py, 2
+#: shared AVX2 cores, 4096x4096 bf16): the fused kernel beat decode + bf16 F.linear at every batch measured
+#: (1-256), because torch's bf16 GEMM on a CPU without native bf16 runs at ~10 GFLOP/s; on CPUs with
+#: AVX512-BF16/AMX the dense path wins earlier. Set ``LosslessLinear.fused_max_rows`` to change it.
+FUSED_MAX_ROWS = 256
 BUFFERS = ("header", "codebook", "lane_nbytes", "checksums", "stream")
 _BUFFER_DTYPES = {"header": torch.int64, "codebook": torch.uint8, "lane_nbytes": torch.int32,
                   "checksums": torch.int32, "stream": torch.uint8}
@@ -43,31 +50,45 @@ _BUFFER_DTYPES = {"header": torch.int64, "codebook": torch.uint8, "lane_nbytes":
 # Tensor-level API.
 
 def tensor_words(weight: torch.Tensor) -> tuple[np.ndarray, str]:
-    """The raw bit patterns of a float tensor (uint16 / uint32, flat) and its dtype name."""
+    """The raw bit patterns of a float tensor (uint8 / uint16 / uint32, flat) and its dtype name."""
     dtype = str(weight.dtype).replace("torch.", "")
     if dtype not in E.DTYPES:
-        raise UserError(f"lossless coding supports bfloat16, float16 and float32 tensors, not {dtype}")
+        raise UserError(f"lossless coding supports {', '.join(E.DTYPES)} tensors, not {dtype}")
     bits = E.DTYPES[dtype][1]
     flat = weight.detach().cpu().contiguous().reshape(-1).view(_INT_VIEW[bits])
     return flat.numpy().view(E.WORD_DTYPE[bits]), dtype
 
 
-def encode_tensor(weight: torch.Tensor, block_size: int = 65536, mantissa_bits: int = 2,
-                  max_code_length: int = 14) -> tuple[E.Encoded, float]:
-    """Encode a bf16 / fp16 / fp32 tensor losslessly (any shape; flattened in C order).
+def row_lane_size(block_size: int, row_len: int) -> int:
+    """Lane size for rows of ``row_len`` weights: the whole number of rows closest to ``block_size / 4``
+    weights from below (at least one row), so that every lane holds whole rows (format version 3)."""
+    return max(1, block_size // E.LANES_PER_BLOCK // row_len) * row_len
 
-    Returns the encoding and the tensor's order-0 exponent bound in bits per weight (for reports)."""
+
+def encode_tensor(weight: torch.Tensor, block_size: int = 65536, mantissa_bits: int = 2,
+                  max_code_length: int = 14, rows: bool | None = None) -> tuple[E.Encoded, float]:
+    """Encode a bf16 / fp16 / fp32 / fp8 tensor losslessly (any shape; flattened in C order).
+
+    ``rows`` (default: for 2-D tensors, i.e. Linear and Embedding weights) aligns the lanes to the rows of the
+    last dimension (:func:`row_lane_size`), which the fused decode + matmul kernels and the row-wise embedding
+    lookup need. Returns the encoding and the tensor's order-0 exponent bound in bits per weight (for
+    reports)."""
     from ..kernels import entropy_cpu
 
     if block_size % E.LANES_PER_BLOCK:
         raise UserError(f"block_size must be a multiple of {E.LANES_PER_BLOCK}, got {block_size}")
     words, dtype = tensor_words(weight)
+    rows = weight.dim() == 2 if rows is None else rows
+    row_len = int(weight.shape[-1]) if rows and weight.dim() >= 1 and weight.shape[-1] > 0 else 0
+    lane_size = row_lane_size(block_size, row_len) if row_len else block_size // E.LANES_PER_BLOCK
+    if lane_size > 1 << 24:
+        lane_size, row_len = block_size // E.LANES_PER_BLOCK, 0
     try:
         sym_bits = E.symbol_bits(dtype, mantissa_bits, max_code_length)
     except ValueError as exc:
         raise UserError(str(exc), "dfloat11") from None
     counts = entropy_cpu.symbol_counts(words, E.DTYPES[dtype][1], sym_bits)
-    enc = entropy_cpu.encode(words, dtype, block_size // E.LANES_PER_BLOCK, mantissa_bits, max_code_length, counts)
+    enc = entropy_cpu.encode(words, dtype, lane_size, mantissa_bits, max_code_length, counts, row_len)
     return enc, E.exponent_bound_from_counts(counts, dtype)
 
 
@@ -78,9 +99,31 @@ def decode_tensor(enc: E.Encoded, shape: tuple[int, ...] | None = None, verify_c
     return decode_plan(plan, shape if shape is not None else (plan.n,), where)
 
 
+def numba_threads_like_torch() -> int:
+    """Run numba's kernels on torch's intra-op thread count (capped by numba's pool) and return it.
+
+    How the two pools share the cores: a forward is synchronous, so a numba kernel and a torch op never run at
+    the same time; numba uses the same number of threads as torch, and its OpenMP workers wait passively
+    (``OMP_WAIT_POLICY=PASSIVE``, see :mod:`modelpress.kernels.entropy_cpu`), so neither pool's idle threads
+    spin on cores the other needs."""
+    import numba
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
+
+def _words_to_torch(words: np.ndarray, dtype: str) -> torch.Tensor:
+    """A tensor of ``dtype`` sharing the memory of its bit patterns ``words``."""
+    bits = words.dtype.itemsize * 8
+    t = torch.from_numpy(words.view(np.uint8) if bits == 8 else words.view(f"int{bits}"))
+    return t.view(TORCH_DTYPES[dtype])
+
+
 def decode_plan(plan: E.Plan, shape: tuple[int, ...], where: str = "lossless tensor") -> torch.Tensor:
     from ..kernels import entropy_cpu
 
+    numba_threads_like_torch()
     out = torch.empty(plan.n, dtype=_INT_VIEW[plan.word_bits])
     entropy_cpu.decode_plan(plan, out.numpy().view(E.WORD_DTYPE[plan.word_bits]), where)
     return out.view(TORCH_DTYPES[plan.dtype]).reshape(shape)
@@ -145,13 +188,16 @@ class _LosslessWeight(nn.Module):
             return decode_plan(plan, self.weight_shape, type(self).__name__)
         from numba import cuda
 
+        out = torch.empty(plan.n, dtype=_INT_VIEW[plan.word_bits], device=self.df11_stream.device)
+        self._cuda_decoder().decode(cuda.as_cuda_array(out))
+        return out.view(TORCH_DTYPES[plan.dtype]).reshape(self.weight_shape)
+
+    def _cuda_decoder(self) -> Any:
         from ..kernels.entropy_cuda import CudaDecoder
 
         if self._cuda is None:
-            self._cuda = CudaDecoder(plan, where=type(self).__name__)
-        out = torch.empty(plan.n, dtype=_INT_VIEW[plan.word_bits], device=self.df11_stream.device)
-        self._cuda.decode(cuda.as_cuda_array(out))
-        return out.view(TORCH_DTYPES[plan.dtype]).reshape(self.weight_shape)
+            self._cuda = CudaDecoder(self.plan(), where=type(self).__name__)
+        return self._cuda
 
     def compressed_bytes(self) -> int:
         return sum(int(getattr(self, f"df11_{k}").numel()) * getattr(self, f"df11_{k}").element_size()
@@ -191,8 +237,48 @@ class LosslessLinear(_LosslessWeight):
     def from_module_config(cls, cfg: dict[str, Any]) -> "LosslessLinear":
         return cls(cfg["in_features"], cfg["out_features"], cfg["has_bias"], cfg["weight_dtype"], cfg["sizes"])
 
+    #: at most this many rows (tokens) per forward take the fused kernel (see ``FUSED_MAX_ROWS``); 0 = never,
+    #: so that outputs are bit-identical to ``nn.Linear`` (torch's own summation order)
+    fused_max_rows: int = FUSED_MAX_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Small batches (at most ``fused_max_rows`` rows): the fused decode + matmul kernel, which never
+        writes the dense weight (CPU: numba, :func:`modelpress.kernels.entropy_cpu.fused_linear`; CUDA:
+        :meth:`modelpress.kernels.entropy_cuda.CudaDecoder.linear`). Its output equals
+        :func:`modelpress.kernels.entropy.linear_reference` on the decoded weight bit for bit and differs from
+        torch's ``F.linear`` only by summation order (float32 accumulation both; after rounding to bf16 at
+        most one bf16 ulp apart in practice, see docs/lossless.md). Larger batches, autograd, and weights
+        whose lanes are not whole rows: decode once, then ``F.linear`` (bit-identical to ``nn.Linear``)."""
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if self._fused_ok(x, rows):
+            return self._fused(x, rows)
         return F.linear(x, self.decoded_weight(), self.bias)
+
+    def _fused_ok(self, x: torch.Tensor, rows: int) -> bool:
+        if rows > self.fused_max_rows or x.dtype != TORCH_DTYPES[self.weight_dtype] or x.dim() == 0:
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        device = self.df11_stream.device.type
+        if x.device.type != device or device not in ("cpu", "cuda"):
+            return False
+        from ..kernels.entropy_cpu import fused_supported
+
+        return fused_supported(self.plan(), self.in_features)
+
+    def _fused(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        plan, dtype = self.plan(), TORCH_DTYPES[self.weight_dtype]
+        x2 = x.detach().reshape(rows, self.in_features).float()
+        bias = None if self.bias is None else self.bias.detach().float()
+        if x.device.type == "cuda":
+            y = self._cuda_decoder().linear(x2, bias)
+        else:
+            from ..kernels.entropy_cpu import fused_linear
+
+            numba_threads_like_torch()
+            y = torch.from_numpy(fused_linear(plan, x2.numpy(), None if bias is None else bias.numpy(),
+                                              type(self).__name__))
+        return y.to(dtype).reshape(*x.shape[:-1], self.out_features)
 
     def decompressed(self) -> nn.Linear:
         """The plain ``nn.Linear`` with the decoded weight (for export)."""
@@ -242,8 +328,27 @@ class LosslessEmbedding(_LosslessWeight):
         return self.decoded_weight()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """On the CPU (and without ``max_norm``, which renormalises the table): decode only the rows read
+        (:meth:`rows`); else decode the table and ``F.embedding``. The same values either way."""
+        if self.max_norm is None and ids.device.type == "cpu" and self.df11_stream.device.type == "cpu":
+            return self.rows(ids)
         return F.embedding(ids, self.decoded_weight(), self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``table[ids]``, decoding only the lanes that hold the distinct rows in ``ids`` (version-3 data: a
+        lane is a whole number of rows; older data: the one or two lanes each row touches)."""
+        from ..kernels.entropy_cpu import decode_rows
+
+        flat = ids.detach().reshape(-1).to(torch.int64).numpy()
+        if flat.size and (flat.min() < 0 or flat.max() >= self.num_embeddings):
+            raise IndexError(f"index out of range in self (ids in [{flat.min()}, {flat.max()}], "
+                             f"{self.num_embeddings} rows)")
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        numba_threads_like_torch()
+        words = decode_rows(self.plan(), uniq, self.embedding_dim, type(self).__name__)
+        table = _words_to_torch(words, self.weight_dtype)
+        return table[torch.from_numpy(inverse.reshape(-1))].reshape(*ids.shape, self.embedding_dim)
 
     def decompressed(self) -> nn.Embedding:
         """The plain ``nn.Embedding`` with the decoded table (for export)."""
