@@ -453,31 +453,70 @@ def decode_lanes_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut,
 
 #: partial sums per output in the fused kernels (the summation order of :func:`entropy.linear_reference`)
 FUSED_ACC = E.FUSED_ACC
-_F16_SCALE = np.float32(2.0 ** 112)
 _KIND = {"bfloat16": 0, "float16": 1, "float32": 2}
+
+
+def _widen_intrinsic(kind: int):
+    """An intrinsic ``widen(buf, a, n_vec, row)``: ``row[:8 * n_vec]`` = the float32 values of the words
+    ``buf[a:a + 8 * n_vec]``, eight at a time as LLVM vectors (bf16: zero-extend and shift left 16; fp16:
+    ``fpext`` from half, exact for subnormals, Inf and NaN; fp32: a copy). A numba loop did not vectorize
+    (26 ms for a 4096x4096 bf16 weight, against 1.5 ms for the whole GEMV)."""
+    @intrinsic
+    def widen(typingctx, buf, a, n_vec, row):
+        sig = types.void(buf, a, n_vec, row)
+
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            word = ir.IntType(32 if kind == 2 else 16)
+            vw = ir.VectorType(word, 8)
+            vf = ir.VectorType(ir.FloatType(), 8)
+            ba = context.make_array(sig.args[0])(context, builder, args[0])
+            ra = context.make_array(sig.args[3])(context, builder, args[3])
+            pre = builder.block
+            loop = builder.append_basic_block("widen.loop")
+            body = builder.append_basic_block("widen.body")
+            done = builder.append_basic_block("widen.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            i.add_incoming(ir.Constant(i64, 0), pre)
+            builder.cbranch(builder.icmp_signed("<", i, args[2]), body, done)
+            builder.position_at_end(body)
+            off = builder.mul(i, ir.Constant(i64, 8))
+            src = builder.gep(ba.data, [builder.add(args[1], off)])
+            v = builder.load(builder.bitcast(src, vw.as_pointer()), align=2)
+            if kind == 0:
+                f = builder.bitcast(builder.shl(builder.zext(v, ir.VectorType(ir.IntType(32), 8)),
+                                                ir.Constant(ir.VectorType(ir.IntType(32), 8), [16] * 8)), vf)
+            elif kind == 1:
+                f = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), vf)
+            else:
+                f = builder.bitcast(v, vf)
+            builder.store(f, builder.bitcast(builder.gep(ra.data, [off]), vf.as_pointer()), align=4)
+            i.add_incoming(builder.add(i, ir.Constant(i64, 1)), builder.block)
+            builder.branch(loop)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+        return sig, codegen
+    return widen
+
+
+_widen_bf16, _widen_f16, _widen_f32 = (_widen_intrinsic(k) for k in range(3))
 
 
 @njit(cache=True, boundscheck=False)
 def _widen_row(buf, a, k_len, kind, row):
-    """``row[:k_len]`` = the float32 values of the words ``buf[a:a + k_len]`` (bf16, fp16 or fp32 bits),
-    exact (fp16: subnormals, Inf and NaN payloads included)."""
-    ru = row.view(np.uint32)
+    """``row[:k_len]`` = the float32 values of the words ``buf[a:a + k_len]`` (bf16, fp16 or fp32 bits), exact;
+    ``row[k_len:]`` = 0. Reads up to 7 words past ``a + k_len`` (the thread buffer has 8 spare words)."""
+    n_vec = (k_len + 7) // 8
     if kind == 0:
-        for k in range(k_len):
-            ru[k] = np.uint32(buf[a + k]) << np.uint32(16)
+        _widen_bf16(buf, a, n_vec, row)
     elif kind == 1:
-        for k in range(k_len):
-            h = np.uint32(buf[a + k])
-            u = (h & np.uint32(0x7FFF)) << np.uint32(13)
-            if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
-                ru[k] = u | np.uint32(0x7F800000)
-            else:
-                ru[k] = u
-                row[k] = row[k] * _F16_SCALE   # exponent rebias by 2**112: exact, subnormals included
-            ru[k] |= (h & np.uint32(0x8000)) << np.uint32(16)
+        _widen_f16(buf, a, n_vec, row)
     else:
-        for k in range(k_len):
-            ru[k] = np.uint32(buf[a + k])
+        _widen_f32(buf, a, n_vec, row)
+    for k in range(k_len, row.shape[0]):
+        row[k] = np.float32(0.0)
 
 
 @intrinsic
