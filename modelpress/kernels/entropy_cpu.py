@@ -456,6 +456,22 @@ FUSED_ACC = E.FUSED_ACC
 _KIND = {"bfloat16": 0, "float16": 1, "float32": 2}
 
 
+def _ir_loop(builder, name: str) -> tuple:
+    """Open a counted loop in LLVM IR: returns ``(pre, body, done, i)`` with the builder in the loop header
+    after the ``i`` phi (starting at 0 from ``pre``); the caller adds its own phis, branches to ``body`` or
+    ``done``, emits the body and the phis' back edges, and branches back to the header."""
+    i64 = ir.IntType(64)
+    pre = builder.block
+    loop = builder.append_basic_block(f"{name}.loop")
+    body = builder.append_basic_block(f"{name}.body")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    i = builder.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), pre)
+    return pre, body, done, i
+
+
 def _widen_intrinsic(kind: int):
     """An intrinsic ``widen(buf, a, n_vec, row)``: ``row[:8 * n_vec]`` = the float32 values of the words
     ``buf[a:a + 8 * n_vec]``, eight at a time as LLVM vectors (bf16: zero-extend and shift left 16; fp16:
@@ -472,14 +488,7 @@ def _widen_intrinsic(kind: int):
             vf = ir.VectorType(ir.FloatType(), 8)
             ba = context.make_array(sig.args[0])(context, builder, args[0])
             ra = context.make_array(sig.args[3])(context, builder, args[3])
-            pre = builder.block
-            loop = builder.append_basic_block("widen.loop")
-            body = builder.append_basic_block("widen.body")
-            done = builder.append_basic_block("widen.done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            i = builder.phi(i64)
-            i.add_incoming(ir.Constant(i64, 0), pre)
+            _, body, done, i = _ir_loop(builder, "widen")
             builder.cbranch(builder.icmp_signed("<", i, args[2]), body, done)
             builder.position_at_end(body)
             off = builder.mul(i, ir.Constant(i64, 8))
@@ -494,7 +503,7 @@ def _widen_intrinsic(kind: int):
                 f = builder.bitcast(v, vf)
             builder.store(f, builder.bitcast(builder.gep(ra.data, [off]), vf.as_pointer()), align=4)
             i.add_incoming(builder.add(i, ir.Constant(i64, 1)), builder.block)
-            builder.branch(loop)
+            builder.branch(i.parent)
             builder.position_at_end(done)
             return context.get_dummy_value()
         return sig, codegen
@@ -538,18 +547,11 @@ def _dot(typingctx, r, x):
         ra = context.make_array(sig.args[0])(context, builder, args[0])
         xa = context.make_array(sig.args[1])(context, builder, args[1])
         n = builder.udiv(builder.extract_value(ra.shape, 0), ir.Constant(i64, 32))
-        pre = builder.block
-        loop = builder.append_basic_block("dot.loop")
-        body = builder.append_basic_block("dot.body")
-        done = builder.append_basic_block("dot.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        i = builder.phi(i64)
+        pre, body, done, i = _ir_loop(builder, "dot")
         accs = [builder.phi(v8) for _ in range(4)]
         zero = ir.Constant(v8, [0.0] * 8)
         for a in accs:
             a.add_incoming(zero, pre)
-        i.add_incoming(ir.Constant(i64, 0), pre)
         builder.cbranch(builder.icmp_unsigned("<", i, n), body, done)
         builder.position_at_end(body)
         new = []
@@ -562,7 +564,7 @@ def _dot(typingctx, r, x):
         for a, v in zip(accs, new):
             a.add_incoming(v, builder.block)
         i.add_incoming(nxt, builder.block)
-        builder.branch(loop)
+        builder.branch(i.parent)
         builder.position_at_end(done)
         b0 = builder.fadd(accs[0], accs[2])     # h = 16: lanes 0-15 += lanes 16-31
         b1 = builder.fadd(accs[1], accs[3])
