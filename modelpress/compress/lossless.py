@@ -262,6 +262,8 @@ class LosslessLinear(_LosslessWeight):
         device = self.df11_stream.device.type
         if x.device.type != device or device not in ("cpu", "cuda"):
             return False
+        if device == "cuda":
+            return bool(self._cuda_decoder().fused_ok(self.in_features))
         from ..kernels.entropy_cpu import fused_supported
 
         return fused_supported(self.plan(), self.in_features)
@@ -271,7 +273,8 @@ class LosslessLinear(_LosslessWeight):
         x2 = x.detach().reshape(rows, self.in_features).float()
         bias = None if self.bias is None else self.bias.detach().float()
         if x.device.type == "cuda":
-            y = self._cuda_decoder().linear(x2, bias)
+            y = torch.empty(rows, self.out_features, dtype=torch.float32, device=x.device)
+            self._cuda_decoder().linear(x2.contiguous(), bias, out=y)
         else:
             from ..kernels.entropy_cpu import fused_linear
 
