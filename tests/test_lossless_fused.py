@@ -95,7 +95,7 @@ def test_lossless_linear_fused_and_dense_paths(dtype: torch.dtype) -> None:
     ``fused_max_rows = 0``: decode + F.linear, bit-identical to nn.Linear."""
     lin = _linear(dtype)
     enc, _ = encode_tensor(lin.weight, block_size=1024)
-    assert enc.header[1] == 3 and enc.header[10] == 80 and enc.header[4] == row_lane_size(1024, 80) == 240
+    assert enc.header[1] == 3 and enc.header[10] == 80 and enc.header[4] == row_lane_size(256, 80) == 240
     m = LosslessLinear.from_linear(lin, enc)
     x = torch.randn(2, 3, 80).to(dtype)
     with torch.no_grad():

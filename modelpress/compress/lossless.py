@@ -8,10 +8,13 @@ bits jointly with an optimal length-limited canonical Huffman code, which lands 
 bound; see docs/lossless.md for the format, the measured sizes and the differences from DFloat11.
 
 Each selected ``nn.Linear`` / ``nn.Embedding`` / ``nn.Conv2d`` is replaced by a module that keeps only the
-encoded weight (five registered buffers, so the artifact's safetensors hold it) and decodes it at the
-start of every forward into a temporary tensor that is freed when the forward returns: peak memory is
-the compressed model plus one decoded weight. The decoded weight is bit-identical to the stored one, so
-the outputs equal those of the uncompressed model in the stored dtype.
+encoded weight (five registered buffers, so the artifact's safetensors hold it). A ``LosslessLinear`` with few
+rows (tokens) runs a fused decode + matmul kernel that never writes the dense weight (CPU: numba; CUDA:
+numba.cuda), whose output equals ``entropy.linear_reference`` bit for bit and torch's ``F.linear`` up to
+float32 summation order; with more rows (``fused_max_rows``) it decodes the weight into a temporary tensor and
+calls ``F.linear`` (outputs bit-identical to the uncompressed model in the stored dtype). A
+``LosslessEmbedding`` decodes only the lanes of the rows it looks up; ``LosslessConv2d`` decodes its kernel.
+Peak memory is the compressed model plus at most one decoded weight.
 
 The only lossy step is the optional cast (``cast: true``) of a model whose weights are in another dtype
 (e.g. fp32 -> bf16), which casts the whole model; with ``cast: false`` such a model is an error.
@@ -59,20 +62,27 @@ def tensor_words(weight: torch.Tensor) -> tuple[np.ndarray, str]:
     return flat.numpy().view(E.WORD_DTYPE[bits]), dtype
 
 
-def row_lane_size(block_size: int, row_len: int) -> int:
-    """Lane size for rows of ``row_len`` weights: the whole number of rows closest to ``block_size / 4``
-    weights from below (at least one row), so that every lane holds whole rows (format version 3)."""
-    return max(1, block_size // E.LANES_PER_BLOCK // row_len) * row_len
+#: lane size (weights) aimed at for embedding tables: a lookup decodes whole lanes, so short lanes (one
+#: 4096-wide row) make it ~4x cheaper than the default 16K-weight lanes, for ~0.008 more bits/weight of
+#: lane lengths and checksums
+EMBEDDING_LANE_WEIGHTS = 4096
+
+
+def row_lane_size(lane_weights: int, row_len: int) -> int:
+    """Lane size for rows of ``row_len`` weights: the whole number of rows closest to ``lane_weights`` from
+    below (at least one row), so that every lane holds whole rows (format version 3)."""
+    return max(1, lane_weights // row_len) * row_len
 
 
 def encode_tensor(weight: torch.Tensor, block_size: int = 65536, mantissa_bits: int = 2,
-                  max_code_length: int = 14, rows: bool | None = None) -> tuple[E.Encoded, float]:
+                  max_code_length: int = 14, rows: bool | None = None,
+                  lane_weights: int | None = None) -> tuple[E.Encoded, float]:
     """Encode a bf16 / fp16 / fp32 / fp8 tensor losslessly (any shape; flattened in C order).
 
     ``rows`` (default: for 2-D tensors, i.e. Linear and Embedding weights) aligns the lanes to the rows of the
-    last dimension (:func:`row_lane_size`), which the fused decode + matmul kernels and the row-wise embedding
-    lookup need. Returns the encoding and the tensor's order-0 exponent bound in bits per weight (for
-    reports)."""
+    last dimension (:func:`row_lane_size` of ``lane_weights``, default ``block_size / 4``), which the fused
+    decode + matmul kernels and the row-wise embedding lookup need. Returns the encoding and the tensor's
+    order-0 exponent bound in bits per weight (for reports)."""
     from ..kernels import entropy_cpu
 
     if block_size % E.LANES_PER_BLOCK:
@@ -80,7 +90,8 @@ def encode_tensor(weight: torch.Tensor, block_size: int = 65536, mantissa_bits: 
     words, dtype = tensor_words(weight)
     rows = weight.dim() == 2 if rows is None else rows
     row_len = int(weight.shape[-1]) if rows and weight.dim() >= 1 and weight.shape[-1] > 0 else 0
-    lane_size = row_lane_size(block_size, row_len) if row_len else block_size // E.LANES_PER_BLOCK
+    target = lane_weights or block_size // E.LANES_PER_BLOCK
+    lane_size = row_lane_size(target, row_len) if row_len else block_size // E.LANES_PER_BLOCK
     if lane_size > 1 << 24:
         lane_size, row_len = block_size // E.LANES_PER_BLOCK, 0
     try:
@@ -478,7 +489,8 @@ class DFloat11(Pass):
         dense_bytes = coded_bytes = 0
         bound_bits = 0.0
         for name, m in ctx.progress(chosen, desc="dfloat11"):
-            enc, bound = encode_tensor(m.weight, cfg.block_size, cfg.mantissa_bits, cfg.max_code_length)
+            enc, bound = encode_tensor(m.weight, cfg.block_size, cfg.mantissa_bits, cfg.max_code_length,
+                                       lane_weights=EMBEDDING_LANE_WEIGHTS if isinstance(m, nn.Embedding) else None)
             if isinstance(m, nn.Linear):
                 new: nn.Module = LosslessLinear.from_linear(m, enc)
             elif isinstance(m, nn.Embedding):
