@@ -15,6 +15,12 @@ Decoding a lane takes two passes over its output (see the format in :mod:`entrop
    ``R`` bytes; they are spread to 16-bit lanes with shifts and masks and OR-ed into the output four words
    at a time, branch-free.
 
+Beyond whole tensors: :func:`decode_rows` decodes only the lanes that hold given rows (embedding lookups), and
+:func:`fused_linear` decodes a weight block by block into thread-local, cache-sized buffers and multiplies each
+block's rows with the activations right away (DFloat11, Zhang et al. 2025, section 3.3, decodes whole
+transformer blocks into memory instead), in the summation order of :func:`entropy.linear_reference`. 8-bit
+(fp8) words are decoded one code at a time (no raw bits).
+
 Safety: inputs come only from :func:`entropy.validate` (lane offsets consistent with the stream length,
 codes complete). The fast loop runs only while every 64-bit read it can make lies inside the stream and
 while every lane has room for the words it can write; the rest of a lane is decoded one code at a time
@@ -619,8 +625,8 @@ def fused_linear_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut,
 
 def fused_supported(plan: E.Plan, k_len: int) -> bool:
     """Whether :func:`fused_linear` can run on ``plan`` as a ``(n / k_len, k_len)`` weight: a 16/32-bit float
-    dtype and lanes of whole rows (format version 3 records it; version 2 data qualifies when its lane size
-    happens to be a multiple of the row)."""
+    dtype, lanes of whole rows (format version 3 records it; version 2 data qualifies when its lane size
+    happens to be a multiple of the row), and blocks of at most 4M weights (each thread's buffer)."""
     return (plan.dtype in _KIND and k_len > 0 and plan.n % k_len == 0 and plan.lane_size % k_len == 0
             and 4 * plan.lane_size <= 1 << 22)
 
