@@ -192,10 +192,15 @@ def _timed_forward(mods: list, xs: list, device: str) -> float:
 
 
 def module_check(words: list[np.ndarray], config: dict, repeats: int, device: str = "cuda") -> dict:
-    """The model path on the GPU: each tensor as a ``LosslessLinear`` (decode at every forward) against the
-    plain ``nn.Linear``; outputs must be bit-identical. Times one forward of every layer back to back at
-    batch 1 and 64 tokens, with ``config`` as the decoder's launch configuration."""
+    """The model path on the GPU: each tensor as a ``LosslessLinear`` against the plain ``nn.Linear``, at batch
+    1 and 64 tokens, one forward of every layer back to back, with ``config`` as the decoder's launch
+    configuration. Two paths: ``lossless`` decodes the weight and calls ``F.linear`` (``fused_max_rows = 0``;
+    outputs must be bit-identical to ``nn.Linear``) and ``fused`` runs the fused decode + matmul kernel (one
+    thread block per row in shared memory; its output must equal the CPU fused kernel's, which equals
+    ``entropy.linear_reference``, checked on the first layer)."""
     import torch
+
+    from modelpress.kernels import entropy_cpu as C
 
     from modelpress.codecs.lossless import LosslessLinear, encode_tensor
     from modelpress.kernels import entropy_cuda as G
@@ -209,11 +214,23 @@ def module_check(words: list[np.ndarray], config: dict, repeats: int, device: st
         packed.append(LosslessLinear.from_linear(lin, enc).to(device))
         plain.append(lin.to(device))
     out: dict = {"config": config}
+
+    def fused(on: bool) -> None:
+        for m in packed:
+            m.fused_max_rows = 256 if on else 0
+
     for tokens in (1, 64):
         xs = [torch.randn(tokens, m.in_features, device=device, dtype=torch.bfloat16) for m in plain]
         with torch.no_grad():
+            fused(False)
             out[f"identical_{tokens}"] = all(torch.equal(a(x), b(x)) for a, b, x in zip(plain, packed, xs))
-            for name, mods in (("linear", plain), ("lossless", packed)):
+            fused(True)
+            m0 = packed[0]
+            cpu = C.fused_linear(m0.plan(), xs[0].float().cpu().numpy())
+            out[f"fused_equals_cpu_{tokens}"] = bool(torch.equal(
+                m0(xs[0]).cpu(), torch.from_numpy(cpu).to(torch.bfloat16))) if m0._fused_ok(xs[0], tokens) else None
+            for name, mods, on in (("linear", plain, False), ("lossless", packed, False), ("fused", packed, True)):
+                fused(on)
                 t = []
                 for _ in range(repeats + 1):
                     t.append(_timed_forward(mods, xs, device))
@@ -248,13 +265,17 @@ def markdown(result: dict) -> str:
         c = m["config"]
         lines += [f"**Model path** (the llama7b-block tensors as `LosslessLinear`, decoder {'staged' if c['staged'] else 'plain'} "
                   f"sub-lane {c['sub']} / {c['threads']} threads, all 7 layers' forwards back to back): outputs "
-                  f"bit-identical to `nn.Linear`: {m['identical_1'] and m['identical_64']}.", "",
-                  "| tokens | nn.Linear ms (min / median) | LosslessLinear ms (min / median) | ratio (min) |",
-                  "|---|---|---|---|"]
+                  f"bit-identical to `nn.Linear` (decode + F.linear): {m['identical_1'] and m['identical_64']}; fused "
+                  f"output equal to the CPU fused kernel (first layer): {m.get('fused_equals_cpu_1')} / "
+                  f"{m.get('fused_equals_cpu_64')} (1 / 64 tokens).", "",
+                  "| tokens | nn.Linear ms (min / median) | decode + F.linear ms (min / median) | ratio (min) | "
+                  "fused ms (min / median) | ratio (min) |", "|---|---|---|---|---|---|"]
         for tok in (1, 64):
             a, b = m[f"linear_{tok}_ms_min"], m[f"lossless_{tok}_ms_min"]
+            f = m.get(f"fused_{tok}_ms_min", float("nan"))
             lines.append(f"| {tok} | {a:.3f} / {m[f'linear_{tok}_ms_median']:.3f} | {b:.3f} / "
-                         f"{m[f'lossless_{tok}_ms_median']:.3f} | {b / a:.2f}x |")
+                         f"{m[f'lossless_{tok}_ms_median']:.3f} | {b / a:.2f}x | {f:.3f} / "
+                         f"{m.get(f'fused_{tok}_ms_median', float('nan')):.3f} | {f / a:.2f}x |")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The numba CUDA decoder, run under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) in a subprocess: numba
+"""The numba CUDA decoder and fused decode + matmul kernel, run under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) in a subprocess: numba
 reads that variable when ``numba.cuda`` is first imported, so it cannot be switched on in this process."""
 from __future__ import annotations
 
@@ -50,8 +50,42 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_cuda_decoder_matches_reference_under_simulator() -> None:
+def run_under_simulator(script: str, marker: str) -> None:
+    """Run ``script`` in a fresh interpreter with the CUDA simulator on; it must print ``marker``."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "CUDASIM-OK" in proc.stdout
+    assert marker in proc.stdout
+
+
+def test_cuda_decoder_matches_reference_under_simulator() -> None:
+    run_under_simulator(SCRIPT, "CUDASIM-OK")
+
+
+FUSED_SCRIPT = textwrap.dedent('''
+    import numpy as np, torch
+    from modelpress.kernels import entropy as E, entropy_cpu as C, entropy_cuda as G
+    rng = np.random.default_rng(0)
+    for dtype, ib, wd, td in (("bfloat16", torch.int16, np.uint16, torch.bfloat16),
+                              ("float32", torch.int32, np.uint32, torch.float32)):
+        n_rows, k_len = 10, 48
+        w = torch.from_numpy((rng.standard_normal((n_rows, k_len)) * 0.05).astype(np.float32)).to(td)
+        w.view(-1)[:3] = torch.tensor([-0.0, 1e-40, 300.0]).to(td)
+        words = w.view(ib).numpy().reshape(-1).view(wd).copy()
+        enc = C.encode(words, dtype, lane_size=2 * k_len, row_len=k_len)
+        dec = G.CudaDecoder(E.validate(enc), sub=16, threads=64)
+        assert dec.fused_ok(k_len) and not dec.fused_ok(k_len // 2)
+        for batch, with_bias in ((1, True), (3, False)):
+            x = rng.standard_normal((batch, k_len)).astype(np.float32)
+            bias = rng.standard_normal(n_rows).astype(np.float32) if with_bias else None
+            got = dec.linear(x, bias).copy_to_host()
+            ref = E.linear_reference(w.float().numpy(), x, bias)
+            assert np.array_equal(got, ref), (dtype, batch, np.abs(got - ref).max())
+            assert np.array_equal(got, C.fused_linear(E.validate(enc), x, bias))   # CPU kernel: same bits
+    print("FUSED-OK")
+''')
+
+
+def test_fused_cuda_kernel_matches_reference_under_simulator() -> None:
+    """Fused decode + matmul on the GPU: bit-identical to the numpy reference and to the CPU kernel."""
+    run_under_simulator(FUSED_SCRIPT, "FUSED-OK")

@@ -12,7 +12,7 @@ stored raw. Two measured changes make it smaller and safer (see docs/lossless.md
   canonical (only code lengths are stored) and covers *every* symbol that occurs, Inf/NaN and
   subnormals included (DFloat11's LUT scheme cannot code exponents >= 240).
 
-Bitstream (format version 2). Every weight ``w`` (``W`` = 16 or 32 bits) becomes ``symbol = w >> R`` (its
+Bitstream (format version 3; version 2 is read too). Every weight ``w`` (``W`` = 8, 16 or 32 bits) becomes ``symbol = w >> R`` (its
 top ``S`` bits: sign, exponent, ``k`` mantissa bits) and ``raw = w & (2**R - 1)`` (the ``R = W - S`` low
 mantissa bits). The sign costs one bit inside the code, exactly as if stored raw, because it is independent
 of the rest. Weights are cut into *lanes* of ``lane_size`` consecutive weights; each lane starts on a byte
@@ -29,12 +29,21 @@ lockstep (instruction-level parallelism).
 Tensors of one encoded weight (all little-endian, stored in the artifact's safetensors):
 
 ``header``    int64[12]: magic, version, dtype code, n, lane_size, symbol bits S, lo0, hi0, lo1, hi1,
-              reserved, meta crc
+              row length (version 3; 0 = lanes not aligned to rows; version 2: reserved, 0), meta crc
 ``codebook``  uint8: code lengths of the used symbol ranges ``[lo0, hi0)`` (positive) then ``[lo1, hi1)``
               (negative weights), two 4-bit lengths per byte each (max length 15)
 ``lane_nbytes`` int32[n_lanes]: byte length of every lane
 ``checksums`` int32[n_blocks]: crc32 of each block's bytes (bit pattern of the uint32)
 ``stream``    uint8: the lanes back to back, then zero padding to a multiple of 8 bytes plus 16 bytes
+
+Version 3 adds two things. (1) *Row-aligned lanes*: ``header[10]`` is the length of a weight row (the
+tensor's last dimension for a Linear / Embedding weight) and ``lane_size`` is a multiple of it, so every lane
+holds whole rows. A fused decode + matmul kernel can then give each CPU thread (CUDA block) whole rows
+(:func:`modelpress.kernels.entropy_cpu.fused_linear`), and an embedding lookup decodes only the lanes of the
+rows it reads. (2) fp8 dtypes (``float8_e4m3fn``, ``float8_e5m2``): the symbol is the whole byte (``S = 8``,
+``R = 0``, no raw section; with at most 3 mantissa bits, coding them jointly is the order-0 optimum) and the
+decode table entries are ``symbol << 4 | length`` in uint16. Version 2 data (no row length, 16/32-bit dtypes)
+decodes unchanged; it just cannot use the row-wise paths when its lanes do not happen to hold whole rows.
 
 The meta crc covers the header's first eleven fields, the codebook and the lane lengths. Everything is
 validated here, in numpy, before any kernel runs (:func:`validate`); the kernels also clamp their reads.
@@ -49,16 +58,22 @@ import numpy as np
 from ..errors import CorruptData
 
 MAGIC = 0x4D50_4C4C  # "MPLL"
-VERSION = 2
+VERSION = 3
+#: versions this module reads (2: no row length, no fp8; 3: header[10] = row length, fp8 dtypes)
+READABLE_VERSIONS = (2, 3)
 LANES_PER_BLOCK = 4
 PAD_BYTES = 16
 MAX_CODE_LEN = 15
 HEADER_LEN = 12
 
 #: dtype name -> (code, word bits, exponent bits)
-DTYPES: dict[str, tuple[int, int, int]] = {"bfloat16": (0, 16, 8), "float16": (1, 16, 5), "float32": (2, 32, 8)}
+DTYPES: dict[str, tuple[int, int, int]] = {"bfloat16": (0, 16, 8), "float16": (1, 16, 5), "float32": (2, 32, 8),
+                                           "float8_e4m3fn": (3, 8, 4), "float8_e5m2": (4, 8, 5)}
 _DTYPE_BY_CODE = {code: name for name, (code, _, _) in DTYPES.items()}
-WORD_DTYPE = {16: np.uint16, 32: np.uint32}
+WORD_DTYPE = {8: np.uint8, 16: np.uint16, 32: np.uint32}
+#: decode-table entry type per word width (8-bit words: ``symbol << 4 | length`` in a uint16, see
+#: :func:`decode_table`)
+LUT_DTYPE = {8: np.uint16, 16: np.uint16, 32: np.uint32}
 
 
 @dataclass
@@ -100,6 +115,7 @@ class Plan:
     stream: np.ndarray         # uint8, the stream (padded, see the module docstring)
     stream64: np.ndarray       # uint64 view of the stream
     pair_lut: np.ndarray       # uint32[2**12] two-code table (16-bit words; a dummy otherwise)
+    row_len: int = 0           # weights per row when every lane holds whole rows (version 3), else 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,10 +205,13 @@ def kraft_sum(lengths: np.ndarray) -> float:
 
 def decode_table(lengths: np.ndarray, word_bits: int) -> tuple[np.ndarray, int]:
     """LSB-first decode table: index = next ``table_bits`` stream bits, entry = ``symbol << R | length``
-    (the output word's top bits with the code length in its low bits; entry 0 marks an invalid code)."""
+    (the output word's top bits with the code length in its low bits; entry 0 marks an invalid code).
+    8-bit words have no raw bits to hold the length: their entries are ``symbol << 4 | length`` (uint16)."""
     raw_bits = word_bits - int(np.log2(lengths.shape[0]))
+    if word_bits == 8:
+        raw_bits = 4
     table_bits = max(int(lengths.max(initial=0)), 1)
-    lut = np.zeros(1 << table_bits, dtype=WORD_DTYPE[word_bits])
+    lut = np.zeros(1 << table_bits, dtype=LUT_DTYPE[word_bits])
     rev = reverse_bits(canonical_codes(lengths), lengths)
     used = np.nonzero(lengths)[0]
     if used.size == 1:  # a one-symbol code: both values of its 1-bit code decode to it (the encoder writes 0)
@@ -303,10 +322,12 @@ def block_checksums(stream: np.ndarray, lane_start: np.ndarray) -> np.ndarray:
 
 
 def symbol_bits(dtype: str, sym_mant_bits: int, max_len: int) -> int:
-    """Width ``S`` of the coded symbol (sign, exponent, ``sym_mant_bits`` mantissa bits); checks ``max_len``."""
+    """Width ``S`` of the coded symbol (sign, exponent, ``sym_mant_bits`` mantissa bits); checks ``max_len``.
+
+    8-bit (fp8) words are coded whole (``S = 8``) whatever ``sym_mant_bits`` says."""
     _, word_bits, exp_bits = DTYPES[dtype]
-    sym_bits = 1 + exp_bits + sym_mant_bits
-    if sym_bits > word_bits - 4:
+    sym_bits = 8 if word_bits == 8 else 1 + exp_bits + sym_mant_bits
+    if word_bits > 8 and sym_bits > word_bits - 4:
         raise ValueError(f"at most {word_bits - 5 - exp_bits} mantissa bits can join the symbol of {dtype}")
     if not 1 <= max_len <= MAX_CODE_LEN or max_len < sym_bits:
         raise ValueError(f"max code length must be in [{sym_bits}, {MAX_CODE_LEN}], got {max_len}")
@@ -335,14 +356,18 @@ def exponent_bound_from_counts(counts: np.ndarray, dtype: str) -> float:
 
 
 def assemble(dtype: str, n: int, lane_size: int, sym_bits: int, lengths: np.ndarray, lane_nbytes: np.ndarray,
-             body: np.ndarray) -> Encoded:
-    """Wrap an encoded body (the lanes back to back, without padding) into the container."""
+             body: np.ndarray, row_len: int = 0, version: int = VERSION) -> Encoded:
+    """Wrap an encoded body (the lanes back to back, without padding) into the container (``version`` 2 only
+    for tests of old artifacts: no row length, no fp8)."""
+    if version == 2 and (row_len or DTYPES[dtype][1] == 8):
+        raise ValueError("format version 2 has no row length and no fp8")
     codebook, bounds = pack_codebook(lengths)
     total = body.shape[0]
     stream = np.zeros(-(-total // 8) * 8 + PAD_BYTES, dtype=np.uint8)
     stream[:total] = body
     lane_start = np.concatenate([[0], np.cumsum(lane_nbytes, dtype=np.int64)])
-    header = np.array([MAGIC, VERSION, DTYPES[dtype][0], n, lane_size, sym_bits, *bounds, 0, 0], dtype=np.int64)
+    header = np.array([MAGIC, version, DTYPES[dtype][0], n, lane_size, sym_bits, *bounds, row_len, 0],
+                      dtype=np.int64)
     lane_nbytes = lane_nbytes.astype(np.int32)
     header[11] = _crc(header[:11], codebook, lane_nbytes)
     return Encoded(header, codebook, lane_nbytes, block_checksums(stream, lane_start), stream)
@@ -365,19 +390,24 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
     h = enc.header
     if h.shape[0] != HEADER_LEN or int(h[0]) != MAGIC:
         raise bad("not a modelpress lossless tensor (bad header or magic)")
-    if int(h[1]) != VERSION:
-        raise bad(f"format version {int(h[1])} is not supported (this modelpress reads version {VERSION})")
+    version = int(h[1])
+    if version not in READABLE_VERSIONS:
+        raise bad(f"format version {version} is not supported (this modelpress reads versions "
+                  f"{', '.join(map(str, READABLE_VERSIONS))})")
     if _crc(h[:11], enc.codebook, enc.lane_nbytes) != int(h[11]):
         raise bad("header, codebook or lane table fails its checksum")
     code, n, lane_size, sym_bits = (int(x) for x in h[2:6])
     bounds = [int(x) for x in h[6:10]]
-    if code not in _DTYPE_BY_CODE:
+    row_len = int(h[10])
+    if code not in _DTYPE_BY_CODE or (version == 2 and code > 2):
         raise bad(f"unknown dtype code {code}")
     dtype = _DTYPE_BY_CODE[code]
     _, word_bits, exp_bits = DTYPES[dtype]
     if n < 0 or lane_size < 1 or lane_size > (1 << 24):
         raise bad(f"bad element count {n} or lane size {lane_size}")
-    if not exp_bits + 1 <= sym_bits <= word_bits - 4:
+    if row_len < 0 or (version == 2 and row_len) or (row_len and (lane_size % row_len or n % row_len)):
+        raise bad(f"bad row length {row_len} for lanes of {lane_size} and {n} weights")
+    if not (sym_bits == 8 if word_bits == 8 else exp_bits + 1 <= sym_bits <= word_bits - 4):
         raise bad(f"bad symbol width {sym_bits} for {dtype}")
     raw_bits = word_bits - sym_bits
     half = 1 << (sym_bits - 1)
@@ -419,15 +449,15 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
         pair_lut = np.zeros(1, np.uint32)
     stream = enc.stream if enc.stream.flags.c_contiguous else np.ascontiguousarray(enc.stream)
     return Plan(dtype, n, word_bits, sym_bits, raw_bits, lane_size, lengths, lut, table_bits, lane_start,
-                lane_count, raw_bytes, stream, stream.view(np.uint64), pair_lut)
+                lane_count, raw_bytes, stream, stream.view(np.uint64), pair_lut, row_len)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Plain numpy / Python reference codec (slow; the kernels are tested bit-exactly against it).
 
 def encode_reference(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_mant_bits: int = 2,
-                     max_len: int = 14) -> Encoded:
-    """Encode ``words`` (the raw bit patterns, uint16 or uint32) with numpy only."""
+                     max_len: int = 14, row_len: int = 0, version: int = VERSION) -> Encoded:
+    """Encode ``words`` (the raw bit patterns, uint8, uint16 or uint32) with numpy only."""
     _, word_bits, _ = DTYPES[dtype]
     words = np.ascontiguousarray(words.reshape(-1)).view(WORD_DTYPE[word_bits])
     lengths, sym_bits = build_code(words, dtype, sym_mant_bits, max_len)
@@ -445,7 +475,7 @@ def encode_reference(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_
         pieces += [raw_part, code_part]
         nbytes.append(raw_part.shape[0] + code_part.shape[0])
     body = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
-    return assemble(dtype, n, lane_size, sym_bits, lengths, np.array(nbytes, dtype=np.int64), body)
+    return assemble(dtype, n, lane_size, sym_bits, lengths, np.array(nbytes, dtype=np.int64), body, row_len, version)
 
 
 def _pack_lsb_first(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -472,11 +502,38 @@ def decode_reference(enc: Encoded) -> np.ndarray:
             raw_pos += p.raw_bits
             entry = int(p.lut[int(bits[pos:pos + p.table_bits] @ weights[:p.table_bits])])
             length = entry & 15
-            out[k * p.lane_size + i] = (entry - length) | raw
+            out[k * p.lane_size + i] = (entry >> 4) if p.word_bits == 8 else (entry - length) | raw
             pos += length
         if pos > end or pos <= end - 8:
             raise CorruptData(f"lane {k} does not end where its length says")
     return out.astype(WORD_DTYPE[p.word_bits])
+
+
+FUSED_ACC = 32
+
+
+def linear_reference(w: np.ndarray, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """``x @ w.T + bias`` (float32 ``w`` ``(N, K)``, ``x`` ``(B, K)``) in the fused kernels' summation order:
+    ``K`` is zero-padded to a multiple of ``FUSED_ACC`` = 32; every output has 32 partial sums, ``acc[j]``
+    accumulating the products of every ``k = j (mod 32)`` in increasing ``k`` (each product and each sum
+    rounded to float32, no fused multiply-add), then the halving tree ``acc[j] += acc[j + h]`` for
+    ``h = 16, 8, 4, 2, 1``, then ``+ bias``. Both fused kernels (CPU and CUDA) reproduce this bit for bit."""
+    w = np.asarray(w, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32)
+    k_pad = -(-x.shape[1] // FUSED_ACC) * FUSED_ACC
+    wp = np.zeros((w.shape[0], k_pad), np.float32)
+    xp = np.zeros((x.shape[0], k_pad), np.float32)
+    wp[:, :w.shape[1]], xp[:, :x.shape[1]] = w, x
+    acc = np.zeros((x.shape[0], w.shape[0], FUSED_ACC), dtype=np.float32)
+    with np.errstate(all="ignore"):
+        for c in range(0, k_pad, FUSED_ACC):
+            acc += xp[:, None, c:c + FUSED_ACC] * wp[None, :, c:c + FUSED_ACC]
+        h = FUSED_ACC // 2
+        while h >= 1:
+            acc[..., :h] += acc[..., h:2 * h]
+            h //= 2
+        y = acc[..., 0]
+        return y + np.asarray(bias, dtype=np.float32) if bias is not None else y.copy()
 
 
 def exponent_entropy_bits(words: np.ndarray, dtype: str) -> float:

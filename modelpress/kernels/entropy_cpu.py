@@ -15,6 +15,12 @@ Decoding a lane takes two passes over its output (see the format in :mod:`entrop
    ``R`` bytes; they are spread to 16-bit lanes with shifts and masks and OR-ed into the output four words
    at a time, branch-free.
 
+Beyond whole tensors: :func:`decode_rows` decodes only the lanes that hold given rows (embedding lookups), and
+:func:`fused_linear` decodes a weight block by block into thread-local, cache-sized buffers and multiplies each
+block's rows with the activations right away (DFloat11, Zhang et al. 2025, section 3.3, decodes whole
+transformer blocks into memory instead), in the summation order of :func:`entropy.linear_reference`. 8-bit
+(fp8) words are decoded one code at a time (no raw bits).
+
 Safety: inputs come only from :func:`entropy.validate` (lane offsets consistent with the stream length,
 codes complete). The fast loop runs only while every 64-bit read it can make lies inside the stream and
 while every lane has room for the words it can write; the rest of a lane is decoded one code at a time
@@ -331,10 +337,45 @@ def _raw_generic(stream, start, o, count, raw_bits, out):
 # One block (four lanes), and the kernels over blocks.
 
 @njit(cache=True, boundscheck=False)
+def _codes8_one_by_one(stream, p, o, o_end, lut, tmask, out):
+    """:func:`_codes_one_by_one` for 8-bit words, whose table entries are ``symbol << 4 | length``."""
+    last = stream.shape[0] - 8
+    while o < o_end:
+        e = np.uint64(lut[_bits_at(stream, p, last) & tmask])
+        out[o] = e >> np.uint64(4)
+        p += np.int64(e & _U15)
+        o += 1
+    return p
+
+
+@njit(cache=True, boundscheck=False)
+def _finish_lane(k, p, o, done, count, stream, lane_start, lut, tmask, pair, raw_bits, steps, out, status):
+    """Lane ``k`` whose first ``done`` codes are decoded (up to bit ``p``) into ``out[o:o + count]``: its other
+    codes (two-code table while far from the end, for codes of at most 14 bits, then one at a time with
+    clamped reads), the end check (``status[k] = 1`` when the codes do not end in the lane's last byte) and the
+    raw bits."""
+    if out.itemsize == 2 and done == 0 and steps >= 4:
+        p, oo = _codes_pairs1(stream, p, o, o + count, pair, lut, tmask, out)
+        done = oo - o
+    if out.itemsize == 1:
+        p = _codes8_one_by_one(stream, p, o + done, o + count, lut, tmask, out)
+    else:
+        p = _codes_one_by_one(stream, p, o + done, o + count, lut, tmask, out)
+    end_bit = lane_start[k + 1] * 8
+    if not end_bit - 8 < p <= end_bit:
+        status[k] = 1
+    if out.itemsize == 2:
+        _raw16(stream, lane_start[k], o, count, raw_bits, out)
+    elif out.itemsize == 4:
+        _raw_generic(stream, lane_start[k], o, count, raw_bits, out)
+
+
+@njit(cache=True, boundscheck=False)
 def _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, out,
-                  status):
-    """Decode block ``b``: its full lanes' codes in lockstep (``steps`` codes per 64-bit read), then every
-    lane's remaining codes one by one, its end check and its raw bits."""
+                  status, base):
+    """Decode block ``b`` (weights from ``4 * b * lane_size``) into ``out`` at index ``weight - base``: its
+    full lanes' codes in lockstep (``steps`` codes per 64-bit read), then every lane's remaining codes one by
+    one, its end check and its raw bits. 8-bit words skip the lockstep loop."""
     n_lanes = lane_start.shape[0] - 1
     k0 = 4 * b
     k_end = min(k0 + 4, n_lanes)
@@ -343,8 +384,8 @@ def _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pa
         k = min(k0 + j, n_lanes - 1)
         ends[j] = (lane_start[k] + raw_bytes[k]) * 8
     done = np.zeros(4, dtype=np.int64)
-    if k_end - k0 == 4 and (k_end < n_lanes or n == n_lanes * lane_size):
-        o0 = k0 * lane_size
+    if k_end - k0 == 4 and (k_end < n_lanes or n == n_lanes * lane_size) and out.itemsize > 1:
+        o0 = k0 * lane_size - base
         if out.itemsize == 2 and steps >= 4:
             r = _codes_pairs4(stream, ends[0], ends[1], ends[2], ends[3], o0, o0 + lane_size,
                               o0 + 2 * lane_size, o0 + 3 * lane_size, lane_size, pair, lut, tmask, out)
@@ -362,24 +403,18 @@ def _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pa
         k = k0 + j
         o = k * lane_size
         count = min(lane_size, n - o)
-        p = _codes_one_by_one(stream, ends[j], o + done[j], o + count, lut, tmask, out)
-        end_bit = lane_start[k + 1] * 8
-        if not end_bit - 8 < p <= end_bit:
-            status[k] = 1
-        if out.itemsize == 2:
-            _raw16(stream, lane_start[k], o, count, raw_bits, out)
-        else:
-            _raw_generic(stream, lane_start[k], o, count, raw_bits, out)
+        _finish_lane(k, ends[j], o - base, done[j], count, stream, lane_start, lut, tmask, pair, raw_bits, steps,
+                     out, status)
 
 
 @njit(cache=True, parallel=True)
 def decode_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, out,
                   status):
-    """Decode every block into ``out`` (uint16 or uint32), in parallel over blocks; ``status[k]`` != 0 marks a
-    lane whose codes do not end where its byte length says (corrupt data)."""
+    """Decode every block into ``out`` (uint8, uint16 or uint32), in parallel over blocks; ``status[k]`` != 0
+    marks a lane whose codes do not end where its byte length says (corrupt data)."""
     for b in prange((lane_start.shape[0] + 2) // 4):
         _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
-                      out, status)
+                      out, status, 0)
 
 
 @njit(cache=True)
@@ -388,7 +423,247 @@ def decode_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask
     """:func:`decode_kernel` on the calling thread only."""
     for b in range((lane_start.shape[0] + 2) // 4):
         _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
-                      out, status)
+                      out, status, 0)
+
+
+@njit(cache=True, boundscheck=False)
+def _decode_lanes(j0, j1, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, lanes,
+                  out, status):
+    for j in range(j0, j1):
+        k = lanes[j]
+        count = min(lane_size, n - k * lane_size)
+        _finish_lane(k, (lane_start[k] + raw_bytes[k]) * 8, j * lane_size, 0, count, stream, lane_start, lut,
+                     tmask, pair, raw_bits, steps, out, status)
+
+
+@njit(cache=True, parallel=True)
+def decode_lanes_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, lanes,
+                        out, status):
+    """Decode only the lanes ``lanes`` (sorted, distinct), lane ``lanes[j]`` into ``out[j * lane_size:]``, in
+    parallel over lanes (an embedding lookup: only the rows it reads)."""
+    for j in prange(lanes.shape[0]):
+        _decode_lanes(j, j + 1, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
+                      lanes, out, status)
+
+
+@njit(cache=True)
+def decode_lanes_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
+                               lanes, out, status):
+    """:func:`decode_lanes_kernel` on the calling thread only."""
+    _decode_lanes(0, lanes.shape[0], stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits,
+                  steps, lanes, out, status)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused decode + matmul (GEMV / small-batch GEMM).
+
+#: partial sums per output in the fused kernels (the summation order of :func:`entropy.linear_reference`)
+FUSED_ACC = E.FUSED_ACC
+_KIND = {"bfloat16": 0, "float16": 1, "float32": 2}
+
+
+def _ir_loop(builder, name: str) -> tuple:
+    """Open a counted loop in LLVM IR: returns ``(pre, body, done, i)`` with the builder in the loop header
+    after the ``i`` phi (starting at 0 from ``pre``); the caller adds its own phis, branches to ``body`` or
+    ``done``, emits the body and the phis' back edges, and branches back to the header."""
+    i64 = ir.IntType(64)
+    pre = builder.block
+    loop = builder.append_basic_block(f"{name}.loop")
+    body = builder.append_basic_block(f"{name}.body")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    i = builder.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), pre)
+    return pre, body, done, i
+
+
+def _widen_intrinsic(kind: int):
+    """An intrinsic ``widen(buf, a, n_vec, row)``: ``row[:8 * n_vec]`` = the float32 values of the words
+    ``buf[a:a + 8 * n_vec]``, eight at a time as LLVM vectors (bf16: zero-extend and shift left 16; fp16:
+    ``fpext`` from half, exact for subnormals, Inf and NaN; fp32: a copy). A numba loop did not vectorize
+    (26 ms for a 4096x4096 bf16 weight, against 1.5 ms for the whole GEMV)."""
+    @intrinsic
+    def widen(typingctx, buf, a, n_vec, row):
+        sig = types.void(buf, a, n_vec, row)
+
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            word = ir.IntType(32 if kind == 2 else 16)
+            vw = ir.VectorType(word, 8)
+            vf = ir.VectorType(ir.FloatType(), 8)
+            ba = context.make_array(sig.args[0])(context, builder, args[0])
+            ra = context.make_array(sig.args[3])(context, builder, args[3])
+            _, body, done, i = _ir_loop(builder, "widen")
+            builder.cbranch(builder.icmp_signed("<", i, args[2]), body, done)
+            builder.position_at_end(body)
+            off = builder.mul(i, ir.Constant(i64, 8))
+            src = builder.gep(ba.data, [builder.add(args[1], off)])
+            v = builder.load(builder.bitcast(src, vw.as_pointer()), align=2)
+            if kind == 0:
+                f = builder.bitcast(builder.shl(builder.zext(v, ir.VectorType(ir.IntType(32), 8)),
+                                                ir.Constant(ir.VectorType(ir.IntType(32), 8), [16] * 8)), vf)
+            elif kind == 1:
+                f = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), vf)
+            else:
+                f = builder.bitcast(v, vf)
+            builder.store(f, builder.bitcast(builder.gep(ra.data, [off]), vf.as_pointer()), align=4)
+            i.add_incoming(builder.add(i, ir.Constant(i64, 1)), builder.block)
+            builder.branch(i.parent)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+        return sig, codegen
+    return widen
+
+
+_widen_bf16, _widen_f16, _widen_f32 = (_widen_intrinsic(k) for k in range(3))
+
+
+@njit(cache=True, boundscheck=False)
+def _widen_row(buf, a, k_len, kind, row):
+    """``row[:k_len]`` = the float32 values of the words ``buf[a:a + k_len]`` (bf16, fp16 or fp32 bits), exact;
+    ``row[k_len:]`` = 0. Reads up to 7 words past ``a + k_len`` (the thread buffer has 8 spare words)."""
+    n_vec = (k_len + 7) // 8
+    if kind == 0:
+        _widen_bf16(buf, a, n_vec, row)
+    elif kind == 1:
+        _widen_f16(buf, a, n_vec, row)
+    else:
+        _widen_f32(buf, a, n_vec, row)
+    for k in range(k_len, row.shape[0]):
+        row[k] = np.float32(0.0)
+
+
+@intrinsic
+def _dot(typingctx, r, x):
+    """``sum_k r[k] * x[k]`` of two contiguous float32 arrays (length a multiple of 32, ``x`` at least as long as
+    ``r``) in the fixed order of :func:`entropy.linear_reference`: 32 partial sums (``a_j`` takes every
+    ``k = j (mod 32)`` in increasing ``k``; product and sum each rounded to float32, no FMA), then the halving
+    tree ``a_j += a_(j + h)``, ``h = 16 .. 1``.
+
+    Emitted as LLVM IR on ``<8 x float>`` vectors (four accumulators = the 32 partial sums, in AVX registers):
+    numba's loops do not vectorize this without ``fastmath`` (measured 1.2 GMAC/s as a loop over an array or 32
+    scalars), and ``fastmath`` would let LLVM pick the summation order."""
+    sig = types.float32(r, x)
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        v8 = ir.VectorType(f32, 8)
+        i64 = ir.IntType(64)
+        ra = context.make_array(sig.args[0])(context, builder, args[0])
+        xa = context.make_array(sig.args[1])(context, builder, args[1])
+        n = builder.udiv(builder.extract_value(ra.shape, 0), ir.Constant(i64, 32))
+        pre, body, done, i = _ir_loop(builder, "dot")
+        accs = [builder.phi(v8) for _ in range(4)]
+        zero = ir.Constant(v8, [0.0] * 8)
+        for a in accs:
+            a.add_incoming(zero, pre)
+        builder.cbranch(builder.icmp_unsigned("<", i, n), body, done)
+        builder.position_at_end(body)
+        new = []
+        for q in range(4):
+            off = builder.add(builder.mul(i, ir.Constant(i64, 32)), ir.Constant(i64, 8 * q))
+            rv = builder.load(builder.bitcast(builder.gep(ra.data, [off]), v8.as_pointer()), align=4)
+            xv = builder.load(builder.bitcast(builder.gep(xa.data, [off]), v8.as_pointer()), align=4)
+            new.append(builder.fadd(accs[q], builder.fmul(rv, xv)))
+        nxt = builder.add(i, ir.Constant(i64, 1))
+        for a, v in zip(accs, new):
+            a.add_incoming(v, builder.block)
+        i.add_incoming(nxt, builder.block)
+        builder.branch(i.parent)
+        builder.position_at_end(done)
+        b0 = builder.fadd(accs[0], accs[2])     # h = 16: lanes 0-15 += lanes 16-31
+        b1 = builder.fadd(accs[1], accs[3])
+        c = builder.fadd(b0, b1)                # h = 8
+        lo = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(ir.IntType(32), 4), [0, 1, 2, 3]))
+        hi = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(ir.IntType(32), 4), [4, 5, 6, 7]))
+        d = builder.fadd(lo, hi)                # h = 4
+        e0 = builder.fadd(builder.extract_element(d, ir.Constant(ir.IntType(32), 0)),
+                          builder.extract_element(d, ir.Constant(ir.IntType(32), 2)))   # h = 2
+        e1 = builder.fadd(builder.extract_element(d, ir.Constant(ir.IntType(32), 1)),
+                          builder.extract_element(d, ir.Constant(ir.IntType(32), 3)))
+        return builder.fadd(e0, e1)             # h = 1
+    return sig, codegen
+
+
+@njit(cache=True, boundscheck=False)
+def _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, status, kind,
+                 k_len, x, bias, has_bias, y, buf, row):
+    """Decode block ``b`` (whole rows: ``lane_size`` is a multiple of ``k_len``) into ``buf`` (a thread's own,
+    ``4 * lane_size`` words: L2-sized) and multiply its rows with ``x`` right away: ``y[:, r]`` for its rows.
+    ``x`` and ``row`` are zero-padded to a multiple of 32 columns (the reference pads the same way)."""
+    base = 4 * b * lane_size
+    _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, buf, status,
+                  base)
+    end = min(n, base + 4 * lane_size)
+    for r in range(base // k_len, end // k_len):
+        _widen_row(buf, r * k_len - base, k_len, kind, row)
+        for i in range(x.shape[0]):
+            v = _dot(row, x[i])
+            y[i, r] = v + bias[r] if has_bias else v
+
+
+@njit(cache=True, parallel=True)
+def fused_linear_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, status,
+                        kind, k_len, x, bias, has_bias, y, bufs, rows):
+    """:func:`_fused_block` over all blocks, in parallel (``numba.prange``); thread ``t`` works in ``bufs[t]``
+    and ``rows[t]`` (allocated once per call: nothing the size of the weight is written)."""
+    for b in prange((lane_start.shape[0] + 2) // 4):
+        t = numba.get_thread_id()
+        _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, status,
+                     kind, k_len, x, bias, has_bias, y, bufs[t], rows[t])
+
+
+@njit(cache=True)
+def fused_linear_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
+                               status, kind, k_len, x, bias, has_bias, y, bufs, rows):
+    """:func:`fused_linear_kernel` on the calling thread only."""
+    for b in range((lane_start.shape[0] + 2) // 4):
+        _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, status,
+                     kind, k_len, x, bias, has_bias, y, bufs[0], rows[0])
+
+
+def fused_supported(plan: E.Plan, k_len: int) -> bool:
+    """Whether :func:`fused_linear` can run on ``plan`` as a ``(n / k_len, k_len)`` weight: a 16/32-bit float
+    dtype, lanes of whole rows (format version 3 records it; version 2 data qualifies when its lane size
+    happens to be a multiple of the row), and blocks of at most 4M weights (each thread's buffer)."""
+    return (plan.dtype in _KIND and k_len > 0 and plan.n % k_len == 0 and plan.lane_size % k_len == 0
+            and 4 * plan.lane_size <= 1 << 22)
+
+
+def fused_linear(plan: E.Plan, x: np.ndarray, bias: np.ndarray | None = None,
+                 where: str = "lossless tensor") -> np.ndarray:
+    """``y = x @ W.T + bias`` in float32 for the encoded weight ``W`` (``plan``, shape ``(N, K)``) and float32
+    activations ``x`` of shape ``(B, K)``, decoding ``W`` block by block in cache-sized thread buffers
+    (DFloat11, Zhang et al. 2025, section 3.3 decodes a transformer block just before use into GPU memory;
+    here the decoded tile never leaves the thread's cache). The result equals
+    :func:`entropy.linear_reference` on the decoded weight bit for bit. Threads: ``numba.get_num_threads()``
+    over blocks of four lanes, one thread when there are fewer than two blocks per thread."""
+    k_len = x.shape[1]
+    if not fused_supported(plan, k_len):
+        raise ValueError(f"fused kernel needs lanes of whole rows of {k_len} weights (lane size {plan.lane_size})")
+    n_rows = plan.n // k_len
+    k_pad = -(-k_len // FUSED_ACC) * FUSED_ACC
+    xp = np.zeros((x.shape[0], k_pad), dtype=np.float32)
+    xp[:, :k_len] = x
+    y = np.empty((x.shape[0], n_rows), dtype=np.float32)
+    if plan.n == 0 or x.shape[0] == 0:
+        if x.shape[0] and bias is not None:
+            y[:] = bias
+        return y
+    n_blocks = -(-plan.lane_count.shape[0] // E.LANES_PER_BLOCK)
+    parallel = _use_threads(n_blocks, 2)
+    nt = numba.config.NUMBA_NUM_THREADS if parallel else 1
+    wd = E.WORD_DTYPE[plan.word_bits]
+    bufs = np.empty((nt, 4 * plan.lane_size + 8), dtype=wd)
+    rows = np.zeros((nt, k_pad), dtype=np.float32)
+    has_bias = bias is not None
+    b = np.ascontiguousarray(bias, dtype=np.float32) if has_bias else np.zeros(1, np.float32)
+    status = np.zeros(plan.lane_count.shape[0], dtype=np.int32)
+    kernel = fused_linear_kernel if parallel else fused_linear_kernel_serial
+    kernel(*_plan_args(plan), status, _KIND[plan.dtype], k_len, xp, b, has_bias, y, bufs, rows)
+    _check_status(status, where)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -455,9 +730,10 @@ def symbol_counts(words: np.ndarray, word_bits: int, sym_bits: int) -> np.ndarra
 
 
 def encode(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_mant_bits: int = 2,
-           max_len: int = 14, counts: np.ndarray | None = None) -> E.Encoded:
-    """Encode raw float bit patterns (``words``: uint16 for bf16/fp16, uint32 for fp32); ``counts`` (the
-    symbol histogram, from :func:`symbol_counts`) is computed when not given."""
+           max_len: int = 14, counts: np.ndarray | None = None, row_len: int = 0) -> E.Encoded:
+    """Encode raw float bit patterns (``words``: uint8 for fp8, uint16 for bf16/fp16, uint32 for fp32);
+    ``counts`` (the symbol histogram, from :func:`symbol_counts`) is computed when not given. ``row_len``
+    (a divisor of ``lane_size``) records that every lane holds whole rows of that length (format version 3)."""
     _, word_bits, _ = E.DTYPES[dtype]
     words = np.ascontiguousarray(words.reshape(-1)).view(E.WORD_DTYPE[word_bits])
     sym_bits = E.symbol_bits(dtype, sym_mant_bits, max_len)
@@ -478,7 +754,7 @@ def encode(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_mant_bits:
     body = np.zeros(int(lane_start[-1]), dtype=np.uint8)
     if n:
         encode_kernel(words, lane_size, lengths64, rcodes, raw_bits, lane_start, raw_bytes, body)
-    return E.assemble(dtype, n, lane_size, sym_bits, lengths, nbytes, body)
+    return E.assemble(dtype, n, lane_size, sym_bits, lengths, nbytes, body, row_len)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,17 +775,52 @@ def decode_plan(plan: E.Plan, out: np.ndarray | None = None, where: str = "lossl
         return out
     n_lanes = plan.lane_count.shape[0]
     status = np.zeros(n_lanes, dtype=np.int32)
-    threads = numba.get_num_threads()
-    parallel = threads > 1 and -(-n_lanes // E.LANES_PER_BLOCK) >= PARALLEL_MIN_BLOCKS_PER_THREAD * threads
+    parallel = _use_threads(-(-n_lanes // E.LANES_PER_BLOCK), PARALLEL_MIN_BLOCKS_PER_THREAD)
     kernel = decode_kernel if parallel else decode_kernel_serial
-    kernel(plan.stream, plan.lane_start, plan.raw_bytes, plan.lane_size, plan.n, plan.lut,
-           np.uint64((1 << plan.table_bits) - 1), plan.pair_lut,
-           plan.raw_bits, 57 // plan.table_bits, out, status)
+    kernel(*_plan_args(plan), out, status)
+    _check_status(status, where)
+    return out
+
+
+def _plan_args(plan: E.Plan) -> tuple:
+    """The plan's arrays and constants in the order every decode kernel takes them."""
+    return (plan.stream, plan.lane_start, plan.raw_bytes, plan.lane_size, plan.n, plan.lut,
+            np.uint64((1 << plan.table_bits) - 1), plan.pair_lut, plan.raw_bits, 57 // plan.table_bits)
+
+
+def _check_status(status: np.ndarray, where: str) -> None:
     bad = np.nonzero(status)[0]
     if bad.size:
         raise CorruptData(f"{bad.size} lanes do not end where their byte lengths say "
                           f"(first: lane {int(bad[0])})", where)
-    return out
+
+
+def _use_threads(work_units: int, min_per_thread: int) -> bool:
+    threads = numba.get_num_threads()
+    return threads > 1 and work_units >= min_per_thread * threads
+
+
+def decode_rows(plan: E.Plan, rows: np.ndarray, row_len: int, where: str = "lossless tensor") -> np.ndarray:
+    """Decode only the rows ``rows`` (any order, repeats allowed) of a tensor of rows of ``row_len`` weights:
+    the lanes holding them are decoded (one lane of version-3 row-aligned data holds ``lane_size / row_len``
+    whole rows; older data may have rows that straddle two lanes, then both are decoded). Returns the rows'
+    words, shape ``(len(rows), row_len)``."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    wd = E.WORD_DTYPE[plan.word_bits]
+    if rows.size == 0 or row_len == 0:
+        return np.zeros((rows.size, row_len), dtype=wd)
+    first = rows * row_len
+    lo, hi = first // plan.lane_size, (first + row_len - 1) // plan.lane_size
+    span = int((hi - lo).max()) + 1
+    lanes = np.unique((lo[:, None] + np.arange(span)[None, :]).clip(max=hi[:, None]))
+    out = np.empty(lanes.size * plan.lane_size + 8, dtype=wd)
+    status = np.zeros(plan.lane_count.shape[0], dtype=np.int32)
+    kernel = decode_lanes_kernel if _use_threads(lanes.size, 2) else decode_lanes_kernel_serial
+    kernel(*_plan_args(plan), lanes, out, status)
+    _check_status(status, where)
+    # lanes holding one row are consecutive in ``lanes``, so a row is contiguous in ``out``
+    start = np.searchsorted(lanes, lo) * plan.lane_size + first - lo * plan.lane_size
+    return out[start[:, None] + np.arange(row_len)[None, :]]
 
 
 def decode(enc: E.Encoded, out: np.ndarray | None = None, verify_checksums: bool = True,

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from numba import cuda
+from numba.core import config
 
 from ..errors import CorruptData
 from . import entropy as E
@@ -158,6 +159,92 @@ def staged_kernel(sub: int, threads: int, word_bits: int) -> Any:
     return kernel
 
 
+# ---------------------------------------------------------------------------------------------------
+# Fused decode + matmul (GEMV / small-batch GEMM).
+
+if config.ENABLE_CUDASIM:
+    @cuda.jit(device=True)
+    def _mul_rn(a, b):
+        return a * b   # numpy float32 scalars: one IEEE rounding, no FMA
+
+    @cuda.jit(device=True)
+    def _add_rn(a, b):
+        return a + b
+else:  # pragma: no cover - needs a GPU
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _mul_rn(a, b):
+        return libdevice.fmul_rn(a, b)   # never contracted into an FMA (the summation order is fixed)
+
+    @cuda.jit(device=True, inline=True)
+    def _add_rn(a, b):
+        return libdevice.fadd_rn(a, b)
+
+#: the fused kernel's shared memory: the decoded row (words), the row in float32 and the partial sums
+FUSED_SMEM_BYTES = 48 * 1024
+
+
+@lru_cache(maxsize=None)
+def fused_kernel(k_len: int, threads: int, sub: int, word_bits: int) -> Any:
+    """Fused decode + matmul: one thread block per weight row (compiled once per row length).
+
+    The block's threads decode the row's ``k_len / sub`` sub-lanes (from the sub-lane index, as
+    :func:`staged_kernel` does) into shared memory, widen them to float32 (bf16: shift left 16; fp32: as is),
+    and then every warp takes batch rows: lane ``j`` of the warp sums the products of every ``k = j (mod 32)``
+    in increasing ``k`` (``fmul_rn`` / ``fadd_rn``: no FMA contraction) and lane 0 adds the 32 partial sums in
+    the halving tree, so the result is :func:`entropy.linear_reference` bit for bit, like the CPU kernel.
+    Nothing the size of the weight is written: DFloat11 (Zhang et al. 2025, section 3.3) decodes a whole
+    transformer block into global memory before its matmuls instead."""
+    word = np.uint16 if word_bits == 16 else np.uint32
+    k_pad = -(-k_len // 32) * 32
+    warps = threads // 32
+
+    @cuda.jit
+    def kernel(a64, sub_pos, lane_start, lane_size, lut, tmask, raw_bits, subs_per_lane, x, bias, has_bias, y):
+        wbuf = cuda.shared.array(k_len, word)
+        rowf = cuda.shared.array(k_pad, np.float32)
+        red = cuda.shared.array(threads, np.float32)
+        rowu = rowf.view(np.uint32)
+        r = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        g0 = r * (k_len // sub)
+        for j in range(tid, k_len // sub, threads):
+            g = g0 + j
+            k = g // subs_per_lane
+            _decode_run(a64, lane_start[k] * 8, sub_pos[g], (g - k * subs_per_lane) * sub, sub, lut, tmask,
+                        raw_bits, wbuf, j * sub)
+        cuda.syncthreads()
+        for k in range(tid, k_pad, threads):
+            if k >= k_len:
+                rowf[k] = np.float32(0.0)
+            elif word_bits == 16:
+                rowu[k] = np.uint32(wbuf[k]) << np.uint32(16)
+            else:
+                rowu[k] = wbuf[k]
+        cuda.syncthreads()
+        w = tid // 32
+        lane = tid - 32 * w
+        for b0 in range(0, x.shape[0], warps):
+            b = b0 + w
+            if b < x.shape[0]:
+                acc = np.float32(0.0)
+                for k in range(lane, k_pad, 32):   # the padding adds +0.0, as the reference does
+                    acc = _add_rn(acc, _mul_rn(rowf[k], x[b, k]) if k < k_len else np.float32(0.0))
+                red[tid] = acc
+            cuda.syncthreads()
+            if b < x.shape[0] and lane == 0:
+                h = 16
+                while h >= 1:
+                    for j in range(h):
+                        red[tid + j] = _add_rn(red[tid + j], red[tid + j + h])
+                    h //= 2
+                y[b, r] = _add_rn(red[tid], bias[r]) if has_bias else red[tid]
+            cuda.syncthreads()
+
+    return kernel
+
+
 class CudaDecoder:
     """Decoder for one validated tensor: uploads the stream and table once, builds the sub-lane index."""
 
@@ -194,6 +281,35 @@ class CudaDecoder:
             raise CorruptData(f"{bad.size} lanes do not end where their byte lengths say (first: lane {int(bad[0])})",
                               where)
 
+    def fused_ok(self, k_len: int) -> bool:
+        """Whether :meth:`linear` runs for rows of ``k_len`` weights: bf16 or fp32, lanes of whole rows, rows
+        made of whole sub-lanes, and the row fitting in shared memory."""
+        p = self.plan
+        smem = k_len * p.word_bits // 8 + (-(-k_len // 32) * 32 + self.threads) * 4
+        return (p.dtype in ("bfloat16", "float32") and k_len > 0 and p.n % k_len == 0 and p.lane_size % k_len == 0
+                and k_len % self.sub == 0 and p.lane_size % self.sub == 0 and self.threads % 32 == 0
+                and smem <= FUSED_SMEM_BYTES)
+
+    def linear(self, x: Any, bias: Any = None, out: Any = None) -> Any:
+        """``x @ W.T + bias`` in float32 (``x``: ``(B, K)`` float32, a device array or anything
+        ``numba.cuda`` accepts, torch CUDA tensors included), decoded row by row in shared memory
+        (:func:`fused_kernel`); returns ``out`` (a new ``(B, N)`` device array when not given), bit-identical to
+        :func:`entropy.linear_reference` of the decoded weight."""
+        p = self.plan
+        xd = _device(x)
+        k_len = xd.shape[1]
+        if not self.fused_ok(k_len):
+            raise ValueError(f"fused CUDA kernel cannot run rows of {k_len} weights of this tensor")
+        n_rows = p.n // k_len
+        y = cuda.device_array((xd.shape[0], n_rows), dtype=np.float32) if out is None else _device(out)
+        has_bias = bias is not None
+        b = _device(bias) if has_bias else cuda.to_device(np.zeros(1, np.float32))
+        if n_rows and xd.shape[0]:
+            fused_kernel(k_len, self.threads, self.sub, p.word_bits)[n_rows, self.threads](
+                self.a64, self.sub_pos, self.lane_start, p.lane_size, self.lut, self.tmask, p.raw_bits,
+                self.subs_per_lane, xd, b, has_bias, y)
+        return out if out is not None else y
+
     def decode(self, out: Any = None) -> Any:
         """Decode into ``out`` (a device array of uint16 / uint32 words, or anything numba.cuda accepts);
         returns it."""
@@ -212,6 +328,16 @@ class CudaDecoder:
         _decode_kernel[grid, self.threads](self.a64, self.sub_pos, self.lane_start, p.lane_size, p.n, self.lut,
                                            self.tmask, p.raw_bits, self.sub, self.subs_per_lane, out)
         return out
+
+
+def _device(a: Any) -> Any:
+    """A numba device array for ``a`` (host arrays are copied to the device, device arrays and torch CUDA
+    tensors are shared)."""
+    if isinstance(a, np.ndarray):
+        return cuda.to_device(a)
+    if cuda.is_cuda_array(a):
+        return cuda.as_cuda_array(a)
+    return a
 
 
 def decode(enc: E.Encoded, sub: int | None = None, threads: int | None = None, where: str = "lossless tensor",
