@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modelpress.codecs.lossless import (LosslessEmbedding, LosslessLinear, decode_tensor, encode_tensor,
@@ -129,10 +130,10 @@ def test_version_2_artifacts_still_load_and_run(tmp_path) -> None:
     lin = _linear(torch.bfloat16, 40, 80)
     x = torch.randn(3, 80).to(torch.bfloat16)
     for lane, fused in ((100, False), (160, True)):
-        old = LosslessLinear.from_linear(lin, _v2_encoded(lin.weight, lane))
-        torch.save(old.state_dict(), tmp_path / "old.pt")
+        old = LosslessLinear.from_linear(lin, _v2_encoded(lin.weight, lane), fused_max_rows=256)
+        save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / "old.safetensors"))
         fresh = LosslessLinear.from_module_config(old.module_config())
-        fresh.load_state_dict(torch.load(tmp_path / "old.pt"))
+        fresh.load_state_dict(load_file(str(tmp_path / "old.safetensors")))
         assert torch.equal(fresh.decoded_weight(), lin.weight)
         assert fresh._fused_ok(x, 3) == fused
         with torch.no_grad():

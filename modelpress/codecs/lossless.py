@@ -433,8 +433,8 @@ class LosslessConv1D(LosslessLinear):
     are bit-identical to the uncoded layer."""
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, weight_dtype: str,
-                 sizes: dict[str, int]) -> None:
-        super().__init__(in_features, out_features, has_bias, weight_dtype, sizes)
+                 sizes: dict[str, int], fused_max_rows: int = 0) -> None:
+        super().__init__(in_features, out_features, has_bias, weight_dtype, sizes, 0)  # always its own addmm
         self.weight_shape = (in_features, out_features)
 
     @classmethod

@@ -158,9 +158,17 @@ def random_dataset() -> Dataset:
 # ---------------------------------------------------------------------------------------------------
 # The registry of named datasets (filled by the zoo modules that own the data)
 
+def _discover_zoo() -> None:
+    """The zoo modules register their datasets and prompt encoders when imported (by name, as the method
+    packages are: the zoo imports this module, not the reverse)."""
+    import importlib
+
+    importlib.import_module("modelpress.zoo").entries()
+
+
 #: named datasets (filled by the zoo modules that own the data) and prompt encoders
-DATASETS: Registry[Callable[[], Dataset]] = Registry("dataset")
-PROMPT_ENCODERS: Registry[Callable[[list[str]], torch.Tensor]] = Registry("prompt encoder")
+DATASETS: Registry[Callable[[], Dataset]] = Registry("dataset", _discover_zoo)
+PROMPT_ENCODERS: Registry[Callable[[list[str]], torch.Tensor]] = Registry("prompt encoder", _discover_zoo)
 
 
 def register_dataset(name: str, load: Callable[[], Dataset]) -> None:

@@ -709,22 +709,22 @@ class _FixedRoute(nn.Module):
 @torch.no_grad()
 def generate(model: APTPModel, prompts: Sequence[str] | torch.Tensor, scheduler_config: dict[str, Any],
              steps: int = 50, seed: int = 0, guidance_scale: float = 3.0,
-             uncond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route ``prompts`` (strings, or their token embeddings ``[n, L, D]``), then sample them all at once with
-    DDIM; at every step the batch is bucketed by code and each bucket runs on its own UNet, the guidance's
-    unconditional branch on the prompt's code. Returns ``(images [n, C, H, W] in [-1, 1], codes [n])``."""
+             uncond: torch.Tensor | None = None, prompt_encoder: str = "minilm-tokens"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route ``prompts`` (strings, encoded by the registered ``prompt_encoder``, or their token embeddings
+    ``[n, L, D]``), then sample them all at once with DDIM; at every step the batch is bucketed by code and
+    each bucket runs on its own UNet, the guidance's unconditional branch on the prompt's code. Returns
+    ``(images [n, C, H, W] in [-1, 1], codes [n])``."""
+    from ..data import prompt_encoder as encoder_named
     from ..sampling import ddim_sample
 
+    encode = encoder_named(prompt_encoder)
     if isinstance(prompts, torch.Tensor):
         cond = prompts
     else:
-        from ..zoo.text import encode_prompts
-
-        cond = torch.cat([encode_prompts(list(prompts[i:i + 256])) for i in range(0, len(prompts), 256)])
+        cond = torch.cat([encode(list(prompts[i:i + 256])) for i in range(0, len(prompts), 256)])
     if uncond is None:
-        from ..zoo.text import encode_prompts
-
-        uncond = encode_prompts([""])
+        uncond = encode([""])
     codes = model.route(cond)
     cfg = model.experts[0].config
     size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
