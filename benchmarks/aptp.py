@@ -162,7 +162,7 @@ def main() -> None:
     ctx = Context(seed=args.seed, show_progress=show)
     t0 = time.time()
     with seeded(args.seed):
-        aptp_handle = APTPPass(cfg).apply(handle, ctx)
+        aptp_handle = APTPPass(cfg).apply(handle.copy(), ctx)  # passes change their input
     results["aptp_seconds"] = round(time.time() - t0, 1)
     results["aptp_log"] = ctx.log["aptp"]
     model: APTPModel = aptp_handle.module
@@ -192,7 +192,7 @@ def main() -> None:
     sctx = Context(seed=args.seed, show_progress=show)
     t0 = time.time()
     with seeded(args.seed):
-        short = StaticPrunePass(scfg).apply(handle, sctx)
+        short = StaticPrunePass(scfg).apply(handle.copy(), sctx)
     full = short.replace_module(copy.deepcopy(short.module))
     data = training_data(handle, load_dataset("digits-prompts/train"), scfg.prompt_pool, args.seed)
     with seeded(args.seed):

@@ -69,7 +69,7 @@ def no_delta(ft: ModelHandle, base: ModelHandle) -> ModelHandle:
 def run_method(label: str, cls, cfg: dict, ft: ModelHandle, base: ModelHandle, data, ref, seed: int = 0):
     ctx = Context(seed=seed, base=base, show_progress=False)
     t0 = time.perf_counter()
-    out = cls(cls.Config(**cfg)).apply(ft, ctx)
+    out = cls(cls.Config(**cfg)).apply(ft.copy(), ctx)  # passes change their input
     secs = time.perf_counter() - t0
     m = metrics(test_logits(out, data), ref, data[2])
     size = delta_size_report(out.module, base.module)
@@ -196,7 +196,7 @@ def serving_section(base: ModelHandle, fts: list[ModelHandle], args) -> tuple[li
     from modelpress.kernels.sign_gemv import sign_matmul
     from modelpress.zoo.text import docs_tensors
 
-    tenants = [BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(ft, Context(base=base, show_progress=False)).module
+    tenants = [BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(ft.copy(), Context(base=base, show_progress=False)).module
                for ft in fts]
     ids, mask, _ = docs_tensors("test", 8, 64)
     tid = torch.tensor([i % len(tenants) for i in range(8)])

@@ -62,7 +62,7 @@ def text_metrics(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, 
 def run_pass(handle, cfg: EvoPressPass.Config, seed: int):
     ctx = Context(seed=seed, show_progress=sys.stderr.isatty())
     t0 = time.perf_counter()
-    out = EvoPressPass(cfg).apply(handle, ctx)
+    out = EvoPressPass(cfg).apply(handle.copy(), ctx)  # passes change their input
     return out, ctx.log["evopress"], time.perf_counter() - t0
 
 

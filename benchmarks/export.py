@@ -75,7 +75,7 @@ def ptq_w8a8(handle: ModelHandle, pass_name: str) -> ModelHandle:
 
     P = get_pass(pass_name)
     ctx = Context(seed=0, calibration=CalibrationSpec(samples=256, batch_size=64), show_progress=False)
-    return P(P.Config(w_bits=8, a_bits=8)).apply(handle, ctx)
+    return P(P.Config(w_bits=8, a_bits=8)).apply(handle.copy(), ctx)  # passes change their input
 
 
 def run_model(name: str, repeats: int, threads: int, samples: int | None, out_dir: Path,

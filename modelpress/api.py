@@ -134,14 +134,15 @@ def _input_record(handle: ModelHandle) -> dict[str, Any]:
 
 def compress(model: ModelLike, passes: Iterable[Any] = (), *, base: ModelLike | None = None,
              calibration: Any = None, seed: int = 0, kind: str | None = None, keep_reference: bool = True,
-             show_progress: bool = False, where: str = "passes") -> Compressed:
+             show_progress: bool = False, where: str | None = None) -> Compressed:
     """Run ``passes`` on ``model`` (see the module docstring) and return the :class:`Compressed` result.
 
     ``calibration``: ``{"dataset": ..., "samples": ..., "seq_len": ..., "batch_size": ...}`` (unset values
     leave each pass its paper default; no dataset: the zoo model's own data), a dataset name / path, or a
     :class:`~modelpress.data.Dataset`. ``seed`` covers the whole run (each pass ``i`` runs under
     ``seed + i``; calibration draws and searches derive from it). The input model is changed in place
-    unless it was loaded here; ``keep_reference`` keeps an untouched copy for evaluation."""
+    unless it was loaded here; ``keep_reference`` keeps an untouched copy for evaluation. ``where`` prefixes
+    error messages (the recipe runner gives the recipe file)."""
     parsed = parse_passes(passes, where)
     handle = as_handle(model, kind)
     base_handle = as_handle(base, what="base") if base is not None else None

@@ -53,6 +53,12 @@ class ModelHandle:
     def replace_module(self, module: nn.Module) -> "ModelHandle":
         return ModelHandle(module, self.kind, self.source, self.architecture, dict(self.extras))
 
+    def copy(self) -> "ModelHandle":
+        """A handle over a deep copy of the module (passes change the model they are given in place)."""
+        import copy
+
+        return self.replace_module(copy.deepcopy(self.module))
+
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a module computes in: that of its first floating-point parameter or buffer (fp32 if none)."""

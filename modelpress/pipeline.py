@@ -42,7 +42,7 @@ def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) ->
     # the recipe's dataset path was resolved (beside the recipe) and checked when the recipe was parsed
     result = api.compress(model, loaded.passes, base=load_model(r.base) if r.base else None,
                           calibration=r.calibration.model_dump(exclude_none=True), seed=r.seed,
-                          show_progress=show_progress, where=str(loaded.path) if loaded.path else "passes")
+                          show_progress=show_progress, where=str(loaded.path) if loaded.path else None)
     result.recipe = loaded.raw
     result.write(staging)
     if loaded.path is not None and loaded.path.exists():

@@ -150,7 +150,7 @@ def _describe(err: dict[str, Any], model_cls: type[BaseModel]) -> str:
     return f"must be {msg}, got {inp!r}" if not msg.startswith("must") else f"{msg}, got {inp!r}"
 
 
-def validation_error(where: str, exc: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> UserError:
+def validation_error(where: str | None, exc: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> UserError:
     """Turn the first pydantic error into ``UserError('<field path>: <what>', where)``."""
     err = exc.errors()[0]
     loc = tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
@@ -197,7 +197,7 @@ def _check_model_source(spec: ModelSpec, field: str, where: str, recipe_dir: Pat
     return spec.model_copy(update={"source": str(p)})
 
 
-def parse_passes(passes: Any, where: str = "passes") -> list[tuple[str, Any]]:
+def parse_passes(passes: Any, where: str | None = None) -> list[tuple[str, Any]]:
     """``(name, config)`` pairs from recipe-shaped dicts (``{"type": ..., options}``) or ``(name, config)``
     pairs; every entry validated against its pass's ``Config`` (errors name ``passes[i].option``)."""
     from .passes import PassConfig, get_pass

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 
 import numpy as np
@@ -31,11 +30,6 @@ torch.set_num_threads(1)
 # ---------------------------------------------------------------------------------------------------
 # tiny stand-ins: a BERT base (BertModel) and a classifier fine-tune of it; a GPT-2 (Conv1D) pair
 
-
-
-def fresh(handle: ModelHandle) -> ModelHandle:
-    """A copy of ``handle`` to give a pass (passes change the model they are given in place)."""
-    return handle.replace_module(copy.deepcopy(handle.module))
 
 def _bert_pair(seed: int = 0, scale: float = 0.3, exact_sign: float | None = None, hidden: int = 64):
     from transformers import BertConfig, BertForSequenceClassification, BertModel
@@ -140,7 +134,7 @@ def test_finds_conv1d_and_bitdelta_is_exact_on_sign_deltas():
     assert "lm_head" not in names  # tied to the embeddings, no base linear counterpart
     bh = ModelHandle(base, "encoder", "b", describe_architecture(base))
     fh = ModelHandle(ft, "encoder", "f", describe_architecture(ft))
-    out = BitDeltaPass(BitDeltaPass.Config(steps=0, embeddings="keep")).apply(fresh(fh), _ctx(bh))
+    out = BitDeltaPass(BitDeltaPass.Config(steps=0, embeddings="keep")).apply(fh.copy(), _ctx(bh))
     ids = torch.randint(0, 50, (2, 8))
     with torch.no_grad():
         ref, got = ft(ids).logits, out.module(ids).logits
@@ -149,7 +143,7 @@ def test_finds_conv1d_and_bitdelta_is_exact_on_sign_deltas():
 
 def test_bitdelta_exact_on_bert_and_weight_is_the_base():
     bh, fh = _bert_pair(exact_sign=0.02)
-    out = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fresh(fh), _ctx(bh))
+    out = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fh.copy(), _ctx(bh))
     x = example_inputs(fh, batch=3, seq_len=12)
     torch.testing.assert_close(_out(out, x), _out(fh, x), rtol=1e-4, atol=1e-5)
     q = out.module.bert.encoder.layer[0].attention.self.query
@@ -163,8 +157,8 @@ def test_bitdelta_distillation_trains_only_alphas():
     ctx = _ctx(bh)
     probe = example_inputs(fh, batch=16, seq_len=16, seed=123)  # inputs the distillation never saw
     target = _out(fh, probe)
-    init = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fresh(fh), _ctx(bh))
-    out = BitDeltaPass(BitDeltaPass.Config(steps=30, lr=3e-3, batch_size=4, seq_len=16)).apply(fresh(fh), ctx)
+    init = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fh.copy(), _ctx(bh))
+    out = BitDeltaPass(BitDeltaPass.Config(steps=30, lr=3e-3, batch_size=4, seq_len=16)).apply(fh.copy(), ctx)
     log = ctx.log["bitdelta"]
     # the trained scales fit the fine-tune's outputs better than the initial ones (mean |delta|), on new inputs
     assert F.mse_loss(_out(out, probe), target) < 0.8 * F.mse_loss(_out(init, probe), target)
@@ -177,14 +171,14 @@ def test_bitdelta_distillation_trains_only_alphas():
                        bh.module.state_dict()["embeddings.word_embeddings.weight"])
     assert torch.equal(st["classifier.weight"], ft_state["classifier.weight"])
     # the distillation is deterministic given the seed
-    out2 = BitDeltaPass(BitDeltaPass.Config(steps=30, lr=3e-3, batch_size=4, seq_len=16)).apply(fresh(fh), _ctx(bh))
+    out2 = BitDeltaPass(BitDeltaPass.Config(steps=30, lr=3e-3, batch_size=4, seq_len=16)).apply(fh.copy(), _ctx(bh))
     assert ctx.log["bitdelta"]["alpha"] == {k: m.alpha.item() for k, m in out2.module.named_modules()
                                             if isinstance(m, BitDeltaLinear)}
 
 
 def test_bitdelta_size_is_over_10x_smaller_than_fp16():
     bh, fh = _bert_pair(hidden=128)
-    out = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fresh(fh), _ctx(bh))
+    out = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fh.copy(), _ctx(bh))
     rep = delta_size_report(out.module, bh.module)
     assert rep["linear_ratio"] > 15  # 1 bit + one fp32 alpha per matrix vs 16 bits
     assert rep["total_ratio"] > 10
@@ -218,7 +212,7 @@ def test_delta_come_low_rank_delta_is_nearly_exact_and_gptq_beats_rtn():
     for quantizer in ("gptq", "rtn"):
         cfg = DeltaCoMePass.Config(budget_bits=4.0, quantizer=quantizer, samples=8, batch_size=4, seq_len=16,
                                    groups=[{"bits": 8, "count": 2}, {"bits": 4, "count": -1}])
-        out = DeltaCoMePass(cfg).apply(fresh(fh), _ctx(bh))
+        out = DeltaCoMePass(cfg).apply(fh.copy(), _ctx(bh))
         errs[quantizer] = float((_out(out, x) - ref).pow(2).mean())
     delta_effect = float((_out(fh.replace_module(_revert_to_base(fh.module, bh.module)), x) - ref).pow(2).mean())
     assert errs["gptq"] < 0.01 * delta_effect
@@ -239,7 +233,7 @@ def _revert_to_base(ft: torch.nn.Module, base: torch.nn.Module) -> torch.nn.Modu
 
 def test_dare_mask_from_seed_and_storage():
     bh, fh = _bert_pair()
-    out = DarePass(DarePass.Config(p=0.9)).apply(fresh(fh), _ctx(bh))
+    out = DarePass(DarePass.Config(p=0.9)).apply(fh.copy(), _ctx(bh))
     mods = [m for m in out.module.modules() if isinstance(m, DareLinear)]
     for m in mods:
         assert m.mask_mode == "seed"
@@ -252,7 +246,7 @@ def test_dare_mask_from_seed_and_storage():
 
 def test_dare_p0_is_exact():
     bh, fh = _bert_pair(scale=0.1)
-    out = DarePass(DarePass.Config(p=0.0, embeddings="keep")).apply(fresh(fh), _ctx(bh))
+    out = DarePass(DarePass.Config(p=0.0, embeddings="keep")).apply(fh.copy(), _ctx(bh))
     x = example_inputs(fh, batch=2, seq_len=12)
     torch.testing.assert_close(_out(out, x), _out(fh, x), rtol=1e-3, atol=1e-4)  # fp16 values
 
@@ -266,12 +260,12 @@ def test_darex_beats_dare_at_p099_on_a_synthetic_dense_delta():
     x = example_inputs(fh, batch=8, seq_len=16, seed=42)  # held out: the passes calibrate on other seeded draws
     ref = _out(fh, x)
     err = lambda h: float((_out(h, x) - ref).pow(2).mean())  # noqa: E731
-    dare = err(DarePass(DarePass.Config(p=0.99)).apply(fresh(fh), _ctx(bh)))
+    dare = err(DarePass(DarePass.Config(p=0.99)).apply(fh.copy(), _ctx(bh)))
     for mode in ("unlabelled", "analytic"):
         ctx = _ctx(bh)
-        darex = DarexPass(DarexPass.Config(p=0.99, q_mode=mode, grid=8, samples=8, batch_size=4, seq_len=16)).apply(fresh(fh), ctx)
+        darex = DarexPass(DarexPass.Config(p=0.99, q_mode=mode, grid=8, samples=8, batch_size=4, seq_len=16)).apply(fh.copy(), ctx)
         assert err(darex) < 0.5 * dare, mode
-    fixed = DarexPass(DarexPass.Config(p=0.99, q_mode="fixed", q=0.5, samples=4, batch_size=4, seq_len=16)).apply(fresh(fh), _ctx(bh))
+    fixed = DarexPass(DarexPass.Config(p=0.99, q_mode="fixed", q=0.5, samples=4, batch_size=4, seq_len=16)).apply(fh.copy(), _ctx(bh))
     assert all(float(m.rescale) == 2.0 for m in fixed.module.modules() if isinstance(m, DareLinear))
 
 
@@ -295,7 +289,7 @@ def test_importance_and_magnitude_pruning():
     bh, fh = _bert_pair(scale=0.5)
     for prune in ("magnitude", "importance"):
         out = DarexPass(DarexPass.Config(p=0.95, prune=prune, q_mode="fixed", q=1.0, samples=4, batch_size=4,
-                                         seq_len=16)).apply(fresh(fh), _ctx(bh))
+                                         seq_len=16)).apply(fh.copy(), _ctx(bh))
         for m in out.module.modules():
             if isinstance(m, DareLinear):
                 assert m.mask_mode in ("indices", "bitmask")
@@ -312,7 +306,7 @@ def test_importance_and_magnitude_pruning():
 def test_labelled_mode_without_labels_is_a_user_error():
     bh, fh = _bert_pair()
     with pytest.raises(UserError):
-        DarexPass(DarexPass.Config(p=0.9, q_mode="labelled", samples=4, batch_size=4, seq_len=16)).apply(fresh(fh), _ctx(bh))
+        DarexPass(DarexPass.Config(p=0.9, q_mode="labelled", samples=4, batch_size=4, seq_len=16)).apply(fh.copy(), _ctx(bh))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,7 +321,7 @@ def test_save_load_roundtrip_and_base_refill(name, cfg):
     bh, fh = _bert_pair()
     cls = get_pass(name)
     assert cls.needs_base
-    out = cls(cls.Config(**cfg)).apply(fresh(fh), _ctx(bh))
+    out = cls(cls.Config(**cfg)).apply(fh.copy(), _ctx(bh))
     x = example_inputs(fh, batch=2, seq_len=12)
     loaded = _roundtrip(out.module)
     torch.testing.assert_close(_out(out.replace_module(loaded), x), _out(out, x))
@@ -340,13 +334,13 @@ def test_save_load_roundtrip_and_base_refill(name, cfg):
 def test_missing_or_wrong_base_is_a_user_error():
     bh, fh = _bert_pair()
     with pytest.raises(UserError, match="base"):
-        BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fresh(fh), Context(show_progress=False))
+        BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fh.copy(), Context(show_progress=False))
     from transformers import BertConfig, BertModel
 
     other = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  intermediate_size=64)).eval()
     with pytest.raises(UserError, match="base"):
-        BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fresh(fh), _ctx(ModelHandle(other, "encoder", "o", describe_architecture(other))))
+        BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fh.copy(), _ctx(ModelHandle(other, "encoder", "o", describe_architecture(other))))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,7 +357,7 @@ def test_multi_tenant_batch_matches_each_fine_tune(use_kernel):
         with torch.no_grad():  # three different fine-tunes of the same base
             for p in fh.module.parameters():
                 p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
-        tenants.append(BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fresh(fh), _ctx(bh)))
+        tenants.append(BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fh.copy(), _ctx(bh)))
     server = MultiTenantModel([t.module for t in tenants], use_kernel=use_kernel)
     ids, mask = example_inputs(tenants[0], batch=6, seq_len=10, seed=1)
     mask[1, 7:] = 0
@@ -378,7 +372,7 @@ def test_multi_tenant_batch_matches_each_fine_tune(use_kernel):
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_quantized_base_on_cpu(mode):
     bh, fh = _bert_pair(exact_sign=0.02)
-    out = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fresh(fh), _ctx(bh))
+    out = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fh.copy(), _ctx(bh))
     x = example_inputs(fh, batch=2, seq_len=12)
     ref = _out(out, x)
     m = copy.deepcopy(out.module)
@@ -427,7 +421,7 @@ def test_recipe_artifact_stores_only_the_delta(tmp_path, pass_yaml):
 
     cfg = yaml.safe_load(pass_yaml)
     cls = get_pass(cfg.pop("type"))
-    in_memory = cls(cls.Config(**cfg)).apply(fresh(fh), _ctx(bh, seed=0))
+    in_memory = cls(cls.Config(**cfg)).apply(fh.copy(), _ctx(bh, seed=0))
     x = example_inputs(fh, batch=2, seq_len=8)
     torch.testing.assert_close(_out(loaded, x), _out(in_memory, x), rtol=1e-4, atol=1e-5)
     # wrong base: a different model of the same shape
@@ -442,7 +436,7 @@ def test_materialized_delta_model_computes_the_same_function():
     from modelpress.modules import materialize
 
     bh, fh = _bert_pair(exact_sign=0.02)
-    out = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fresh(fh), _ctx(bh))
+    out = BitDeltaPass(BitDeltaPass.Config(steps=0)).apply(fh.copy(), _ctx(bh))
     plain = materialize(out.module)
     assert not any(isinstance(m, DeltaLinear) for m in plain.modules())
     x = example_inputs(fh, batch=2, seq_len=10)

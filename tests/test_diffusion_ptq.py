@@ -6,7 +6,6 @@ storage and reload are exercised for real; image quality is measured in benchmar
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 from pathlib import Path
 
@@ -26,11 +25,6 @@ from modelpress.sampling import ddim_sample, ddim_timesteps, scheduler_config
 torch.set_num_threads(1)
 STEPS = 8
 
-
-
-def fresh(handle: ModelHandle) -> ModelHandle:
-    """A copy of ``handle`` to give a pass (passes change the model they are given in place)."""
-    return handle.replace_module(copy.deepcopy(handle.module))
 
 def tiny_unet(seed: int = 0) -> ModelHandle:
     import diffusers as d
@@ -69,7 +63,7 @@ def run_pass(name: str, handle: ModelHandle, seed: int = 0, **cfg) -> tuple[Mode
     ctx = Context(seed=seed, data=TINY_PROMPTS, show_progress=False)
     opts = dict(samples=16, steps=STEPS, batch_size=16, recon_batch=8)
     opts.update(cfg)
-    out = P(P.Config(**opts)).apply(fresh(handle), ctx)
+    out = P(P.Config(**opts)).apply(handle.copy(), ctx)
     return out, ctx.log[name]
 
 

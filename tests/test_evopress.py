@@ -1,7 +1,6 @@
 """EvoPress: level database, SparseGPT, mutation, selection, baselines and the ``evopress`` pass."""
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 from pathlib import Path
@@ -18,17 +17,12 @@ from modelpress.data.capture import collect_hessians
 from modelpress.prune.sparsegpt import layer_output_error, magnitude_prune, sparsegpt_prune
 from modelpress.search import baselines
 from modelpress.search.evopress import EvoPressPass, evolve, load_level_map
-from modelpress.search.space import CalibrationPool, SearchSpace, calibration_pool, target_size
+from modelpress.search.space import SearchSpace, calibration_pool, target_size
 from modelpress.search.levels import (DroppedBlock, LevelDatabase, LevelSpec, LevelSwitcher, build_database,
                                       find_layers, search_units)
 
 torch.set_num_threads(1)
 
-
-
-def fresh(handle: ModelHandle) -> ModelHandle:
-    """A copy of ``handle`` to give a pass (passes change the model they are given in place)."""
-    return handle.replace_module(copy.deepcopy(handle.module))
 
 def tiny_classifier(layers: int = 3, seed: int = 0) -> ModelHandle:
     import transformers
@@ -284,7 +278,7 @@ def test_pass_meets_budget_and_records(tmp_path: Path, family, method, budget, s
     levels = [0.0, 0.25, 0.5, 0.75] if family == "sparsity" else None
     cfg = fast_config(family=family, method=method, budget=budget, strategy=strategy, levels=levels,
                       database=str(tmp_path / "db"))
-    out = get_pass("evopress")(cfg).apply(fresh(h), ctx)
+    out = get_pass("evopress")(cfg).apply(h.copy(), ctx)
     log = ctx.log["evopress"]
     assert len(log["level_map"]) == (3 if family == "drop" else 18)
     if family == "sparsity":
@@ -308,7 +302,7 @@ def test_pass_is_deterministic_and_level_map_reusable(tmp_path: Path):
     logs, models = [], []
     for _ in range(2):
         ctx = Context(seed=5, data=random_dataset(), show_progress=False)
-        models.append(get_pass("evopress")(cfg).apply(fresh(h), ctx))
+        models.append(get_pass("evopress")(cfg).apply(h.copy(), ctx))
         logs.append(ctx.log["evopress"])
     assert logs[0]["level_map"] == logs[1]["level_map"]
     assert logs[0]["selection_draws"] == logs[1]["selection_draws"]
@@ -317,7 +311,7 @@ def test_pass_is_deterministic_and_level_map_reusable(tmp_path: Path):
     assert load_level_map(str(path)) == logs[0]["level_map"]
     ctx = Context(seed=99, data=random_dataset(), show_progress=False)
     reused = get_pass("evopress")(fast_config(family="bits", method="rtn", budget=3.0, level_map=str(path),
-                                              database=str(tmp_path / "db"))).apply(fresh(h), ctx)
+                                              database=str(tmp_path / "db"))).apply(h.copy(), ctx)
     for a, b in zip(models[0].module.state_dict().values(), reused.module.state_dict().values()):
         assert torch.equal(a, b)
     assert "fitness_history" not in ctx.log["evopress"]
@@ -328,7 +322,7 @@ def test_pass_on_a_unet_with_ungrouped_mutation(tmp_path: Path):
     ctx = Context(seed=0, data=random_dataset(), show_progress=False)
     cfg = fast_config(family="sparsity", method="magnitude", budget=0.5, grouping="none",
                       database=str(tmp_path / "db"))
-    out = get_pass("evopress")(cfg).apply(fresh(h), ctx)
+    out = get_pass("evopress")(cfg).apply(h.copy(), ctx)
     log = ctx.log["evopress"]
     assert log["fitness"] == "mse" and log["achieved_budget"] >= 0.5 - 1e-9
     assert out.canonical()(*example_inputs(out)).shape == (2, 1, 8, 8)
@@ -345,7 +339,7 @@ def test_config_errors(tmp_path: Path):
                dict(family="bits", method="rtn", budget=3, strategy="cosine"),
                dict(family="bits", method="rtn", levels=[2, 3, 8], budget=3)):
         with pytest.raises(UserError):
-            get_pass("evopress")(fast_config(database=str(tmp_path / "db"), **kw)).apply(fresh(h), Context(data=random_dataset(), show_progress=False))
+            get_pass("evopress")(fast_config(database=str(tmp_path / "db"), **kw)).apply(h.copy(), Context(data=random_dataset(), show_progress=False))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
@@ -357,7 +351,7 @@ def test_artifact_round_trip_with_dropped_blocks(tmp_path: Path):
 
     h = tiny_classifier(layers=3)
     ctx = Context(seed=0, data=random_dataset(), show_progress=False)
-    out = get_pass("evopress")(fast_config(family="drop", budget=1, strategy="cosine")).apply(fresh(h), ctx)
+    out = get_pass("evopress")(fast_config(family="drop", budget=1, strategy="cosine")).apply(h.copy(), ctx)
     write_artifact(tmp_path / "art", out, pass_log=ctx.log)
     loaded = load_artifact(tmp_path / "art")
     x = example_inputs(h)
@@ -420,7 +414,7 @@ def test_artifact_stores_the_levels_compressed_and_loads_the_database_weights(tm
     ctx = Context(seed=0, data=random_dataset(), show_progress=False)
     cfg = fast_config(family=family, method=method, budget=budget, levels=levels, database=str(tmp_path / "db"),
                       generations=2)
-    out = get_pass("evopress")(cfg).apply(fresh(h), ctx)
+    out = get_pass("evopress")(cfg).apply(h.copy(), ctx)
     log = ctx.log["evopress"]
     write_artifact(tmp_path / "art", out, pass_log=ctx.log)
     loaded = load_artifact(tmp_path / "art").module

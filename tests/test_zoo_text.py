@@ -55,17 +55,20 @@ def test_docs_dataset_is_deterministic_across_processes(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == here
 
 
-def test_text_batches_and_calibration_texts_are_seeded():
-    a = list(zt.text_batches("train", 40, 16, seed=3))
-    b = list(zt.text_batches("train", 40, 16, seed=3))
-    c = list(zt.text_batches("train", 40, 16, seed=4))
-    assert [x[0].shape for x in a] == [torch.Size([16, 64]), torch.Size([16, 64]), torch.Size([8, 64])]
-    assert all(torch.equal(x[0], y[0]) and torch.equal(x[2], y[2]) for x, y in zip(a, b))
-    assert not torch.equal(a[0][0], c[0][0])
-    ids, mask, labels = a[0]
-    assert ids.dtype == mask.dtype == labels.dtype == torch.int64 and int(ids[0, 0]) == 101  # [CLS]
-    assert zt.calibration_texts(5, 1) == zt.calibration_texts(5, 1) != zt.calibration_texts(5, 2)
-    assert set(zt.calibration_texts(5, 1)) <= set(zt.docs_dataset("train")[0])
+def test_calibration_draws_are_the_seeded_permutation_of_the_train_split():
+    """The data layer's draw of a zoo dataset: the first n of a permutation seeded by the seed (what the
+    methods drew before the data layer existed), tokenized by the model's own (MiniLM) tokenizer."""
+    from modelpress.data.inputs import model_inputs
+
+    texts, _ = zt.docs_dataset("train")
+    data = load_dataset("pydocs-10/train")
+    perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(3))[:40].tolist()
+    drawn = data.draw(40, 3)
+    assert drawn.ids == perm and drawn.texts == [texts[i] for i in perm]
+    assert data.draw(40, 4).ids != perm
+    (ids, mask), _ = model_inputs(zoo.load("minilm"), data, 40, 3, seq_len=64)
+    want_ids, want_mask = zt.tokenize(drawn.texts, 64)
+    assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask) and int(ids[0, 0]) == 101  # [CLS]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,7 +81,7 @@ def test_minilm_gives_the_sentence_transformers_embedding():
     assert handle.kind == "encoder" and handle.extras["zoo"] == "minilm"
     assert Path(handle.extras["tokenizer_dir"], "tokenizer.json").exists()
     assert sum(p.numel() for p in handle.module.parameters()) == 22_713_216
-    texts = zt.calibration_texts(4, 0)
+    texts = load_dataset("pydocs-10/train").draw(4, 0).texts
     ids, mask = zt.tokenize(texts, 128)
     with torch.no_grad():
         ours = zt.sentence_embedding(handle.canonical()(ids, mask), mask)

@@ -273,23 +273,6 @@ def _pick(count: int, n: int | None, seed: int) -> torch.Tensor:
     return perm if n is None else perm[:min(int(n), count)]
 
 
-def text_batches(split: str, n: int | None, batch_size: int, seed: int,
-                 max_length: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(input_ids, attention_mask, labels)`` batches of ``n`` examples of ``split`` drawn with
-    ``seed`` (calibration data for quantizers, delta compressors and searches; evaluation)."""
-    ids, mask, labels = _tokenized(split, max_length)
-    idx = _pick(len(labels), n, seed)
-    for start in range(0, len(idx), batch_size):
-        b = idx[start:start + batch_size]
-        yield ids[b], mask[b], labels[b]
-
-
-def calibration_texts(n: int, seed: int) -> list[str]:
-    """``n`` plain texts of the train split drawn with ``seed``."""
-    texts, _ = docs_dataset("train")
-    return [texts[i] for i in _pick(len(texts), n, seed).tolist()]
-
-
 # ---------------------------------------------------------------------------------------------------
 # The models.
 
