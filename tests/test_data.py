@@ -164,3 +164,15 @@ def test_finite_dataset_rejects_mismatched_fields() -> None:
     with pytest.raises(ValueError):
         finite("x", {"text", "label"}, texts=["a", "b"], labels=[0])
     assert isinstance(finite("x", {"text"}, texts=["a"]), Dataset)
+
+
+def test_the_own_data_recipe_validates_and_reads_its_files_beside_it() -> None:
+    """recipes/own_data.yaml names its JSON Lines files relative to itself; they are read and checked at load."""
+    from modelpress.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    loaded = load_recipe(root / "own_data.yaml")
+    assert loaded.recipe.calibration.dataset == str(root / "data" / "docs_train.jsonl")
+    assert [m.dataset for m in loaded.recipe.evaluate] == [str(root / "data" / "docs_test.jsonl")] * 2
+    data = open_dataset(loaded.recipe.evaluate[0].dataset)
+    assert data.size == 200 and data.fields == frozenset({"text", "label"})
