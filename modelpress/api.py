@@ -39,7 +39,7 @@ from .data import Dataset
 from .errors import UserError
 from .model import ModelHandle, describe_architecture, guess_kind
 from .passes import CalibrationSpec, Context, get_pass, seeded
-from .recipe import parse_passes
+from .recipe import check_passes_fit, parse_passes
 from .sources import load_dataset, load_model
 
 ModelLike = Any  # str | Path | nn.Module | ModelHandle
@@ -108,24 +108,30 @@ class _Spec:
 
 
 def calibration_spec(calibration: Any) -> tuple[CalibrationSpec, Dataset | None]:
-    """The calibration settings and the dataset they name: a dict like a recipe's ``calibration:`` block, a
-    dataset name or path, or a :class:`~modelpress.data.Dataset`."""
+    """The calibration settings and the dataset they name: a dict like a recipe's ``calibration:`` block (its
+    ``dataset`` a name, a path or an opened :class:`~modelpress.data.Dataset`), a dataset name or path, or a
+    :class:`~modelpress.data.Dataset`."""
     if calibration is None:
         return CalibrationSpec(), None
-    if isinstance(calibration, Dataset):
-        return CalibrationSpec(dataset=calibration.name), calibration
-    if isinstance(calibration, (str, Path)):
-        calibration = {"dataset": str(calibration)}
+    if isinstance(calibration, (str, Path, Dataset)):
+        calibration = {"dataset": calibration}
     if isinstance(calibration, CalibrationSpec):
         calibration = {k: v for k, v in calibration.__dict__.items() if v is not None}
+    calibration = dict(calibration)
+    opened = calibration.get("dataset")
+    if isinstance(opened, Dataset):
+        calibration["dataset"] = opened.name
+    elif opened is not None:
+        calibration["dataset"] = str(opened)
+        opened = None
     from .recipe import CalibrationConfig, validation_error
 
     try:
-        cfg = CalibrationConfig.model_validate(dict(calibration))
+        cfg = CalibrationConfig.model_validate(calibration)
     except ValidationError as exc:
         raise validation_error("calibration", exc, CalibrationConfig) from None
     spec = CalibrationSpec(cfg.samples, cfg.batch_size, cfg.dataset, cfg.seq_len)
-    return spec, (load_dataset(cfg.dataset) if cfg.dataset else None)
+    return spec, ((opened or load_dataset(cfg.dataset)) if cfg.dataset else None)
 
 
 def _input_record(handle: ModelHandle) -> dict[str, Any]:
@@ -147,13 +153,8 @@ def compress(model: ModelLike, passes: Iterable[Any] = (), *, base: ModelLike | 
     handle = as_handle(model, kind)
     base_handle = as_handle(base, what="base") if base is not None else None
     spec, data = calibration_spec(calibration)
-    for i, (name, _) in enumerate(parsed):
-        cls = get_pass(name)
-        if cls.kinds and handle.kind not in cls.kinds:
-            raise UserError(f"passes[{i}]: pass {name!r} works on {', '.join(cls.kinds)} models, not "
-                            f"{handle.kind} ({handle.source})", where)
-        if cls.needs_base and base_handle is None:
-            raise UserError(f"passes[{i}]: pass {name!r} compresses a fine-tune against its base: give base=", where)
+    check_passes_fit(parsed, handle.kind, base_handle is not None, where, base_hint="give base=",
+                     model_name=f" ({handle.source})")
     if data is None:
         data = load_dataset(None, handle, "calibration")
     inputs = {"model": _input_record(handle)}

@@ -370,6 +370,21 @@ def save_checkpoint(handle: ModelHandle, directory: str | Path) -> None:
     save_file({k: v.contiguous() for k, v in handle.module.state_dict().items()}, str(d / "model.safetensors"))
 
 
+def sample_shape(handle: ModelHandle) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a UNet's samples (its config's ``in_channels`` and ``sample_size``)."""
+    cfg = handle.architecture["config"]
+    size = cfg.get("sample_size", 16)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(cfg.get("in_channels", 1)), int(h), int(w)
+
+
+def max_positions(handle: ModelHandle) -> int | None:
+    """The longest input a text model takes (``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    cfg = handle.architecture.get("config", {})
+    n = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    return int(n) if n else None
+
+
 def example_inputs(handle: ModelHandle, batch: int = 2, seq_len: int = 32, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random inputs in the kind's canonical signature (for tracing, export and smoke tests)."""
     g = torch.Generator().manual_seed(seed)
@@ -383,9 +398,7 @@ def example_inputs(handle: ModelHandle, batch: int = 2, seq_len: int = 32, seed:
         ids[:, 0] = 101 if vocab > 2000 else 0  # [CLS] for BERT vocabularies
         return ids, torch.ones(batch, seq_len, dtype=torch.long)
     if handle.kind in ("unet", "unet-cond"):
-        size = cfg.get("sample_size", 16)
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        x = torch.randn(batch, cfg.get("in_channels", 1), *size, generator=g)
+        x = torch.randn(batch, *sample_shape(handle), generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
         if handle.kind == "unet":
             return x, t

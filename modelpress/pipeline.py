@@ -16,19 +16,19 @@ from .api import Compressed
 from .artifact import atomic_directory, load_artifact, read_manifest, WEIGHTS
 from .model import ModelHandle
 from .recipe import LoadedRecipe, load_recipes, parse_recipe
-from .sources import load_dataset, load_model
+from .sources import load_model
 
 #: the artifact's copy of what other libraries printed during the run
 LOG = "log.txt"
 
 
-def check_metric_data(recipe: Any, model: ModelHandle) -> None:
+def check_metric_data(loaded: LoadedRecipe, model: ModelHandle) -> None:
     """Before any work: the accuracy datasets' labels are classes the classifier has (one-line error)."""
     from .data.inputs import class_indices
 
-    for i, spec in enumerate(recipe.evaluate):
+    for i, spec in enumerate(loaded.recipe.evaluate):
         if spec.dataset and spec.metric == "accuracy" and model.kind == "classifier":
-            data = load_dataset(spec.dataset)
+            data = loaded.datasets[spec.dataset]
             data.require("label", f"evaluate[{i}] (accuracy)")
             class_indices(model, data.all().labels, data.name)
 
@@ -38,10 +38,13 @@ def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) ->
     into ``staging``; returns the result (its ``reference`` is the untouched input model)."""
     r = loaded.recipe
     model = load_model(r.model)
-    check_metric_data(r, model)
-    # the recipe's dataset path was resolved (beside the recipe) and checked when the recipe was parsed
+    check_metric_data(loaded, model)
+    # the recipe's dataset was resolved (beside the recipe), read and checked when the recipe was parsed
+    calibration = r.calibration.model_dump(exclude_none=True)
+    if r.calibration.dataset:
+        calibration["dataset"] = loaded.datasets[r.calibration.dataset]
     result = api.compress(model, loaded.passes, base=load_model(r.base) if r.base else None,
-                          calibration=r.calibration.model_dump(exclude_none=True), seed=r.seed,
+                          calibration=calibration, seed=r.seed,
                           show_progress=show_progress, where=str(loaded.path) if loaded.path else None)
     result.recipe = loaded.raw
     result.write(staging)

@@ -89,6 +89,8 @@ class LoadedRecipe(BaseModel):
     passes: list[tuple[str, Any]]  # (pass name, its Config instance)
     exports: list[Any]  # modelpress.exporters.ExportSpec instances
     raw: dict[str, Any]
+    #: the datasets the recipe names, opened and checked once when it was loaded (by resolved name)
+    datasets: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def output(self) -> Path:
@@ -221,21 +223,41 @@ def parse_passes(passes: Any, where: str | None = None) -> list[tuple[str, Any]]
     return out
 
 
-def _check_datasets(recipe: Recipe, where: str, recipe_dir: Path | None) -> None:
+def check_passes_fit(passes: list[tuple[str, Any]], kind: str | None, has_base: bool, where: str | None,
+                     base_hint: str, model_name: str = "") -> None:
+    """Each pass takes models of ``kind`` (unchecked when ``None``) and has the base it needs (delta passes);
+    a one-line error naming ``passes[i]`` otherwise (``base_hint``: how to give the base, ``model_name``:
+    appended to a kind mismatch)."""
+    from .passes import get_pass
+
+    for i, (name, _) in enumerate(passes):
+        cls = get_pass(name)
+        if cls.needs_base and not has_base:
+            raise UserError(f"passes[{i}]: pass {name!r} compresses a fine-tune against its base: {base_hint}", where)
+        if cls.kinds and kind and kind not in cls.kinds:
+            raise UserError(f"passes[{i}]: pass {name!r} works on {', '.join(cls.kinds)} models, not {kind}"
+                            f"{model_name}", where)
+
+
+def _check_datasets(recipe: Recipe, where: str, recipe_dir: Path | None) -> dict[str, Any]:
     """Open every dataset the recipe names (files are read and checked line by line) before any work, and
-    rewrite relative paths to paths from the working directory."""
+    rewrite relative paths to paths from the working directory; returns them by that name, so that the run
+    uses what was checked without reading the files again."""
     from .sources import load_dataset
 
+    opened: dict[str, Any] = {}
     entries = [("calibration.dataset", recipe.calibration)] + \
               [(f"evaluate[{i}].dataset", m) for i, m in enumerate(recipe.evaluate)]
     for field, holder in entries:
         if holder.dataset is None:
             continue
         try:
-            data = load_dataset(holder.dataset, base_dir=recipe_dir)
+            data = opened.get(holder.dataset) or load_dataset(holder.dataset, base_dir=recipe_dir)
         except UserError as exc:
             raise UserError(f"{field}: {exc}", where) from None
         holder.dataset = data.name
+        opened[data.name] = data
+    return opened
 
 
 def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path | None = None) -> LoadedRecipe:
@@ -251,14 +273,7 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
         recipe = recipe.model_copy(update={"base": _check_model_source(recipe.base, "base", where, recipe_dir)})
 
     passes = parse_passes(recipe.passes, where)
-    for i, (name, _) in enumerate(passes):
-        cls = get_pass(name)
-        if cls.needs_base and recipe.base is None:
-            raise UserError(f"passes[{i}]: pass {cls.name!r} compresses a fine-tune against its base: add 'base:'",
-                            where)
-        if cls.kinds and recipe.model.kind and recipe.model.kind not in cls.kinds:
-            raise UserError(f"passes[{i}]: pass {cls.name!r} works on {', '.join(cls.kinds)} models, "
-                            f"not {recipe.model.kind}", where)
+    check_passes_fit(passes, recipe.model.kind, recipe.base is not None, where, base_hint="add 'base:'")
 
     exports = []
     if recipe.export:
@@ -276,7 +291,7 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
                     raise UserError(f"export[{i}]: a model from pass {name!r} cannot be exported to "
                                     f"{exports[-1].format}: {why}", where)
 
-    _check_datasets(recipe, where, recipe_dir)
+    datasets = _check_datasets(recipe, where, recipe_dir)
     from .metrics import metric_registry
 
     metrics = metric_registry()
@@ -285,7 +300,7 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
             raise UserError(f"evaluate[{i}].metric: unknown metric {m.metric!r}; available: "
                             f"{', '.join(sorted([*metrics, 'size']))}", where)
     return LoadedRecipe(path=Path(where) if where != "<recipe>" else None, recipe=recipe, passes=passes,
-                        exports=exports, raw=data)
+                        exports=exports, raw=data, datasets=datasets)
 
 
 def load_recipes(path: str | Path) -> list[LoadedRecipe]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..model import TEXT_KINDS, ModelHandle, example_inputs
+from ..model import TEXT_KINDS, ModelHandle, example_inputs, max_positions, sample_shape
 from ..sampling import alphas_cumprod, scheduler_config
 from . import Dataset, Examples, prompt_encoder
 
@@ -47,9 +47,9 @@ def tokenizer_for(handle: ModelHandle) -> Any:
 
 def tokenize(handle: ModelHandle, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of ``texts`` padded / truncated to ``seq_len`` tokens (at most the
-    model's ``max_position_embeddings``)."""
-    longest = handle.architecture.get("config", {}).get("max_position_embeddings")
-    seq_len = min(seq_len, int(longest)) if longest else seq_len
+    model's :func:`~modelpress.model.max_positions`)."""
+    longest = max_positions(handle)
+    seq_len = min(seq_len, longest) if longest else seq_len
     tok = tokenizer_for(handle)
     options: dict[str, Any] = {}
     if tok.pad_token is None:  # GPT-2, Llama: pad with end-of-sequence, the attention mask marks real tokens
@@ -78,14 +78,6 @@ def encode_prompts(handle: ModelHandle, prompts: list[str], batch: int = 256) ->
                         "(extras['prompt_encoder'])", handle.source)
     encode = prompt_encoder(str(name))
     return torch.cat([encode(prompts[i:i + batch]) for i in range(0, len(prompts), batch)]).float()
-
-
-def sample_shape(handle: ModelHandle) -> tuple[int, int, int]:
-    """``(C, H, W)`` of a UNet's samples."""
-    cfg = handle.architecture["config"]
-    size = cfg.get("sample_size", 16)
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(cfg.get("in_channels", 1)), int(h), int(w)
 
 
 def fit_images(handle: ModelHandle, images: torch.Tensor, where: str) -> torch.Tensor:

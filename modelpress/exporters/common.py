@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import UserError
 from ..data import Dataset
 from ..data.inputs import batched, model_inputs
-from ..model import ModelHandle, example_inputs
+from ..model import ModelHandle, example_inputs, max_positions
 from ..sources import load_dataset
 
 #: canonical input names per kind, in positional order (the same names in every exported file)
@@ -61,9 +61,9 @@ def traceable(handle: ModelHandle, module: nn.Module | None = None) -> nn.Module
 
 
 def text_seq_len(handle: ModelHandle) -> int:
-    """:data:`TEXT_SEQ_LEN`, capped at the model's ``max_position_embeddings``."""
-    longest = handle.architecture.get("config", {}).get("max_position_embeddings")
-    return min(TEXT_SEQ_LEN, int(longest)) if longest else TEXT_SEQ_LEN
+    """:data:`TEXT_SEQ_LEN`, capped at the model's :func:`~modelpress.model.max_positions`."""
+    longest = max_positions(handle)
+    return min(TEXT_SEQ_LEN, longest) if longest else TEXT_SEQ_LEN
 
 
 def trace_inputs(handle: ModelHandle, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -80,7 +80,7 @@ def dim_bounds(handle: ModelHandle, caps: dict[str, int] | None = None) -> dict[
     caps = caps or {}
     bounds = {"batch": (1, min(4096, caps.get("batch", 4096)))}
     if handle.kind in TEXT_KINDS:
-        max_len = int(handle.architecture.get("config", {}).get("max_position_embeddings", 512))
+        max_len = max_positions(handle) or 512
         bounds["seq"] = (2, min(max_len, caps.get("seq", max_len)))
     return bounds
 

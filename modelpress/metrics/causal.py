@@ -41,19 +41,12 @@ import torch.nn.functional as F
 from ..data import Dataset
 from ..data.inputs import tokenizer_for
 from ..errors import UserError
-from ..model import ModelHandle
+from ..model import ModelHandle, max_positions
 from ..sources import load_dataset
 from . import EvalContext, MetricResult, register_metric
 
 Canonical = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 KINDS = ("causal-lm",)
-
-
-def max_positions(handle: ModelHandle) -> int | None:
-    """The longest input the model takes (``max_position_embeddings``, GPT-2's ``n_positions``)."""
-    cfg = handle.architecture.get("config", {})
-    n = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    return int(n) if n else None
 
 
 def _dataset(handle: ModelHandle, ctx: EvalContext, metric: str, needed: str) -> Dataset:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..model import ModelHandle
+from ..model import ModelHandle, sample_shape
 from . import EvalContext, MetricResult, register_metric
 
 DEFAULT_SAMPLES = 256
@@ -90,10 +90,7 @@ _SAMPLE_CACHE: list[tuple[Any, tuple, dict[str, Any]]] = []
 
 
 def _sample_shape(handle: ModelHandle) -> tuple[int, int, int]:
-    cfg = handle.architecture.get("config", {})
-    size = cfg.get("sample_size", 16)
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    shape = (int(cfg.get("in_channels", 1)), int(size[0]), int(size[1]))
+    shape = sample_shape(handle)
     if shape != (1, 16, 16):
         raise UserError(f"the digits metrics need a model of 1x16x16 samples, this one makes {shape}")
     return shape

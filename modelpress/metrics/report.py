@@ -44,14 +44,14 @@ def _size_section(staging: Path, manifest: dict[str, Any], reference: ModelHandl
 
 
 def _run_metrics(model: torch.nn.Module, handle: ModelHandle, reference: ModelHandle, specs: list[Any],
-                 seed: int, show_progress: bool) -> dict[str, MetricResult]:
+                 seed: int, show_progress: bool, datasets: dict[str, Any]) -> dict[str, MetricResult]:
+    """``specs`` on ``model``; ``datasets``: the opened datasets the specs name (by name)."""
     out = {}
     for spec in specs:
         if spec.metric == "size":
             continue
         ctx = EvalContext(seed=seed, samples=spec.samples, options=dict(spec.options), reference=reference,
-                          show_progress=show_progress,
-                          dataset=load_dataset(spec.dataset) if getattr(spec, "dataset", None) else None)
+                          show_progress=show_progress, dataset=datasets.get(spec.dataset))
         out.update(evaluate(model, handle, [spec.metric], ctx))
     return out
 
@@ -86,6 +86,10 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
     """Export, evaluate and write report.json / report.md / PNGs into ``staging`` (``log_name``: the file
     beside it that holds other libraries' console output, linked from the report)."""
     seed = loaded.recipe.seed
+    # opened once: the recipe's own (read when it was loaded), else now; every metric run below shares them
+    named = {s.dataset for s in metrics if getattr(s, "dataset", None)} | {loaded.recipe.calibration.dataset}
+    named.discard(None)
+    datasets = {n: loaded.datasets.get(n) or load_dataset(n) for n in named}
     manifest = json.loads((staging / MANIFEST).read_text())
     report: dict[str, Any] = {"metrics": {}, "size_bytes": _size_section(staging, manifest, reference), "exports": {}}
     if keep_exports and (staging / "report.json").exists():
@@ -93,9 +97,9 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
 
     steps = console.progress(total=2 * len(metrics) + len(exports), desc="evaluate",
                              disable=not show_progress or not (metrics or exports))
-    ref_results = _run_metrics(reference.canonical(), reference, reference, metrics, seed, show_progress)
+    ref_results = _run_metrics(reference.canonical(), reference, reference, metrics, seed, show_progress, datasets)
     steps.update(len(metrics))
-    cmp_results = _run_metrics(model.canonical(), model, reference, metrics, seed, show_progress)
+    cmp_results = _run_metrics(model.canonical(), model, reference, metrics, seed, show_progress, datasets)
     steps.update(len(metrics))
     for name, res in cmp_results.items():
         report["metrics"][name] = {"reference": ref_results[name].value, "compressed": res.value,
@@ -104,7 +108,8 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
     cast = _cast_step(manifest)
     if cast:  # the lossy cast and the lossless coding, measured apart
         cast_model = reference.replace_module(cast_weights(copy.deepcopy(reference.module), getattr(torch, cast[1])))
-        cast_results = _run_metrics(cast_model.canonical(), cast_model, reference, metrics, seed, show_progress)
+        cast_results = _run_metrics(cast_model.canonical(), cast_model, reference, metrics, seed, show_progress,
+                                    datasets)
         report["cast"] = {"from": cast[0], "to": cast[1], "bytes": state_bytes(cast_model.module),
                           "metrics": {n: r.value for n, r in cast_results.items()},
                           "coded_max_abs_err_vs_cast": _max_abs_err(model.canonical(), cast_model.canonical(), model)}
@@ -122,8 +127,8 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
         export_dir = staging / "exports"
         export_dir.mkdir(exist_ok=True)
         torch_model = model.canonical()
-        named = loaded.recipe.calibration.dataset if loaded is not None else None
-        calibration = load_dataset(named) if named else None  # else the model's own (export.common)
+        # the recipe's calibration data, else the model's own (exporters.common.default_calibration)
+        calibration = datasets.get(loaded.recipe.calibration.dataset)
         for spec in exports:
             path = export_model(model, spec, export_dir, calibration)
             runtime = load_exported(path, model)
@@ -131,7 +136,7 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
             entry: dict[str, Any] = {"path": str(path.relative_to(staging)), "size_bytes": path.stat().st_size,
                                      "spec": spec.model_dump(mode="json"),
                                      "max_abs_err": _max_abs_err(torch_model, runtime, model)}
-            results = _run_metrics(runtime, model, reference, metrics, seed, show_progress)
+            results = _run_metrics(runtime, model, reference, metrics, seed, show_progress, datasets)
             entry["metrics"] = {n: r.value for n, r in results.items()}
             report["exports"][key] = entry
             for n, r in results.items():

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from ..data.inputs import encode_prompts, sample_shape
+from ..data.inputs import encode_prompts
 from ..errors import UserError
-from ..model import ModelHandle
+from ..model import ModelHandle, sample_shape
 from ..passes import Context
 from ..sampling import ddim_sample, ddim_timesteps, scheduler_config
 

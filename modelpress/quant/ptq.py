@@ -26,9 +26,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import UserError
-from ..model import ModelHandle, canonical_module
+from ..model import ModelHandle, canonical_module, sample_shape
 from ..passes import Context, Pass, PassConfig, register_pass
-from ..data.inputs import sample_shape
 from . import surgery
 from .calibration import CalibrationSet, build_calibration_set
 from .layers import PTE_REFUSAL, _QuantLayer
