@@ -229,7 +229,12 @@ def test_report_measures_against_the_input_checkpoint_and_splits_cast_from_codin
     assert report["size_bytes"]["reference_label"] == "input checkpoint (float32, on disk)"
     cast = report["cast"]
     assert (cast["from"], cast["to"]) == ("float32", "bfloat16") and cast["coded_max_abs_err_vs_cast"] == 0.0
+    # every tensor decodes bit for bit to the cast's, so the cast's metrics are the coded model's (not rerun)
+    from modelpress.model import load_checkpoint
+    assert cast["decoded_tensors_identical"] == len(load_checkpoint(tiny_classifier_dir).module.state_dict())
+    assert cast["metrics"] == {n: m["compressed"] for n, m in report["metrics"].items()}
     assert report["size_bytes"]["compressed"] < cast["bytes"] < on_disk
     md = (out / "report.md").read_text()
     assert "1. cast float32 -> bfloat16 (lossy)" in md and "bit-identical to step 1" in md
+    assert "step 1's metrics are the compressed model's" in md
     assert "no entropy codec" in md  # the ONNX export cannot carry the coding, and the report says so

@@ -577,7 +577,8 @@ class DFloat11(Pass):
             else:
                 module = new
         total = sum(v["elements"] for v in per_module.values())
-        ctx.record(self.name, dtype=cfg.dtype, cast_from=cast_from, modules=len(per_module), tied_shared=tied,
+        ctx.record(self.name, dtype=cfg.dtype, cast_from=cast_from, fused_rows=cfg.fused_rows,
+                   modules=len(per_module), tied_shared=tied,
                    tied_skipped=skipped,
                    dense_bytes=dense_bytes, coded_bytes=coded_bytes,
                    bits_per_weight=round(coded_bytes * 8 / total, 4) if total else None,
