@@ -404,11 +404,16 @@ def test_cli_run_writes_the_report(llm: dict[str, Path]) -> None:
     recipe = _recipe(llm["root"], "cli-df11", llm["mistral"], [{"type": "dfloat11", "dtype": "float32"}],
                      evaluate=[{"metric": "perplexity", "dataset": str(llm["root"] / "test.txt")},
                                {"metric": "top1_agreement", "dataset": str(llm["root"] / "test.txt")},
-                               {"metric": "choice_accuracy", "dataset": str(llm["root"] / "choices.jsonl")}])
+                               {"metric": "choice_accuracy", "dataset": str(llm["root"] / "choices.jsonl")}],
+                     export=["onnx"])
     assert main(["run", str(recipe)]) == 0
     report = json.loads((llm["root"] / "runs" / "cli-df11" / "report.json").read_text())
     assert report["metrics"]["top1_agreement"]["compressed"] == 1.0  # float32 coded: exactly lossless
     assert report["metrics"]["perplexity"]["compressed"] == report["metrics"]["perplexity"]["reference"]
+    # the ONNX graph (no KV cache: the whole window per call) scores like the torch model
+    onnx = report["exports"]["onnx"]
+    assert onnx["max_abs_err"] < 1e-4 and onnx["metrics"]["top1_agreement"] == 1.0
+    assert onnx["metrics"]["perplexity"] == pytest.approx(report["metrics"]["perplexity"]["reference"], rel=1e-5)
     assert report["metrics"]["perplexity"]["details"]["window"] == 64  # 128 capped at max_position_embeddings
 
 

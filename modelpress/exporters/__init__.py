@@ -109,8 +109,8 @@ def export_model(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibrati
     from .common import INPUT_NAMES
 
     if handle.kind not in INPUT_NAMES:
-        raise UserError(f"{spec.format} export of a {handle.kind} model is not built yet (an ONNX / .pte decoder "
-                        "needs a KV cache); export encoder, classifier or UNet models")
+        raise UserError(f"{spec.format} export of a {handle.kind} model is not built yet; export "
+                        f"{', '.join(INPUT_NAMES)} models")
     from ..modules import materialize
 
     module = materialize(handle.module).eval()  # lossless / delta layers -> the rebuilt plain layers

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import UserError
 from ..data import Dataset
 from ..data.inputs import batched, model_inputs
-from ..model import ModelHandle, example_inputs, max_positions
+from ..model import TEXT_KINDS, ModelHandle, example_inputs, max_positions
 from ..sources import load_dataset
 
 #: canonical input names per kind, in positional order (the same names in every exported file)
@@ -25,12 +25,12 @@ INPUT_NAMES: dict[str, tuple[str, ...]] = {
     "classifier": ("input_ids", "attention_mask"),
     "unet": ("sample", "timestep"),
     "unet-cond": ("sample", "timestep", "encoder_hidden_states"),
+    "causal-lm": ("input_ids", "attention_mask"),  # no KV cache: a whole window per call (scoring, prefill)
 }
 OUTPUT_NAMES: dict[str, str] = {"encoder": "last_hidden_state", "classifier": "logits", "unet": "noise",
-                                "unet-cond": "noise"}
+                                "unet-cond": "noise", "causal-lm": "logits"}
 #: integer inputs (everything else is float32)
 INT_INPUTS = {"input_ids", "attention_mask", "timestep", "token_type_ids"}
-TEXT_KINDS = ("encoder", "classifier")
 #: the sequence length exported text models are traced (and, with fixed shapes, padded) at
 TEXT_SEQ_LEN = 64
 

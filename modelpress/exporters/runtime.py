@@ -44,7 +44,7 @@ def run_fitted(fn: Callable[[list[torch.Tensor]], torch.Tensor], args: Sequence[
                 chunk = [torch.cat([c, c[-1:].expand(short, *c.shape[1:])]) for c in chunk]
             outs.append(fn(chunk)[: batch - short])
         out = torch.cat(outs)
-    if kind == "encoder" and length is not None and out.shape[1] != length:
+    if kind in ("encoder", "causal-lm") and length is not None and out.shape[1] != length:  # outputs per token
         out = out[:, :length]
     return out
 
