@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UserError
 from ..model import ModelHandle
 from ..registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -37,9 +40,25 @@ class ZooEntry:
     datasets: dict[str, str] = field(default_factory=dict)
 
 
+def training_step(model: torch.nn.Module, loss: torch.Tensor, opt: torch.optim.Optimizer,
+                  sched: torch.optim.lr_scheduler.LRScheduler, bar: Any, clip: float | None = None) -> None:
+    """One optimizer step of a zoo model's training loop: backward, gradient clipping to ``clip`` (when
+    given), the optimizer and schedule steps, and the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        from torch.nn.utils import clip_grad_norm_
+
+        clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
 def _discover() -> None:
     # Importing the entry modules registers them.
-    from . import digits, text  # noqa: F401
+    from . import digits, lm, text  # noqa: F401
 
 
 ENTRIES: Registry[ZooEntry] = Registry("zoo model", _discover)

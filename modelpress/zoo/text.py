@@ -34,7 +34,7 @@ from ..data import finite, register_dataset, register_prompt_encoder
 from ..data.inputs import mean_pool
 from ..errors import UserError
 from ..model import ModelHandle, align_to_base, describe_architecture, load_checkpoint, save_checkpoint
-from . import ZooEntry, cache_dir, register
+from . import ZooEntry, cache_dir, register, training_step
 
 MAX_PROMPT_TOKENS = 16
 
@@ -367,13 +367,8 @@ def _train(model: torch.nn.Module, s: FinetuneSettings, label: str) -> None:
         order = _pick(len(labels), None, s.seed * 1000 + epoch)
         for start in range(0, len(order), s.batch_size):
             b = order[start:start + s.batch_size]
-            loss = model(input_ids=ids[b], attention_mask=mask[b], labels=labels[b]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            training_step(model, model(input_ids=ids[b], attention_mask=mask[b], labels=labels[b]).loss, opt, sched,
+                          bar)
     bar.close()
     model.eval()
 

@@ -1,0 +1,70 @@
+"""The zoo's causal LMs: pydocs-lm (trained from scratch on the pydocs corpus) and its domain fine-tune."""
+from __future__ import annotations
+
+import collections
+import math
+
+import pytest
+import torch
+
+from modelpress import zoo
+from modelpress.metrics import EvalContext, evaluate
+from modelpress.metrics.causal import token_stream
+from modelpress.sources import load_dataset
+from modelpress.zoo import lm
+
+
+@pytest.fixture(scope="module")
+def base():
+    return zoo.load("pydocs-lm")
+
+
+@pytest.fixture(scope="module")
+def finetune():
+    return zoo.load("pydocs-lm-net")
+
+
+#: tokens scored per perplexity (the first of the dataset's stream): bf16 matmuls are slow on CPUs without
+#: bf16 arithmetic, and 16 windows of 128 tokens tell these models apart by far more than their noise
+TOKENS = 2048
+
+
+def _perplexity(handle, dataset: str) -> float:
+    ctx = EvalContext(dataset=load_dataset(dataset), samples=TOKENS, show_progress=False)
+    return evaluate(handle.canonical(), handle, ["perplexity"], ctx)["perplexity"].value
+
+
+def _unigram_perplexity(handle, train: str, test: str) -> float:
+    """Perplexity of the add-one unigram model of the train texts' tokens on the test texts: what a model
+    that learnt only token frequencies would score."""
+    counts = collections.Counter(token_stream(handle, load_dataset(train).all().texts))
+    vocab = handle.module.config.vocab_size
+    total = sum(counts.values()) + vocab
+    ids = token_stream(handle, load_dataset(test).all().texts)[:TOKENS]
+    return math.exp(-sum(math.log((counts[i] + 1) / total) for i in ids) / len(ids))
+
+
+def test_shipped_llama_checkpoint_in_bfloat16_with_its_tokenizer(base, finetune) -> None:
+    for h in (base, finetune):
+        assert h.kind == "causal-lm" and h.architecture["class"] == "LlamaForCausalLM"
+        assert {p.dtype for p in h.module.parameters()} == {torch.bfloat16}
+        m = h.module
+        assert m.lm_head.weight is m.model.embed_tokens.weight  # tied, as in Llama-3.2-1B / Qwen2-0.5B
+        assert 0.9e6 < sum(p.numel() for p in m.parameters()) < 1.2e6
+        assert str(lm.WEIGHTS_DIR) in h.extras["tokenizer_dir"]
+    assert finetune.extras["base"] == "pydocs-lm"
+    assert zoo.get("pydocs-lm-net").datasets["evaluation"] == "pydocs-internet/test"
+
+
+def test_pydocs_lm_learnt_more_than_token_frequencies(base) -> None:
+    ppl = _perplexity(base, "pydocs-10/test")
+    unigram = _unigram_perplexity(base, "pydocs-10/train", "pydocs-10/test")
+    assert ppl < 0.5 * unigram, (ppl, unigram)
+
+
+def test_domain_finetune_gains_on_its_domain(base, finetune) -> None:
+    """The fine-tune is a real delta: clearly better than its base on the held-out internet texts."""
+    assert _perplexity(finetune, "pydocs-internet/test") < 0.9 * _perplexity(base, "pydocs-internet/test")
+    deltas = [(a.float() - b.float()).norm() / b.float().norm()
+              for a, b in zip(finetune.module.parameters(), base.module.parameters())]
+    assert all(d > 0 for d in deltas) and max(deltas) < 0.5
