@@ -154,7 +154,7 @@ class DeltaLinear(nn.Module):
     """A linear layer computing ``x W_base^T + delta(x) + b``; subclasses define ``delta_forward``.
 
     ``weight`` is the base weight (a buffer, in the replaced layer's layout: ``[out, in]`` for
-    ``nn.Linear``, ``[in, out]`` for ``Conv1D``) and ``bias`` the fine-tune's bias. ``base_op`` may be set
+    ``nn.Linear``, ``[in, out]`` for ``Conv1D``, and in the base's dtype) and ``bias`` the fine-tune's bias. ``base_op`` may be set
     to a callable replacing the base product (e.g. a bitsandbytes 8-bit / NF4 layer, see
     :func:`quantize_base`); it is not saved.
     """
@@ -171,7 +171,8 @@ class DeltaLinear(nn.Module):
 
     # -- construction helpers
     def _init_from(self, layer: DeltaLayer) -> None:
-        self.weight.copy_(layer.base_weight)
+        # the base weight in the base's dtype, so that the artifact finds it equal to the base's and drops it
+        self.weight = layer.base_weight.detach()  # match_linear_layers made it a copy
         if self.bias is not None:
             self.bias.copy_(layer.module.bias.detach())
 
@@ -182,6 +183,10 @@ class DeltaLinear(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # noqa: D401 - torch hook
         self._cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "DeltaLinear":
+        self._cache.clear()  # .to(device) replaces the buffers the cached tensors were made from
+        return super()._apply(fn, *args, **kwargs)
 
     # -- math
     def base_weight_oi(self) -> torch.Tensor:
