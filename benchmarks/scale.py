@@ -15,8 +15,10 @@ resident set (``/usr/bin/time``'s maximum resident set size) are recorded. ``dfl
 artifacts are compared byte for byte where both paths ran. In-memory runs are skipped where they could not fit
 (``--max-in-memory-gb``: the estimate of :func:`modelpress.stream.in_memory_bytes`).
 
-    python benchmarks/scale.py --sizes 0.1B 0.5B 1.5B --out benchmarks/results/scale.md
-    python benchmarks/scale.py --sizes 7B --streamed-only --out benchmarks/results/scale.md   # appends rows
+    python benchmarks/scale.py --sizes 0.1B 0.5B                          # -> benchmarks/results/scale.{md,json,png}
+    python benchmarks/scale.py --sizes 7B-4L --out /tmp/scale-7b4l.md     # (ran beside the first: its own file)
+    python benchmarks/scale.py --sizes --merge /tmp/scale-7b4l.json       # adds those rows, renders md and png
+    python benchmarks/scale.py --sizes 7B --streamed-only                 # the full 7B pair (27 GB; not run yet)
 """
 from __future__ import annotations
 
@@ -220,7 +222,7 @@ def plot(rows: list[dict], png: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["0.1B", "0.5B", "1.5B"], choices=list(SIZES))
+    ap.add_argument("--sizes", nargs="*", default=["0.1B", "0.5B", "1.5B"], choices=list(SIZES))
     ap.add_argument("--methods", nargs="+", default=["dfloat11", "bitdelta"], choices=["dfloat11", "bitdelta"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/modelpress-scale"))
     ap.add_argument("--streamed-only", action="store_true", help="skip the in-memory runs")
@@ -228,6 +230,8 @@ def main() -> None:
                     help="skip in-memory runs whose estimated peak exceeds this")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints after the run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scale.md")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="rows of other runs' .json files to add (a size / method / path measured again replaces them)")
     args = ap.parse_args()
     from modelpress.stream import in_memory_bytes
     from modelpress.recipe import ModelSpec
@@ -235,6 +239,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results_json = args.out.with_suffix(".json")
     rows = json.loads(results_json.read_text()) if results_json.exists() else []
+    for extra in args.merge:
+        new = json.loads(extra.read_text())
+        keys = {(r["size"], r["method"], r["path"]) for r in new}
+        rows = [r for r in rows if (r["size"], r["method"], r["path"]) not in keys] + new
     for size in args.sizes:
         t0 = time.perf_counter()
         base, ft = build_pair(size, args.work)

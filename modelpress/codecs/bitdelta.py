@@ -91,10 +91,11 @@ class BitDeltaLinear(DeltaLinear):
         return self.alpha.to(x.dtype) * F.linear(x, self.sign_matrix().to(x.dtype))
 
 
-def compress_layers(model: torch.nn.Module, base: torch.nn.Module, skip: list[str]) -> list[str]:
-    """Replace every linear layer of ``model`` that has a base counterpart by a :class:`BitDeltaLinear`."""
+def compress_layers(model: torch.nn.Module, base: torch.nn.Module, skip: list[str], copy_base: bool = True) -> list[str]:
+    """Replace every linear layer of ``model`` that has a base counterpart by a :class:`BitDeltaLinear`
+    (``copy_base``: see :func:`~modelpress.codecs.delta.match_linear_layers`)."""
     names = []
-    for layer in match_linear_layers(model, base, skip):
+    for layer in match_linear_layers(model, base, skip, copy_base):
         replace_module(model, layer.name, BitDeltaLinear.from_delta(layer))
         names.append(layer.name)
     return names
@@ -183,11 +184,12 @@ class BitDeltaPass(Pass):
     def apply_unit(self, unit: ModelHandle, ctx: Context, base: torch.nn.Module | None,
                    first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
         t0 = time.time()
-        student, part = self._compress(unit, base)
+        student, part = self._compress(unit, base, copy_base=False)  # the base unit is dropped after this one
         part.update(alpha=part["alpha_init"], losses=[], seconds=time.time() - t0)
         return unit.replace_module(student), part
 
-    def _compress(self, model: ModelHandle, base: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def _compress(self, model: ModelHandle, base: torch.nn.Module,
+                  copy_base: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
         """1-bit deltas of ``model``'s linear layers against ``base`` (Eq. 1-2) and the other tensors by option."""
         cfg = self.config
         student = model.module.eval()
@@ -198,7 +200,7 @@ class BitDeltaPass(Pass):
         if head:
             skip.append(head)
         other = handle_other_tensors(student, base, embeddings, cfg.norms, cfg.biases)
-        names = compress_layers(student, base, skip)
+        names = compress_layers(student, base, skip, copy_base)
         return student, {"layers": len(names), "embeddings": embeddings, "head": head, **other,
                          "alpha_init": {n: student.get_submodule(n).alpha.item() for n in names}}
 

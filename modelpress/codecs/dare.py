@@ -217,11 +217,11 @@ class _DareBase(Pass):
 
     def _compress(self, model: ModelHandle, ctx: Context, p: float, method: PruneMethod,
                   hessians: dict[str, torch.Tensor], skip: list[str], base: torch.nn.Module | None = None,
-                  first_layer: int = 0) -> tuple[torch.nn.Module, list[DeltaLayer]]:
+                  first_layer: int = 0, copy_base: bool = True) -> tuple[torch.nn.Module, list[DeltaLayer]]:
         """Prune every matched linear delta of ``model`` against ``base`` (default: the context's); the
         ``i``-th layer of the whole model (``first_layer`` + its index here) draws its mask from its own seed."""
         student = model.module.eval()  # changed in place
-        layers = match_linear_layers(student, ctx.base.module if base is None else base, skip)
+        layers = match_linear_layers(student, ctx.base.module if base is None else base, skip, copy_base)
         for i, layer in enumerate(layers, start=first_layer):
             norms = torch.sqrt(torch.diag(hessians[layer.name])) if layer.name in hessians else None
             seed = (ctx.seed * 1_000_003 + 7919 * (i + 1)) % (2**31 - 1)
@@ -240,7 +240,7 @@ class DarePass(_DareBase):
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         require_base(self.name, model, ctx)
-        model, part = self.apply_unit(model, ctx, ctx.base.module, 0)
+        model, part = self._prune(model, ctx, ctx.base.module, 0, copy_base=True)
         self.record_units([part], ctx)
         return model
 
@@ -249,8 +249,12 @@ class DarePass(_DareBase):
 
     def apply_unit(self, unit: ModelHandle, ctx: Context, base: torch.nn.Module | None,
                    first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
+        return self._prune(unit, ctx, base, first_layer, copy_base=False)  # the base unit is dropped after it
+
+    def _prune(self, unit: ModelHandle, ctx: Context, base: torch.nn.Module, first_layer: int,
+               copy_base: bool) -> tuple[ModelHandle, dict[str, Any]]:
         cfg = self.config
-        student, layers = self._compress(unit, ctx, cfg.p, "random", {}, cfg.skip, base, first_layer)
+        student, layers = self._compress(unit, ctx, cfg.p, "random", {}, cfg.skip, base, first_layer, copy_base)
         other = handle_other_tensors(student, base, cfg.embeddings, cfg.norms, cfg.biases)
         set_q(student, 1.0 - cfg.p)
         return unit.replace_module(student), {"layers": len(layers), **other}
