@@ -209,8 +209,9 @@ def plot(rows: list[dict], png: Path) -> None:
             pts = sorted((r["params"] / 1e9, r["peak_rss_gb"]) for r in rows if r["method"] == method and r["path"] == path)
             if pts:
                 ax.plot(*zip(*pts), style, label=f"{method}, {path}")
-    ax.axhline(24, color="grey", lw=0.8)
-    ax.text(0.1, 24.3, "machine RAM (24 GiB)", color="grey", fontsize=8)
+    ram = 24 * 2**30 / 1e9
+    ax.axhline(ram, color="grey", lw=0.8)
+    ax.text(min(r["params"] for r in rows) / 1e9, ram - 1.2, "this machine's RAM (24 GiB)", color="grey", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("model parameters (billions, Llama-shaped, bf16)")
     ax.set_ylabel("peak resident memory (GB)")
