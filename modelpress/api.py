@@ -36,6 +36,7 @@ from torch import nn
 from . import console
 from .artifact import atomic_directory, tensors_sha256, write_artifact
 from .data import Dataset
+from .devices import on_device, resolve_device
 from .errors import UserError
 from .model import ModelHandle, describe_architecture, guess_kind
 from .passes import CalibrationSpec, Context, get_pass, seeded
@@ -140,7 +141,8 @@ def _input_record(handle: ModelHandle) -> dict[str, Any]:
 
 def compress(model: ModelLike, passes: Iterable[Any] = (), *, base: ModelLike | None = None,
              calibration: Any = None, seed: int = 0, kind: str | None = None, keep_reference: bool = True,
-             show_progress: bool = False, where: str | None = None) -> Compressed:
+             show_progress: bool = False, where: str | None = None, device: str | torch.device = "auto"
+             ) -> Compressed:
     """Run ``passes`` on ``model`` (see the module docstring) and return the :class:`Compressed` result.
 
     ``calibration``: ``{"dataset": ..., "samples": ..., "seq_len": ..., "batch_size": ...}`` (unset values
@@ -148,8 +150,11 @@ def compress(model: ModelLike, passes: Iterable[Any] = (), *, base: ModelLike | 
     :class:`~modelpress.data.Dataset`. ``seed`` covers the whole run (each pass ``i`` runs under
     ``seed + i``; calibration draws and searches derive from it). The input model is changed in place
     unless it was loaded here; ``keep_reference`` keeps an untouched copy for evaluation. ``where`` prefixes
-    error messages (the recipe runner gives the recipe file)."""
+    error messages (the recipe runner gives the recipe file). ``device``: ``auto`` (a CUDA GPU when there is
+    one), ``cpu`` or ``cuda`` (a one-line error without a GPU): where passes that run the model compute; the
+    result is on the CPU either way."""
     parsed = parse_passes(passes, where)
+    run_on = resolve_device(device, where or "device")
     handle = as_handle(model, kind)
     base_handle = as_handle(base, what="base") if base is not None else None
     spec, data = calibration_spec(calibration)
@@ -166,7 +171,7 @@ def compress(model: ModelLike, passes: Iterable[Any] = (), *, base: ModelLike | 
         (handle if keep_reference else None)
     with tempfile.TemporaryDirectory(prefix="modelpress-") as scratch:
         ctx = Context(seed=seed, calibration=spec, data=data, base=base_handle, scratch=Path(scratch),
-                      show_progress=show_progress, reference=reference)
+                      show_progress=show_progress, reference=reference, device=run_on)
         bar = console.progress(parsed, desc="passes", disable=not show_progress or not parsed)
         for i, (name, config) in enumerate(bar):
             bar.set_postfix_str(name)
@@ -194,14 +199,13 @@ def _metric_specs(metrics: Iterable[Any]) -> list[Any]:
 
 
 def evaluate(model: Any, metrics: Iterable[Any], *, reference: ModelLike | None = None, base: ModelLike | None = None,
-             seed: int = 0, show_progress: bool = False) -> dict[str, dict[str, Any]]:
+             seed: int = 0, show_progress: bool = False, device: str | torch.device = "auto") -> dict[str, dict[str, Any]]:
     """Score ``model`` (a :class:`Compressed`, an artifact directory, or anything :func:`compress` takes) and
     its reference with ``metrics`` (names, or ``{"metric": ..., "dataset": ..., "samples": ..., "options":
     {...}}``), same seed for both. Returns ``{metric: {"compressed", "reference", "higher_is_better",
-    "details"}}``. The reference defaults to the result's kept input, or the artifact's source model."""
+    "details"}}``. The reference defaults to the result's kept input, or the artifact's source model. ``device``
+    as in :func:`compress`: the models run there during the metrics and are back on the CPU after."""
     from .artifact import load_artifact, read_manifest
-    from .metrics import EvalContext
-    from .metrics import evaluate as run_metric
 
     ref: ModelHandle | None = as_handle(reference, what="reference") if reference is not None else None
     if isinstance(model, Compressed):
@@ -213,19 +217,29 @@ def evaluate(model: Any, metrics: Iterable[Any], *, reference: ModelLike | None 
     else:
         handle = as_handle(model)
     out: dict[str, dict[str, Any]] = {}
-    for spec in _metric_specs(metrics):
-        data = load_dataset(spec.dataset) if spec.dataset else None
-
-        def ctx() -> EvalContext:
-            return EvalContext(seed=seed, samples=spec.samples, options=dict(spec.options), reference=ref,
-                               show_progress=show_progress, dataset=data)
-
-        got = run_metric(handle.canonical(), handle, [spec.metric], ctx())[spec.metric]
-        entry = {"compressed": got.value, "higher_is_better": got.higher_is_better, "details": got.details}
-        if ref is not None:
-            entry["reference"] = run_metric(ref.canonical(), ref, [spec.metric], ctx())[spec.metric].value
-        out[spec.metric] = entry
+    with on_device(resolve_device(device), handle.module, *([ref.module] if ref is not None else [])):
+        for spec in _metric_specs(metrics):
+            out[spec.metric] = _evaluate_one(handle, ref, spec, seed, show_progress)
     return out
+
+
+def _evaluate_one(handle: ModelHandle, ref: ModelHandle | None, spec: Any, seed: int,
+                  show_progress: bool) -> dict[str, Any]:
+    """One metric on the model and on its reference (same seed, same data)."""
+    from .metrics import EvalContext
+    from .metrics import evaluate as run_metric
+
+    data = load_dataset(spec.dataset) if spec.dataset else None
+
+    def ctx() -> EvalContext:
+        return EvalContext(seed=seed, samples=spec.samples, options=dict(spec.options), reference=ref,
+                           show_progress=show_progress, dataset=data)
+
+    got = run_metric(handle.canonical(), handle, [spec.metric], ctx())[spec.metric]
+    entry = {"compressed": got.value, "higher_is_better": got.higher_is_better, "details": got.details}
+    if ref is not None:
+        entry["reference"] = run_metric(ref.canonical(), ref, [spec.metric], ctx())[spec.metric].value
+    return entry
 
 
 def export(model: Any, formats: Iterable[Any], directory: str | Path, *, calibration: Any = None) -> list[Path]:

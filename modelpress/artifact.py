@@ -48,10 +48,15 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     It identifies a model independently of its file format, so a base can be checked however it is stored."""
     h = hashlib.sha256()
     for key in sorted(state):
-        t = state[key].detach().contiguous().cpu()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        hash_tensor(h, key, state[key])
     return h.hexdigest()
+
+
+def hash_tensor(h: Any, key: str, tensor: torch.Tensor) -> None:
+    """Add one named tensor to a :func:`tensors_sha256` hash (callers feed the names in sorted order)."""
+    t = tensor.detach().contiguous().cpu()
+    h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
 
 
 @contextmanager
@@ -92,40 +97,54 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return kept, aliases
 
 
-def _codec_of(key: str, modules: list[dict[str, Any]], tensor: torch.Tensor) -> str:
+def _codec_of(key: str, modules: list[dict[str, Any]], dtype: torch.dtype) -> str:
     for m in modules:
         if m["path"] == "" or key.startswith(m["path"] + "."):
             return m["class"]
-    return f"raw-{str(tensor.dtype).replace('torch.', '')}"
+    return f"raw-{str(dtype).replace('torch.', '')}"
 
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def write_artifact(directory: Path, handle: ModelHandle, *, recipe: dict[str, Any] | None = None,
-                   pass_log: dict[str, Any] | None = None, base: ModelHandle | None = None,
-                   inputs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the model and manifest into ``directory`` (a staging directory); returns the manifest."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    module = handle.module
+def artifact_state(module: nn.Module, base: nn.Module | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """What the artifact stores of ``module``: its state dict with each shared tensor once (``aliases``: other
+    name -> stored name) and, for a delta, without the tensors equal to the base's (``from_base``: name -> the
+    base's name), in state-dict order."""
     state, aliases = _dedupe_shared(module.state_dict())
-
     from_base: dict[str, str] = {}
     if base is not None:
-        base_state = base.module.state_dict()
-        for key, base_key in align_to_base(module, base.module).items():
+        base_state = base.state_dict()
+        for key, base_key in align_to_base(module, base).items():
             if key in state and state[key].dtype == base_state[base_key].dtype \
                     and state[key].shape == base_state[base_key].shape and torch.equal(state[key], base_state[base_key]):
                 from_base[key] = base_key
                 del state[key]
+    return state, aliases, from_base
 
-    modules = [{"path": p, "class": type(m).__name__, "config": _jsonable(m.module_config())}
-               for p, m in compressed_modules(module)]
-    tensors = {k: {"codec": _codec_of(k, modules, t), "dtype": str(t.dtype).replace("torch.", ""),
-                   "shape": list(t.shape), "bytes": t.numel() * t.element_size()} for k, t in state.items()}
-    manifest = {
+
+def module_entries(module: nn.Module) -> list[dict[str, Any]]:
+    """The manifest's ``compressed_modules``: path, class and config of each compressed module."""
+    return [{"path": p, "class": type(m).__name__, "config": _jsonable(m.module_config())}
+            for p, m in compressed_modules(module)]
+
+
+def tensor_entry(key: str, dtype: torch.dtype, shape: tuple[int, ...], modules: list[dict[str, Any]]) -> dict[str, Any]:
+    """One tensor's entry in the manifest's ``tensors``: its codec, dtype, shape and bytes."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return {"codec": _codec_of(key, modules, dtype), "dtype": str(dtype).replace("torch.", ""),
+            "shape": list(shape), "bytes": numel * dtype.itemsize}
+
+
+def build_manifest(handle: ModelHandle, modules: list[dict[str, Any]], tensors: dict[str, Any],
+                   aliases: dict[str, str], from_base: dict[str, str], *, recipe: dict[str, Any] | None = None,
+                   pass_log: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of an artifact of ``handle`` (its module is not read: kind, source, architecture, extras)."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "modelpress_version": __version__,
@@ -144,9 +163,99 @@ def write_artifact(directory: Path, handle: ModelHandle, *, recipe: dict[str, An
         "from_base": from_base,
         "inputs": inputs or {},
     }
-    save_file(state, str(directory / WEIGHTS), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})  # one key: safetensors orders metadata keys randomly
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+#: the one metadata entry of the weights file (one key: safetensors orders metadata keys randomly)
+WEIGHTS_METADATA = {"format": f"{FORMAT}/{FORMAT_VERSION}"}
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def write_artifact(directory: Path, handle: ModelHandle, *, recipe: dict[str, Any] | None = None,
+                   pass_log: dict[str, Any] | None = None, base: ModelHandle | None = None,
+                   inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the model and manifest into ``directory`` (a staging directory); returns the manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state, aliases, from_base = artifact_state(handle.module, base.module if base is not None else None)
+    modules = module_entries(handle.module)
+    tensors = {k: tensor_entry(k, t.dtype, tuple(t.shape), modules) for k, t in state.items()}
+    manifest = build_manifest(handle, modules, tensors, aliases, from_base, recipe=recipe, pass_log=pass_log,
+                              inputs=inputs)
+    save_file(state, str(directory / WEIGHTS), metadata=WEIGHTS_METADATA)
+    write_manifest(directory, manifest)
     return manifest
+
+
+class WeightsSpool:
+    """Writes ``model.safetensors`` a few tensors at a time, byte for byte what safetensors' ``save_file`` writes
+    for the same tensors (streamed compression: the artifact is the same as the in-memory path's).
+
+    :meth:`add` appends each tensor's bytes to a spool file beside the output and forgets the tensor;
+    :meth:`finish` writes the safetensors header (tensors ordered as safetensors orders them: by dtype, widest
+    first, then by name; offsets follow that order), then copies the bytes from the spool in that order, and
+    deletes the spool. Peak memory is one tensor plus a copy buffer; the disk holds the artifact twice
+    until the end."""
+
+    _COPY = 16 << 20
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.spool_path = self.path.with_name(self.path.name + ".spool")
+        self._spool = open(self.spool_path, "wb")
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}  # dtype, shape, offset, bytes
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.entries:
+            raise ValueError(f"tensor {name!r} written twice")
+        t = tensor.detach().contiguous().cpu()
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        offset = self._spool.tell()
+        self._spool.write(memoryview(data) if t.numel() else data)
+        self.entries[name] = (t.dtype, tuple(t.shape), offset, t.numel() * t.element_size())
+
+    def _order(self) -> list[str]:
+        """safetensors' own order of the tensors, asked of safetensors (empty tensors of the same names and
+        dtypes: the order depends on nothing else)."""
+        from safetensors.torch import save
+
+        blob = save({k: torch.empty(0, dtype=e[0]) for k, e in self.entries.items()})
+        n = int.from_bytes(blob[:8], "little")
+        return [k for k in json.loads(blob[8:8 + n]) if k != "__metadata__"]
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        from safetensors.torch import _TYPES  # safetensors' dtype names
+
+        names = {v: k for k, v in _TYPES.items()}
+        self._spool.close()
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        order = self._order()
+        for k in order:
+            dtype, shape, _, nbytes = self.entries[k]
+            header[k] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(self.path, "wb") as out, open(self.spool_path, "rb") as spool:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            for k in order:
+                _, _, start, nbytes = self.entries[k]
+                spool.seek(start)
+                while nbytes:
+                    chunk = spool.read(min(nbytes, self._COPY))
+                    out.write(chunk)
+                    nbytes -= len(chunk)
+        self.spool_path.unlink()
+
+    def close(self) -> None:
+        """Drop the spool (after an error)."""
+        if not self._spool.closed:
+            self._spool.close()
+        self.spool_path.unlink(missing_ok=True)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -60,6 +60,15 @@ class ModelHandle:
         return self.replace_module(copy.deepcopy(self.module))
 
 
+def compute_device(module: nn.Module) -> torch.device:
+    """The device a module computes on: that of its first parameter or buffer (the CPU if none)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a module computes in: that of its first floating-point parameter or buffer (fp32 if none)."""
     for t in module.parameters():
@@ -81,9 +90,14 @@ class _Canonical(nn.Module):
         self.kind = kind
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(self.inner)
+        dtype, device = compute_dtype(self.inner), compute_device(self.inner)
         args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype
                      else a for a in args)
+        if device.type != "cpu":  # a model on a GPU takes CPU inputs and gives its output back on the CPU
+            return self._call(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)).cpu()
+        return self._call(*args)
+
+    def _call(self, *args: torch.Tensor) -> torch.Tensor:
         if self.kind in _OUTPUT_FIELD:
             out = self.inner(input_ids=args[0], attention_mask=args[1])
             value = getattr(out, _OUTPUT_FIELD[self.kind], None)
@@ -286,9 +300,8 @@ def load_weights_into(module: nn.Module, state: dict[str, torch.Tensor], where: 
         setattr(module.get_submodule(path), leaf, getattr(module.get_submodule(tpath), tleaf))
 
 
-def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Path | None = None) -> ModelHandle:
-    """Load a Hugging Face transformers directory, a diffusers model directory, or a single
-    ``.safetensors`` file whose ``config.json`` lies beside it (or is given as ``config``)."""
+def checkpoint_paths(path: str | Path, config: str | Path | None = None) -> tuple[list[Path], Path]:
+    """The weight files and the config.json of a checkpoint directory or a single ``.safetensors`` file."""
     p = Path(path)
     if not p.exists():
         raise UserError("no such file or directory", str(p))
@@ -306,6 +319,11 @@ def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Pat
         weights = [p]
     if not cfg_path.exists():
         raise UserError("no config.json beside the weights (give one with model.config)", str(cfg_path))
+    return weights, cfg_path
+
+
+def read_architecture(cfg_path: Path) -> dict[str, Any]:
+    """The architecture (library, class, config) a checkpoint's config.json describes."""
     cfg = _read_json(cfg_path)
     if "_diffusers_version" in cfg or "_class_name" in cfg:
         arch = {"library": "diffusers", "class": cfg.get("_class_name", "UNet2DModel"), "config": cfg}
@@ -320,29 +338,47 @@ def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Pat
 
         arch["class"] = type(transformers.AutoModel.from_config(
             transformers.AutoConfig.for_model(**cfg))).__name__
+    return arch
+
+
+def build_checkpoint_module(arch: dict[str, Any], cfg_path: Path) -> nn.Module:
+    """:func:`build_architecture`, a config it cannot build being a one-line error naming the config file."""
     try:
-        module = build_architecture(arch)
+        return build_architecture(arch)
     except UserError:
         raise
     except Exception as exc:
         raise UserError(f"cannot build the model from its config ({str(exc).splitlines()[0]})", str(cfg_path)) from None
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Path | None = None) -> ModelHandle:
+    """Load a Hugging Face transformers directory, a diffusers model directory, or a single
+    ``.safetensors`` file whose ``config.json`` lies beside it (or is given as ``config``)."""
+    p = Path(path)
+    weights, cfg_path = checkpoint_paths(p, config)
+    arch = read_architecture(cfg_path)
+    module = build_checkpoint_module(arch, cfg_path)
     state: dict[str, torch.Tensor] = {}
     for w in weights:
         state.update(load_state_dict_file(w))
-    state = _align_prefix(module, state)
+    state = align_prefix(module, state)
     if kind is not None:
         check_kind(arch, kind, str(p))
     load_weights_into(module, state, str(p))
     kind = kind or guess_kind(arch)
     if kind is None:
         raise UserError(f"cannot tell the kind of a {arch['class']}; set model.kind", str(p))
-    extras: dict[str, Any] = {"checkpoint": checkpoint_record(weights, state)}
-    if arch["library"] == "transformers" and (p if p.is_dir() else p.parent).joinpath("tokenizer.json").exists():
-        extras["tokenizer_dir"] = str(p if p.is_dir() else p.parent)
+    extras: dict[str, Any] = {"checkpoint": checkpoint_record(weights, state), **tokenizer_extras(p, arch)}
     return ModelHandle(module.eval(), kind, str(p), describe_architecture(module), extras)
 
 
-def _align_prefix(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def tokenizer_extras(path: Path, arch: dict[str, Any]) -> dict[str, Any]:
+    """``{"tokenizer_dir": ...}`` when a transformers checkpoint has its tokenizer beside its config."""
+    d = path if path.is_dir() else path.parent
+    return {"tokenizer_dir": str(d)} if arch["library"] == "transformers" and (d / "tokenizer.json").exists() else {}
+
+
+def align_prefix(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoints of a bare encoder sometimes carry the head class's prefix (``bert.``) or lack it."""
     own = module.state_dict().keys()
     if set(state) <= set(own):

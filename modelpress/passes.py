@@ -15,11 +15,12 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import console
@@ -53,7 +54,7 @@ class Context:
     ``base`` is the base model of a delta recipe (``None`` otherwise). ``data`` is the calibration dataset,
     resolved once from ``calibration.dataset`` (or the zoo model's own), ``None`` when there is none.
     ``log`` collects each pass's record (choices, errors, timings) for the manifest. ``scratch`` is a
-    private directory that is deleted after the run.
+    private directory that is deleted after the run. ``device``: the recipe's ``device:``, resolved.
     """
 
     seed: int = 0
@@ -67,6 +68,9 @@ class Context:
     reference: ModelHandle | None = None
     #: passes run so far in this context
     passes_done: int = 0
+    #: where passes that compute with the model (distillation, calibration forwards) run
+    #: (:func:`modelpress.devices.resolve_device`); the model is handed over and returned on the CPU
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def original(self, model: ModelHandle) -> ModelHandle:
         """The model as this pass received it, for passes that need it beside the one they change in place (a
@@ -173,6 +177,36 @@ class Pass:
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:  # pragma: no cover - interface
         raise NotImplementedError
+
+    # -- streamed compression (modelpress.stream): one decoder block at a time
+
+    def streams(self) -> bool:
+        """Whether this pass, with its options, works layer by layer without activations, so that it can run
+        on one block of the model at a time (:meth:`apply_unit`, :meth:`record_units`) with the same result."""
+        return False
+
+    def apply_unit(self, unit: ModelHandle, ctx: Context, base: nn.Module | None,
+                   first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:  # pragma: no cover - interface
+        """Compress one *unit* of a model: a module holding some of the model's submodules under their full
+        paths (one decoder block, or the model without its blocks). ``base``: the base model's same unit (delta
+        passes). ``first_layer``: the index, in the whole model, of the unit's first linear layer the pass
+        compresses. Returns the unit and a record part (its ``layers``: how many linear layers the pass
+        compressed in the unit); nothing goes to ``ctx.log`` until :meth:`record_units`."""
+        raise NotImplementedError
+
+    def record_units(self, parts: list[dict[str, Any]], ctx: Context,
+                     rank: Callable[[str], int] | None = None) -> None:  # pragma: no cover - interface
+        """Record in ``ctx.log`` what :meth:`apply_unit` did over all units, as :meth:`apply` records it for the
+        whole model. ``rank``: a module path's or state-dict name's position in the whole model, to order the
+        entries as the in-memory path does (``None``: the parts are in that order already)."""
+        raise NotImplementedError
+
+
+def in_model_order(items: Iterable[Any], rank: Callable[[str], int] | None, key: Callable[[Any], str] = str
+                   ) -> list[Any]:
+    """``items`` (names, or things named by ``key``) in the whole model's order (:meth:`Pass.record_units`)."""
+    items = list(items)
+    return items if rank is None else sorted(items, key=lambda item: rank(key(item)))
 
 
 _METHOD_PACKAGES = ("modelpress.builtin", "modelpress.quant", "modelpress.codecs", "modelpress.prune",

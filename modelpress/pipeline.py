@@ -14,6 +14,7 @@ import yaml
 from . import api
 from .api import Compressed
 from .artifact import atomic_directory, load_artifact, read_manifest, WEIGHTS
+from .devices import resolve_device
 from .model import ModelHandle
 from .recipe import LoadedRecipe, load_recipes, parse_recipe
 from .sources import load_model
@@ -44,15 +45,43 @@ def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) ->
     if r.calibration.dataset:
         calibration["dataset"] = loaded.datasets[r.calibration.dataset]
     result = api.compress(model, loaded.passes, base=load_model(r.base) if r.base else None,
-                          calibration=calibration, seed=r.seed,
+                          calibration=calibration, seed=r.seed, device=r.device,
                           show_progress=show_progress, where=str(loaded.path) if loaded.path else None)
     result.recipe = loaded.raw
     result.write(staging)
+    _write_recipe(loaded, staging)
+    return result
+
+
+def compress_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) -> None:
+    """The passes run over the model one decoder block at a time (:mod:`modelpress.stream`); the artifact is
+    written into ``staging``, the same bytes as :func:`compress` writes."""
+    from .passes import CalibrationSpec
+    from .stream import compress_streamed as stream
+
+    r = loaded.recipe
+    resolve_device(r.device, str(loaded.path or "recipe"))  # the streamed passes code on the CPU
+    c = r.calibration
+    stream(r.model, loaded.passes, staging, base=r.base, seed=r.seed,
+           calibration=CalibrationSpec(c.samples, c.batch_size, c.dataset, c.seq_len),
+           data=loaded.datasets.get(c.dataset) if c.dataset else None, recipe=loaded.raw,
+           show_progress=show_progress)
+    _write_recipe(loaded, staging)
+
+
+def _write_recipe(loaded: LoadedRecipe, staging: Path) -> None:
     if loaded.path is not None and loaded.path.exists():
         (staging / "recipe.yaml").write_text(loaded.path.read_text())
     else:
         (staging / "recipe.yaml").write_text(yaml.safe_dump(loaded.raw, sort_keys=False))
-    return result
+
+
+def streams(loaded: LoadedRecipe) -> bool:
+    """Whether the recipe runs streamed (its ``stream:`` option; see :func:`modelpress.stream.use_streaming`)."""
+    from .stream import use_streaming
+
+    r = loaded.recipe
+    return use_streaming(r.stream, r.model, r.base, loaded.passes, str(loaded.path or "recipe"))
 
 
 def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, show_progress: bool = True,
@@ -63,15 +92,24 @@ def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, sho
 
     out = Path(output) if output else loaded.output
     with atomic_directory(out) as staging:
-        result = compress(loaded, staging, show_progress)
-        reference, base = result.reference, result.base
-        del result  # the compressed module in memory: what is evaluated is the artifact as loaded
+        if streams(loaded):
+            compress_streamed(loaded, staging, show_progress)
+            # the report compares with the input model, loaded whole (evaluation does not stream yet)
+            wanted = (export and loaded.exports) or (evaluate and loaded.recipe.evaluate)
+            reference = load_model(loaded.recipe.model) if wanted else None
+            base = load_model(loaded.recipe.base) if wanted and loaded.recipe.base else None
+            export, evaluate = bool(wanted) and export, bool(wanted) and evaluate
+        else:
+            result = compress(loaded, staging, show_progress)
+            reference, base = result.reference, result.base
+            del result  # the compressed module in memory: what is evaluated is the artifact as loaded
         if export or evaluate:
             # Evaluate what a user gets back: the artifact as loaded, not the in-memory module.
             artifact_model = load_artifact(staging, base=base)
             build_report(staging, loaded, artifact_model, reference,
                          exports=loaded.exports if export else [], metrics=loaded.recipe.evaluate if evaluate else [],
-                         show_progress=show_progress, log_name=LOG if log is not None else None, base=base)
+                         show_progress=show_progress, log_name=LOG if log is not None else None, base=base,
+                         device=resolve_device(loaded.recipe.device, str(loaded.path or "recipe")))
         if log is not None and log.exists():
             shutil.copyfile(log, staging / LOG)
     return out

@@ -11,6 +11,8 @@ Top-level keys::
     export:       [{format: onnx|ort|pte, ...options}, ...]   (a bare string is {format: <it>})
     evaluate:     [<metric name> | {metric: <name>, samples: N, dataset: NAME_OR_PATH, options: {...}}, ...]
     output:       the artifact directory, default runs/<recipe file stem>
+    stream:       true | false | auto (default): compress a causal LM one decoder block at a time
+    device:       auto (default: a CUDA GPU when present) | cpu | cuda
 
 Errors read ``<file>: <field path>: <what is wrong>``, e.g.
 ``recipes/x.yaml: passes[1].weight_bits: must be between 2 and 8, got 12``.
@@ -66,6 +68,11 @@ class Recipe(_Strict):
     export: list[Any] = Field(default_factory=list)
     evaluate: list[MetricSpec] = Field(default_factory=list)
     output: str | None = None
+    #: compress one decoder block at a time (causal-lm checkpoints; passes that work layer by layer): true,
+    #: false, or auto (when the in-memory path would not fit in the memory available; modelpress.stream)
+    stream: bool | Literal["auto"] = "auto"
+    #: where passes, calibration and evaluation run: auto (a CUDA GPU when there is one), cpu or cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("model", "base", mode="before")
     @classmethod
@@ -274,6 +281,12 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
 
     passes = parse_passes(recipe.passes, where)
     check_passes_fit(passes, recipe.model.kind, recipe.base is not None, where, base_hint="add 'base:'")
+    if recipe.stream is True:
+        from .stream import why_not_streamed
+
+        reason = why_not_streamed(recipe.model, recipe.base, passes)
+        if reason:
+            raise UserError(f"stream: true, but {reason}", where)
 
     exports = []
     if recipe.export:

@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[1] / "modelpress"
 #: recipe, pipeline -> cli and the package's lazy entry points
 LAYERS: list[set[str]] = [
     {"errors", "console", "_version", "registry"},
-    {"model", "kernels", "sampling"},
+    {"model", "kernels", "sampling", "devices", "shards"},
     {"passes", "modules", "zoo", "sources", "data"},
     {"quant", "codecs", "prune", "search", "builtin"},
-    {"artifact"},
+    {"artifact", "stream"},
     {"exporters", "metrics"},
     {"recipe", "pipeline", "api"},
     {"cli", ""},  # "" is modelpress/__init__.py

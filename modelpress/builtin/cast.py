@@ -4,9 +4,10 @@ It exists to exercise the framework end to end and as the first step of lossless
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
+from torch import nn
 
 from ..model import ModelHandle, cast_weights
 from ..passes import Context, Pass, PassConfig, register_pass
@@ -24,8 +25,19 @@ class Cast(Pass):
         dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
-        dtype = DTYPES[self.config.dtype]
-        n = sum(p.numel() for p in model.module.parameters() if p.is_floating_point())
-        cast_weights(model.module, dtype)
-        ctx.record(self.name, dtype=self.config.dtype, parameters=n)
+        model, part = self.apply_unit(model, ctx, None, 0)
+        self.record_units([part], ctx)
         return model
+
+    def streams(self) -> bool:
+        return True
+
+    def apply_unit(self, unit: ModelHandle, ctx: Context, base: nn.Module | None,
+                   first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
+        n = sum(p.numel() for p in unit.module.parameters() if p.is_floating_point())
+        cast_weights(unit.module, DTYPES[self.config.dtype])
+        return unit, {"parameters": n}
+
+    def record_units(self, parts: list[dict[str, Any]], ctx: Context,
+                     rank: Callable[[str], int] | None = None) -> None:
+        ctx.record(self.name, dtype=self.config.dtype, parameters=sum(p["parameters"] for p in parts))

@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..devices import on_device
 from ..model import ModelHandle
 from ..modules import register_module
-from ..passes import Context, Pass, register_pass
+from ..passes import Context, Pass, in_model_order, register_pass
 from ..quant.primitives import pack_signs, unpack_signs
 from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, handle_other_tensors,
                     match_linear_layers, model_outputs, output_head_path, output_mse, replace_module,
@@ -90,10 +91,11 @@ class BitDeltaLinear(DeltaLinear):
         return self.alpha.to(x.dtype) * F.linear(x, self.sign_matrix().to(x.dtype))
 
 
-def compress_layers(model: torch.nn.Module, base: torch.nn.Module, skip: list[str]) -> list[str]:
-    """Replace every linear layer of ``model`` that has a base counterpart by a :class:`BitDeltaLinear`."""
+def compress_layers(model: torch.nn.Module, base: torch.nn.Module, skip: list[str], copy_base: bool = True) -> list[str]:
+    """Replace every linear layer of ``model`` that has a base counterpart by a :class:`BitDeltaLinear`
+    (``copy_base``: see :func:`~modelpress.codecs.delta.match_linear_layers`)."""
     names = []
-    for layer in match_linear_layers(model, base, skip):
+    for layer in match_linear_layers(model, base, skip, copy_base):
         replace_module(model, layer.name, BitDeltaLinear.from_delta(layer))
         names.append(layer.name)
     return names
@@ -160,7 +162,36 @@ class BitDeltaPass(Pass):
         cfg = self.config
         base = require_base(self.name, model, ctx)
         t0 = time.time()
-        teacher = ctx.original(model).module.eval()  # the fine-tune; the model itself becomes the student
+        # the fine-tune, the distillation's teacher; the model itself becomes the student
+        teacher = ctx.original(model).module.eval() if cfg.steps > 0 else None
+        student, part = self._compress(model, base.module)
+        losses: list[float] = []
+        if cfg.steps > 0:
+            bs = ctx.setting(cfg, "batch_size")
+            n = ctx.setting(cfg, "samples") or cfg.steps * bs
+            batches = calibration_batches(model, ctx, self.name, n, bs, ctx.setting(cfg, "seq_len"), offset=11)
+            with on_device(ctx.device, student, teacher):  # the recipe's device; both back on the CPU after
+                batches = [tuple(t.to(ctx.device) for t in b) for b in batches]
+                losses = scale_distillation(model, student, teacher, batches, cfg.steps, cfg.lr, cfg.target, ctx)
+        part["alpha"] = {n: student.get_submodule(n).alpha.item() for n in part["alpha_init"]}
+        part["losses"], part["seconds"] = losses, time.time() - t0
+        self.record_units([part], ctx)
+        return model.replace_module(student.eval())
+
+    def streams(self) -> bool:
+        return self.config.steps == 0  # scale distillation needs the whole model's outputs
+
+    def apply_unit(self, unit: ModelHandle, ctx: Context, base: torch.nn.Module | None,
+                   first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
+        t0 = time.time()
+        student, part = self._compress(unit, base, copy_base=False)  # the base unit is dropped after this one
+        part.update(alpha=part["alpha_init"], losses=[], seconds=time.time() - t0)
+        return unit.replace_module(student), part
+
+    def _compress(self, model: ModelHandle, base: torch.nn.Module,
+                  copy_base: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """1-bit deltas of ``model``'s linear layers against ``base`` (Eq. 1-2) and the other tensors by option."""
+        cfg = self.config
         student = model.module.eval()
         causal = model.kind == "causal-lm"
         embeddings = cfg.embeddings or ("keep" if causal else "base")
@@ -168,18 +199,22 @@ class BitDeltaPass(Pass):
         head = output_head_path(student) if causal and (cfg.lm_head or "keep") == "keep" else None
         if head:
             skip.append(head)
-        other = handle_other_tensors(student, base.module, embeddings, cfg.norms, cfg.biases)
-        names = compress_layers(student, base.module, skip)
-        init = {n: student.get_submodule(n).alpha.item() for n in names}
-        losses: list[float] = []
-        if cfg.steps > 0:
-            bs = ctx.setting(cfg, "batch_size")
-            n = ctx.setting(cfg, "samples") or cfg.steps * bs
-            batches = calibration_batches(model, ctx, self.name, n, bs, ctx.setting(cfg, "seq_len"), offset=11)
-            losses = scale_distillation(model, student, teacher, batches, cfg.steps, cfg.lr, cfg.target, ctx)
-        ctx.record(self.name, layers=len(names), embeddings=embeddings, head_kept=head,
-                   reverted=other["reverted"], kept=other["kept"],
-                   alpha_init=init, alpha={n: student.get_submodule(n).alpha.item() for n in names},
+        other = handle_other_tensors(student, base, embeddings, cfg.norms, cfg.biases)
+        names = compress_layers(student, base, skip, copy_base)
+        return student, {"layers": len(names), "embeddings": embeddings, "head": head, **other,
+                         "alpha_init": {n: student.get_submodule(n).alpha.item() for n in names}}
+
+    def record_units(self, parts: list[dict[str, Any]], ctx: Context,
+                     rank: Callable[[str], int] | None = None) -> None:
+        def merged(key: str) -> dict[str, float]:
+            entries = {k: v for p in parts for k, v in p[key].items()}
+            return {k: entries[k] for k in in_model_order(entries, rank)}
+
+        losses = [x for p in parts for x in p["losses"]]
+        ctx.record(self.name, layers=sum(p["layers"] for p in parts), embeddings=parts[0]["embeddings"],
+                   head_kept=next((p["head"] for p in parts if p["head"]), None),
+                   reverted=in_model_order([k for p in parts for k in p["reverted"]], rank),
+                   kept=in_model_order([k for p in parts for k in p["kept"]], rank),
+                   alpha_init=merged("alpha_init"), alpha=merged("alpha"),
                    loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-                   seconds=round(time.time() - t0, 2))
-        return model.replace_module(student.eval())
+                   seconds=round(sum(p["seconds"] for p in parts), 2))

@@ -44,7 +44,7 @@ from ..data.inputs import labelled_text
 from ..errors import UserError
 from ..model import ModelHandle
 from ..modules import register_module
-from ..passes import Context, Pass, register_pass
+from ..passes import Context, Pass, in_model_order, register_pass
 from ..quant.primitives import pack_signs, unpack_signs
 from ..sources import load_dataset
 from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
@@ -108,8 +108,8 @@ class DareLinear(DeltaLinear):
         """The kept delta values in place, not rescaled, ``[out, in]`` (cached until the next load)."""
         d = self._cache.get("delta")
         if d is None:
-            d = torch.zeros(self.out_features * self.in_features)
-            d[self.kept_positions()] = self.values.float()
+            d = torch.zeros(self.out_features * self.in_features, device=self.values.device)
+            d[self.kept_positions().to(d.device)] = self.values.float()
             d = d.reshape(self.out_features, self.in_features)
             self._cache["delta"] = d
         return d
@@ -216,10 +216,13 @@ class _DareBase(Pass):
     needs_base = True
 
     def _compress(self, model: ModelHandle, ctx: Context, p: float, method: PruneMethod,
-                  hessians: dict[str, torch.Tensor], skip: list[str]) -> tuple[torch.nn.Module, list[DeltaLayer]]:
+                  hessians: dict[str, torch.Tensor], skip: list[str], base: torch.nn.Module | None = None,
+                  first_layer: int = 0, copy_base: bool = True) -> tuple[torch.nn.Module, list[DeltaLayer]]:
+        """Prune every matched linear delta of ``model`` against ``base`` (default: the context's); the
+        ``i``-th layer of the whole model (``first_layer`` + its index here) draws its mask from its own seed."""
         student = model.module.eval()  # changed in place
-        layers = match_linear_layers(student, ctx.base.module, skip)
-        for i, layer in enumerate(layers):
+        layers = match_linear_layers(student, ctx.base.module if base is None else base, skip, copy_base)
+        for i, layer in enumerate(layers, start=first_layer):
             norms = torch.sqrt(torch.diag(hessians[layer.name])) if layer.name in hessians else None
             seed = (ctx.seed * 1_000_003 + 7919 * (i + 1)) % (2**31 - 1)
             replace_module(student, layer.name, dare_layer(layer, p, method, seed, norms))
@@ -236,14 +239,32 @@ class DarePass(_DareBase):
         p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
-        cfg = self.config
         require_base(self.name, model, ctx)
-        student, layers = self._compress(model, ctx, cfg.p, "random", {}, cfg.skip)
-        other = handle_other_tensors(student, ctx.base.module, cfg.embeddings, cfg.norms, cfg.biases)
+        model, part = self._prune(model, ctx, ctx.base.module, 0, copy_base=True)
+        self.record_units([part], ctx)
+        return model
+
+    def streams(self) -> bool:
+        return True  # each layer's mask comes from its own seed
+
+    def apply_unit(self, unit: ModelHandle, ctx: Context, base: torch.nn.Module | None,
+                   first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
+        return self._prune(unit, ctx, base, first_layer, copy_base=False)  # the base unit is dropped after it
+
+    def _prune(self, unit: ModelHandle, ctx: Context, base: torch.nn.Module, first_layer: int,
+               copy_base: bool) -> tuple[ModelHandle, dict[str, Any]]:
+        cfg = self.config
+        student, layers = self._compress(unit, ctx, cfg.p, "random", {}, cfg.skip, base, first_layer, copy_base)
+        other = handle_other_tensors(student, base, cfg.embeddings, cfg.norms, cfg.biases)
         set_q(student, 1.0 - cfg.p)
-        ctx.record(self.name, layers=len(layers), p=cfg.p, q=1.0 - cfg.p, reverted=other["reverted"],
-                   kept=other["kept"])
-        return model.replace_module(student)
+        return unit.replace_module(student), {"layers": len(layers), **other}
+
+    def record_units(self, parts: list[dict[str, Any]], ctx: Context,
+                     rank: Callable[[str], int] | None = None) -> None:
+        cfg = self.config
+        ctx.record(self.name, layers=sum(p["layers"] for p in parts), p=cfg.p, q=1.0 - cfg.p,
+                   reverted=in_model_order([k for p in parts for k in p["reverted"]], rank),
+                   kept=in_model_order([k for p in parts for k in p["kept"]], rank))
 
 
 @register_pass

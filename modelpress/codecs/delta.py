@@ -80,8 +80,8 @@ class DeltaLayer:
 
     @property
     def delta(self) -> torch.Tensor:
-        """``W_ft - W_base`` as ``[out, in]`` float32."""
-        d = self.module.weight.detach().float() - self.base_weight.float()
+        """``W_ft - W_base`` as ``[out, in]`` float32 (subtracted in place: one float32 matrix in memory)."""
+        d = self.module.weight.detach().to(torch.float32, copy=True).sub_(self.base_weight)
         return d.t().contiguous() if self.transposed else d
 
     @property
@@ -114,10 +114,13 @@ def output_head_path(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
-def match_linear_layers(model: nn.Module, base: nn.Module, skip: Iterable[str] = ()) -> list[DeltaLayer]:
+def match_linear_layers(model: nn.Module, base: nn.Module, skip: Iterable[str] = (),
+                        copy_base: bool = True) -> list[DeltaLayer]:
     """The fine-tune's linear layers that have a same-shaped weight in the base (heads have none).
 
-    ``skip`` lists module-path substrings to leave alone (e.g. ``["classifier"]``).
+    ``skip`` lists module-path substrings to leave alone (e.g. ``["classifier"]``). ``copy_base``: each layer gets
+    its own copy of the base weight (the delta modules keep it), so that the base model stays independent of the
+    compressed one; a streamed unit, whose base unit is dropped after it, shares the base's tensors instead.
     """
     mapping = align_to_base(model, base)
     base_state = base.state_dict()
@@ -130,7 +133,8 @@ def match_linear_layers(model: nn.Module, base: nn.Module, skip: Iterable[str] =
         key = mapping.get(f"{name}.weight")
         if key is None or tuple(base_state[key].shape) != tuple(mod.weight.shape):
             continue
-        out.append(DeltaLayer(name, mod, base_state[key].detach().clone(), is_transposed(mod)))
+        weight = base_state[key].detach()
+        out.append(DeltaLayer(name, mod, weight.clone() if copy_base else weight, is_transposed(mod)))
     return out
 
 
@@ -154,7 +158,7 @@ class DeltaLinear(nn.Module):
     """A linear layer computing ``x W_base^T + delta(x) + b``; subclasses define ``delta_forward``.
 
     ``weight`` is the base weight (a buffer, in the replaced layer's layout: ``[out, in]`` for
-    ``nn.Linear``, ``[in, out]`` for ``Conv1D``) and ``bias`` the fine-tune's bias. ``base_op`` may be set
+    ``nn.Linear``, ``[in, out]`` for ``Conv1D``, and in the base's dtype) and ``bias`` the fine-tune's bias. ``base_op`` may be set
     to a callable replacing the base product (e.g. a bitsandbytes 8-bit / NF4 layer, see
     :func:`quantize_base`); it is not saved.
     """
@@ -171,7 +175,8 @@ class DeltaLinear(nn.Module):
 
     # -- construction helpers
     def _init_from(self, layer: DeltaLayer) -> None:
-        self.weight.copy_(layer.base_weight)
+        # the base weight in the base's dtype, so that the artifact finds it equal to the base's and drops it
+        self.weight = layer.base_weight.detach()  # match_linear_layers' copy (or a streamed unit's base tensor)
         if self.bias is not None:
             self.bias.copy_(layer.module.bias.detach())
 
@@ -182,6 +187,10 @@ class DeltaLinear(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # noqa: D401 - torch hook
         self._cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "DeltaLinear":
+        self._cache.clear()  # .to(device) replaces the buffers the cached tensors were made from
+        return super()._apply(fn, *args, **kwargs)
 
     # -- math
     def base_weight_oi(self) -> torch.Tensor:

@@ -24,7 +24,7 @@ The only lossy step is the optional cast (``cast: true``) of a model whose weigh
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from ..errors import CorruptData, UserError
 from ..kernels import entropy as E
 from ..model import ModelHandle, cast_weights, is_conv1d
 from ..modules import register_module, set_submodule
-from ..passes import Context, Pass, PassConfig, register_pass
+from ..passes import Context, Pass, PassConfig, in_model_order, register_pass
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
@@ -540,22 +540,31 @@ class DFloat11(Pass):
         fused_rows: int = Field(0, ge=0, le=1 << 20)
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
+        module, part = self._code(model.module, ctx)
+        self.record_units([part], ctx)
+        return model.replace_module(module)
+
+    def streams(self) -> bool:
+        return True  # every weight is coded on its own
+
+    def apply_unit(self, unit: ModelHandle, ctx: Context, base: nn.Module | None,
+                   first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
+        module, part = self._code(unit.module, ctx)
+        return unit.replace_module(module), part
+
+    def _code(self, module: nn.Module, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
+        """Cast (if asked) and code the weights of ``module``; returns it and the raw record part."""
         cfg = self.config
         target = TORCH_DTYPES[cfg.dtype]
-        module = model.module
         dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
-        cast_from = None
         if dtypes != {target}:
             if not cfg.cast:
                 raise UserError(f"the model's weights are {sorted(str(d) for d in dtypes)}, not {cfg.dtype}; "
                                 f"set cast: true to cast them first (lossy) or choose dtype to match", "dfloat11")
-            cast_from = sorted(str(d).replace("torch.", "") for d in dtypes)
             cast_weights(module, target)
         chosen, tied, skipped = _candidates(module, list(cfg.modules), cfg.min_elements)
         originals = {n: module.get_submodule(n) for n in tied}
-        per_module: dict[str, Any] = {}
-        dense_bytes = coded_bytes = 0
-        bound_bits = 0.0
+        coded: list[tuple[str, int, int, float, int]] = []  # name, elements, coded bytes, bound, element size
         for name, m in ctx.progress(chosen, desc="dfloat11"):
             enc, bound = encode_tensor(m.weight, cfg.block_size, cfg.mantissa_bits, cfg.max_code_length,
                                        lane_weights=EMBEDDING_LANE_WEIGHTS if isinstance(m, nn.Embedding) else None)
@@ -566,22 +575,34 @@ class DFloat11(Pass):
                     for k in BUFFERS:
                         setattr(twin, f"df11_{k}", getattr(new, f"df11_{k}"))
                     set_submodule(module, other, twin)
-            n = m.weight.numel()
-            per_module[name] = {"elements": n, "bits_per_weight": round(enc.nbytes * 8 / n, 4),
-                                "exponent_bound": round(bound, 4)}
-            dense_bytes += n * m.weight.element_size()
-            coded_bytes += enc.nbytes
-            bound_bits += bound * n
+            coded.append((name, m.weight.numel(), enc.nbytes, bound, m.weight.element_size()))
             if name:
                 set_submodule(module, name, new)
             else:
                 module = new
+        return module, {"dtypes": sorted(str(d).replace("torch.", "") for d in dtypes), "coded": coded,
+                        "tied": tied, "skipped": skipped}
+
+    def record_units(self, parts: list[dict[str, Any]], ctx: Context,
+                     rank: Callable[[str], int] | None = None) -> None:
+        dtypes = sorted({d for p in parts for d in p["dtypes"]})
+        per_module: dict[str, Any] = {}
+        dense_bytes = coded_bytes = 0
+        bound_bits = 0.0
+        for name, n, nbytes, bound, element_size in in_model_order([c for p in parts for c in p["coded"]], rank,
+                                                                   key=lambda c: c[0]):
+            per_module[name] = {"elements": n, "bits_per_weight": round(nbytes * 8 / n, 4),
+                                "exponent_bound": round(bound, 4)}
+            dense_bytes += n * element_size
+            coded_bytes += nbytes
+            bound_bits += bound * n
+        tied = {k: v for p in parts for k, v in p["tied"].items()}
         total = sum(v["elements"] for v in per_module.values())
-        ctx.record(self.name, dtype=cfg.dtype, cast_from=cast_from, fused_rows=cfg.fused_rows,
-                   modules=len(per_module), tied_shared=tied,
-                   tied_skipped=skipped,
+        ctx.record(self.name, dtype=self.config.dtype, cast_from=None if dtypes == [self.config.dtype] else dtypes,
+                   fused_rows=self.config.fused_rows,
+                   modules=len(per_module), tied_shared={k: tied[k] for k in in_model_order(tied, rank)},
+                   tied_skipped=in_model_order([n for p in parts for n in p["skipped"]], rank),
                    dense_bytes=dense_bytes, coded_bytes=coded_bytes,
                    bits_per_weight=round(coded_bytes * 8 / total, 4) if total else None,
                    exponent_bound_bits_per_weight=round(bound_bits / total, 4) if total else None,
                    per_module=per_module)
-        return model.replace_module(module)

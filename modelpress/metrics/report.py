@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from .. import console
 from ..artifact import MANIFEST, WEIGHTS
+from ..devices import on_device
 from ..model import ModelHandle, cast_weights, example_inputs, state_bytes
 from ..sources import load_dataset
 from . import EvalContext, MetricResult, evaluate, get_metric
@@ -102,9 +103,11 @@ def _export_notes(manifest: dict[str, Any]) -> list[str]:
 
 def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: ModelHandle, *, exports: list[Any],
                  metrics: list[Any], show_progress: bool = True, keep_exports: bool = False,
-                 log_name: str | None = None, base: ModelHandle | None = None) -> dict[str, Any]:
+                 log_name: str | None = None, base: ModelHandle | None = None,
+                 device: torch.device | None = None) -> dict[str, Any]:
     """Export, evaluate and write report.json / report.md / PNGs into ``staging`` (``log_name``: the file
-    beside it that holds other libraries' console output, linked from the report)."""
+    beside it that holds other libraries' console output, linked from the report). ``device``: where the torch
+    models run during the metrics (:func:`modelpress.devices.on_device`; exports run on the CPU)."""
     seed = loaded.recipe.seed
     # opened once: the recipe's own (read when it was loaded), else now; every metric run below shares them
     named = {s.dataset for s in metrics if getattr(s, "dataset", None)} | {loaded.recipe.calibration.dataset}
@@ -117,10 +120,12 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
 
     steps = console.progress(total=2 * len(metrics) + len(exports), desc="evaluate",
                              disable=not show_progress or not (metrics or exports))
-    ref_results = _run_metrics(reference.canonical(), reference, reference, metrics, seed, show_progress, datasets)
-    steps.update(len(metrics))
-    cmp_results = _run_metrics(model.canonical(), model, reference, metrics, seed, show_progress, datasets)
-    steps.update(len(metrics))
+    with on_device(device if metrics else None, reference.module, model.module):
+        ref_results = _run_metrics(reference.canonical(), reference, reference, metrics, seed, show_progress,
+                                   datasets)
+        steps.update(len(metrics))
+        cmp_results = _run_metrics(model.canonical(), model, reference, metrics, seed, show_progress, datasets)
+        steps.update(len(metrics))
     for name, res in cmp_results.items():
         report["metrics"][name] = {"reference": ref_results[name].value, "compressed": res.value,
                                    "higher_is_better": res.higher_is_better, "details": res.details,
@@ -132,8 +137,12 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
         # give the cast model's outputs: its metrics are the ones just measured (one run, not two; on a CPU
         # without bf16 arithmetic that run is the report's longest).
         identical = 0 if cast.get("fused_rows") else decodes_to(model.module, cast_model.module)
-        cast_results = cmp_results if identical else _run_metrics(cast_model.canonical(), cast_model, reference,
-                                                                   metrics, seed, show_progress, datasets)
+        if identical:
+            cast_results = cmp_results
+        else:
+            with on_device(device if metrics else None, reference.module, cast_model.module):
+                cast_results = _run_metrics(cast_model.canonical(), cast_model, reference, metrics, seed,
+                                            show_progress, datasets)
         report["cast"] = {"from": "/".join(cast["cast_from"]), "to": cast["dtype"], "bytes": state_bytes(cast_model.module),
                           "metrics": {n: r.value for n, r in cast_results.items()},
                           "decoded_tensors_identical": identical,

@@ -1,0 +1,306 @@
+"""Streamed compression (issue 20): tiny Llama / GPT-2 bf16 checkpoints, sharded with an index, compressed one
+decoder block at a time give the same artifact bytes and manifest as the in-memory path; the artifact loads;
+bad shards and bases are one-line errors with nothing written; ``stream: auto`` and ``device:`` choose."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from modelpress import stream
+from modelpress.artifact import WEIGHTS_METADATA, WeightsSpool, load_artifact
+from modelpress.cli import main
+from modelpress.devices import resolve_device
+from modelpress.errors import UserError
+from modelpress.model import example_inputs, load_checkpoint
+from modelpress.pipeline import run
+from modelpress.recipe import load_recipe
+from modelpress.shards import INDEX, ShardedCheckpoint
+
+
+def _llm(kind: str, tied: bool):
+    import transformers
+
+    if kind == "gpt2":
+        return transformers.GPT2Config(vocab_size=300, n_embd=64, n_layer=3, n_head=4, n_positions=64)
+    return transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    tie_word_embeddings=tied)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """bf16 base + "fine-tune" (the base plus small noise) pairs, saved in 60 KB shards with an index: a Llama
+    with tied embeddings, one without, and a GPT-2 (Conv1D layers, tied head)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("stream")
+    out: dict[str, Path] = {"root": root}
+    for name, kind, tied in (("llama-tied", "llama", True), ("llama", "llama", False), ("gpt2", "gpt2", True)):
+        torch.manual_seed(0)
+        m = transformers.AutoModelForCausalLM.from_config(_llm(kind, tied)).to(torch.bfloat16).eval()
+        m.save_pretrained(root / f"{name}-base", max_shard_size="60KB")
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        m.save_pretrained(root / name, max_shard_size="60KB")
+        out[name], out[f"{name}-base"] = root / name, root / f"{name}-base"
+    return out
+
+
+def _recipe(path: Path, model: Path, passes: list, output: Path, base: Path | None = None, **extra) -> Path:
+    data = {"model": str(model), "passes": passes, "output": str(output), **extra}
+    if base is not None:
+        data["base"] = str(base)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _manifest(out: Path) -> dict:
+    """The manifest without what differs between any two runs (time stamps, timings) or says how it was made."""
+    m = json.loads((out / "modelpress.json").read_text())
+    for key in ("created", "stream"):
+        m.pop(key, None)
+    m["recipe"].pop("stream", None)
+    m["recipe"].pop("output", None)
+    for entry in m["passes"].values():
+        entry.pop("seconds", None)
+    return m
+
+
+PASSES = {
+    "dfloat11": [{"type": "dfloat11"}],
+    "cast+dfloat11": [{"type": "cast", "dtype": "float32"}, {"type": "dfloat11", "dtype": "float32"}],
+    "bitdelta": [{"type": "bitdelta", "steps": 0}],
+    "dare": [{"type": "dare", "p": 0.9}],
+}
+
+
+@pytest.mark.parametrize("method,arch", [("dfloat11", "llama-tied"), ("cast+dfloat11", "gpt2"), ("bitdelta", "llama"),
+                                         ("bitdelta", "gpt2"), ("dare", "llama-tied")])
+def test_streamed_artifact_is_byte_identical_to_in_memory(ckpts: dict[str, Path], arch: str, method: str) -> None:
+    root = ckpts["root"]
+    base = ckpts[f"{arch}-base"] if method in ("bitdelta", "dare") else None
+    outs = {}
+    for flag in (False, True):
+        out = root / "runs" / f"{arch}-{method}-{flag}"
+        recipe = _recipe(root / f"{arch}-{method}-{flag}.yaml", ckpts[arch], PASSES[method], out, base, stream=flag)
+        outs[flag] = run(load_recipe(recipe), export=False, evaluate=False, show_progress=False)
+    assert (outs[True] / "model.safetensors").read_bytes() == (outs[False] / "model.safetensors").read_bytes()
+    assert _manifest(outs[True]) == _manifest(outs[False])
+    streamed = json.loads((outs[True] / "modelpress.json").read_text())["stream"]
+    assert streamed["units"] == 4 and streamed["largest_unit_bytes"] > 0  # 3 blocks + embeddings and head
+    if method in ("bitdelta", "dare"):  # the base's weights are not stored: the bf16 base layers come from the base
+        assert json.loads((outs[True] / "modelpress.json").read_text())["from_base"]
+    # the streamed artifact loads (a delta: its base from the manifest) and runs like the in-memory one
+    a, b = load_artifact(outs[True]), load_artifact(outs[False])
+    ids, mask = example_inputs(a, batch=2, seq_len=12)
+    with torch.no_grad():
+        assert torch.equal(a.canonical()(ids, mask), b.canonical()(ids, mask))
+
+
+def test_dfloat11_streamed_logits_equal_the_checkpoint(ckpts: dict[str, Path]) -> None:
+    out = ckpts["root"] / "runs" / "df11-logits"
+    recipe = _recipe(ckpts["root"] / "df11-logits.yaml", ckpts["llama"], [{"type": "dfloat11"}], out, stream=True)
+    run(load_recipe(recipe), export=False, evaluate=False, show_progress=False)
+    art, ref = load_artifact(out), load_checkpoint(ckpts["llama"])
+    ids, mask = example_inputs(ref, batch=2, seq_len=12)
+    with torch.no_grad():
+        assert torch.equal(art.canonical()(ids, mask), ref.canonical()(ids, mask))
+
+
+def test_streamed_run_evaluates_the_artifact(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_text("\n".join(" ".join(random.Random(i).choice("abcdefgh") for _ in range(40))
+                                              for i in range(8)))
+    out = tmp_path / "eval"
+    ft = _copy(ckpts["llama"], tmp_path / "ft")
+    _tokenizer(ft)
+    recipe = _recipe(tmp_path / "eval.yaml", ft, [{"type": "bitdelta", "steps": 0}], out, ckpts["llama-base"],
+                     stream=True,
+                     evaluate=[{"metric": "token_kl", "dataset": str(tmp_path / "t.txt"), "options": {"window": 16}}])
+    run(load_recipe(recipe), export=False, show_progress=False)
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["metrics"]["token_kl"]["compressed"] < 1 and report["metrics"]["token_kl"]["reference"] == 0
+
+
+def _tokenizer(directory: Path) -> None:
+    """A character-level tokenizer for the evaluation test (vocabulary below the models' 300)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *"abcdefgh"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(str(directory))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The weights file written a tensor at a time
+
+
+def test_weights_spool_writes_what_save_file_writes(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    rng = random.Random(0)
+    dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.int32, torch.int64, torch.uint8, torch.bool,
+              torch.int16, torch.float8_e4m3fn]
+    for trial in range(10):
+        state = {}
+        for i in range(rng.randint(1, 25)):
+            shape = tuple(rng.randint(0, 5) for _ in range(rng.randint(0, 3)))
+            name = f"{rng.choice('abXY_')}{i}{rng.choice(['', '.weight', '.df11_stream'])}"
+            state[name] = (torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 9).to(rng.choice(dtypes))
+        save_file(state, str(tmp_path / "a"), metadata=WEIGHTS_METADATA)
+        spool = WeightsSpool(tmp_path / "b")
+        for k in rng.sample(list(state), len(state)):
+            spool.add(k, state[k])
+        spool.finish(WEIGHTS_METADATA)
+        assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes(), trial
+        assert not spool.spool_path.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing: stream true / false / auto
+
+
+def test_auto_streams_when_the_model_would_not_fit(ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    root = ckpts["root"]
+    recipe = load_recipe(_recipe(root / "auto.yaml", ckpts["llama"], [{"type": "dfloat11"}], root / "runs" / "auto"))
+    assert recipe.recipe.stream == "auto"
+    args = (recipe.recipe.model, None, recipe.passes, "recipe")
+    assert not stream.use_streaming("auto", *args)  # a few hundred KB fit
+    monkeypatch.setattr(stream, "memory_available", lambda: 100_000)
+    assert stream.use_streaming("auto", *args) and not stream.use_streaming(False, *args)
+    out = run(recipe, export=False, evaluate=False, show_progress=False)
+    assert "stream" in json.loads((out / "modelpress.json").read_text())
+    # a pass that needs the whole model stays in memory under auto, and is a one-line error under true
+    distil = load_recipe(_recipe(root / "distil.yaml", ckpts["llama"], [{"type": "bitdelta", "steps": 2}],
+                                 root / "runs" / "distil", ckpts["llama-base"]))
+    assert not stream.use_streaming("auto", distil.recipe.model, distil.recipe.base, distil.passes, "r")
+    with pytest.raises(UserError, match="stream: true, but pass 'bitdelta' with these options needs the whole"):
+        load_recipe(_recipe(root / "distil2.yaml", ckpts["llama"], [{"type": "bitdelta", "steps": 2}],
+                            root / "runs" / "distil2", ckpts["llama-base"], stream=True))
+    with pytest.raises(UserError, match="stream: true, but 'minilm' is a zoo model"):
+        load_recipe(_recipe(root / "zoo.yaml", Path("minilm"), [{"type": "dfloat11"}], root / "runs" / "zoo",
+                            stream=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line naming the file and the tensor, exit 2, nothing written
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _last_shard(d: Path) -> tuple[Path, str]:
+    """The shard holding the last block's down projection (read last), and that tensor's name."""
+    weight_map = json.loads((d / INDEX).read_text())["weight_map"]
+    name = max((k for k in weight_map if "mlp.down_proj" in k or "mlp.c_proj" in k),
+               key=lambda k: int(k.split(".")[-4]))
+    return d / weight_map[name], name
+
+
+def _fails(recipe: Path, capsys: pytest.CaptureFixture, *needles: str) -> None:
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and all(n in errors[0] for n in needles) and "Traceback" not in err, err
+    out = Path(yaml.safe_load(recipe.read_text())["output"])
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+
+
+def test_missing_shard_is_one_line(ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    d = _copy(ckpts["llama"], tmp_path / "ft")
+    shard, name = _last_shard(d)
+    shard.unlink()
+    _fails(_recipe(tmp_path / "r.yaml", d, [{"type": "dfloat11"}], tmp_path / "out", stream=True), capsys,
+           shard.name, "is missing", str(shard))
+
+
+def test_truncated_shard_is_one_line(ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    d = _copy(ckpts["llama"], tmp_path / "ft")
+    shard, _ = _last_shard(d)
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1])
+    last = max(ShardedCheckpoint([_copy_file(data, tmp_path / "whole.safetensors")]).tensors.items(),
+               key=lambda kv: kv[1].end)[0]
+    _fails(_recipe(tmp_path / "r.yaml", d, [{"type": "dfloat11"}], tmp_path / "out", stream=True), capsys,
+           "truncated", last, str(shard))
+
+
+def _copy_file(data: bytes, path: Path) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_base_of_other_shapes_at_the_last_block_is_one_line(ckpts: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """The base's last block has a down projection of another shape (its header says so): a one-line error
+    naming the base's shard and the tensor, before any block is compressed."""
+    from safetensors.torch import load_file, save_file
+
+    base = _copy(ckpts["llama-base"], tmp_path / "base")
+    shard, name = _last_shard(base)
+    state = load_file(str(shard))
+    state[name] = state[name][:, :-1].contiguous()
+    save_file(state, str(shard), metadata={"format": "pt"})
+    _fails(_recipe(tmp_path / "r.yaml", ckpts["llama"], [{"type": "bitdelta", "steps": 0}], tmp_path / "out",
+                   base, stream=True), capsys, name, str(shard), "has shape")
+
+
+def test_failure_in_the_last_unit_leaves_nothing(ckpts: dict[str, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A failure after every block was compressed and spooled (in the last unit) removes the staging directory
+    with its spool; an earlier artifact at the output stays as it was."""
+    from modelpress.codecs import lossless
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier artifact")
+    real = lossless.DFloat11.apply_unit
+
+    def fail_on_head(self, unit, ctx, base, first_layer):
+        if hasattr(unit.module, "lm_head"):
+            raise UserError("the head is bad", "lm_head")
+        return real(self, unit, ctx, base, first_layer)
+
+    monkeypatch.setattr(lossless.DFloat11, "apply_unit", fail_on_head)
+    recipe = _recipe(tmp_path / "r.yaml", ckpts["llama"], [{"type": "dfloat11"}], out, stream=True)
+    assert main(["run", str(recipe)]) == 2
+    assert "the head is bad" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices
+
+
+def test_device_option() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device: cuda, but torch sees no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(UserError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+
+
+def test_cuda_without_gpu_is_one_line(ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU
+    _fails(_recipe(tmp_path / "r.yaml", ckpts["llama"], [{"type": "dfloat11"}], tmp_path / "out", device="cuda"),
+           capsys, "device: cuda, but torch sees no CUDA GPU")
+    import modelpress
+
+    with pytest.raises(UserError, match="device: cuda"):
+        modelpress.compress(str(ckpts["llama"]), [{"type": "cast"}], device="cuda")
