@@ -71,12 +71,21 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 def encode_prompts(handle: ModelHandle, prompts: list[str], batch: int = 256) -> torch.Tensor:
-    """``encoder_hidden_states [N, L, D]`` of ``prompts`` from the model's prompt encoder."""
+    """``encoder_hidden_states [N, L, D]`` of ``prompts`` from the model's prompt encoder: a registered one
+    (``extras["prompt_encoder"]``: the zoo's MiniLM, or a recipe's ``model.prompt_encoder``), else the text
+    encoder of the diffusers pipeline the model came from."""
     name = handle.extras.get("prompt_encoder")
-    if not name:
+    pipeline = handle.extras.get("pipeline") or {}
+    if not name and pipeline.get("text_encoder"):
+        from ..diffusers_pipeline import encode_prompts as pipeline_encode
+
+        def encode(chunk: list[str]) -> torch.Tensor:
+            return pipeline_encode(pipeline, chunk)
+    elif not name:
         raise UserError("prompts need the model's text encoder: this unet-cond model names none "
                         "(extras['prompt_encoder'])", handle.source)
-    encode = prompt_encoder(str(name))
+    else:
+        encode = prompt_encoder(str(name))
     return torch.cat([encode(prompts[i:i + batch]) for i in range(0, len(prompts), batch)]).float()
 
 

@@ -1,0 +1,226 @@
+"""A person's own diffusers pipeline (issue 19): loaded by path with its scheduler, guidance, latent shape and
+text encoder; sampled exactly as diffusers samples it; every diffusion PTQ pass runs from a recipe on it and its
+artifact loads and samples; image-fidelity metrics; bad pipelines are one-line errors that write nothing.
+
+The pipelines are small random Stable-Diffusion-shaped ones made here (:mod:`tiny_sd`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from modelpress.artifact import MANIFEST, load_artifact
+from modelpress.cli import main
+from modelpress.data.inputs import encode_prompts
+from modelpress.errors import UserError
+from modelpress.metrics.fidelity import PSNR_CAP, psnr, ssim
+from modelpress.model import sample_shape
+from modelpress.sampling import model_timesteps, sample, sampler_of, scheduler_config, to_unit_range
+from modelpress.sources import load_model
+from tiny_sd import make_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red cat on a mat", "the blue house of an inner city", "a green tree", "seven small boats"]
+#: a pass's settings small enough for a test: 4 scheduler steps, 8 calibration samples, 2 AdaRound iterations
+FAST = {"steps": 4, "samples": 8, "batch_size": 8, "recon_batch": 4}
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pipeline(tmp_path_factory.mktemp("pipes") / "sd")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    p.write_text("\n".join(PROMPTS) + "\n")
+    return p
+
+
+def _diffusers(sd: Path, scheduler=None):
+    import diffusers
+
+    extra = {"scheduler": scheduler} if scheduler is not None else {}
+    return diffusers.StableDiffusionPipeline.from_pretrained(str(sd), safety_checker=None, local_files_only=True,
+                                                             **extra)
+
+
+def test_pipeline_supplies_scheduler_guidance_latent_shape_and_text_encoder(sd: Path) -> None:
+    h = load_model(str(sd))
+    pipe = _diffusers(sd)
+    assert h.kind == "unet-cond" and sampler_of(h) == "pipeline"
+    sched = scheduler_config(h)
+    assert sched["_class_name"] == "DDIMScheduler" and sched["beta_schedule"] == "scaled_linear"
+    assert sched["clip_sample"] is False and sched["steps_offset"] == 1 and sched["beta_start"] == 0.00085
+    assert h.extras["guidance_scale"] == 7.5
+    assert sample_shape(h) == (4, 8, 8)
+    assert model_timesteps(sched, 4, "pipeline") == [751, 501, 251, 1]  # leading spacing + steps_offset 1
+    with torch.no_grad():
+        ref, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
+    torch.testing.assert_close(encode_prompts(h, PROMPTS), ref, rtol=0, atol=0)
+
+
+def test_sampling_equals_the_diffusers_pipeline(sd: Path) -> None:
+    """Same x_T, prompts, scheduler and guidance: our sampler + VAE decode give diffusers' own images."""
+    h = load_model(str(sd))
+    pipe = _diffusers(sd)
+    x_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = pipe(PROMPTS[:2], num_inference_steps=3, guidance_scale=7.5, latents=x_T.clone(), height=16,
+                    width=16, output_type="pt").images
+    from modelpress.diffusers_pipeline import decode_latents
+
+    cond, uncond = encode_prompts(h, PROMPTS[:2]), encode_prompts(h, [""])
+    g = torch.Generator().manual_seed(3)  # sample() draws x_T from its seed exactly as above
+    assert torch.equal(torch.randn((2, 4, 8, 8), generator=g), x_T)
+    got = sample(h.canonical(), scheduler_config(h), 2, sampler="pipeline", steps=3, seed=3, cond=cond,
+                 uncond=uncond, guidance_scale=7.5, sample_shape=sample_shape(h), batch_size=1)
+    torch.testing.assert_close(to_unit_range(decode_latents(h, got)), want, rtol=1e-4, atol=1e-4)
+
+
+def _recipe(tmp: Path, sd: Path, prompts: Path, passes: list[dict], evaluate: list | None = None,
+            model: dict | None = None) -> Path:
+    body = {"model": {"source": str(sd), **(model or {})}, "seed": 0,
+            "calibration": {"dataset": str(prompts)}, "passes": passes, "evaluate": evaluate or [],
+            "output": str(tmp / "out")}
+    r = tmp / "recipe.yaml"
+    r.write_text(yaml.safe_dump(body))
+    return r
+
+
+@pytest.mark.parametrize("pass_cfg", [
+    {"type": "ptq", **FAST},
+    {"type": "ptq4dm", **FAST, "recon_iters": 2},
+    {"type": "tfmq", **FAST, "recon_iters": 2, "w_bits": 4},
+], ids=["ptq", "ptq4dm", "tfmq"])
+def test_every_diffusion_pass_runs_from_a_recipe_and_the_artifact_samples(sd: Path, prompts_file: Path,
+                                                                          tmp_path: Path, pass_cfg: dict) -> None:
+    from modelpress.pipeline import run_recipe
+
+    out = run_recipe(_recipe(tmp_path, sd, prompts_file, [pass_cfg]), show_progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    log = manifest["passes"][pass_cfg["type"]]
+    # calibrated on the pipeline's own DDIM timesteps (leading spacing, offset 1), guided, latent-shaped
+    assert set(log["calibration"]["timesteps"]) <= {751, 501, 251, 1}
+    assert manifest["extras"]["scheduler"]["_class_name"] == "DDIMScheduler"
+    assert manifest["extras"]["scheduler"]["beta_schedule"] == "scaled_linear"
+    assert manifest["extras"]["pipeline"]["vae"]["sha256"]
+    assert log["quantized_layers"] > 10 and log["quantized_attention"]
+    art = load_artifact(out)
+    assert art.extras["guidance_scale"] == 7.5 and sample_shape(art) == (4, 8, 8)
+    cond = encode_prompts(art, PROMPTS[:2])
+    x = sample(art.canonical(), scheduler_config(art), 2, sampler=sampler_of(art), steps=4, seed=0, cond=cond,
+               uncond=encode_prompts(art, [""]), guidance_scale=7.5, sample_shape=sample_shape(art))
+    ref = load_model(str(sd))
+    y = sample(ref.canonical(), scheduler_config(ref), 2, sampler="pipeline", steps=4, seed=0, cond=cond,
+               uncond=encode_prompts(ref, [""]), guidance_scale=7.5, sample_shape=sample_shape(ref))
+    assert torch.isfinite(x).all() and not torch.equal(x, y)
+    assert float((x - y).norm() / y.norm()) < 0.5  # quantized, yet the same images (random weights: loose)
+    if pass_cfg["type"] == "tfmq":
+        assert log["tib_outputs"] and log["maintenance"]
+
+
+def test_pndm_scheduler_override_calibrates_on_its_timesteps(sd: Path, prompts_file: Path, tmp_path: Path) -> None:
+    """model.scheduler swaps the sampler on the pipeline's betas; TFMQ's FSC table follows its timesteps (PNDM
+    calls the UNet twice at one of them)."""
+    from modelpress.pipeline import run_recipe
+
+    r = _recipe(tmp_path, sd, prompts_file, [{"type": "tfmq", **FAST, "recon_iters": 0, "sampler": "every_k",
+                                              "interval": 1}],
+                model={"scheduler": "PNDMScheduler", "guidance_scale": 3.0})
+    out = run_recipe(r, show_progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    visited = model_timesteps(manifest["extras"]["scheduler"], 4, "pipeline")
+    assert manifest["extras"]["scheduler"]["_class_name"] == "PNDMScheduler" and len(visited) == 5
+    assert len(set(visited)) == 4
+    assert set(manifest["passes"]["tfmq"]["calibration"]["timesteps"]) == set(visited)
+    assert manifest["extras"]["guidance_scale"] == 3.0
+
+
+def test_shipped_recipe_runs_on_a_tiny_pipeline(sd: Path, tmp_path: Path) -> None:
+    """recipes/diffusers_ptq.yaml with its path filled in (and its sample counts, steps and iterations cut to a
+    test's size); its prompts file is the one beside it."""
+    data = yaml.safe_load((REPO / "recipes" / "diffusers_ptq.yaml").read_text())
+    assert data["model"]["source"] == "path/to/your/pipeline"
+    data["model"]["source"] = str(sd)
+    data["calibration"].update(samples=8, batch_size=8)
+    data["passes"][0].update(steps=4, recon_iters=2, recon_batch=4)
+    for m in data["evaluate"]:
+        m.update(samples=2, options={"steps": 4})
+    data["output"] = str(tmp_path / "out")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prompts.txt").write_text((REPO / "recipes" / "data" / "prompts.txt").read_text())
+    recipe = tmp_path / "diffusers_ptq.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["run", str(recipe), "-q"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    psnr_m, ssim_m = report["metrics"]["psnr"], report["metrics"]["ssim"]
+    assert psnr_m["reference"] == PSNR_CAP and ssim_m["reference"] == pytest.approx(1.0)
+    assert 10 < psnr_m["compressed"] < PSNR_CAP and 0 < ssim_m["compressed"] < 1
+    assert psnr_m["details"]["decoded_by_vae"] and psnr_m["details"]["image_shape"] == [3, 16, 16]
+    assert psnr_m["details"]["sampler"] == "DDIMScheduler"
+
+
+def test_psnr_and_ssim_follow_their_definitions() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 3, 16, 16, generator=g)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(psnr(a, b), 10 * torch.log10(1 / mse))
+    assert torch.equal(psnr(a, a), torch.full((3,), PSNR_CAP))
+    torch.testing.assert_close(ssim(a, a), torch.ones(3))
+    # constant images: SSIM reduces to the luminance term (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)
+    x, y = torch.full((1, 1, 16, 16), 0.2), torch.full((1, 1, 16, 16), 0.6)
+    c1 = 0.01 ** 2
+    torch.testing.assert_close(ssim(x, y), torch.tensor([(2 * 0.2 * 0.6 + c1) / (0.04 + 0.36 + c1)]))
+    assert float(ssim(a, b).mean()) < float(ssim(a, (a + 0.01 * torch.randn(a.shape, generator=g)).clamp(0, 1)).mean())
+
+
+def _broken(tmp: Path, what: str) -> Path:
+    if what == "no scheduler":
+        return make_pipeline(tmp / "p", with_scheduler=False)
+    if what == "no text encoder":
+        return make_pipeline(tmp / "p", text_encoder=False)
+    return make_pipeline(tmp / "p", cross_width=24)
+
+
+@pytest.mark.parametrize("what,message", [
+    ("no scheduler", "the pipeline has no scheduler"),
+    ("no text encoder", "the UNet is text-conditioned but the pipeline has no text_encoder"),
+    ("cross width", "the UNet's cross-attention takes 24-wide embeddings, the text encoder gives 32"),
+    ("empty prompts", "the file is empty"),
+])
+def test_bad_pipelines_and_prompts_exit_2_with_one_line_and_write_nothing(
+        sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str, message: str) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n\n" if what == "empty prompts" else "a cat\n")
+    pipe = sd if what == "empty prompts" else _broken(tmp_path, what)
+    recipe = _recipe(tmp_path, pipe, prompts, [{"type": "ptq", **FAST}])
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_overrides_are_strict(sd: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="only for a diffusers pipeline directory"):
+        load_model(type("S", (), {"source": "digits-t2i", "kind": None, "config": None, "prompt_encoder": None,
+                                  "scheduler": None, "guidance_scale": 2.0, "sample_size": None})())
+    with pytest.raises(UserError, match="unknown scheduler class 'NoSuchScheduler'"):
+        load_model(type("S", (), {"source": str(sd), "kind": None, "config": None, "prompt_encoder": None,
+                                  "scheduler": "NoSuchScheduler", "guidance_scale": None, "sample_size": None})())
+    euler = tmp_path / "scheduler_config.json"
+    euler.write_text(json.dumps({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
+                                 "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "linspace"}))
+    with pytest.raises(UserError, match="fractional timesteps"):
+        load_model(type("S", (), {"source": str(sd), "kind": None, "config": None, "prompt_encoder": None,
+                                  "scheduler": str(euler), "guidance_scale": None, "sample_size": None})())
+    from modelpress.recipe import parse_recipe
+
+    with pytest.raises(UserError, match="model.sample_size"):
+        parse_recipe({"model": {"source": str(sd), "sample_size": [1, 2, 3]}})
+    with pytest.raises(UserError, match="model.guidance: unknown key"):
+        parse_recipe({"model": {"source": str(sd), "guidance": 2}})
