@@ -75,21 +75,23 @@ def _component(root: Path, index: dict[str, Any], name: str) -> tuple[Path, str]
 def scheduler_from_config(config: dict[str, Any], where: str) -> Any:
     """The diffusers scheduler a config describes (its ``_class_name``); a one-line error when diffusers has no
     such scheduler, or it calls the UNet at fractional timesteps (the canonical call takes int64 timesteps;
-    checked here at 10 steps and again at the steps a pass or metric samples with)."""
+    checked here at 7, 25 and 50 steps and again at the steps a pass or metric samples with)."""
     import diffusers
 
     name = str(config.get("_class_name", ""))
     cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
     if cls is None:
         raise UserError(f"unknown scheduler class {name!r} (a diffusers scheduler such as DDIMScheduler)", where)
-    try:
-        sched = cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
-        sched.set_timesteps(10)
-    except Exception as exc:  # diffusers raises ValueError / NotImplementedError for unsupported settings
-        raise UserError(f"cannot build the {name} ({str(exc).splitlines()[0]})", where) from None
-    if sched.timesteps.is_floating_point() and not torch.equal(sched.timesteps, sched.timesteps.round()):
-        raise UserError(f"{name} calls the UNet at fractional timesteps; set model.scheduler to an integer-timestep "
-                        "scheduler (DDIMScheduler, PNDMScheduler, DDPMScheduler, DPMSolverMultistepScheduler)", where)
+    for steps in (7, 25, 50):  # step counts whose spacing is fractional for a fractional-timestep scheduler
+        try:
+            sched = cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
+            sched.set_timesteps(steps)
+        except Exception as exc:  # diffusers raises ValueError / NotImplementedError for unsupported settings
+            raise UserError(f"cannot build the {name} ({str(exc).splitlines()[0]})", where) from None
+        if sched.timesteps.is_floating_point() and not torch.equal(sched.timesteps, sched.timesteps.round()):
+            raise UserError(f"{name} calls the UNet at fractional timesteps; set model.scheduler to an "
+                            "integer-timestep scheduler (DDIMScheduler, PNDMScheduler, DDPMScheduler, "
+                            "DPMSolverMultistepScheduler)", where)
     return sched
 
 

@@ -129,14 +129,22 @@ def test_pndm_scheduler_override_calibrates_on_its_timesteps(sd: Path, prompts_f
     from modelpress.pipeline import run_recipe
 
     r = _recipe(tmp_path, sd, prompts_file, [{"type": "tfmq", **FAST, "recon_iters": 0, "sampler": "every_k",
-                                              "interval": 1}],
+                                              "interval": 1, "maintenance": "tib"}],
                 model={"scheduler": "PNDMScheduler", "guidance_scale": 3.0})
     out = run_recipe(r, show_progress=False)
     manifest = json.loads((out / MANIFEST).read_text())
-    visited = model_timesteps(manifest["extras"]["scheduler"], 4, "pipeline")
-    assert manifest["extras"]["scheduler"]["_class_name"] == "PNDMScheduler" and len(visited) == 5
-    assert len(set(visited)) == 4
-    assert set(manifest["passes"]["tfmq"]["calibration"]["timesteps"]) == set(visited)
+    import diffusers
+
+    used = manifest["extras"]["scheduler"]
+    assert used["_class_name"] == "PNDMScheduler" and used["beta_schedule"] == "scaled_linear"
+    pndm = diffusers.PNDMScheduler.from_config(json.loads((sd / "scheduler" / "scheduler_config.json").read_text()))
+    pndm.set_timesteps(4)
+    visited = model_timesteps(used, 4, "pipeline")
+    assert visited == pndm.timesteps.tolist() and len(set(visited)) < len(visited)  # PRK + PLMS steps repeat t
+    assert set(manifest["passes"]["tfmq"]["calibration"]["timesteps"]) <= set(visited)
+    tables = [m["config"]["act_timesteps"] for m in manifest["compressed_modules"]
+              if m["config"].get("act_timesteps")]
+    assert tables and set(tables) == {len(set(visited))}  # FSC: one range per distinct timestep
     assert manifest["extras"]["guidance_scale"] == 3.0
 
 
