@@ -121,6 +121,42 @@ def test_every_diffusion_pass_runs_from_a_recipe_and_the_artifact_samples(sd: Pa
     assert float((x - y).norm() / y.norm()) < 0.5  # quantized, yet the same images (random weights: loose)
     if pass_cfg["type"] == "tfmq":
         assert log["tib_outputs"] and log["maintenance"]
+    if pass_cfg["type"] == "ptq":  # the compressed UNet inside diffusers' own pipeline
+        from modelpress.diffusers_pipeline import to_diffusers
+
+        pipe = to_diffusers(art)
+        assert pipe.unet is art.module and type(pipe.scheduler).__name__ == "DDIMScheduler"
+        with torch.no_grad():
+            img = pipe(PROMPTS[:1], num_inference_steps=2, height=16, width=16, output_type="pt").images
+        assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
+
+
+def test_bare_unet_with_a_scheduler_config(tmp_path: Path) -> None:
+    """An unconditional UNet2DModel directory with scheduler_config.json beside it: sampled with that
+    scheduler, quantized from a recipe without data (trajectories need none), scored by psnr / ssim."""
+    import diffusers
+
+    from modelpress.pipeline import run_recipe
+    from tiny_sd import SD_SCHEDULER
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet.save_pretrained(tmp_path / "unet")
+    diffusers.DDIMScheduler.from_config({**SD_SCHEDULER, "beta_schedule": "linear", "beta_start": 1e-4,
+                                         "beta_end": 0.02}).save_pretrained(tmp_path / "unet")
+    h = load_model(str(tmp_path / "unet"))
+    assert h.kind == "unet" and scheduler_config(h)["_class_name"] == "DDIMScheduler" and "guidance_scale" not in h.extras
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"model": str(tmp_path / "unet"), "passes": [{"type": "ptq", **FAST}],
+                                 "evaluate": [{"metric": "psnr", "samples": 4, "options": {"steps": 4}}],
+                                 "output": str(tmp_path / "out")}))
+    out = run_recipe(r, show_progress=False)
+    report = json.loads((out / "report.json").read_text())
+    assert 10 < report["metrics"]["psnr"]["compressed"] < PSNR_CAP
+    assert not report["metrics"]["psnr"]["details"]["decoded_by_vae"]
+    assert load_artifact(out).extras["scheduler"]["beta_schedule"] == "linear"
 
 
 def test_pndm_scheduler_override_calibrates_on_its_timesteps(sd: Path, prompts_file: Path, tmp_path: Path) -> None:
