@@ -159,6 +159,39 @@ def test_bare_unet_with_a_scheduler_config(tmp_path: Path) -> None:
     assert load_artifact(out).extras["scheduler"]["beta_schedule"] == "linear"
 
 
+def test_evopress_searches_a_pipeline_on_its_own_trajectories(sd: Path, prompts_file: Path, tmp_path: Path) -> None:
+    """EvoPress fitness on a pipeline with a prompts file: the pool is states of the pipeline's guided DDIM
+    trajectories (no images to noise), the search runs from a recipe and the artifact samples."""
+    from modelpress.pipeline import run_recipe
+
+    evo = {"type": "evopress", "family": "sparsity", "method": "magnitude", "budget": 0.5, "grouping": "none",
+           "generations": 2, "offspring": 2, "survivors": [1], "stage_samples": [4], "calibration_samples": 4,
+           "hessian_samples": 4, "baseline_samples": 4, "batch_size": 4, "database": str(tmp_path / "db")}
+    out = run_recipe(_recipe(tmp_path, sd, prompts_file, [evo]), show_progress=False)
+    log = json.loads((out / MANIFEST).read_text())["passes"]["evopress"]
+    assert "DDIMScheduler trajectories" in log["calibration_source"] and log["fitness"] == "mse"
+    assert log["achieved_budget"] >= 0.5 - 1e-9
+    art = load_artifact(out)
+    x = sample(art.canonical(), scheduler_config(art), 1, sampler="pipeline", steps=2, seed=0,
+               cond=encode_prompts(art, PROMPTS[:1]), uncond=encode_prompts(art, [""]), guidance_scale=7.5,
+               sample_shape=sample_shape(art))
+    assert torch.isfinite(x).all()
+
+
+def test_sampled_inputs_are_trajectory_states(sd: Path, prompts_file: Path) -> None:
+    from modelpress.data import open_dataset
+    from modelpress.data.inputs import model_inputs
+
+    h = load_model(str(sd))
+    (x, t, c), ex = model_inputs(h, open_dataset(str(prompts_file)), 4, 0)
+    visited = model_timesteps(scheduler_config(h), 25, "pipeline")
+    assert x.shape == (4, 4, 8, 8) and set(t.tolist()) <= set(visited)
+    torch.testing.assert_close(c[0], encode_prompts(h, [ex.prompts[0]])[0])
+    torch.testing.assert_close(c[1], encode_prompts(h, [""])[0])
+    (x2, t2, _), _ = model_inputs(h, open_dataset(str(prompts_file)), 4, 0)
+    assert torch.equal(x, x2) and torch.equal(t, t2)
+
+
 def test_pndm_scheduler_override_calibrates_on_its_timesteps(sd: Path, prompts_file: Path, tmp_path: Path) -> None:
     """model.scheduler swaps the sampler on the pipeline's betas; TFMQ's FSC table follows its timesteps (PNDM
     calls the UNet twice at one of them)."""
