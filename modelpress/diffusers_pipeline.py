@@ -181,7 +181,8 @@ def load_pipeline(path: str | Path, *, scheduler: str | None = None, guidance_sc
     if vae is not None:
         vcfg = _read_json(Path(vae["path"]) / "config.json")
         vae.update(scaling_factor=float(vcfg.get("scaling_factor", 0.18215)),
-                   shift_factor=float(vcfg.get("shift_factor") or 0.0))
+                   shift_factor=float(vcfg.get("shift_factor") or 0.0),
+                   downscale=2 ** (len(vcfg.get("block_out_channels", [0])) - 1))
     handle.extras.update({"scheduler": used, "sampler": SAMPLER,
                           "pipeline": {"path": str(root.resolve()), "class": pipeline_class, **components}})
     if handle.kind == "unet-cond":
@@ -280,6 +281,25 @@ def decode_latents(handle: ModelHandle, latents: torch.Tensor, batch_size: int =
     z = latents.float() / record["scaling_factor"] + record.get("shift_factor", 0.0)
     return torch.cat([vae.decode(z[i:i + batch_size]).sample.float().clamp(-1, 1)
                       for i in range(0, len(z), batch_size)])
+
+
+@torch.no_grad()
+def encode_images(handle: ModelHandle, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Latents ``[N, C, h, w]`` of images ``[N, 3, H, W]`` in ``[-1, 1]`` (already at the VAE's pixel size):
+    the mean of the VAE posterior, ``(z - shift_factor) * scaling_factor`` (the scale the UNet was trained in,
+    as diffusers' training scripts; the mean rather than a draw, so that the same images give the same
+    latents)."""
+    record = (handle.extras.get("pipeline") or {})["vae"]
+    vae = _vae(str(_checked(record, "vae")), record["class"])
+    z = torch.cat([vae.encode(images[i:i + batch_size].float()).latent_dist.mean
+                   for i in range(0, len(images), batch_size)])
+    return (z - record.get("shift_factor", 0.0)) * record["scaling_factor"]
+
+
+def pixel_size(handle: ModelHandle, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The image size whose latents are ``latent_hw``."""
+    f = int((handle.extras.get("pipeline") or {})["vae"].get("downscale", 8))
+    return latent_hw[0] * f, latent_hw[1] * f
 
 
 def to_diffusers(handle: ModelHandle) -> Any:

@@ -178,6 +178,55 @@ def test_evopress_searches_a_pipeline_on_its_own_trajectories(sd: Path, prompts_
     assert torch.isfinite(x).all()
 
 
+def _prompt_images(tmp: Path, n: int = 8) -> Path:
+    """JSON Lines of prompts with their own images (coloured squares on gray, 24x24 RGB PNGs)."""
+    import numpy as np
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+    rows = []
+    for i in range(n):
+        name, rgb = list(colours.items())[i % 4]
+        a = np.full((24, 24, 3), 128, np.uint8)
+        a[4 + i % 3:16 + i % 3, 6:18] = rgb
+        Image.fromarray(a).save(tmp / f"{i}.png")
+        rows.append(json.dumps({"prompt": f"a {name} square number {i}", "image": f"{i}.png"}))
+    (tmp / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    return tmp / "pairs.jsonl"
+
+
+@pytest.mark.parametrize("kind", ["aptp", "static_prune"])
+def test_aptp_on_a_latent_pipeline(sd: Path, tmp_path: Path, kind: str) -> None:
+    """APTP and its static baseline on a pipeline: prompt-image pairs from the data layer, images encoded to
+    latents by the pipeline's VAE, the router reading the pipeline's CLIP embeddings; the artifact samples
+    with the pipeline's scheduler."""
+    from modelpress.data import open_dataset
+    from modelpress.data.inputs import fit_images
+    from modelpress.diffusers_pipeline import encode_images
+    from modelpress.pipeline import run_recipe
+
+    pairs = _prompt_images(tmp_path)
+    h = load_model(str(sd))
+    imgs = open_dataset(str(pairs)).all().images
+    lat = fit_images(h, imgs, "pairs")
+    assert lat.shape == (8, 4, 8, 8)  # 24 px resized to the VAE's 16 px, encoded to 8x8 latents
+    torch.testing.assert_close(lat[:2], encode_images(h, torch.nn.functional.interpolate(
+        imgs[:2], size=(16, 16), mode="bilinear", antialias=True, align_corners=False)))
+    cfg = {"type": kind, "router_steps": 8, "warmup_fraction": 0.25, "finetune_steps": 1, "batch_size": 8,
+           "prompt_pool": 16, "threads": 1, "target_macs": 0.5, "router_lr": 0.05,
+           **({"codes": 2} if kind == "aptp" else {})}
+    out = run_recipe(_recipe(tmp_path, sd, pairs, [cfg]), show_progress=False)
+    log = json.loads((out / MANIFEST).read_text())["passes"][kind]
+    assert log["codes"] == (2 if kind == "aptp" else 1)
+    assert log["router"]["first"]["macs_ratio"] > log["router"]["last"]["macs_ratio"]  # the budget bites
+    art = load_artifact(out)
+    assert type(art.module).__name__ == "APTPModel" and art.module.embed_dim == 32  # CLIP width, not MiniLM's
+    x = sample(art.canonical(), scheduler_config(art), 2, sampler="pipeline", steps=2, seed=0,
+               cond=encode_prompts(art, PROMPTS[:2]), uncond=encode_prompts(art, [""]), guidance_scale=7.5,
+               sample_shape=sample_shape(art))
+    assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
+
+
 def test_sampled_inputs_are_trajectory_states(sd: Path, prompts_file: Path) -> None:
     from modelpress.data import open_dataset
     from modelpress.data.inputs import model_inputs

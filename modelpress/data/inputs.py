@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..diffusers_pipeline import encode_images, is_latent, pixel_size
 from ..errors import UserError
 from ..model import TEXT_KINDS, ModelHandle, example_inputs, max_positions, sample_shape
 from ..sampling import alphas_cumprod, model_timesteps, sample, sampler_of, scheduler_config
@@ -94,8 +95,11 @@ def encode_prompts(handle: ModelHandle, prompts: list[str], batch: int = 256) ->
 
 def fit_images(handle: ModelHandle, images: torch.Tensor, where: str) -> torch.Tensor:
     """``images`` resized (bilinear, antialiased) to the model's sample size; one channel repeated, or RGB
-    averaged to gray, when the channel counts differ in that way."""
+    averaged to gray, when the channel counts differ in that way. A latent diffusers pipeline's images are
+    resized to the VAE's pixel size and encoded to latents (:func:`modelpress.diffusers_pipeline.encode_images`)."""
     c, h, w = sample_shape(handle)
+    if is_latent(handle):
+        c, (h, w) = 3, pixel_size(handle, (h, w))
     if images.shape[1] != c:
         if images.shape[1] == 1:
             images = images.expand(-1, c, -1, -1)
@@ -105,6 +109,8 @@ def fit_images(handle: ModelHandle, images: torch.Tensor, where: str) -> torch.T
             raise UserError(f"images have {images.shape[1]} channels, the model takes {c}", where)
     if tuple(images.shape[2:]) != (h, w):
         images = F.interpolate(images, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    if is_latent(handle):
+        return encode_images(handle, images).contiguous()
     return images.contiguous()
 
 
