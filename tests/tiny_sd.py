@@ -32,19 +32,23 @@ def write_clip_tokenizer(directory: Path) -> None:
 
 def make_pipeline(directory: Path, *, latent: bool = True, scheduler: str = "DDIMScheduler",
                   text_width: int = 32, cross_width: int | None = None, channels: tuple[int, ...] = (16, 32),
-                  sample_size: int = 8, seed: int = 0, text_encoder: bool = True, with_scheduler: bool = True
+                  sample_size: int = 8, seed: int = 0, text_encoder: bool = True, with_scheduler: bool = True,
+                  layers_per_block: int = 1, text_layers: int = 2, vae_channels: tuple[int, ...] = (8, 16)
                   ) -> Path:
-    """A random pipeline directory; ``cross_width`` other than ``text_width`` makes a broken one."""
+    """A random pipeline directory; ``cross_width`` other than ``text_width`` makes a broken one. Its UNet has
+    Stable Diffusion's layout with ``len(channels)`` levels: cross-attention down blocks then one plain one,
+    and the mirror on the way up; the VAE downsamples by ``2 ** (len(vae_channels) - 1)``."""
     import diffusers
     import transformers
 
     directory = Path(directory)
     torch.manual_seed(seed)
     in_ch = 4 if latent else 3
+    k = len(channels)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=sample_size, in_channels=in_ch, out_channels=in_ch, layers_per_block=1,
-        block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_width or text_width,
+        sample_size=sample_size, in_channels=in_ch, out_channels=in_ch, layers_per_block=layers_per_block,
+        block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D",) * (k - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (k - 1), cross_attention_dim=cross_width or text_width,
         attention_head_dim=4, norm_num_groups=8)
     unet.save_pretrained(directory / "unet")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
@@ -56,17 +60,18 @@ def make_pipeline(directory: Path, *, latent: bool = True, scheduler: str = "DDI
         index["scheduler"] = ["diffusers", scheduler]
     if text_encoder:
         cfg = transformers.CLIPTextConfig(vocab_size=80, hidden_size=text_width, intermediate_size=2 * text_width,
-                                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                          num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=16,
                                           bos_token_id=78, eos_token_id=79, pad_token_id=79)
         transformers.CLIPTextModel(cfg).eval().save_pretrained(directory / "text_encoder")
         write_clip_tokenizer(directory / "tokenizer")
         index["text_encoder"] = ["transformers", "CLIPTextModel"]
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     if latent:
-        vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                                      down_block_types=("DownEncoderBlock2D",) * 2,
-                                      up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                                      norm_num_groups=4, sample_size=2 * sample_size)
+        f = 2 ** (len(vae_channels) - 1)
+        vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
+                                      down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+                                      up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=1,
+                                      norm_num_groups=4, sample_size=f * sample_size)
         vae.save_pretrained(directory / "vae")
         index["vae"] = ["diffusers", "AutoencoderKL"]
     (directory / "model_index.json").write_text(json.dumps(index, indent=2))
