@@ -227,6 +227,41 @@ def test_aptp_on_a_latent_pipeline(sd: Path, tmp_path: Path, kind: str) -> None:
     assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
 
 
+def test_frechet_distance_in_a_named_feature_network(sd: Path, tmp_path: Path) -> None:
+    """``frechet`` with a user's vision checkpoint (a small random ViT saved here, with a preprocessor config):
+    the generated images' and the dataset's real images' features, Fréchet distance between their Gaussians."""
+    import transformers
+
+    import modelpress
+    from modelpress.data import open_dataset
+    from modelpress.metrics import EvalContext
+    from modelpress.metrics.diffusion import feature_stats, frechet_distance
+    from modelpress.metrics.fidelity import images
+    from modelpress.metrics.frechet import network_features
+
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32, image_size=16, patch_size=8))
+    vit.eval().save_pretrained(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "size": {"height": 16, "width": 16}}))
+    pairs = _prompt_images(tmp_path)
+    spec = {"metric": "frechet", "dataset": str(pairs), "samples": 6, "options": {"features": str(tmp_path / "vit"),
+                                                                                 "steps": 2}}
+    got = modelpress.evaluate(str(sd), [spec])["frechet"]
+    h, data = load_model(str(sd)), open_dataset(str(pairs))
+    gen = images(h.canonical(), h, EvalContext(seed=0, options={"steps": 2}, show_progress=False),
+                 data.first(6).prompts)
+    real = (data.all().images + 1) / 2
+    feats = network_features(str(tmp_path / "vit"), gen)
+    assert feats.shape == (6, 16)
+    want = frechet_distance(*feature_stats(feats), *feature_stats(network_features(str(tmp_path / "vit"), real)))
+    assert got["compressed"] == pytest.approx(want) and want > 0
+    assert got["details"]["n"] == 6 and got["details"]["real_n"] == 8 and not got["higher_is_better"]
+    with pytest.raises(UserError, match="needs options.features"):
+        modelpress.evaluate(str(sd), [{**spec, "options": {}}])
+
+
 def test_sampled_inputs_are_trajectory_states(sd: Path, prompts_file: Path) -> None:
     from modelpress.data import open_dataset
     from modelpress.data.inputs import model_inputs
