@@ -340,6 +340,17 @@ def test_psnr_and_ssim_follow_their_definitions() -> None:
     assert float(ssim(a, b).mean()) < float(ssim(a, (a + 0.01 * torch.randn(a.shape, generator=g)).clamp(0, 1)).mean())
 
 
+def test_fidelity_metrics_work_on_the_digits_zoo() -> None:
+    """psnr / ssim are for any image model: on digits-t2i they sample its own eval prompts with its DDIM."""
+    import modelpress
+
+    specs = [{"metric": m, "samples": 4, "options": {"steps": 3}} for m in ("psnr", "ssim")]
+    got = modelpress.evaluate("digits-t2i", specs, reference="digits-t2i")
+    assert got["psnr"]["compressed"] == got["psnr"]["reference"] == PSNR_CAP
+    assert got["ssim"]["compressed"] == pytest.approx(1.0)
+    assert got["psnr"]["details"]["sampler"] == "ddim" and len(got["psnr"]["details"]["prompts"]) == 4
+
+
 def _broken(tmp: Path, what: str) -> Path:
     if what == "no scheduler":
         return make_pipeline(tmp / "p", with_scheduler=False)
