@@ -136,10 +136,14 @@ def _embedding_width(record: dict[str, Any]) -> int | None:
     return int(width) if width else None
 
 
-def _cross_width(handle: ModelHandle) -> int | None:
-    dim = handle.architecture["config"].get("cross_attention_dim")
+def _cross_width(unet_config: dict[str, Any]) -> int | None:
+    dim = unet_config.get("cross_attention_dim")
     dim = dim[0] if isinstance(dim, (list, tuple)) else dim
     return int(dim) if dim else None
+
+
+#: the UNet classes a pipeline may hold, and their kinds
+UNET_KINDS = {"UNet2DModel": "unet", "UNet2DConditionModel": "unet-cond"}
 
 
 def load_pipeline(path: str | Path, *, scheduler: str | None = None, guidance_scale: float | None = None,
@@ -164,19 +168,23 @@ def load_pipeline(path: str | Path, *, scheduler: str | None = None, guidance_sc
             found = _component(root, index, name)
             if found is not None:
                 components[name] = _record(*found)
-        handle = load_checkpoint(unet[0])
+        unet_dir = unet[0]
         pipeline_class = str(index.get("_class_name", "DiffusionPipeline"))
     else:
         sched_config = _read_json(root / SCHEDULER_FILE)
-        handle = load_checkpoint(root)
-        pipeline_class = None
-    if handle.kind not in ("unet", "unet-cond"):
-        raise UserError(f"the pipeline's UNet is a {handle.architecture['class']}, not a diffusers UNet", where)
+        unet_dir, pipeline_class = root, None
+    # everything checked before the UNet's weights are read
+    unet_config = _read_json(unet_dir / "config.json") if (unet_dir / "config.json").exists() else {}
+    kind = UNET_KINDS.get(str(unet_config.get("_class_name")))
+    if kind is None:
+        raise UserError(f"the pipeline's UNet is a {unet_config.get('_class_name', 'model without config.json')}, "
+                        f"not one of {', '.join(UNET_KINDS)}", str(unet_dir))
     used = used_scheduler_config(sched_config, scheduler, where)
-    if handle.kind == "unet-cond":
-        _check_text_encoder(handle, components, prompt_encoder, where)
-    if guidance_scale is not None and handle.kind != "unet-cond":
+    if kind == "unet-cond":
+        _check_text_encoder(unet_config, components, prompt_encoder, where)
+    if guidance_scale is not None and kind != "unet-cond":
         raise UserError("model.guidance_scale: an unconditional UNet is not guided", where)
+    handle = load_checkpoint(unet_dir)
     vae = components.get("vae")
     if vae is not None:
         vcfg = _read_json(Path(vae["path"]) / "config.json")
@@ -185,7 +193,7 @@ def load_pipeline(path: str | Path, *, scheduler: str | None = None, guidance_sc
                    downscale=2 ** (len(vcfg.get("block_out_channels", [0])) - 1))
     handle.extras.update({"scheduler": used, "sampler": SAMPLER,
                           "pipeline": {"path": str(root.resolve()), "class": pipeline_class, **components}})
-    if handle.kind == "unet-cond":
+    if kind == "unet-cond":
         handle.extras["guidance_scale"] = float(DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale)
     if prompt_encoder:
         handle.extras["prompt_encoder"] = prompt_encoder
@@ -194,11 +202,11 @@ def load_pipeline(path: str | Path, *, scheduler: str | None = None, guidance_sc
     return handle
 
 
-def _check_text_encoder(handle: ModelHandle, components: dict[str, dict[str, Any]], prompt_encoder: str | None,
-                        where: str) -> None:
+def _check_text_encoder(unet_config: dict[str, Any], components: dict[str, dict[str, Any]],
+                        prompt_encoder: str | None, where: str) -> None:
     """A text-conditioned UNet needs a text encoder (the pipeline's, or a named one) whose embeddings are as
     wide as its cross-attention."""
-    cross = _cross_width(handle)
+    cross = _cross_width(unet_config)
     if prompt_encoder:  # a registered encoder: its name and width are checked where it is looked up
         return
     if "text_encoder" not in components or "tokenizer" not in components:
