@@ -75,8 +75,6 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_sd import make_pipeline  # the tests' pipeline builder
 
-    import torch
-
     shape = TINY if args.quick else LARGE
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,14 +93,22 @@ def main() -> None:
             got = run_pass(cfg, pipe, Path(tmp) / f"out-{name}")
             rows.append({"pass": name, "config": cfg, **got})
             print(name, got, f"({time.perf_counter() - t:.0f} s)", flush=True)
+            write(rows, shape, unet_params, args.quick)  # after every row: partial results survive
+
+
+def write(rows: list[dict], shape: dict, unet_params: int, quick: bool) -> None:
+    import torch
+
     record = {"pipeline": {k: list(v) if isinstance(v, tuple) else v for k, v in (shape or {"tiny": True}).items()},
               "unet_parameters": unet_params, "torch_threads": torch.get_num_threads(),
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows,
-              "command": "python benchmarks/diffusers_pipeline.py" + (" --quick" if args.quick else "")}
-    stem = "diffusers_pipeline" + ("-quick" if args.quick else "")
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
+              "load_average_at_write": [round(v, 1) for v in os.getloadavg()], "rows": rows,
+              "command": "python benchmarks/diffusers_pipeline.py" + (" --quick" if quick else "")}
+    stem = "diffusers_pipeline" + ("-quick" if quick else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    lines = [f"UNet parameters: {unet_params:,}; torch threads {record['torch_threads']}", "",
+    lines = [f"UNet parameters: {unet_params:,}; torch threads {record['torch_threads']}; {record['cpus']} CPUs, "
+             f"load average {record['load_average_at_write']} when written", "",
              "| pass | settings | wall s (load + pass + save) | pass s | peak RSS MiB |", "|---|---|---:|---:|---:|"]
     for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k not in ("type", "database"))
