@@ -185,6 +185,7 @@ def load_pipeline(path: str | Path, *, scheduler: str | None = None, guidance_sc
     if guidance_scale is not None and kind != "unet-cond":
         raise UserError("model.guidance_scale: an unconditional UNet is not guided", where)
     handle = load_checkpoint(unet_dir)
+    handle.source = str(root)  # what reloads the model with its scheduler and text encoder (manifests, evaluate)
     vae = components.get("vae")
     if vae is not None:
         vcfg = _read_json(Path(vae["path"]) / "config.json")

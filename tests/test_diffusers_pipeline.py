@@ -61,7 +61,7 @@ def _diffusers(sd: Path, scheduler=None):
 def test_pipeline_supplies_scheduler_guidance_latent_shape_and_text_encoder(sd: Path) -> None:
     h = load_model(str(sd))
     pipe = _diffusers(sd)
-    assert h.kind == "unet-cond" and sampler_of(h) == "pipeline"
+    assert h.kind == "unet-cond" and sampler_of(h) == "pipeline" and h.source == str(sd)
     sched = scheduler_config(h)
     assert sched["_class_name"] == "DDIMScheduler" and sched["beta_schedule"] == "scaled_linear"
     assert sched["clip_sample"] is False and sched["steps_offset"] == 1 and sched["beta_start"] == 0.00085
@@ -119,6 +119,7 @@ def test_every_diffusion_pass_runs_from_a_recipe_and_the_artifact_samples(sd: Pa
     assert manifest["extras"]["scheduler"]["beta_schedule"] == "scaled_linear"
     assert manifest["extras"]["pipeline"]["vae"]["sha256"]
     assert log["quantized_layers"] > 10 and log["quantized_attention"]
+    assert manifest["source"] == str(sd)
     art = load_artifact(out)
     assert art.extras["guidance_scale"] == 7.5 and sample_shape(art) == (4, 8, 8)
     cond = encode_prompts(art, PROMPTS[:2])
