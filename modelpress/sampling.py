@@ -64,7 +64,11 @@ def _scheduled(scheduler_config: dict[str, Any], steps: int) -> Any:
     from .errors import UserError
 
     sched = make_scheduler(scheduler_config)
-    sched.set_timesteps(steps)
+    try:
+        sched.set_timesteps(steps)
+    except Exception as exc:  # diffusers' own limits (PNDM's Runge-Kutta warm-up needs more steps than 3)
+        raise UserError(f"{scheduler_config['_class_name']} cannot sample in {steps} steps "
+                        f"({str(exc).splitlines()[0]})") from None
     t = sched.timesteps
     if t.is_floating_point() and not torch.equal(t, t.round()):
         raise UserError(f"{scheduler_config['_class_name']} calls the UNet at fractional timesteps with {steps} "

@@ -310,6 +310,15 @@ def test_pndm_scheduler_override_calibrates_on_its_timesteps(sd: Path, prompts_f
               if m["config"].get("act_timesteps")]
     assert tables and set(tables) == {len(set(visited))}  # FSC: one range per distinct timestep
     assert manifest["extras"]["guidance_scale"] == 3.0
+    import modelpress  # re-evaluating the artifact: the reference is reloaded with the recipe's overrides
+
+    got = modelpress.evaluate(out, [{"metric": "psnr", "samples": 2, "dataset": str(prompts_file),
+                                     "options": {"steps": 4}}])["psnr"]
+    assert got["details"]["sampler"] == "PNDMScheduler" and got["details"]["guidance_scale"] == 3.0
+    assert got["reference"] == PSNR_CAP and got["compressed"] < PSNR_CAP
+    with pytest.raises(UserError, match="PNDMScheduler cannot sample in 3 steps"):
+        modelpress.evaluate(out, [{"metric": "psnr", "samples": 2, "dataset": str(prompts_file),
+                                   "options": {"steps": 3}}])
 
 
 @pytest.mark.parametrize("as_shipped", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["cut", "as-shipped"])

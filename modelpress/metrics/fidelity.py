@@ -94,14 +94,16 @@ _IMAGE_CACHE: list[tuple[tuple, torch.Tensor]] = []
 
 def images(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalContext,
            prompts: list[str] | None) -> torch.Tensor:
-    """Decoded samples ``[N, C, H, W]`` in ``[0, 1]`` of ``model`` (seed ``ctx.seed``, one per prompt)."""
+    """Decoded samples ``[N, C, H, W]`` in ``[0, 1]`` of ``model`` (seed ``ctx.seed``, one per prompt), sampled,
+    encoded and decoded as ``handle`` says (its scheduler, guidance, shape, text encoder and VAE)."""
     from ..data.inputs import encode_prompts
 
     n = len(prompts) if prompts is not None else int(ctx.samples or DEFAULT_SAMPLES)
     steps = int(ctx.options.get("steps", DEFAULT_STEPS))
     w = float(ctx.options.get("guidance_scale", handle.extras.get("guidance_scale", GUIDANCE_SCALE)))
     ident = _fingerprint(model) or (id(model),)
-    key = (ident, n, steps, w, ctx.seed, tuple(prompts or ()))
+    how = (sampler_of(handle), repr(sorted(scheduler_config(handle).items())), sample_shape(handle))
+    key = (ident, how, n, steps, w, ctx.seed, tuple(prompts or ()))
     for k, out in _IMAGE_CACHE:
         if k == key:
             return out
@@ -123,7 +125,8 @@ def _pairs(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalCon
     n = int(ctx.samples or DEFAULT_SAMPLES)
     prompts = eval_prompts(handle, ctx, n)
     got = images(model, handle, ctx, prompts)
-    ref = images(ctx.reference.canonical(), ctx.reference, ctx, prompts)
+    # the reference samples exactly as the model does (its scheduler, guidance, shape, text encoder, VAE)
+    ref = images(ctx.reference.canonical(), handle, ctx, prompts)
     details = {"n": len(got), "seed": ctx.seed, "steps": int(ctx.options.get("steps", DEFAULT_STEPS)),
                "sampler": scheduler_config(handle).get("_class_name", "ddim") if sampler_of(handle) != "ddim"
                else "ddim", "decoded_by_vae": bool((handle.extras.get("pipeline") or {}).get("vae")),
