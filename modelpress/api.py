@@ -213,7 +213,10 @@ def evaluate(model: Any, metrics: Iterable[Any], *, reference: ModelLike | None 
     elif isinstance(model, (str, Path)) and Path(model).is_dir() and (Path(model) / "modelpress.json").exists():
         handle = load_artifact(model, base=as_handle(base, what="base") if base is not None else None)
         source = read_manifest(Path(model))["recipe"].get("model", handle.source)
-        ref = ref or load_model(source["source"] if isinstance(source, dict) else str(source))
+        if ref is None:  # the recipe's model: entry, with its overrides (a pipeline's scheduler, guidance)
+            from .recipe import ModelSpec
+
+            ref = load_model(ModelSpec.model_validate(source) if isinstance(source, dict) else str(source))
     else:
         handle = as_handle(model)
     out: dict[str, dict[str, Any]] = {}

@@ -407,9 +407,10 @@ def save_checkpoint(handle: ModelHandle, directory: str | Path) -> None:
 
 
 def sample_shape(handle: ModelHandle) -> tuple[int, int, int]:
-    """``(C, H, W)`` of a UNet's samples (its config's ``in_channels`` and ``sample_size``)."""
+    """``(C, H, W)`` of a UNet's samples (its config's ``in_channels`` and ``sample_size``; a recipe's
+    ``model.sample_size``, ``extras["sample_size"]``, overrides the size: the latent size of a pipeline)."""
     cfg = handle.architecture["config"]
-    size = cfg.get("sample_size", 16)
+    size = handle.extras.get("sample_size") or cfg.get("sample_size", 16)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return int(cfg.get("in_channels", 1)), int(h), int(w)
 

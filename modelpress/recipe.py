@@ -35,12 +35,28 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     """``prompt_encoder``: the registered text encoder whose token embeddings condition a ``unet-cond`` model
-    (``minilm-tokens``: MiniLM's last hidden states, 16 tokens, as the zoo's digits-t2i)."""
+    (``minilm-tokens``: MiniLM's last hidden states, 16 tokens, as the zoo's digits-t2i).
+
+    Overrides of what a diffusers pipeline directory says (:mod:`modelpress.diffusers_pipeline`; an error for
+    any other model): ``scheduler`` (a diffusers scheduler class built from the pipeline's scheduler config,
+    e.g. ``DDIMScheduler``, or a path to a ``scheduler_config.json``), ``guidance_scale`` (classifier-free
+    guidance, default 7.5), ``sample_size`` (the UNet's sample / latent size, an int or ``[H, W]``)."""
 
     source: str = Field(min_length=1)
     kind: Literal["encoder", "classifier", "causal-lm", "unet", "unet-cond"] | None = None
     config: str | None = None
     prompt_encoder: str | None = None
+    scheduler: str | None = Field(None, min_length=1)
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    sample_size: int | list[int] | None = None
+
+    @field_validator("sample_size")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        sizes = [v] if isinstance(v, int) else (v or [])
+        if v is not None and (not 1 <= len(sizes) <= 2 or any(not 1 <= s <= 4096 for s in sizes)):
+            raise ValueError("an int or [height, width], each between 1 and 4096")
+        return v
 
 
 class CalibrationConfig(_Strict):

@@ -24,10 +24,56 @@ DEFAULT_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule
                                      "beta_start": 1e-4, "beta_end": 0.02, "clip_sample": True}
 
 
+#: ``handle.extras["sampler"]`` values: the zoo's DDIM on the model's betas (the default), or the scheduler
+#: class named by the scheduler config's ``_class_name`` (a diffusers pipeline's own, see
+#: :mod:`modelpress.diffusers_pipeline`)
+SAMPLERS = ("ddim", "pipeline")
+
+
 def scheduler_config(handle: Any) -> dict[str, Any]:
     """The DDPM schedule of a model handle (``handle.extras["scheduler"]``; :data:`DEFAULT_SCHEDULER` if the
     model carries none)."""
     return dict(handle.extras.get("scheduler") or DEFAULT_SCHEDULER)
+
+
+def sampler_of(handle: Any) -> str:
+    """How the handle's model samples: ``"ddim"`` (this module's DDIM) or ``"pipeline"`` (its scheduler class)."""
+    return str(handle.extras.get("sampler", "ddim"))
+
+
+def make_scheduler(scheduler_config: dict[str, Any]) -> Any:
+    """The diffusers scheduler of a config with a ``_class_name`` (a pipeline's scheduler)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(scheduler_config["_class_name"]))
+    return cls.from_config({k: v for k, v in scheduler_config.items() if k != "_class_name"})
+
+
+def model_timesteps(scheduler_config: dict[str, Any], steps: int, sampler: str = "ddim") -> list[int]:
+    """The training-scale timesteps the model is called at, in sampling order, one per model call (a
+    pipeline's PNDM repeats one)."""
+    if sampler == "ddim":
+        return ddim_timesteps(scheduler_config, steps)
+    return [int(t) for t in _scheduled(scheduler_config, steps).timesteps]
+
+
+def _scheduled(scheduler_config: dict[str, Any], steps: int) -> Any:
+    """The config's scheduler set to ``steps`` steps; a one-line error when it would call the model at
+    fractional timesteps (the canonical call takes int64 timesteps; an Euler scheduler with ``linspace``
+    spacing does)."""
+    from .errors import UserError
+
+    sched = make_scheduler(scheduler_config)
+    try:
+        sched.set_timesteps(steps)
+    except Exception as exc:  # diffusers' own limits (PNDM's Runge-Kutta warm-up needs more steps than 3)
+        raise UserError(f"{scheduler_config['_class_name']} cannot sample in {steps} steps "
+                        f"({str(exc).splitlines()[0]})") from None
+    t = sched.timesteps
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise UserError(f"{scheduler_config['_class_name']} calls the UNet at fractional timesteps with {steps} "
+                        "steps; choose an integer-timestep scheduler or spacing (model.scheduler)")
+    return sched
 
 
 def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
@@ -136,6 +182,71 @@ def ddim_sample(model: Callable[..., torch.Tensor], scheduler_config: dict[str, 
             out[sl] = ddim_step(x[sl], eps, a_t, a_prev, eta, noise[sl] if noise is not None else None, clip)
         x = out
     return (x, trajectory) if return_trajectory else x
+
+
+def _accepts_generator(scheduler: Any) -> bool:
+    import inspect
+
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+@torch.no_grad()
+def scheduler_sample(model: Callable[..., torch.Tensor], scheduler_config: dict[str, Any], n: int, steps: int = 50,
+                     seed: int = 0, cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
+                     guidance_scale: float = 7.5, return_trajectory: bool = False,
+                     progress: bool | Callable[..., Iterable] = False, sample_shape: tuple[int, ...] = (4, 64, 64),
+                     batch_size: int = 250):
+    """Draw ``n`` samples with the diffusers scheduler of ``scheduler_config`` (its ``_class_name``), the loop
+    of diffusers' text-to-image pipelines: ``x_T ~ N(0, I) * init_noise_sigma``, then for each of the
+    scheduler's timesteps ``eps = model(scale_model_input(x, t), t[, c])`` (guided as in :func:`ddim_sample`)
+    and ``x = step(eps, t, x)``. Arguments and return value as :func:`ddim_sample`; the trajectory holds the
+    scaled inputs the model was called with. ``x_T`` is drawn for all ``n`` at once from ``seed``, so a
+    deterministic scheduler gives the same samples whatever ``batch_size`` is; each batch gets its own
+    scheduler (multistep schedulers keep state) and, for stochastic ones, its own seeded noise."""
+    if cond is not None and cond.shape[0] != n:
+        raise ValueError(f"cond has {cond.shape[0]} rows for {n} samples")
+    x_T = torch.randn((n, *sample_shape), generator=torch.Generator().manual_seed(seed))
+    out, chunks = [], []
+    for s in range(0, n, batch_size):
+        sl = slice(s, min(n, s + batch_size))
+        sched = _scheduled(scheduler_config, steps)
+        noise = {"generator": torch.Generator().manual_seed(seed + 1 + s)} if _accepts_generator(sched) else {}
+        x = x_T[sl] * sched.init_noise_sigma
+        c = cond[sl] if cond is not None else None
+        u = uncond if uncond is None or uncond.shape[0] == 1 else uncond[sl]
+        it: Iterable[Any] = sched.timesteps
+        if progress is True:
+            from . import console
+
+            it = console.progress(it, total=len(sched.timesteps), desc="sampling", nested=True)
+        elif callable(progress):
+            it = progress(it, total=len(sched.timesteps), desc="sampling")
+        states = []
+        for t in it:
+            inp = sched.scale_model_input(x, t)
+            if return_trajectory:
+                states.append((int(t), inp.float().clone()))
+            eps = _predict_eps(model, inp, int(t), c, u, guidance_scale).float()
+            x = sched.step(eps, t, x, **noise).prev_sample
+        out.append(x.float())
+        chunks.append(states)
+    x = torch.cat(out)
+    if not return_trajectory:
+        return x
+    trajectory = [(chunks[0][i][0], torch.cat([c[i][1] for c in chunks])) for i in range(len(chunks[0]))]
+    return x, trajectory
+
+
+def sample(model: Callable[..., torch.Tensor], scheduler_config: dict[str, Any], n: int, *, sampler: str = "ddim",
+           **kwargs: Any):
+    """:func:`ddim_sample` or, for ``sampler="pipeline"``, :func:`scheduler_sample` (``eta`` is DDIM's alone)."""
+    if sampler == "ddim":
+        return ddim_sample(model, scheduler_config, n, **kwargs)
+    if sampler != "pipeline":
+        raise ValueError(f"unknown sampler {sampler!r}; one of {SAMPLERS}")
+    if float(kwargs.pop("eta", 0.0)) != 0.0:
+        raise ValueError("eta is an option of the DDIM sampler; a pipeline samples with its own scheduler")
+    return scheduler_sample(model, scheduler_config, n, **kwargs)
 
 
 def to_unit_range(samples: torch.Tensor) -> torch.Tensor:

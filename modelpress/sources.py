@@ -12,6 +12,7 @@ from typing import Protocol
 from . import zoo
 from .data import Dataset, open_dataset, prompt_encoder
 from .errors import UserError
+from .diffusers_pipeline import is_pipeline_dir, load_pipeline
 from .model import ModelHandle, load_checkpoint
 
 
@@ -31,16 +32,43 @@ def load_model(spec: ModelSource | str) -> ModelHandle:
     else:
         source, kind, config = spec.source, spec.kind, spec.config
         encoder = getattr(spec, "prompt_encoder", None)
+    overrides = {k: getattr(spec, k, None) for k in PIPELINE_OVERRIDES}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if encoder:
+        prompt_encoder(encoder)  # a one-line error for an unknown name
     if zoo.is_zoo_name(source):
         handle = zoo.load(source)
         if kind and kind != handle.kind:
             raise UserError(f"zoo model {source!r} is a {handle.kind} model, not {kind}")
+    elif is_pipeline_dir(source):
+        handle = load_pipeline(source, prompt_encoder=encoder, **overrides)
+        if kind and kind != handle.kind:
+            raise UserError(f"the pipeline's UNet is a {handle.kind} model, not {kind}", source)
     else:
         handle = load_checkpoint(source, kind=kind, config=config)
+    if overrides and handle.extras.get("sampler") != "pipeline":
+        raise UserError(f"model.{next(iter(overrides))}: only for a diffusers pipeline directory (model_index.json, "
+                        "or a UNet with scheduler_config.json beside it)", source)
     if encoder:
-        prompt_encoder(encoder)  # a one-line error for an unknown name
         handle.extras["prompt_encoder"] = encoder
+        if handle.kind == "unet-cond":
+            check_prompt_width(handle, encoder)
     return handle
+
+
+#: the recipe's ``model:`` fields that override what a diffusers pipeline directory says
+PIPELINE_OVERRIDES = ("scheduler", "guidance_scale", "sample_size")
+
+
+def check_prompt_width(handle: ModelHandle, encoder: str) -> None:
+    """A one-line error when the named prompt encoder's embeddings are not as wide as the UNet's
+    cross-attention."""
+    dim = handle.architecture["config"].get("cross_attention_dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) else dim
+    width = prompt_encoder(encoder)([""]).shape[-1]
+    if dim and int(dim) != width:
+        raise UserError(f"the UNet's cross-attention takes {dim}-wide embeddings, prompt encoder {encoder!r} gives "
+                        f"{width}", handle.source)
 
 
 def load_dataset(ref: str | None, handle: ModelHandle | None = None, role: str = "calibration",

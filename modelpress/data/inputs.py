@@ -8,7 +8,10 @@
   ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` at uniform random training timesteps ``t`` of the model's own
   schedule (DDPM, Ho et al. 2020, eq. 4);
 * ``unet-cond``: the same plus the prompts' embeddings from the model's prompt encoder
-  (``extras["prompt_encoder"]``, registered with :func:`modelpress.data.register_prompt_encoder`).
+  (``extras["prompt_encoder"]``, registered with :func:`modelpress.data.register_prompt_encoder`, or the
+  text encoder of the diffusers pipeline it came from);
+* a diffusers pipeline's UNet given data without images (a prompts file): states of its own sampler's
+  trajectories (:func:`sampled_inputs`).
 
 The ``random`` dataset gives seeded random canonical inputs (:func:`modelpress.model.example_inputs`).
 """
@@ -20,9 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..diffusers_pipeline import encode_images, is_latent, pixel_size
 from ..errors import UserError
 from ..model import TEXT_KINDS, ModelHandle, example_inputs, max_positions, sample_shape
-from ..sampling import alphas_cumprod, scheduler_config
+from ..sampling import alphas_cumprod, model_timesteps, sample, sampler_of, scheduler_config
 from . import Dataset, Examples, prompt_encoder
 
 
@@ -71,19 +75,31 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 def encode_prompts(handle: ModelHandle, prompts: list[str], batch: int = 256) -> torch.Tensor:
-    """``encoder_hidden_states [N, L, D]`` of ``prompts`` from the model's prompt encoder."""
+    """``encoder_hidden_states [N, L, D]`` of ``prompts`` from the model's prompt encoder: a registered one
+    (``extras["prompt_encoder"]``: the zoo's MiniLM, or a recipe's ``model.prompt_encoder``), else the text
+    encoder of the diffusers pipeline the model came from."""
     name = handle.extras.get("prompt_encoder")
-    if not name:
+    pipeline = handle.extras.get("pipeline") or {}
+    if not name and pipeline.get("text_encoder"):
+        from ..diffusers_pipeline import encode_prompts as pipeline_encode
+
+        def encode(chunk: list[str]) -> torch.Tensor:
+            return pipeline_encode(pipeline, chunk)
+    elif not name:
         raise UserError("prompts need the model's text encoder: this unet-cond model names none "
                         "(extras['prompt_encoder'])", handle.source)
-    encode = prompt_encoder(str(name))
+    else:
+        encode = prompt_encoder(str(name))
     return torch.cat([encode(prompts[i:i + batch]) for i in range(0, len(prompts), batch)]).float()
 
 
 def fit_images(handle: ModelHandle, images: torch.Tensor, where: str) -> torch.Tensor:
     """``images`` resized (bilinear, antialiased) to the model's sample size; one channel repeated, or RGB
-    averaged to gray, when the channel counts differ in that way."""
+    averaged to gray, when the channel counts differ in that way. A latent diffusers pipeline's images are
+    resized to the VAE's pixel size and encoded to latents (:func:`modelpress.diffusers_pipeline.encode_images`)."""
     c, h, w = sample_shape(handle)
+    if is_latent(handle):
+        c, (h, w) = 3, pixel_size(handle, (h, w))
     if images.shape[1] != c:
         if images.shape[1] == 1:
             images = images.expand(-1, c, -1, -1)
@@ -93,6 +109,8 @@ def fit_images(handle: ModelHandle, images: torch.Tensor, where: str) -> torch.T
             raise UserError(f"images have {images.shape[1]} channels, the model takes {c}", where)
     if tuple(images.shape[2:]) != (h, w):
         images = F.interpolate(images, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    if is_latent(handle):
+        return encode_images(handle, images).contiguous()
     return images.contiguous()
 
 
@@ -117,6 +135,8 @@ def model_inputs(handle: ModelHandle, dataset: Dataset, n: int, generator: torch
         dataset.require("text", f"a {handle.kind} model")
         ex = dataset.draw(n, g)
         return tokenize(handle, ex.texts, seq_len), ex
+    if handle.kind in ("unet", "unet-cond") and sampler_of(handle) == "pipeline" and "image" not in dataset.fields:
+        return sampled_inputs(handle, dataset, n, g)
     if handle.kind in ("unet", "unet-cond"):
         dataset.require("image", f"calibrating a {handle.kind} model on its data")
         if handle.kind == "unet-cond":
@@ -127,6 +147,39 @@ def model_inputs(handle: ModelHandle, dataset: Dataset, n: int, generator: torch
             return (xt, t), ex
         return (xt, t, encode_prompts(handle, ex.prompts)), ex
     raise UserError(f"no data inputs for a {handle.kind} model")
+
+
+#: scheduler steps of the trajectories :func:`sampled_inputs` draws states from
+TRAJECTORY_STEPS = 25
+
+
+@torch.no_grad()
+def sampled_inputs(handle: ModelHandle, dataset: Dataset, n: int, g: torch.Generator,
+                   steps: int = TRAJECTORY_STEPS) -> tuple[tuple[torch.Tensor, ...], Examples]:
+    """Inputs of a diffusers pipeline's UNet from its own sampler, for data without images (a prompts file):
+    ``n`` trajectories of the pipeline's scheduler in ``steps`` steps (classifier-free guided with the
+    pipeline's guidance scale, one drawn prompt each), one state of each at a uniformly drawn step; every
+    other row carries the empty prompt, since guided sampling calls the UNet on both. The states are what the
+    UNet meets when it samples (latents for a latent pipeline), never forward-noised data."""
+    ex = dataset.draw(n, g)
+    cond = uncond = None
+    if handle.kind == "unet-cond":
+        dataset.require("prompt", "a text-conditioned pipeline")
+        cond, uncond = encode_prompts(handle, ex.prompts), encode_prompts(handle, [""])
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    sched = scheduler_config(handle)
+    visited = model_timesteps(sched, steps, "pipeline")
+    step = torch.randint(0, len(visited), (n,), generator=g)
+    _, traj = sample(handle.canonical().eval(), sched, n, sampler="pipeline", steps=steps, seed=seed, cond=cond,
+                     uncond=uncond, guidance_scale=float(handle.extras.get("guidance_scale", 1.0)),
+                     return_trajectory=True, sample_shape=sample_shape(handle), batch_size=64)
+    x = torch.stack([traj[int(s)][1][i] for i, s in enumerate(step)])
+    t = torch.tensor([visited[int(s)] for s in step], dtype=torch.int64)
+    if cond is None:
+        return (x, t), ex
+    c = cond.clone()
+    c[1::2] = uncond[0]
+    return (x, t, c), ex
 
 
 def batched(inputs: tuple[torch.Tensor, ...], batch_size: int) -> list[tuple[torch.Tensor, ...]]:

@@ -30,7 +30,7 @@ from ..data.inputs import encode_prompts
 from ..errors import UserError
 from ..model import ModelHandle, sample_shape
 from ..passes import Context
-from ..sampling import ddim_sample, ddim_timesteps, scheduler_config
+from ..sampling import model_timesteps, sample, sampler_of, scheduler_config
 
 SAMPLERS = ("ndtc", "every_k", "uniform", "single_t")
 
@@ -116,17 +116,19 @@ def build_calibration_set(handle: ModelHandle, ctx: Context, pass_name: str, sam
     ``every_k`` takes the states at every ``interval``-th step (starting with the first, ``x_T``) from
     ``ceil(n / #steps taken)`` trajectories, then keeps ``n`` of them in a seeded order. For ``unet-cond``
     the trajectories are classifier-free guided and every other calibration row carries the empty prompt,
-    since guided sampling calls the model on both.
+    since guided sampling calls the model on both. The sampler is the model's (:func:`~modelpress.sampling.sample`:
+    the zoo's DDIM, or a diffusers pipeline's own scheduler with its guidance scale, ``extras``), so the
+    trajectories are those the model meets when it samples (in latent space for a latent pipeline).
     """
     if sampler not in SAMPLERS:
         raise UserError(f"unknown calibration sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    sched = scheduler_config(handle)
+    sched, how = scheduler_config(handle), sampler_of(handle)
     T = int(sched.get("num_train_timesteps", 1000))
-    visited = ddim_timesteps(sched, steps)
+    visited = model_timesteps(sched, steps, how)
     gen = ctx.generator(offset=501)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     if sampler == "every_k":
-        picked = list(range(0, steps, interval))
+        picked = list(range(0, len(visited), interval))
         n_traj = -(-n // len(picked))
     else:
         n_traj = n
@@ -134,10 +136,11 @@ def build_calibration_set(handle: ModelHandle, ctx: Context, pass_name: str, sam
     cond = conditions(handle, ctx, pass_name, n_traj)
     uncond = unconditional(handle)
     model = handle.canonical().eval()
-    _, traj = ddim_sample(model, sched, n_traj, steps=steps, seed=seed, cond=cond, uncond=uncond,
-                          guidance_scale=guidance_scale if uncond is not None else 1.0,
-                          return_trajectory=True, progress=ctx.progress,
-                          sample_shape=sample_shape(handle), batch_size=batch_size)
+    guidance_scale = float(handle.extras.get("guidance_scale", guidance_scale))
+    _, traj = sample(model, sched, n_traj, sampler=how, steps=steps, seed=seed, cond=cond, uncond=uncond,
+                     guidance_scale=guidance_scale if uncond is not None else 1.0,
+                     return_trajectory=True, progress=ctx.progress,
+                     sample_shape=sample_shape(handle), batch_size=batch_size)
     if sampler == "every_k":
         ids = [(i, s) for s in picked for i in range(n_traj)]
         order = torch.randperm(len(ids), generator=gen)[:n].sort().values.tolist()

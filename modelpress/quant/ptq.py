@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import UserError
 from ..model import ModelHandle, canonical_module, sample_shape
 from ..passes import Context, Pass, PassConfig, register_pass
+from ..sampling import model_timesteps, sampler_of, scheduler_config
 from . import surgery
 from .calibration import CalibrationSet, build_calibration_set
 from .layers import PTE_REFUSAL, _QuantLayer
@@ -104,14 +105,11 @@ class QState:
         return self.calib.batches(self.cfg.batch_size)
 
     def visited_timesteps(self) -> list[int]:
-        from ..sampling import ddim_timesteps
-        from ..sampling import scheduler_config
-
-        return ddim_timesteps(scheduler_config(self.handle), self.cfg.steps)
+        return model_timesteps(scheduler_config(self.handle), self.cfg.steps, sampler_of(self.handle))
 
     def tib_batch(self) -> tuple[torch.Tensor, ...]:
         """One input row per visited timestep, with a zero sample: the TIB depends on t only."""
-        ts = torch.tensor(sorted(self.visited_timesteps()), dtype=torch.int64)
+        ts = torch.tensor(sorted(set(self.visited_timesteps())), dtype=torch.int64)
         x = torch.zeros(len(ts), *sample_shape(self.handle))
         if self.calib.cond is None:
             return x, ts
@@ -178,7 +176,8 @@ def prepare(handle: ModelHandle, ctx: Context, cfg: DiffusionPTQConfig, pass_nam
     split_of = {layer: splits[p] for p, layers in readers.items() for layer in layers}
     image_layers = [nm for nm in order if nm not in tib]
     edge = {image_layers[0], image_layers[-1]} if cfg.first_last_8bit and image_layers else set()
-    n_t = cfg.steps if fsc else 0
+    # FSC: one range per distinct timestep the sampler visits (a pipeline's PNDM visits one twice)
+    n_t = len(set(model_timesteps(scheduler_config(handle), cfg.steps, sampler_of(handle)))) if fsc else 0
 
     def quant_for(name: str, _mod: nn.Module) -> dict[str, Any]:
         a_bits = cfg.a_bits if cfg.a_bits == 0 or name not in edge else 8

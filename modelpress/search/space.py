@@ -15,9 +15,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..data import Dataset
-from ..data.inputs import model_inputs
+from ..data.inputs import TRAJECTORY_STEPS, model_inputs
 from ..model import TEXT_KINDS, ModelHandle
-from ..sampling import scheduler_config
+from ..sampling import sampler_of, scheduler_config
 from .levels import LevelSpec
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,6 +119,9 @@ def calibration_pool(handle: ModelHandle, dataset: Dataset, n: int, seed: int, b
     inputs, examples = model_inputs(handle, dataset, n, seed, max_length)
     if handle.kind in TEXT_KINDS:
         dist, source = ("rel_mse" if handle.kind == "encoder" else "kl"), dataset.name
+    elif sampler_of(handle) == "pipeline" and "image" not in dataset.fields:
+        dist, source = "mse", (f"{dataset.name}, states of {scheduler_config(handle)['_class_name']} trajectories "
+                               f"({TRAJECTORY_STEPS} steps, guided), one per prompt at a uniform step")
     else:
         dist, source = "mse", f"{dataset.name}, t~U[0,{int(scheduler_config(handle)['num_train_timesteps'])})"
     return CalibrationPool(inputs, examples.ids, source, dist, batch_size=batch_size,
