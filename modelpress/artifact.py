@@ -103,6 +103,16 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def _module_entry(path: str, module: nn.Module) -> dict[str, Any]:
+    """A compressed module's manifest entry: path, class, config and, for a module whose integer codes are
+    stored entropy coded (:class:`~modelpress.quant.coded.EntropyCodedCodes`), the sizes of their encodings."""
+    entry = {"path": path, "class": type(module).__name__, "config": _jsonable(module.module_config())}
+    coded = module.coded_sizes() if callable(getattr(module, "coded_sizes", None)) else {}
+    if coded:
+        entry["coded"] = coded
+    return entry
+
+
 def write_artifact(directory: Path, handle: ModelHandle, *, recipe: dict[str, Any] | None = None,
                    pass_log: dict[str, Any] | None = None, base: ModelHandle | None = None,
                    inputs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -121,8 +131,7 @@ def write_artifact(directory: Path, handle: ModelHandle, *, recipe: dict[str, An
                 from_base[key] = base_key
                 del state[key]
 
-    modules = [{"path": p, "class": type(m).__name__, "config": _jsonable(m.module_config())}
-               for p, m in compressed_modules(module)]
+    modules = [_module_entry(p, m) for p, m in compressed_modules(module)]
     tensors = {k: {"codec": _codec_of(k, modules, t), "dtype": str(t.dtype).replace("torch.", ""),
                    "shape": list(t.shape), "bytes": t.numel() * t.element_size()} for k, t in state.items()}
     manifest = {
@@ -194,6 +203,11 @@ def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> Mo
     module: nn.Module = build_architecture(manifest["architecture"])
     for entry in manifest["compressed_modules"]:
         new = module_class(entry["class"]).from_module_config(entry["config"])
+        if entry.get("coded"):
+            if not callable(getattr(new, "prepare_coded", None)):
+                raise UserError(f"artifact does not match its manifest: {entry['class']} stores no coded codes",
+                                where)
+            new.prepare_coded(entry["coded"])
         if entry["path"] == "":
             module = new
         else:
