@@ -49,7 +49,7 @@ from modelpress.metrics import EvalContext  # noqa: E402
 from modelpress.metrics import evaluate as run_metric  # noqa: E402
 from modelpress.model import ModelHandle, example_inputs  # noqa: E402
 from modelpress.quant.coded import EntropyCodedCodes, code_histogram  # noqa: E402
-from modelpress.quant.primitives import unpack_codes  # noqa: E402
+from modelpress.kernels.bitpack import unpack_codes  # noqa: E402
 from modelpress.recipe import load_recipe  # noqa: E402
 from modelpress.sources import load_model  # noqa: E402
 
@@ -101,7 +101,7 @@ def codes_summary(handle: ModelHandle) -> dict[str, Any]:
     n = sum(c for _, _, c in streams)
     if not n:
         return {"codes": 0}
-    entropy = sum(E.order0_entropy_bits(code_histogram(unpack_codes(p, b, c).to(torch.uint8).numpy())) * c
+    entropy = sum(E.order0_entropy_bits(code_histogram(unpack_codes(p.detach().cpu().numpy(), b, c))) * c
                   for p, b, c in streams) / n
     packed = b"".join(p.detach().cpu().numpy().tobytes() for p, _, _ in streams)
     return {"codes": n, "packed_bits": f"{len(packed) * 8 / n:.3f}", "entropy_bits": f"{entropy:.3f}",

@@ -173,7 +173,7 @@ def wide_unet() -> "modelpress.model.ModelHandle":
 
 
 def test_dfloat11_after_ptq_is_bit_identical_and_smaller(tmp_path: Path) -> None:
-    ptq = {"type": "ptq", "w_bits": 4, "a_bits": 8, "samples": 16, "steps": STEPS, "batch_size": 16}
+    ptq = {"type": "ptq", "w_bits": 4, "a_bits": 8, "samples": 8, "steps": STEPS, "batch_size": 8}
     one = modelpress.compress(wide_unet(), [ptq], calibration=TINY_PROMPTS, keep_reference=False)
     # what `passes: [ptq, dfloat11]` runs second (ptq is deterministic: run once here, the pair through
     # compress() is tested on the delta passes)
@@ -238,3 +238,18 @@ def test_stacked_recipe_validates_and_the_issues_example_is_refused_when_read(tm
                       "  - {type: dfloat11, dtype: bfloat16}\n")
     with pytest.raises(UserError, match=r"r\.yaml: passes\[1\]: pass 'dfloat11' after 'bitdelta'"):
         load_recipes(recipe)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_numba_bit_packing_matches_the_torch_reference(bits: int) -> None:
+    from modelpress.kernels import bitpack
+    from modelpress.quant.primitives import pack_codes, unpack_codes
+
+    for n in (0, 1, 7, 8, 9, 1001):
+        codes = skewed_codes(bits, max(n, 1 << bits), n)[:n]
+        packed = bitpack.pack_codes(codes, bits)
+        assert np.array_equal(packed, pack_codes(torch.from_numpy(codes), bits).numpy())
+        assert np.array_equal(bitpack.unpack_codes(packed, bits, n), codes)
+        assert np.array_equal(unpack_codes(torch.from_numpy(packed), bits, n).numpy(), codes)
+    with pytest.raises(ValueError, match="fewer than"):
+        bitpack.unpack_codes(np.zeros(1, np.uint8), bits, 9)

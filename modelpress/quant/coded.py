@@ -15,7 +15,8 @@ factors. A module lists its code streams in :meth:`~EntropyCodedCodes.code_buffe
 below the packed bytes) by the five tensors of its encoding, ``<name>_ec_<field>``, and keeps the packed stream
 as a non-persistent buffer: the layer computes from the same packed codes as before (outputs bit-identical),
 and the artifact stores only the encoding. Loading decodes every encoding with the numba kernel of
-:mod:`modelpress.kernels.entropy_cpu` straight into the packed stream (checksums and codes checked first).
+:mod:`modelpress.kernels.entropy_cpu` and packs the codes with :mod:`modelpress.kernels.bitpack` (checksums,
+code values and count checked first).
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import CorruptData
+from ..kernels import bitpack
 from ..kernels import entropy as E
-from .primitives import pack_codes, unpack_codes
 
 #: the torch dtype of each tensor of an encoding (:data:`modelpress.kernels.entropy.FIELDS`)
 FIELD_DTYPES: dict[str, torch.dtype] = {k: torch.from_numpy(np.zeros(0, dt)).dtype for k, dt in E.FIELDS.items()}
@@ -99,7 +100,7 @@ class EntropyCodedCodes:
             if name in getattr(self, "_coded_streams", ()):
                 continue
             packed = getattr(self, name)
-            codes = unpack_codes(packed.detach().cpu(), bits, count).to(torch.uint8).numpy()
+            codes = bitpack.unpack_codes(packed.detach().cpu().numpy(), bits, count)
             enc = encode_codes(codes, lane_size, max_code_length)
             pays = encoding_pays(enc.nbytes, packed.numel() * packed.element_size())
             report[name] = {"codes": count, "bits": bits, "packed_bytes": packed.numel() * packed.element_size(),
@@ -125,4 +126,4 @@ class EntropyCodedCodes:
             enc = E.Encoded(**{k: getattr(self, f"{name}{SUFFIX}{k}").detach().cpu().numpy() for k in E.FIELDS})
             codes = decode_codes(enc, bits, count, f"{prefix}{name}")
             packed = getattr(self, name)
-            setattr(self, name, pack_codes(torch.from_numpy(codes), bits).to(packed.device))
+            setattr(self, name, torch.from_numpy(bitpack.pack_codes(codes, bits)).to(packed.device))
