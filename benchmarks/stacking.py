@@ -19,6 +19,7 @@ Usage::
     python benchmarks/stacking.py                        # all sections -> benchmarks/results/stacking.md
     python benchmarks/stacking.py --sections codes       # minilm-docs RTN int4 / int8 codes only
     python benchmarks/stacking.py --sections deltas digits --fd-samples 500
+    python benchmarks/stacking.py --merge stacking-codes stacking-deltas   # combine runs made with --out
 
 Sections: ``codes`` (minilm-docs: the shared packed format through EvoPress's uniform RTN levels, int4 / int8
 per channel and int4 in groups of 128), ``deltas`` (minilm-docs over minilm: bitdelta, delta_come, dare,
@@ -54,12 +55,10 @@ from modelpress.recipe import load_recipe  # noqa: E402
 from modelpress.sources import load_model  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
-EVO = {"type": "evopress", "family": "bits", "strategy": "uniform", "method": "rtn", "sym": True}
-CODE_RUNS = {
-    "int4 per channel (RTN, sym)": {**EVO, "levels": [4, 8], "budget": 4, "group_size": 0},
-    "int8 per channel (RTN, sym)": {**EVO, "levels": [4, 8], "budget": 8, "group_size": 0},
-    "int4 groups of 128 (RTN, sym)": {**EVO, "levels": [4, 8], "budget": 4, "group_size": 128},
-}
+#: the codes of GPTQ's grid rounded to nearest (RTN), per channel or in groups, stored in the shared packed
+#: format (PackedLinear, what GPTQ / RTN / EvoPress's bit levels store): (bits, group size, symmetric)
+CODE_RUNS = {"int4 per channel (RTN, sym)": (4, 0, True), "int8 per channel (RTN, sym)": (8, 0, True),
+             "int4 groups of 128 (RTN, sym)": (4, 128, True)}
 
 
 def recipe_passes(name: str) -> list[dict[str, Any]]:
@@ -138,13 +137,28 @@ def metric(handle: ModelHandle, name: str, samples: int | None) -> float:
     return float(run_metric(handle.canonical(), handle, [name], ctx)[name].value)
 
 
-def stack_row(model: str, label: str, passes: list[dict[str, Any]], work: Path, base: str | None,
+def rtn_packed(model: str, bits: int, group_size: int, sym: bool) -> ModelHandle:
+    """``model`` with every linear layer of its encoder replaced by a :class:`PackedLinear` of its RTN codes."""
+    from modelpress.modules import set_submodule
+    from modelpress.quant.gptq import rtn_quantize
+    from modelpress.quant.packed import packed_from_result
+
+    handle = load_model(model)
+    for name, m in list(handle.module.named_modules()):
+        if isinstance(m, torch.nn.Linear) and ".encoder." in f".{name}":
+            set_submodule(handle.module, name, packed_from_result(rtn_quantize(m.weight.detach(), bits, group_size,
+                                                                                sym), m, sym))
+    return handle
+
+
+def stack_row(model: str | ModelHandle, label: str, passes: list[dict[str, Any]], work: Path, base: str | None,
               metric_name: str | None, samples: int | None, calibration: dict | None = None) -> dict[str, Any]:
     """Run ``passes``, save; run dfloat11 on the result, save; measure both (see the module docstring)."""
     base_h = load_model(base) if base else None
     t0 = time.perf_counter()
     one = modelpress.compress(model, passes, base=base_h, calibration=calibration, keep_reference=False)
     seconds = time.perf_counter() - t0
+    model = model if isinstance(model, str) else model.source
     codes = codes_summary(one.handle)
     signs = sign_summary(one.handle)
     one.save(work / "one")
@@ -175,27 +189,31 @@ def stack_row(model: str, label: str, passes: list[dict[str, Any]], work: Path, 
 # ---------------------------------------------------------------------------------------------------
 # Sections
 
-def section_codes(work: Path) -> list[dict[str, Any]]:
-    return [stack_row("minilm-docs", label, [cfg], work / f"codes{i}", None, None, None)
+def section_codes(work: Path) -> list[tuple[str, Any]]:
+    return [(label, lambda i=i, cfg=cfg, label=label: stack_row(rtn_packed("minilm-docs", *cfg), label, [],
+                                                                work / f"codes{i}", None, None, None))
             for i, (label, cfg) in enumerate(CODE_RUNS.items())]
 
 
-def section_deltas(work: Path) -> list[dict[str, Any]]:
-    runs = {"bitdelta (recipes/bitdelta.yaml)": ("minilm-docs", recipe_passes("bitdelta")),
+def section_deltas(work: Path) -> list[tuple[str, Any]]:
+    runs = {"bitdelta steps 0 (no distillation)": ("minilm-docs", [{"type": "bitdelta", "steps": 0}]),
             "delta_come (recipes/delta_come.yaml)": ("minilm-docs", recipe_passes("delta_come")),
             "dare p=0.9": ("minilm-docs", [{"type": "dare", "p": 0.9}]),
-            "darex (recipes/darex.yaml)": ("minilm-docs-large", recipe_passes("darex"))}
-    return [stack_row(model, label, passes, work / f"delta{i}", "minilm", "accuracy", None)
-            for i, (label, (model, passes)) in enumerate(runs.items())]
+            "darex p=0.99 analytic q": ("minilm-docs-large", [{"type": "darex", "p": 0.99, "q_mode": "analytic",
+                                                                "samples": 32}])}
+    return [(label, lambda i=i, model=model, passes=passes, label=label: stack_row(
+        model, label, passes, work / f"delta{i}", "minilm", "accuracy", None))
+        for i, (label, (model, passes)) in enumerate(runs.items())]
 
 
-def section_digits(work: Path, fd_samples: int) -> list[dict[str, Any]]:
+def section_digits(work: Path, fd_samples: int) -> list[tuple[str, Any]]:
     cal = {"samples": 256, "batch_size": 64}
-    runs = {"ptq W8A8 min-max": [{"type": "ptq", "w_bits": 8, "a_bits": 8, "steps": 25}],
+    runs = {"tfmq W4A8 (recipes/tfmq_w4a8.yaml)": recipe_passes("tfmq_w4a8"),
             "ptq W4A8 min-max": [{"type": "ptq", "w_bits": 4, "a_bits": 8, "steps": 25}],
-            "tfmq W4A8 (recipes/tfmq_w4a8.yaml)": recipe_passes("tfmq_w4a8")}
-    return [stack_row("digits-ddpm", label, passes, work / f"digits{i}", None, "fd", fd_samples, cal)
-            for i, (label, passes) in enumerate(runs.items())]
+            "ptq W8A8 min-max": [{"type": "ptq", "w_bits": 8, "a_bits": 8, "steps": 25}]}
+    return [(label, lambda i=i, passes=passes, label=label: stack_row(
+        "digits-ddpm", label, passes, work / f"digits{i}", None, "fd", fd_samples, cal))
+        for i, (label, passes) in enumerate(runs.items())]
 
 
 COLUMNS = ["model", "pass", "artifact bytes", "with lossless", "saving", "codes", "packed bits/code",
@@ -217,18 +235,32 @@ def main() -> None:
                     choices=["codes", "deltas", "digits"])
     ap.add_argument("--fd-samples", type=int, default=500)
     ap.add_argument("--out", default="stacking")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="STEM",
+                    help="run nothing: merge the results of earlier runs (--out STEM, e.g. sections run in "
+                         "parallel) into --out")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows: dict[str, list[dict[str, Any]]] = {}
+    for stem in args.merge:
+        rows.update(json.loads((OUT / f"{stem}.json").read_text()))
+    write(rows, args.out)
     with tempfile.TemporaryDirectory(prefix="stacking-") as tmp:
         work = Path(tmp)
-        for s in args.sections:
-            t0 = time.perf_counter()
-            rows[s] = (section_codes(work) if s == "codes" else section_deltas(work) if s == "deltas"
-                       else section_digits(work, args.fd_samples))
-            print(f"{s}: {time.perf_counter() - t0:.0f} s", flush=True)
+        for s in [] if args.merge else args.sections:
+            runs = (section_codes(work) if s == "codes" else section_deltas(work) if s == "deltas"
+                    else section_digits(work, args.fd_samples))
+            rows[s] = []
+            for label, run in runs:  # results written after every row: a long section keeps what it finished
+                t0 = time.perf_counter()
+                rows[s].append(run())
+                print(f"{s} / {label}: {time.perf_counter() - t0:.0f} s", flush=True)
+                write(rows, args.out)
             print(table(rows[s], COLUMNS), flush=True)
-    json_path = OUT / f"{args.out}.json"
+
+
+def write(rows: dict[str, list[dict[str, Any]]], out: str) -> None:
+    """Merge ``rows`` into ``benchmarks/results/<out>.json`` and render ``<out>.md`` from it."""
+    json_path = OUT / f"{out}.json"
     old = json.loads(json_path.read_text()) if json_path.exists() else {}
     old.update(rows)
     json_path.write_text(json.dumps(old, indent=1))
@@ -245,8 +277,7 @@ def main() -> None:
                 for w in r.get("warnings", []):
                     md.append(f"- {r['model']} / {r['pass']}: dfloat11 {w}")
             md.append("")
-    (OUT / f"{args.out}.md").write_text("\n".join(md))
-    print(f"wrote {OUT / (args.out + '.md')}")
+    (OUT / f"{out}.md").write_text("\n".join(md))
 
 
 if __name__ == "__main__":
