@@ -212,7 +212,7 @@ def section_digits(work: Path, fd_samples: int) -> list[tuple[str, Any]]:
             "ptq W4A8 min-max": [{"type": "ptq", "w_bits": 4, "a_bits": 8, "steps": 25}],
             "ptq W8A8 min-max": [{"type": "ptq", "w_bits": 8, "a_bits": 8, "steps": 25}]}
     return [(label, lambda i=i, passes=passes, label=label: stack_row(
-        "digits-ddpm", label, passes, work / f"digits{i}", None, "fd", fd_samples, cal))
+        "digits-ddpm", label, passes, work / f"digits{i}", None, "fd" if fd_samples else None, fd_samples, cal))
         for i, (label, passes) in enumerate(runs.items())]
 
 
@@ -233,7 +233,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sections", nargs="+", default=["codes", "deltas", "digits"],
                     choices=["codes", "deltas", "digits"])
-    ap.add_argument("--fd-samples", type=int, default=500)
+    ap.add_argument("--fd-samples", type=int, default=500, help="0: no FD")
+    ap.add_argument("--only", nargs="+", default=[], metavar="LABEL",
+                    help="run only the rows whose label starts with one of these (e.g. 'ptq W4A8')")
     ap.add_argument("--out", default="stacking")
     ap.add_argument("--merge", nargs="+", default=[], metavar="STEM",
                     help="run nothing: merge the results of earlier runs (--out STEM, e.g. sections run in "
@@ -250,6 +252,7 @@ def main() -> None:
             runs = (section_codes(work) if s == "codes" else section_deltas(work) if s == "deltas"
                     else section_digits(work, args.fd_samples))
             rows[s] = []
+            runs = [(label, run) for label, run in runs if not args.only or label.startswith(tuple(args.only))]
             for label, run in runs:  # results written after every row: a long section keeps what it finished
                 t0 = time.perf_counter()
                 rows[s].append(run())
