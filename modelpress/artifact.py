@@ -125,10 +125,19 @@ def artifact_state(module: nn.Module, base: nn.Module | None = None
     return state, aliases, from_base
 
 
+def _module_entry(path: str, module: nn.Module) -> dict[str, Any]:
+    """A compressed module's manifest entry: path, class, config and, for a module whose integer codes are
+    stored entropy coded (:class:`~modelpress.quant.coded.EntropyCodedCodes`), the sizes of their encodings."""
+    entry = {"path": path, "class": type(module).__name__, "config": _jsonable(module.module_config())}
+    coded = module.coded_sizes() if callable(getattr(module, "coded_sizes", None)) else {}
+    if coded:
+        entry["coded"] = coded
+    return entry
+
+
 def module_entries(module: nn.Module) -> list[dict[str, Any]]:
-    """The manifest's ``compressed_modules``: path, class and config of each compressed module."""
-    return [{"path": p, "class": type(m).__name__, "config": _jsonable(m.module_config())}
-            for p, m in compressed_modules(module)]
+    """The manifest's ``compressed_modules``: one :func:`_module_entry` per compressed module."""
+    return [_module_entry(p, m) for p, m in compressed_modules(module)]
 
 
 def tensor_entry(key: str, dtype: torch.dtype, shape: tuple[int, ...], modules: list[dict[str, Any]]) -> dict[str, Any]:
@@ -303,6 +312,11 @@ def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> Mo
     module: nn.Module = build_architecture(manifest["architecture"])
     for entry in manifest["compressed_modules"]:
         new = module_class(entry["class"]).from_module_config(entry["config"])
+        if entry.get("coded"):
+            if not callable(getattr(new, "prepare_coded", None)):
+                raise UserError(f"artifact does not match its manifest: {entry['class']} stores no coded codes",
+                                where)
+            new.prepare_coded(entry["coded"])
         if entry["path"] == "":
             module = new
         else:

@@ -171,6 +171,18 @@ class Pass:
     refuses_export: ClassVar[dict[str, str]] = {}
     #: what an export keeps of the pass's compression, when it keeps less than the artifact (shown in the report)
     export_note: ClassVar[str] = ""
+    #: whether the pass replaces layers of the model by compressed modules (every pass but ``cast``)
+    compresses: ClassVar[bool] = True
+    #: whether the pass takes a model that an earlier pass compressed; a recipe putting a pass that does not
+    #: after one that compresses is refused when it is read (:func:`modelpress.recipe.check_pass_order`)
+    follows_compression: ClassVar[bool] = False
+    #: whether the pass's output computes exactly what its input computed, bit for bit (lossless coding)
+    lossless: ClassVar[bool] = False
+
+    @classmethod
+    def refuses_after_compression(cls, config: PassConfig) -> str:
+        """Why this pass, with these options, cannot follow a compressing pass ("" when it can)."""
+        return ""
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config

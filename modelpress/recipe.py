@@ -260,6 +260,29 @@ def check_passes_fit(passes: list[tuple[str, Any]], kind: str | None, has_base: 
         if cls.kinds and kind and kind not in cls.kinds:
             raise UserError(f"passes[{i}]: pass {name!r} works on {', '.join(cls.kinds)} models, not {kind}"
                             f"{model_name}", where)
+    check_pass_order(passes, where)
+
+
+def check_pass_order(passes: list[tuple[str, Any]], where: str | None) -> None:
+    """Passes stack only as they declare: after the first pass that compresses the model (``compresses``),
+    every pass must take compressed models (``follows_compression``) with the options given
+    (``refuses_after_compression``); a one-line error naming ``passes[i]`` and the earlier pass otherwise."""
+    from .passes import get_pass
+
+    first: tuple[int, str] | None = None
+    for i, (name, config) in enumerate(passes):
+        cls = get_pass(name)
+        if first is not None:
+            j, earlier = first
+            if not cls.follows_compression:
+                raise UserError(f"passes[{i}]: pass {name!r} cannot follow {earlier!r} (passes[{j}]): it works on "
+                                f"the model's plain layers, which {earlier!r} has replaced; run it first or "
+                                "drop one", where)
+            why = cls.refuses_after_compression(config)
+            if why:
+                raise UserError(f"passes[{i}]: pass {name!r} after {earlier!r} (passes[{j}]): {why}", where)
+        if cls.compresses and first is None:
+            first = (i, name)
 
 
 def _check_datasets(recipe: Recipe, where: str, recipe_dir: Path | None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ class Cast(Pass):
     """Cast every floating-point parameter and stored buffer to ``dtype`` (:func:`~modelpress.model.cast_weights`)."""
 
     name = "cast"
+    compresses = False
 
     class Config(PassConfig):
         dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"

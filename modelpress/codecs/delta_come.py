@@ -33,9 +33,10 @@ from ..errors import UserError
 from ..model import ModelHandle
 from ..modules import register_module
 from ..passes import Context, Pass, register_pass
+from ..quant.coded import EntropyCodedCodes
 from ..quant.gptq import QuantResult, gptq_quantize, rtn_quantize
 from ..quant.primitives import dequantize_groups, pack_codes, packed_bytes, symmetric_zero, unpack_codes
-from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
+from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, calibration_batches, collect_input_hessians,
                     handle_other_tensors, match_linear_layers, replace_module, require_base)
 
 
@@ -90,9 +91,10 @@ def allocate_ranks(groups: list[PrecisionGroup], out_features: int, in_features:
 
 
 @register_module
-class DeltaCoMeLinear(DeltaLinear):
-    """``y = x W_base^T + (x R^T) U^T + b`` with ``U``, ``R`` stored per precision group as packed codes,
-    fp16 scales and uint8 zero points (``groups`` = ``[(bits, rank), ...]``)."""
+class DeltaCoMeLinear(EntropyCodedCodes, DeltaLinear):
+    """``y = x W_base^T + (x R^T) U^T + b`` with ``U``, ``R`` stored per precision group as packed codes
+    (optionally entropy coded, :class:`~modelpress.quant.coded.EntropyCodedCodes`), fp16 scales and uint8 zero
+    points (``groups`` = ``[(bits, rank), ...]``)."""
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, transposed: bool,
                  groups: list[tuple[int, int]], group_size: int, sym: bool) -> None:
@@ -121,6 +123,15 @@ class DeltaCoMeLinear(DeltaLinear):
     def from_module_config(cls, cfg: dict[str, Any]) -> "DeltaCoMeLinear":
         return cls(cfg["in_features"], cfg["out_features"], cfg["has_bias"], cfg["transposed"],
                    [tuple(g) for g in cfg["groups"]], cfg["group_size"], cfg["sym"])
+
+    def code_buffers(self) -> dict[str, tuple[int, int]]:
+        """Every group's packed codes of ``R`` ([r, in]) and ``U`` ([out, r])."""
+        out = {}
+        for i, (bits, r) in enumerate(self.groups):
+            if r:
+                out[f"r{i}_codes"] = (bits, r * self.in_features)
+                out[f"u{i}_codes"] = (bits, self.out_features * r)
+        return out
 
     def _store(self, side: str, i: int, res: QuantResult) -> None:
         getattr(self, f"{side}{i}_codes").copy_(pack_codes(res.codes, res.bits))

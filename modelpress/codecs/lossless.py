@@ -34,9 +34,10 @@ from torch import nn
 
 from ..errors import CorruptData, UserError
 from ..kernels import entropy as E
-from ..model import ModelHandle, cast_weights, is_conv1d
-from ..modules import register_module, set_submodule
+from ..model import ModelHandle, align_to_base, cast_weights, is_conv1d
+from ..modules import compressed_modules, register_module, set_submodule
 from ..passes import Context, Pass, PassConfig, in_model_order, register_pass
+from ..quant.coded import FIELD_DTYPES, EntropyCodedCodes, encoding_pays
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
@@ -48,9 +49,7 @@ _INT_VIEW = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 #: AVX512-BF16/AMX the dense path wins earlier. It is the recommended ``fused_rows`` of the dfloat11 pass; the
 #: default is 0 (never fused), so that outputs stay bit-identical to the uncompressed model.
 FUSED_MAX_ROWS = 256
-BUFFERS = ("header", "codebook", "lane_nbytes", "checksums", "stream")
-_BUFFER_DTYPES = {"header": torch.int64, "codebook": torch.uint8, "lane_nbytes": torch.int32,
-                  "checksums": torch.int32, "stream": torch.uint8}
+BUFFERS = tuple(E.FIELDS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ class _LosslessWeight(nn.Module):
         self.weight_shape = tuple(int(s) for s in shape)
         self.weight_dtype = dtype
         for k in BUFFERS:
-            self.register_buffer(f"df11_{k}", torch.zeros(sizes[k], dtype=_BUFFER_DTYPES[k]))
+            self.register_buffer(f"df11_{k}", torch.zeros(sizes[k], dtype=FIELD_DTYPES[k]))
         self._plan: E.Plan | None = None
         self._cuda: Any = None
 
@@ -539,7 +538,20 @@ class DFloat11(Pass):
         #: to F.linear up to float32 summation order); 0 keeps outputs bit-identical. Measured: 256 (FUSED_MAX_ROWS)
         fused_rows: int = Field(0, ge=0, le=1 << 20)
 
+    compresses = True
+    follows_compression = True
+    lossless = True
+
+    @classmethod
+    def refuses_after_compression(cls, config: PassConfig) -> str:
+        if "dtype" in config.model_fields_set or ("cast" in config.model_fields_set and config.cast):
+            return ("stacked on a compressing pass, dfloat11 codes what that pass stores exactly as it is and casts "
+                    "nothing; remove 'dtype' / 'cast' (a 'cast' pass first casts the float model)")
+        return ""
+
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
+        if compressed_modules(model.module):
+            return self._apply_stacked(model, ctx)
         module, part = self._code(model.module, ctx)
         self.record_units([part], ctx)
         return model.replace_module(module)
@@ -549,6 +561,8 @@ class DFloat11(Pass):
 
     def apply_unit(self, unit: ModelHandle, ctx: Context, base: nn.Module | None,
                    first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
+        if compressed_modules(unit.module):
+            raise UserError("dfloat11 stacked on a compressing pass does not stream yet; set stream: false", "dfloat11")
         module, part = self._code(unit.module, ctx)
         return unit.replace_module(module), part
 
@@ -606,3 +620,59 @@ class DFloat11(Pass):
                    bits_per_weight=round(coded_bytes * 8 / total, 4) if total else None,
                    exponent_bound_bits_per_weight=round(bound_bits / total, 4) if total else None,
                    per_module=per_module)
+
+    def _apply_stacked(self, model: ModelHandle, ctx: Context) -> ModelHandle:
+        """After a compressing pass: code, losslessly and without any cast, what the artifact of that pass stores
+        (docs/stacking.md): the integer codes of its quantized modules (:meth:`~modelpress.quant.coded.
+        EntropyCodedCodes.entropy_code`) and the float weights of the plain layers left outside its compressed
+        modules, in their own dtype, except those equal to the base's (a delta artifact takes them from the
+        base). Each tensor only where its encoding makes the artifact smaller (:func:`~modelpress.quant.coded.
+        encoding_pays`); outputs stay bit-identical."""
+        cfg = self.config
+        module = model.module
+        owned = [p for p, _ in compressed_modules(module)]
+        codes = {p: m.entropy_code(cfg.block_size // E.LANES_PER_BLOCK, cfg.max_code_length)
+                 for p, m in compressed_modules(module) if isinstance(m, EntropyCodedCodes)}
+        from_base = _equal_to_base(module, ctx.base.module) if ctx.base is not None else set()
+        chosen, tied, _ = _candidates(module, list(cfg.modules), cfg.min_elements)
+        floats: dict[str, Any] = {}
+        for name, m in chosen:
+            if (not name or any(name == p or name.startswith(p + ".") for p in owned) or name in tied.values()
+                    or f"{name}.weight" in from_base or str(m.weight.dtype).replace("torch.", "") not in TORCH_DTYPES):
+                continue
+            enc, _ = encode_tensor(m.weight, cfg.block_size, cfg.mantissa_bits, cfg.max_code_length,
+                                   lane_weights=EMBEDDING_LANE_WEIGHTS if isinstance(m, nn.Embedding) else None)
+            dense = m.weight.numel() * m.weight.element_size()
+            pays = encoding_pays(enc.nbytes, dense)
+            floats[name] = {"dtype": str(m.weight.dtype).replace("torch.", ""), "dense_bytes": dense,
+                            "coded_bytes": enc.nbytes, "coded": pays}
+            if pays:
+                set_submodule(module, name, _coded_module(m, enc))
+        streams = [s for per in codes.values() for s in per.values()]
+        coded = [s for s in streams if s["coded"]]
+        n_codes = sum(s["codes"] for s in coded)
+        ctx.record(self.name, mode="stacked", cast_from=None,
+                   integer_streams=len(streams), integer_streams_coded=len(coded),
+                   integer_packed_bytes=sum(s["packed_bytes"] for s in coded),
+                   integer_coded_bytes=sum(s["coded_bytes"] for s in coded),
+                   bits_per_code=round(sum(s["coded_bytes"] for s in coded) * 8 / n_codes, 4) if n_codes else None,
+                   entropy_bits_per_code=round(sum(s["entropy_bits"] * s["codes"] for s in coded) / n_codes, 4)
+                   if n_codes else None,
+                   float_modules_coded=sum(f["coded"] for f in floats.values()),
+                   float_dense_bytes=sum(f["dense_bytes"] for f in floats.values() if f["coded"]),
+                   float_coded_bytes=sum(f["coded_bytes"] for f in floats.values() if f["coded"]),
+                   left_to_base=len(from_base), per_module={"codes": codes, "floats": floats})
+        if not coded and not any(f["coded"] for f in floats.values()):
+            ctx.warn(self.name, f"found nothing to code: of what the artifact stores, {len(streams)} integer code "
+                                f"streams and {len(floats)} float weights of at least {cfg.min_elements} elements, "
+                                "none is smaller entropy coded; the model is unchanged")
+        return model.replace_module(module)
+
+
+def _equal_to_base(module: nn.Module, base: nn.Module) -> set[str]:
+    """State-dict keys of ``module`` equal to the base's tensor (a delta artifact refills them from the base)."""
+    base_state = base.state_dict()
+    own = module.state_dict()
+    return {k for k, bk in align_to_base(module, base).items()
+            if own[k].dtype == base_state[bk].dtype and own[k].shape == base_state[bk].shape
+            and torch.equal(own[k], base_state[bk])}

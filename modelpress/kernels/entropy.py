@@ -45,6 +45,12 @@ rows it reads. (2) fp8 dtypes (``float8_e4m3fn``, ``float8_e5m2``): the symbol i
 decode table entries are ``symbol << 4 | length`` in uint16. Version 2 data (no row length, 16/32-bit dtypes)
 decodes unchanged; it just cannot use the row-wise paths when its lanes do not happen to hold whole rows.
 
+Version 4 adds *integer codes* (dtype ``uint8``, code 5): the words are the unsigned 1-8-bit codes of a quantized
+weight (the packed format of :mod:`modelpress.quant.packed`, unpacked to one code per byte), coded whole as
+fp8 words are (``S = 8``, ``R = 0``): an order-0 Huffman code of the code values, the last stage of Deep
+Compression (Han et al., ICLR 2016, Sec. 4). Only integer data is written as version 4, so float tensors keep
+their version-3 bytes.
+
 The meta crc covers the header's first eleven fields, the codebook and the lane lengths. Everything is
 validated here, in numpy, before any kernel runs (:func:`validate`); the kernels also clamp their reads.
 """
@@ -59,21 +65,30 @@ from ..errors import CorruptData
 
 MAGIC = 0x4D50_4C4C  # "MPLL"
 VERSION = 3
-#: versions this module reads (2: no row length, no fp8; 3: header[10] = row length, fp8 dtypes)
-READABLE_VERSIONS = (2, 3)
+#: the version integer codes are written in (the first that has them)
+INT_VERSION = 4
+#: versions this module reads (2: no row length, no fp8; 3: header[10] = row length, fp8 dtypes; 4: integer codes)
+READABLE_VERSIONS = (2, 3, 4)
 LANES_PER_BLOCK = 4
 PAD_BYTES = 16
 MAX_CODE_LEN = 15
 HEADER_LEN = 12
 
-#: dtype name -> (code, word bits, exponent bits)
+#: dtype name -> (code, word bits, exponent bits); ``uint8`` holds integer codes (no exponent, version 4)
 DTYPES: dict[str, tuple[int, int, int]] = {"bfloat16": (0, 16, 8), "float16": (1, 16, 5), "float32": (2, 32, 8),
-                                           "float8_e4m3fn": (3, 8, 4), "float8_e5m2": (4, 8, 5)}
+                                           "float8_e4m3fn": (3, 8, 4), "float8_e5m2": (4, 8, 5), "uint8": (5, 8, 0)}
+#: dtypes whose words are integer codes, not floats
+INT_DTYPES = ("uint8",)
 _DTYPE_BY_CODE = {code: name for name, (code, _, _) in DTYPES.items()}
 WORD_DTYPE = {8: np.uint8, 16: np.uint16, 32: np.uint32}
 #: decode-table entry type per word width (8-bit words: ``symbol << 4 | length`` in a uint16, see
 #: :func:`decode_table`)
 LUT_DTYPE = {8: np.uint16, 16: np.uint16, 32: np.uint32}
+
+
+#: the arrays of one encoded tensor and their dtypes (see the module docstring)
+FIELDS: dict[str, type] = {"header": np.int64, "codebook": np.uint8, "lane_nbytes": np.int32,
+                           "checksums": np.int32, "stream": np.uint8}
 
 
 @dataclass
@@ -342,6 +357,16 @@ def build_code(words: np.ndarray, dtype: str, sym_mant_bits: int, max_len: int) 
     return package_merge_lengths(counts, max_len), sym_bits
 
 
+def order0_entropy_bits(counts: np.ndarray) -> float:
+    """Order-0 entropy (bits per symbol) of a symbol histogram: the bound no symbol-by-symbol code beats."""
+    c = np.asarray(counts, dtype=np.float64)
+    n = c.sum()
+    if n == 0:
+        return 0.0
+    p = c[c > 0] / n
+    return float(-(p * np.log2(p)).sum())
+
+
 def exponent_bound_from_counts(counts: np.ndarray, dtype: str) -> float:
     """Order-0 exponent bound (bits per weight) from a symbol histogram (see :func:`exponent_entropy_bits`)."""
     _, word_bits, exp_bits = DTYPES[dtype]
@@ -355,12 +380,20 @@ def exponent_bound_from_counts(counts: np.ndarray, dtype: str) -> float:
     return float(-(p * np.log2(p)).sum()) + word_bits - exp_bits
 
 
+def format_version(dtype: str) -> int:
+    """The version a tensor of ``dtype`` is written in: 4 for integer codes, 3 for floats."""
+    return INT_VERSION if dtype in INT_DTYPES else VERSION
+
+
 def assemble(dtype: str, n: int, lane_size: int, sym_bits: int, lengths: np.ndarray, lane_nbytes: np.ndarray,
-             body: np.ndarray, row_len: int = 0, version: int = VERSION) -> Encoded:
-    """Wrap an encoded body (the lanes back to back, without padding) into the container (``version`` 2 only
-    for tests of old artifacts: no row length, no fp8)."""
+             body: np.ndarray, row_len: int = 0, version: int | None = None) -> Encoded:
+    """Wrap an encoded body (the lanes back to back, without padding) into the container (``version``: default
+    :func:`format_version`; 2 only for tests of old artifacts: no row length, no fp8)."""
+    version = format_version(dtype) if version is None else version
     if version == 2 and (row_len or DTYPES[dtype][1] == 8):
         raise ValueError("format version 2 has no row length and no fp8")
+    if dtype in INT_DTYPES and version < INT_VERSION:
+        raise ValueError(f"integer codes need format version {INT_VERSION}")
     codebook, bounds = pack_codebook(lengths)
     total = body.shape[0]
     stream = np.zeros(-(-total // 8) * 8 + PAD_BYTES, dtype=np.uint8)
@@ -381,10 +414,8 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
     def bad(msg: str) -> CorruptData:
         return CorruptData(msg, where)
 
-    arrays = {"header": (enc.header, np.int64), "codebook": (enc.codebook, np.uint8),
-              "lane_nbytes": (enc.lane_nbytes, np.int32), "checksums": (enc.checksums, np.int32),
-              "stream": (enc.stream, np.uint8)}
-    for name, (a, dt) in arrays.items():
+    for name, dt in FIELDS.items():
+        a = getattr(enc, name)
         if not isinstance(a, np.ndarray) or a.dtype != dt or a.ndim != 1:
             raise bad(f"{name} must be a 1-D {np.dtype(dt).name} array")
     h = enc.header
@@ -399,7 +430,8 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
     code, n, lane_size, sym_bits = (int(x) for x in h[2:6])
     bounds = [int(x) for x in h[6:10]]
     row_len = int(h[10])
-    if code not in _DTYPE_BY_CODE or (version == 2 and code > 2):
+    if code not in _DTYPE_BY_CODE or (version == 2 and code > 2) or (version < INT_VERSION and
+                                                                     _DTYPE_BY_CODE[code] in INT_DTYPES):
         raise bad(f"unknown dtype code {code}")
     dtype = _DTYPE_BY_CODE[code]
     _, word_bits, exp_bits = DTYPES[dtype]
@@ -456,7 +488,7 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
 # Plain numpy / Python reference codec (slow; the kernels are tested bit-exactly against it).
 
 def encode_reference(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_mant_bits: int = 2,
-                     max_len: int = 14, row_len: int = 0, version: int = VERSION) -> Encoded:
+                     max_len: int = 14, row_len: int = 0, version: int | None = None) -> Encoded:
     """Encode ``words`` (the raw bit patterns, uint8, uint16 or uint32) with numpy only."""
     _, word_bits, _ = DTYPES[dtype]
     words = np.ascontiguousarray(words.reshape(-1)).view(WORD_DTYPE[word_bits])

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..modules import register_module
 from .act import ActQuantizer
+from .coded import EntropyCodedCodes
 from .layer_ops import Conv2dOp
 from .primitives import int_range, pack_signed_codes, packed_bytes, unpack_signed_codes
 from .ranges import search_qparams
@@ -46,10 +47,11 @@ def adaround_logit(frac: torch.Tensor) -> torch.Tensor:
 # Quantized Conv2d / Linear
 
 
-class _QuantLayer(nn.Module):
+class _QuantLayer(EntropyCodedCodes, nn.Module):
     """Shared body of :class:`QuantLinear` and :class:`QuantConv2d`.
 
-    Stored (state_dict): ``qweight`` (packed codes, uint8), ``w_scale [C_out]`` (float32),
+    Stored (state_dict): ``qweight`` (packed codes, uint8; or entropy coded, see
+    :class:`~modelpress.quant.coded.EntropyCodedCodes`), ``w_scale [C_out]`` (float32),
     ``w_zero_point [C_out]`` (int8), ``bias`` (float, same name as the original), and the activation
     quantizer's buffers under ``act.`` when ``act_bits > 0``.
 
@@ -90,6 +92,10 @@ class _QuantLayer(nn.Module):
     def has_act_quant(self) -> bool:
         """Whether an activation quantizer sits on this layer's input."""
         return self.act is not None
+
+    def code_buffers(self) -> dict[str, tuple[int, int]]:
+        """The packed weight codes (offset by ``2^(b-1)``, :func:`pack_signed_codes`); none while calibrating."""
+        return {} if self.fp_weight is not None else {"qweight": (self.w_bits, math.prod(self.weight_shape))}
 
     def weight_codes(self) -> torch.Tensor:
         """Integer weight codes, unpacked, int8, in the weight's shape."""

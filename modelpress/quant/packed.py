@@ -21,14 +21,16 @@ import torch
 from torch import nn
 
 from ..modules import register_module
+from .coded import EntropyCodedCodes
 from .layer_ops import Conv2dOp, LinearOp, StoredWeightLayer
 from .primitives import dequantize_groups, pack_codes, packed_bytes, symmetric_zero, unpack_codes
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-class PackedWeight(StoredWeightLayer):
-    """Shared body of :class:`PackedLinear` and :class:`PackedConv2d` (see the module docstring)."""
+class PackedWeight(EntropyCodedCodes, StoredWeightLayer):
+    """Shared body of :class:`PackedLinear` and :class:`PackedConv2d` (see the module docstring); ``qweight`` may
+    be stored entropy coded (:class:`~modelpress.quant.coded.EntropyCodedCodes`)."""
 
     def __init__(self, weight_shape: tuple[int, ...], has_bias: bool, bits: int, group_size: int, sym: bool,
                  dtype: str = "float32", **conv: Any) -> None:
@@ -58,6 +60,9 @@ class PackedWeight(StoredWeightLayer):
         if not self.sym:
             self.zeros = res.zeros.round().to(torch.uint8)
         self._weight = None
+
+    def code_buffers(self) -> dict[str, tuple[int, int]]:
+        return {"qweight": (self.bits, self.rows * self.cols)}
 
     def codes(self) -> torch.Tensor:
         """The unsigned codes ``[out, cols]`` (uint8)."""
