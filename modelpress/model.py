@@ -205,7 +205,7 @@ def check_kind(arch: dict[str, Any], kind: str, where: str) -> None:
     guessed = guess_kind(arch)
     text_lib = arch["library"] == "transformers"
     if (kind in TEXT_KINDS) != text_lib or (guessed is not None and guessed != kind):
-        raise UserError(f"a {arch['class']} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} model"
+        raise UserError(f"a {arch['class']} is not {'an' if kind == 'encoder' else 'a'} {kind} model"
                         + (f" (it is a {guessed} model: drop model.kind or set it to {guessed})" if guessed else ""),
                         where)
 
@@ -286,9 +286,9 @@ def load_weights_into(module: nn.Module, state: dict[str, torch.Tensor], where: 
         setattr(module.get_submodule(path), leaf, getattr(module.get_submodule(tpath), tleaf))
 
 
-def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Path | None = None) -> ModelHandle:
-    """Load a Hugging Face transformers directory, a diffusers model directory, or a single
-    ``.safetensors`` file whose ``config.json`` lies beside it (or is given as ``config``)."""
+def checkpoint_files(path: str | Path, config: str | Path | None = None) -> tuple[Path, list[Path]]:
+    """``(config.json, weight files)`` of a transformers / diffusers directory or a single ``.safetensors``
+    file (its ``config.json`` beside it, or ``config``); a one-line error when either is missing."""
     p = Path(path)
     if not p.exists():
         raise UserError("no such file or directory", str(p))
@@ -306,20 +306,53 @@ def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Pat
         weights = [p]
     if not cfg_path.exists():
         raise UserError("no config.json beside the weights (give one with model.config)", str(cfg_path))
+    return cfg_path, weights
+
+
+def read_architecture(cfg_path: Path) -> dict[str, Any]:
+    """The architecture (library, class, config) a checkpoint's ``config.json`` describes, read without
+    building the model (a bare transformers config names its class through its ``model_type``)."""
     cfg = _read_json(cfg_path)
     if "_diffusers_version" in cfg or "_class_name" in cfg:
-        arch = {"library": "diffusers", "class": cfg.get("_class_name", "UNet2DModel"), "config": cfg}
-    elif cfg.get("architectures"):
-        arch = {"library": "transformers", "class": cfg["architectures"][0], "config": cfg}
-    elif "model_type" in cfg:
-        arch = {"library": "transformers", "class": "AutoModel", "config": cfg}
-    else:
+        return {"library": "diffusers", "class": cfg.get("_class_name", "UNet2DModel"), "config": cfg}
+    if cfg.get("architectures"):
+        return {"library": "transformers", "class": cfg["architectures"][0], "config": cfg}
+    if "model_type" not in cfg:
         raise UserError("config.json is neither a transformers nor a diffusers config", str(cfg_path))
-    if arch["class"] == "AutoModel":
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    cls = MODEL_MAPPING_NAMES.get(cfg["model_type"])
+    if cls is None:
         import transformers
 
-        arch["class"] = type(transformers.AutoModel.from_config(
-            transformers.AutoConfig.for_model(**cfg))).__name__
+        try:
+            cls = type(transformers.AutoModel.from_config(transformers.AutoConfig.for_model(**cfg))).__name__
+        except Exception as exc:
+            raise UserError(f"cannot build the model from its config ({str(exc).splitlines()[0]})",
+                            str(cfg_path)) from None
+    return {"library": "transformers", "class": cls, "config": cfg}
+
+
+def checkpoint_kind(path: str | Path, kind: str | None = None, config: str | Path | None = None) -> str:
+    """The kind of the checkpoint at ``path``, read from its config alone: ``kind`` when it fits the model
+    class (a one-line error when it does not), else the kind guessed from the class."""
+    cfg_path, _ = checkpoint_files(path, config)
+    arch = read_architecture(cfg_path)
+    if kind is not None:
+        check_kind(arch, kind, str(path))
+        return kind
+    guessed = guess_kind(arch)
+    if guessed is None:
+        raise UserError(f"cannot tell the kind of a {arch['class']}; set model.kind", str(path))
+    return guessed
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Path | None = None) -> ModelHandle:
+    """Load a Hugging Face transformers directory, a diffusers model directory, or a single
+    ``.safetensors`` file whose ``config.json`` lies beside it (or is given as ``config``)."""
+    p = Path(path)
+    cfg_path, weights = checkpoint_files(p, config)
+    arch = read_architecture(cfg_path)
     try:
         module = build_architecture(arch)
     except UserError:
