@@ -77,19 +77,20 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``lock_path`` for the block (no lock where ``fcntl`` is missing)."""
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory`` itself for the block (no lock file is left behind; no lock
+    where ``fcntl`` is missing)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _pid_alive(pid: int) -> bool:
@@ -125,33 +126,41 @@ def atomic_directory(output: Path) -> Iterator[Path]:
     and ``output`` are exchanged, then the old artifact (now in the staging path) is removed. Elsewhere
     ``output`` is renamed aside to ``.<name>.old-<pid>-<id>`` and staging renamed into place; a process killed
     between the two renames leaves the aside copy, which the next run on ``output`` puts back. The swap and
-    that recovery hold an exclusive lock on ``.<name>.lock`` beside ``output``, so two runs writing the same
-    ``output`` at once commit one after the other: each commit is a whole artifact, the last one stays, and
-    no files are mixed. Staging directories of killed runs (``.<name>.partial-<pid>-<id>`` whose process is
-    gone) are removed by the next run on ``output``."""
+    that recovery hold an exclusive lock (``flock``) on the directory that holds ``output``, so two runs
+    writing the same ``output`` at once commit one after the other: each commit is a whole artifact, the last
+    one stays, and no files are mixed. Staging directories of killed runs (``.<name>.partial-<pid>-<id>``
+    whose process is gone) are removed by the next run on ``output``."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    lock = output.parent / f".{output.name}.lock"
+    parent = output.parent
+    parent.mkdir(parents=True, exist_ok=True)
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with _locked(lock):
+    staging = parent / f".{output.name}.partial-{token}"
+    with _locked(parent):
         _recover_and_clean(output)
-        staging = output.parent / f".{output.name}.partial-{token}"
         staging.mkdir()
     try:
         yield staging
-        with _locked(lock):
-            _recover_and_clean(output)
-            if output.exists() and _exchange(staging, output):
-                shutil.rmtree(staging)  # the previous artifact, now at the staging path
-                return
-            aside = output.parent / f".{output.name}.old-{token}"
-            if output.exists():
-                output.rename(aside)
-            staging.rename(output)
-            shutil.rmtree(aside, ignore_errors=True)
+        old = _commit(staging, output, parent / f".{output.name}.old-{token}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if old is not None:  # outside the lock: a large old artifact may take a while to delete
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _commit(staging: Path, output: Path, aside: Path) -> Path | None:
+    """Under the lock, put ``staging`` in place of ``output``; returns where the previous artifact now is (to
+    be deleted), ``None`` if there was none."""
+    with _locked(output.parent):
+        _recover_and_clean(output)
+        if not output.exists():
+            staging.rename(output)
+            return None
+        if _exchange(staging, output):
+            return staging  # the previous artifact, now at the staging path
+        output.rename(aside)
+        staging.rename(output)
+        return aside
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

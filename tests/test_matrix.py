@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,8 @@ SMALL: dict[str, dict[str, Any]] = {
                  "offspring": 2, "survivors": [1], "stage_samples": [2], "calibration_samples": 4,
                  "baseline_samples": 2, "hessian_samples": 2, "batch_size": 2, "max_length": 8, "group_size": 16},
     "ptq": {"samples": 8, "steps": 2, "interval": 1, "batch_size": 8, "w_bits": 8, "a_bits": 8},
-    "ptq4dm": {"samples": 8, "steps": 2, "interval": 1, "batch_size": 8},
-    "tfmq": {"samples": 8, "steps": 2, "interval": 1, "batch_size": 8},
+    "ptq4dm": {"samples": 8, "steps": 2, "batch_size": 8, "recon_iters": 2, "recon_batch": 4},
+    "tfmq": {"samples": 8, "steps": 2, "interval": 1, "batch_size": 8, "recon_iters": 2, "recon_batch": 4},
     "aptp": {"codes": 2, "router_steps": 2, "finetune_steps": 1, "batch_size": 4, "prompt_pool": 16, "threads": 1},
     "static_prune": {"router_steps": 2, "finetune_steps": 1, "batch_size": 4, "prompt_pool": 16, "threads": 1},
 }
@@ -61,7 +63,8 @@ METRIC_SETTINGS: dict[str, dict[str, Any]] = {
     "prompt_agreement": {"samples": 4, "options": {"steps": 2}},
     "latency": {"options": {"batch": 2, "repeats": 2}},
     "accuracy": {"samples": 8}, "logit_kl": {"samples": 8}, "embedding_cosine": {"samples": 8},
-    "perplexity": {"samples": 4}, "token_kl": {"samples": 4}, "top1_agreement": {"samples": 4},
+    "perplexity": {"samples": 64, "options": {"window": 16}}, "token_kl": {"samples": 64, "options": {"window": 16}},
+    "top1_agreement": {"samples": 64, "options": {"window": 16}},
     "choice_accuracy": {"samples": 4},
 }
 
@@ -179,6 +182,8 @@ FIELD = re.compile(r"^matrix: (model\.kind|passes\[\d+\]|export\[\d+\]|evaluate\
 
 #: (kind, pass, format) -> "works" or the one-line refusal
 CELLS: dict[tuple[str, str, str], str] = {}
+#: (kind, pass) -> seconds of its runs (compress, save, load, exports, report)
+SECONDS: dict[tuple[str, str], float] = {}
 
 
 def _refusal(recipe: dict[str, Any]) -> str | None:
@@ -198,6 +203,11 @@ def _summary() -> Any:
     if not CELLS:
         return
     works = sum(v == "works" for v in CELLS.values())
+    if os.environ.get("MODELPRESS_MATRIX_JSON"):  # benchmarks/matrix.py reads it
+        Path(os.environ["MODELPRESS_MATRIX_JSON"]).write_text(json.dumps(
+            {"cells": [{"kind": k, "pass": p, "format": f, "result": v} for (k, p, f), v in sorted(CELLS.items())],
+             "seconds": [{"kind": k, "pass": p, "seconds": round(t, 1)} for (k, p), t in sorted(SECONDS.items())]},
+            indent=1))
     print(f"\nmatrix: {len(CELLS)} cells, {works} work end to end, {len(CELLS) - works} refused when the recipe "
           "is read, 0 crashed")
     for (kind, name, fmt), v in sorted(CELLS.items()):
@@ -228,7 +238,9 @@ def _check_cells(zoo: dict[str, dict[str, Any]], kind: str, pass_name: str, form
         else:
             CELLS[(kind, pass_name, fmt)] = why
     loaded = parse_recipe(_recipe(zoo, kind, pass_name, list(accepted.values()), out), "matrix")
+    t0 = time.perf_counter()
     run(loaded, show_progress=False)
+    SECONDS[(kind, pass_name)] = SECONDS.get((kind, pass_name), 0.0) + time.perf_counter() - t0
     report = json.loads((out / "report.json").read_text())
     load_artifact(out)
     expected = sorted(m["metric"] for m in loaded.raw["evaluate"] if m["metric"] != "size")

@@ -122,8 +122,11 @@ def export_model(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibrati
     from ..modules import materialize
 
     module = materialize(handle.module).eval()  # lossless / delta layers -> the rebuilt plain layers
-    if any(p.dtype == torch.bfloat16 for p in module.parameters()):
-        module = module.float()  # bf16 -> fp32 is exact, and the CPU runtimes lack bf16 kernels
+    floats = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if torch.bfloat16 in floats or len(floats) > 1:
+        # bf16 / fp16 -> fp32 is exact; the CPU runtimes lack bf16 kernels, and a graph computes in one float
+        # type (layers rebuilt in fp16 inside an fp32 model: EvoPress's quantized levels)
+        module = module.float()
     with torch.no_grad():
         return exporter(handle.replace_module(module), spec, out_dir, calibration)
 
