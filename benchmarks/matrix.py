@@ -41,7 +41,7 @@ def markdown(record: dict, wall: float, code: int, command: str) -> str:
     cells = record["cells"]
     works = [c for c in cells if c["result"] == "works"]
     by_kind = Counter(c["kind"] for c in works)
-    lines = [f"# Pass x kind x export matrix\n", f"`{command}` (pytest exit status {code}; 0: no cell crashed)\n",
+    lines = ["# Pass x kind x export matrix\n", f"`{command}` (pytest exit status {code}; 0: no cell crashed)\n",
              f"- cells: {len(cells)}; work end to end: {len(works)}; refused when the recipe is read: "
              f"{len(cells) - len(works)}",
              f"- wall time: {wall:.0f} s (pytest, fixtures included); working cells per kind: "
