@@ -208,8 +208,8 @@ def _summary() -> Any:
             {"cells": [{"kind": k, "pass": p, "format": f, "result": v} for (k, p, f), v in sorted(CELLS.items())],
              "seconds": [{"kind": k, "pass": p, "seconds": round(t, 1)} for (k, p), t in sorted(SECONDS.items())]},
             indent=1))
-    print(f"\nmatrix: {len(CELLS)} cells, {works} work end to end, {len(CELLS) - works} refused when the recipe "
-          "is read, 0 crashed")
+    print(f"\nmatrix: {len(CELLS)} cells checked, {works} work end to end, {len(CELLS) - works} refused when the "
+          "recipe is read (a failed test is a cell that crashed)")
     for (kind, name, fmt), v in sorted(CELLS.items()):
         if v != "works":
             print(f"  refused {kind} x {name} x {fmt}: {v}")
