@@ -13,16 +13,22 @@
 A delta artifact does not store tensors equal to the base model's: the manifest lists them under
 ``from_base`` and loading refills them from the base, after checking the base's sha256.
 
-Writing goes to a staging directory beside ``output`` that is renamed into place at the end, so a failed or
-interrupted run leaves nothing at ``output`` and an earlier artifact there intact.
+Writing goes to a staging directory beside ``output`` that replaces it only at the end, so a failed,
+interrupted or killed run leaves nothing at ``output`` and an earlier artifact there intact, and two runs
+writing the same ``output`` at once end with one complete artifact (the last to finish), never a mix; see
+:func:`atomic_directory`.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,26 +65,107 @@ def hash_tensor(h: Any, key: str, tensor: torch.Tensor) -> None:
     h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where the
+    system or file system cannot (the caller then renames in two steps)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory`` itself for the block (no lock file is left behind; no lock
+    where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover_and_clean(output: Path) -> None:
+    """Under the lock: put back an earlier artifact a killed two-step swap left aside (``output`` missing, its
+    ``.old-*`` copy present), and remove staging and aside directories of processes that no longer run."""
+    parent, name = output.parent, output.name
+    asides = sorted(parent.glob(f".{glob.escape(name)}.old-*"))
+    if not output.exists() and asides:
+        asides[-1].rename(output)
+        asides = asides[:-1]
+    for d in [*parent.glob(f".{glob.escape(name)}.partial-*"), *asides]:
+        pid = d.name.rsplit("-", 2)[-2]
+        if not pid.isdigit() or not _pid_alive(int(pid)) or d in asides:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @contextmanager
 def atomic_directory(output: Path) -> Iterator[Path]:
-    """Yield a staging directory; on success it replaces ``output``, on any error it is removed."""
+    """Yield a fresh staging directory beside ``output``; when the block succeeds it replaces ``output``, when
+    it raises (an error, Ctrl-C) it is removed and ``output`` is untouched.
+
+    The replacement is one atomic step where the system has ``renameat2(RENAME_EXCHANGE)`` (Linux): staging
+    and ``output`` are exchanged, then the old artifact (now in the staging path) is removed. Elsewhere
+    ``output`` is renamed aside to ``.<name>.old-<pid>-<id>`` and staging renamed into place; a process killed
+    between the two renames leaves the aside copy, which the next run on ``output`` puts back. The swap and
+    that recovery hold an exclusive lock (``flock``) on the directory that holds ``output``, so two runs
+    writing the same ``output`` at once commit one after the other: each commit is a whole artifact, the last
+    one stays, and no files are mixed. Staging directories of killed runs (``.<name>.partial-<pid>-<id>``
+    whose process is gone) are removed by the next run on ``output``."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    parent = output.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = parent / f".{output.name}.partial-{token}"
+    with _locked(parent):
+        _recover_and_clean(output)
+        staging.mkdir()
     try:
         yield staging
+        old = _commit(staging, output, parent / f".{output.name}.old-{token}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = output.parent / f".{output.name}.old-{os.getpid()}"
-    if output.exists():
-        output.rename(old)
-    staging.rename(output)
-    if old.exists():
+    if old is not None:  # outside the lock: a large old artifact may take a while to delete
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _commit(staging: Path, output: Path, aside: Path) -> Path | None:
+    """Under the lock, put ``staging`` in place of ``output``; returns where the previous artifact now is (to
+    be deleted), ``None`` if there was none."""
+    with _locked(output.parent):
+        _recover_and_clean(output)
+        if not output.exists():
+            staging.rename(output)
+            return None
+        if _exchange(staging, output):
+            return staging  # the previous artifact, now at the staging path
+        output.rename(aside)
+        staging.rename(output)
+        return aside
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -219,7 +219,7 @@ def check_kind(arch: dict[str, Any], kind: str, where: str) -> None:
     guessed = guess_kind(arch)
     text_lib = arch["library"] == "transformers"
     if (kind in TEXT_KINDS) != text_lib or (guessed is not None and guessed != kind):
-        raise UserError(f"a {arch['class']} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} model"
+        raise UserError(f"a {arch['class']} is not {'an' if kind == 'encoder' else 'a'} {kind} model"
                         + (f" (it is a {guessed} model: drop model.kind or set it to {guessed})" if guessed else ""),
                         where)
 
@@ -323,22 +323,27 @@ def checkpoint_paths(path: str | Path, config: str | Path | None = None) -> tupl
 
 
 def read_architecture(cfg_path: Path) -> dict[str, Any]:
-    """The architecture (library, class, config) a checkpoint's config.json describes."""
+    """The architecture (library, class, config) a checkpoint's ``config.json`` describes, read without
+    building the model (a bare transformers config names its class through its ``model_type``)."""
     cfg = _read_json(cfg_path)
     if "_diffusers_version" in cfg or "_class_name" in cfg:
-        arch = {"library": "diffusers", "class": cfg.get("_class_name", "UNet2DModel"), "config": cfg}
-    elif cfg.get("architectures"):
-        arch = {"library": "transformers", "class": cfg["architectures"][0], "config": cfg}
-    elif "model_type" in cfg:
-        arch = {"library": "transformers", "class": "AutoModel", "config": cfg}
-    else:
+        return {"library": "diffusers", "class": cfg.get("_class_name", "UNet2DModel"), "config": cfg}
+    if cfg.get("architectures"):
+        return {"library": "transformers", "class": cfg["architectures"][0], "config": cfg}
+    if "model_type" not in cfg:
         raise UserError("config.json is neither a transformers nor a diffusers config", str(cfg_path))
-    if arch["class"] == "AutoModel":
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    cls = MODEL_MAPPING_NAMES.get(cfg["model_type"])
+    if cls is None:
         import transformers
 
-        arch["class"] = type(transformers.AutoModel.from_config(
-            transformers.AutoConfig.for_model(**cfg))).__name__
-    return arch
+        try:
+            cls = type(transformers.AutoModel.from_config(transformers.AutoConfig.for_model(**cfg))).__name__
+        except Exception as exc:
+            raise UserError(f"cannot build the model from its config ({str(exc).splitlines()[0]})",
+                            str(cfg_path)) from None
+    return {"library": "transformers", "class": cls, "config": cfg}
 
 
 def build_checkpoint_module(arch: dict[str, Any], cfg_path: Path) -> nn.Module:
@@ -349,6 +354,20 @@ def build_checkpoint_module(arch: dict[str, Any], cfg_path: Path) -> nn.Module:
         raise
     except Exception as exc:
         raise UserError(f"cannot build the model from its config ({str(exc).splitlines()[0]})", str(cfg_path)) from None
+
+
+def checkpoint_kind(path: str | Path, kind: str | None = None, config: str | Path | None = None) -> str:
+    """The kind of the checkpoint at ``path``, read from its config alone: ``kind`` when it fits the model
+    class (a one-line error when it does not), else the kind guessed from the class."""
+    _, cfg_path = checkpoint_paths(path, config)
+    arch = read_architecture(cfg_path)
+    if kind is not None:
+        check_kind(arch, kind, str(path))
+        return kind
+    guessed = guess_kind(arch)
+    if guessed is None:
+        raise UserError(f"cannot tell the kind of a {arch['class']}; set model.kind", str(path))
+    return guessed
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None, config: str | Path | None = None) -> ModelHandle:

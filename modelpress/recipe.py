@@ -222,6 +222,30 @@ def _check_model_source(spec: ModelSpec, field: str, where: str, recipe_dir: Pat
     return spec.model_copy(update={"source": str(p)})
 
 
+def model_kind(spec: ModelSpec, where: str) -> str:
+    """The kind of the recipe's model, known before it is loaded: the zoo entry's, or read from the
+    checkpoint's config (a forced ``model.kind`` that does not fit the model class is a one-line error)."""
+    from . import zoo
+    from .model import checkpoint_kind
+
+    if zoo.is_zoo_name(spec.source):
+        kind = zoo.get(spec.source).kind
+        if spec.kind and spec.kind != kind:
+            raise UserError(f"model.kind: zoo model {spec.source!r} is a {kind} model, not {spec.kind}", where)
+        return kind
+    from .diffusers_pipeline import INDEX, is_pipeline_dir
+
+    source = Path(spec.source)
+    if is_pipeline_dir(source) and (source / INDEX).exists():
+        source = source / "unet"  # the pipeline's kind is its UNet's (load_pipeline checks the rest)
+    try:
+        return checkpoint_kind(source, spec.kind, spec.config)
+    except UserError as exc:
+        if spec.kind is None:
+            raise
+        raise UserError(f"model.kind: {exc}", where) from None
+
+
 def parse_passes(passes: Any, where: str | None = None) -> list[tuple[str, Any]]:
     """``(name, config)`` pairs from recipe-shaped dicts (``{"type": ..., options}``) or ``(name, config)``
     pairs; every entry validated against its pass's ``Config`` (errors name ``passes[i].option``)."""
@@ -318,8 +342,9 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
     if recipe.base is not None:
         recipe = recipe.model_copy(update={"base": _check_model_source(recipe.base, "base", where, recipe_dir)})
 
+    kind = model_kind(recipe.model, where)
     passes = parse_passes(recipe.passes, where)
-    check_passes_fit(passes, recipe.model.kind, recipe.base is not None, where, base_hint="add 'base:'")
+    check_passes_fit(passes, kind, recipe.base is not None, where, base_hint="add 'base:'")
     if recipe.stream is True:
         from .stream import why_not_streamed
 
@@ -337,6 +362,9 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
                 exports.append(ExportSpec.model_validate(entry))
             except ValidationError as exc:
                 raise validation_error(where, exc, ExportSpec, prefix=f"export[{i}]") from None
+            misfit = exports[-1].refusal(kind)
+            if misfit:
+                raise UserError(f"export[{i}]: {misfit}", where)
             for name, _ in passes:
                 why = get_pass(name).refuses_export.get(exports[-1].format)
                 if why:
@@ -351,6 +379,9 @@ def parse_recipe(data: dict[str, Any], where: str = "<recipe>", recipe_dir: Path
         if m.metric not in metrics and m.metric != "size":
             raise UserError(f"evaluate[{i}].metric: unknown metric {m.metric!r}; available: "
                             f"{', '.join(sorted([*metrics, 'size']))}", where)
+        misfit = metrics[m.metric].misfit(kind) if m.metric in metrics else None
+        if misfit:
+            raise UserError(f"evaluate[{i}].metric: {misfit}", where)
     return LoadedRecipe(path=Path(where) if where != "<recipe>" else None, recipe=recipe, passes=passes,
                         exports=exports, raw=data, datasets=datasets)
 

@@ -65,6 +65,15 @@ class ExportSpec(BaseModel):
                              "weight-only kernels); use quantize: int8 with activations: dynamic")
         return self
 
+    def refusal(self, kind: str) -> str | None:
+        """Why this export cannot carry a model of ``kind`` (``None`` when it can): the exporters take the kinds
+        whose canonical inputs they name (:data:`modelpress.exporters.common.INPUT_NAMES`)."""
+        from .common import INPUT_NAMES
+
+        if kind in INPUT_NAMES:
+            return None
+        return f"{self.format} export of a {kind} model is not built yet; export {', '.join(INPUT_NAMES)} models"
+
     def file_stem(self) -> str:
         """``model``, ``model-int8``, ``model-int8-dynamic``, ``model-optimum``... distinct per option set."""
         parts = ["model"]
@@ -106,16 +115,17 @@ def export_model(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibrati
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     exporter = EXPORTERS.get(spec.format)
-    from .common import INPUT_NAMES
-
-    if handle.kind not in INPUT_NAMES:
-        raise UserError(f"{spec.format} export of a {handle.kind} model is not built yet; export "
-                        f"{', '.join(INPUT_NAMES)} models")
+    misfit = spec.refusal(handle.kind)
+    if misfit:
+        raise UserError(misfit)
     from ..modules import materialize
 
     module = materialize(handle.module).eval()  # lossless / delta layers -> the rebuilt plain layers
-    if any(p.dtype == torch.bfloat16 for p in module.parameters()):
-        module = module.float()  # bf16 -> fp32 is exact, and the CPU runtimes lack bf16 kernels
+    floats = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if torch.bfloat16 in floats or len(floats) > 1:
+        # bf16 / fp16 -> fp32 is exact; the CPU runtimes lack bf16 kernels, and a graph computes in one float
+        # type (layers rebuilt in fp16 inside an fp32 model: EvoPress's quantized levels)
+        module = module.float()
     with torch.no_grad():
         return exporter(handle.replace_module(module), spec, out_dir, calibration)
 

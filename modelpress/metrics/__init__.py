@@ -59,6 +59,12 @@ class Metric:
     #: compares against the reference's own outputs (its reference value is trivially 0 or 1)
     relative: bool = False
 
+    def misfit(self, kind: str) -> str | None:
+        """Why the metric cannot score a model of ``kind`` (``None`` when it can)."""
+        if self.kinds and kind not in self.kinds:
+            return f"metric {self.name!r} applies to {', '.join(self.kinds)} models, not {kind}"
+        return None
+
 
 def _discover() -> None:
     """Import the metric modules (their metrics register themselves)."""
@@ -93,8 +99,9 @@ def evaluate(model: nn.Module, handle: ModelHandle, names: list[str], ctx: EvalC
     out: dict[str, MetricResult] = {}
     for name in names:
         metric = get_metric(name)
-        if metric.kinds and handle.kind not in metric.kinds:
-            raise UserError(f"metric {name!r} applies to {', '.join(metric.kinds)} models, not {handle.kind}")
+        misfit = metric.misfit(handle.kind)
+        if misfit:
+            raise UserError(misfit)
         with torch.no_grad():
             out[name] = metric.fn(model, handle, ctx)
     return out
