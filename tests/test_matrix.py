@@ -60,6 +60,8 @@ SMALL: dict[str, dict[str, Any]] = {
 #: the metrics' smallest settings (samples, options) per metric; a metric not named here runs with defaults
 METRIC_SETTINGS: dict[str, dict[str, Any]] = {
     "fd": {"samples": 4, "options": {"steps": 2}},
+    "psnr": {"samples": 2, "options": {"steps": 2}}, "ssim": {"samples": 2, "options": {"steps": 2}},
+    "frechet": {"samples": 4, "options": {"steps": 2, "features": "digits-classifier"}},
     "prompt_agreement": {"samples": 4, "options": {"steps": 2}},
     "latency": {"options": {"batch": 2, "repeats": 2}},
     "accuracy": {"samples": 8}, "logit_kl": {"samples": 8}, "embedding_cosine": {"samples": 8},
@@ -144,7 +146,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
         _perturbed(module, seed=100 + i)
         model = _write(module, kind, root / f"{kind}-ft", tok)
         calibration = {"unet": "digits/train", "unet-cond": "digits-prompts/train"}.get(kind, str(text_data.get(kind)))
-        metric_data = {"choice_accuracy": str(root / "choices.jsonl")}
+        metric_data = {"choice_accuracy": str(root / "choices.jsonl"),
+                       "frechet": {"unet": "digits/heldout", "unet-cond": "digits-prompts/eval"}.get(kind)}
         if kind in text_data:
             metric_data.update({name: str(text_data[kind]) for name in metric_registry() if name != "choice_accuracy"})
         out[kind] = {"model": str(model), "base": str(base), "calibration": calibration, "metric_data": metric_data}

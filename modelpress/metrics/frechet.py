@@ -108,12 +108,15 @@ def frechet_metric(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx:
                         "'image')")
     data.require("image", "frechet")
     n = int(ctx.samples or DEFAULT_SAMPLES)
+    first = data.first(n)
     prompts = None
     if handle.kind == "unet-cond":
         data.require("prompt", "frechet on a text-to-image model")
-        prompts = data.first(n).prompts
+        prompts = first.prompts
     gen = images(model, handle, ctx, prompts)
-    real = ((data.all().images.float() + 1) / 2).clamp(0, 1)
+    # every real image of a file dataset; a generated one (prompt-image pairs drawn on demand) gives the n drawn
+    real_images = (data.all() if data.size is not None else first).images
+    real = ((real_images.float() + 1) / 2).clamp(0, 1)
     value = frechet_distance(*feature_stats(network_features(str(features), gen)),
                              *feature_stats(network_features(str(features), real)))
     details = {"n": len(gen), "real_n": len(real), "seed": ctx.seed, "features": str(features),
