@@ -148,6 +148,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
         calibration = {"unet": "digits/train", "unet-cond": "digits-prompts/train"}.get(kind, str(text_data.get(kind)))
         metric_data = {"choice_accuracy": str(root / "choices.jsonl"),
                        "frechet": {"unet": "digits/heldout", "unet-cond": "digits-prompts/eval"}.get(kind)}
+        if kind == "unet-cond":  # a text-to-image model's fidelity metrics sample from prompts
+            metric_data.update(psnr="digits-prompts/eval", ssim="digits-prompts/eval")
         if kind in text_data:
             metric_data.update({name: str(text_data[kind]) for name in metric_registry() if name != "choice_accuracy"})
         out[kind] = {"model": str(model), "base": str(base), "calibration": calibration, "metric_data": metric_data}

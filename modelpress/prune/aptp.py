@@ -650,12 +650,20 @@ def _check_handle(handle: ModelHandle, name: str) -> None:
                         f"{handle.kind} {type(handle.module).__name__}", f"passes.{name}")
 
 
+#: the router picks a sub-network per prompt, and which rows of a classifier-free-guidance batch follow their
+#: conditional partner is decided on the data: torch.export cannot trace that branch (measured: "Could not
+#: guard on data-dependent expression" for every format), so exports are refused when the recipe is read
+NO_EXPORT = {fmt: "a prompt-routed model's routing depends on the data (torch.export cannot trace it); run the "
+                  "torch artifact (modelpress.load)" for fmt in ("onnx", "ort", "pte")}
+
+
 @register_pass
 class APTPPass(Pass):
     """``type: aptp``: prompt-routed pruning into ``codes`` sub-networks at an average MACs budget."""
 
     name = "aptp"
     kinds = ("unet-cond",)
+    refuses_export = NO_EXPORT
 
     class Config(_Settings):
         codes: int = Field(4, ge=1, le=64, description="number K of architecture codes (experts)")
@@ -677,6 +685,7 @@ class StaticPrunePass(Pass):
 
     name = "static_prune"
     kinds = ("unet-cond",)
+    refuses_export = NO_EXPORT
 
     class Config(_Settings):
         pass
