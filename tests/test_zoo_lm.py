@@ -68,3 +68,16 @@ def test_domain_finetune_gains_on_its_domain(base, finetune) -> None:
     deltas = [(a.float() - b.float()).norm() / b.float().norm()
               for a, b in zip(finetune.module.parameters(), base.module.parameters())]
     assert all(d > 0 for d in deltas) and max(deltas) < 0.5
+
+
+def test_bitdelta_size_report_counts_the_tied_embedding_once(base) -> None:
+    """pydocs-lm-net's delta keeps its (tied) embedding: stored once in the artifact, so counted once."""
+    import modelpress
+    from modelpress.codecs.delta import delta_size_report
+
+    result = modelpress.compress("pydocs-lm-net", [{"type": "bitdelta", "steps": 0}], base="pydocs-lm",
+                                 show_progress=False)
+    report = delta_size_report(result.model, base.module)
+    emb = result.model.get_input_embeddings().weight
+    assert result.model.get_output_embeddings().weight is emb
+    assert emb.numel() * emb.element_size() <= report["other_bytes"] < 2 * emb.numel() * emb.element_size()

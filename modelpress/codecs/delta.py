@@ -312,10 +312,14 @@ def delta_size_report(model: nn.Module, base: nn.Module) -> dict[str, Any]:
             delta_paths.add(name)
             linear_stored += sum(tensor_bytes(t) for t in mod.compressed_tensors().values())
             linear_fp16 += 2 * mod.in_features * mod.out_features
+    seen: set[tuple[int, tuple[int, ...]]] = set()  # tied tensors (a tied lm_head) are stored once
     for key, t in model.state_dict().items():
         path, _, leaf = key.rpartition(".")
         if path in delta_paths and leaf == "weight":
             continue
+        if (t.data_ptr(), tuple(t.shape)) in seen:
+            continue
+        seen.add((t.data_ptr(), tuple(t.shape)))
         bkey = mapping.get(key)
         if path in delta_paths and leaf != "bias":
             continue  # compressed tensors, counted above
