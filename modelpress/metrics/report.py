@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from .. import console
-from ..artifact import MANIFEST, WEIGHTS
+from ..artifact import MANIFEST, WEIGHTS, tensors_sha256
 from ..devices import on_device
 from ..model import ModelHandle, cast_weights, example_inputs, state_bytes
 from ..sources import load_dataset
@@ -74,24 +74,14 @@ def _cast_step(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s bit patterns (floats viewed as integers of their width), so NaNs compare equal to themselves."""
-    if not t.is_floating_point():
-        return t
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
 def decodes_to(model: torch.nn.Module, other: torch.nn.Module) -> int:
     """How many tensors ``model``, its compressed modules decoded (:func:`~modelpress.modules.materialize`),
-    shares bit for bit with ``other``: all of ``other``'s tensors when they decode to the same state, else 0."""
+    shares bit for bit with ``other`` (same names, dtypes, shapes and bytes: :func:`~modelpress.artifact.
+    tensors_sha256`): all of ``other``'s tensors when they decode to the same state, else 0."""
     from ..modules import materialize
 
-    a, b = materialize(model).state_dict(), other.state_dict()
-    if a.keys() != b.keys():
-        return 0
-    same = all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(_bits(a[k]), _bits(b[k]))
-               for k in a)
-    return len(a) if same else 0
+    state = other.state_dict()
+    return len(state) if tensors_sha256(materialize(model).state_dict()) == tensors_sha256(state) else 0
 
 
 def _export_notes(manifest: dict[str, Any]) -> list[str]:
