@@ -109,10 +109,10 @@ def test_a_users_mistake_is_one_line_exit_2_and_nothing_written(mistake: str, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
 
-def _recipe(tmp_path: Path, model: Path, name: str, dtype: str, export: bool = False, report: bool = False) -> Path:
+def _recipe(tmp_path: Path, model: Path, name: str, dtype: str, export: bool = False) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"model: {model}\npasses: [{{type: cast, dtype: {dtype}}}]\n"
-                    + ("export: [onnx]\n" if export else "") + ("evaluate: [size]\n" if report else "")
+                    + ("export: [onnx]\n" if export else "")
                     + "output: out\n")
     return path
 
@@ -171,7 +171,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_staging_directory(previous: dict[str, 
 
 
 def test_two_runs_writing_one_output_end_with_one_whole_artifact(tmp_path: Path, tiny_classifier_dir: Path) -> None:
-    recipes = {"float16": _recipe(tmp_path, tiny_classifier_dir, "a", "float16", report=True),
+    recipes = {"float16": _recipe(tmp_path, tiny_classifier_dir, "a", "float16", export=True),
                "bfloat16": _recipe(tmp_path, tiny_classifier_dir, "b", "bfloat16")}
     procs = [subprocess.Popen([sys.executable, "-m", "modelpress.cli", "run", r.name, "-q"],
                               cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -183,8 +183,9 @@ def test_two_runs_writing_one_output_end_with_one_whole_artifact(tmp_path: Path,
     dtype = manifest["recipe"]["passes"][0]["dtype"]
     assert (out / "recipe.yaml").read_text() == recipes[dtype].read_text()
     assert load_artifact(out).module.classifier.weight.dtype == getattr(torch, dtype)
-    # no file of the other run: only the float16 recipe writes a report
-    assert (out / "report.json").exists() == (out / "size.png").exists() == (dtype == "float16")
+    # no file of the other run: both write a report, only the float16 recipe exports
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "exports").exists() == bool(report["exports"]) == (dtype == "float16")
     assert _leftovers(tmp_path) == []
 
 
