@@ -81,3 +81,24 @@ def test_bitdelta_size_report_counts_the_tied_embedding_once(base) -> None:
     emb = result.model.get_input_embeddings().weight
     assert result.model.get_output_embeddings().weight is emb
     assert emb.numel() * emb.element_size() <= report["other_bytes"] < 2 * emb.numel() * emb.element_size()
+
+
+def test_bitdelta_distils_in_float32_where_bf16_is_emulated_and_stores_bf16(base, finetune, monkeypatch) -> None:
+    """On a CPU without bf16 arithmetic the scale distillation holds the bf16 weights in float32: the artifact's
+    tensors keep their dtype and the fine-tune used as teacher (the report's reference) comes back bit for bit."""
+    import modelpress
+    from modelpress import devices
+
+    asked = []
+    monkeypatch.setattr(devices, "half_is_slow", lambda device: asked.append(device) or True)
+    result = modelpress.compress("pydocs-lm-net", [{"type": "bitdelta", "steps": 2, "batch_size": 2, "seq_len": 16}],
+                                 base=base, show_progress=False)
+    assert asked, "the distillation did not ask whether half precision is slow"
+    before, after = finetune.module.state_dict(), result.reference.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    dtypes = {k: v.dtype for k, v in result.model.state_dict().items() if v.is_floating_point()}
+    assert {dtypes[k] for k in dtypes if not k.endswith("alpha")} == {torch.bfloat16}
+    assert {dtypes[k] for k in dtypes if k.endswith("alpha")} == {torch.float32}
+    # the base weights inside the delta layers are the base's, bit for bit
+    layer = next(n for n, m in result.model.named_modules() if hasattr(m, "alpha"))
+    assert torch.equal(result.model.get_submodule(layer).weight, base.module.get_submodule(layer).weight)

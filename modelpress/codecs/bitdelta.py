@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..devices import on_device
+from ..devices import float32_arithmetic, on_device
 from ..model import ModelHandle
 from ..modules import register_module
 from ..passes import Context, Pass, in_model_order, register_pass
@@ -170,7 +170,9 @@ class BitDeltaPass(Pass):
             bs = ctx.setting(cfg, "batch_size")
             n = ctx.setting(cfg, "samples") or cfg.steps * bs
             batches = calibration_batches(model, ctx, self.name, n, bs, ctx.setting(cfg, "seq_len"), offset=11)
-            with on_device(ctx.device, student, teacher):  # the recipe's device; both back on the CPU after
+            # the recipe's device (both back on the CPU after); bf16 / fp16 held in float32 where half precision is
+            # emulated (the stored weights come back bit for bit; the alphas are float32 throughout)
+            with on_device(ctx.device, student, teacher), float32_arithmetic(ctx.device, student, teacher):
                 batches = [tuple(t.to(ctx.device) for t in b) for b in batches]
                 losses = scale_distillation(model, student, teacher, batches, cfg.steps, cfg.lr, cfg.target, ctx)
         part["alpha"] = {n: student.get_submodule(n).alpha.item() for n in part["alpha_init"]}
