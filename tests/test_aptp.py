@@ -410,3 +410,18 @@ def test_digits_training_data_pairs_printed_prompts_with_their_glyph() -> None:
     glyphs = digits.printed_glyphs()
     assert all(any(torch.equal(x, glyph) for glyph in glyphs) for x in x0)
     assert torch.equal(aptp.training_data(plain, prompts, 40, 0).prompt_labels, digits.digit_prompts(40, 0, "train")[1])
+
+
+def test_routing_mix_counts_prompts_per_code_and_weights_their_macs(built) -> None:  # noqa: ANN001
+    """The report's 'on the evaluation prompts' line: prompts per code and their mean MACs ratio."""
+    from modelpress.metrics.report import _routing_on_evaluation
+
+    model, log, _, data = built
+    mix = model.routing_mix(data.ehs[:12])
+    codes = model.route(data.ehs[:12])
+    assert mix["prompts_per_code"] == torch.bincount(codes, minlength=3).tolist()
+    expected = sum(log["code_macs_ratio"][int(c)] for c in codes) / 12
+    assert mix["macs_ratio"] == pytest.approx(expected, abs=1e-5)
+    report = {"metrics": {"prompt_agreement": {"details": {"routing": mix}}, "size": {"details": {}}}}
+    (line,) = _routing_on_evaluation(report)
+    assert f"{mix['macs_ratio']:.3f} of the unpruned UNet's MACs" in line and "12 prompts" in line

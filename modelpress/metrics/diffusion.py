@@ -137,6 +137,8 @@ def generate(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalC
                               uncond=empty_prompt_embedding(), guidance_scale=w, eta=eta, progress=progress,
                               sample_shape=_sample_shape(handle))
         details.update(guidance_scale=w, prompt_split=split, prompts=prompts[:GRID_IMAGES])
+        if hasattr(handle.module, "routing_mix"):  # prompt-routed pruning: where these prompts went
+            details["routing"] = handle.module.routing_mix(cond)
     else:
         samples = ddim_sample(model, _scheduler(handle, ctx), n, steps=steps, seed=ctx.seed, eta=eta,
                               progress=progress, sample_shape=_sample_shape(handle))

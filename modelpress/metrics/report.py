@@ -266,6 +266,7 @@ def _what_it_saves(report: dict[str, Any], manifest_passes: dict[str, Any]) -> l
             lines += [f"- **Compute** ({name}): {log['average_macs_ratio']:.3f} of the unpruned UNet's MACs per "
                       f"prompt on average, routed by prompt: {codes}. The artifact stores every code's "
                       "sub-network, so it can be larger than the input: this method saves compute, not bytes."]
+            lines += _routing_on_evaluation(report)
     d = report.get("delta")
     if d:
         lines += [f"- **Delta**: {d['total_bytes']:,} bytes stored against {d['total_fp16_bytes']:,} for the fp16 "
@@ -282,6 +283,19 @@ def _what_it_saves(report: dict[str, Any], manifest_passes: dict[str, Any]) -> l
     return ["## What the method saves", ""] + lines + [""] if lines else []
 
 
+def _routing_on_evaluation(report: dict[str, Any]) -> list[str]:
+    """Where the evaluation's prompts were routed (the metrics' ``routing`` details) and the compute they took."""
+    lines = []
+    for metric, entry in report["metrics"].items():
+        mix = (entry.get("details") or {}).get("routing")
+        if mix and "macs_ratio" in mix:
+            counts = ", ".join(f"code {i}: {n}" for i, n in enumerate(mix["prompts_per_code"]))
+            lines.append(f"- **On the evaluation prompts** ({metric}, {sum(mix['prompts_per_code'])} prompts): "
+                         f"{mix['macs_ratio']:.3f} of the unpruned UNet's MACs per prompt on average; prompts per "
+                         f"code: {counts}.")
+    return lines
+
+
 def _pass_warnings(manifest: dict[str, Any]) -> list[str]:
     """``pass: message`` for every warning a pass recorded in the manifest."""
     return [f"{name}: {w}" for name, entry in manifest.get("passes", {}).items() for w in entry.get("warnings", [])]
@@ -290,7 +304,7 @@ def _pass_warnings(manifest: dict[str, Any]) -> list[str]:
 def _markdown(loaded: Any, report: dict[str, Any], staging: Path, manifest: dict[str, Any], log_name: str | None) -> str:
     r = loaded.recipe
     passes = ", ".join(name for name, _ in loaded.passes) or "(none)"
-    lines = [f"# modelpress report", "", f"- model: `{r.model.source}`" + (f" (base `{r.base.source}`)" if r.base else ""),
+    lines = ["# modelpress report", "", f"- model: `{r.model.source}`" + (f" (base `{r.base.source}`)" if r.base else ""),
              f"- passes: {passes}", f"- seed: {r.seed}", ""]
     size = report["size_bytes"]
     lines += ["## Size", "", "| | bytes | vs reference |", "|---|---:|---:|",

@@ -312,6 +312,17 @@ class APTPModel(nn.Module):
                 codes[:half] = codes[half:]
         return codes
 
+    def routing_mix(self, encoder_hidden_states: torch.Tensor) -> dict[str, Any]:
+        """Where prompts ``[B, L, D]`` are routed (APTP Sec. 3.4): prompts per code and the mean MACs ratio of their
+        sub-networks against the unpruned UNet (what the pruning saves on these prompts)."""
+        codes = self.route(encoder_hidden_states)
+        counts = torch.bincount(codes, minlength=self.n_codes).tolist()
+        ratios = self.info.get("code_macs_ratio")
+        mix: dict[str, Any] = {"prompts_per_code": counts}
+        if ratios:
+            mix["macs_ratio"] = round(sum(n * r for n, r in zip(counts, ratios)) / max(sum(counts), 1), 5)
+        return mix
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor,
                 codes: torch.Tensor | None = None, return_dict: bool = True) -> Any:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
