@@ -39,7 +39,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import UserError
-from .model import ModelHandle, align_to_base, build_architecture, load_state_dict_file
+from .model import ModelHandle, align_to_base, build_architecture, load_state_dict_file, unique_tensors
 from .modules import compressed_modules, module_class, set_submodule
 
 FORMAT = "modelpress-artifact"
@@ -168,22 +168,6 @@ def _commit(staging: Path, output: Path, aside: Path) -> Path | None:
         return aside
 
 
-def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share memory: keep one name per storage, record the others."""
-    seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
-    kept: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    for key, t in state.items():
-        sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
-        if sig is not None and sig in seen:
-            aliases[key] = seen[sig]
-            continue
-        if sig is not None:
-            seen[sig] = key
-        kept[key] = t.detach().contiguous()
-    return kept, aliases
-
-
 def _codec_of(key: str, modules: list[dict[str, Any]], dtype: torch.dtype) -> str:
     for m in modules:
         if m["path"] == "" or key.startswith(m["path"] + "."):
@@ -200,7 +184,7 @@ def artifact_state(module: nn.Module, base: nn.Module | None = None
     """What the artifact stores of ``module``: its state dict with each shared tensor once (``aliases``: other
     name -> stored name) and, for a delta, without the tensors equal to the base's (``from_base``: name -> the
     base's name), in state-dict order."""
-    state, aliases = _dedupe_shared(module.state_dict())
+    state, aliases = unique_tensors(module.state_dict())
     from_base: dict[str, str] = {}
     if base is not None:
         base_state = base.state_dict()

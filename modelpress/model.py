@@ -410,8 +410,26 @@ def align_prefix(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     return added if set(added) <= set(own) else state
 
 
+def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory (tied weights): keep one name per storage, in order, and
+    return the others as ``{other name: kept name}``."""
+    seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for key, t in state.items():
+        sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if sig is not None and sig in seen:
+            aliases[key] = seen[sig]
+            continue
+        if sig is not None:
+            seen[sig] = key
+        kept[key] = t.detach().contiguous()
+    return kept, aliases
+
+
 def save_checkpoint(handle: ModelHandle, directory: str | Path) -> None:
-    """Write ``handle`` as a plain checkpoint directory (config.json + model.safetensors)."""
+    """Write ``handle`` as a plain checkpoint directory (config.json + model.safetensors); a tied weight is written
+    once, under its first name, as ``save_pretrained`` does (``lm_head.weight`` of a tied LM is left out)."""
     from safetensors.torch import save_file
 
     d = Path(directory)
@@ -422,7 +440,7 @@ def save_checkpoint(handle: ModelHandle, directory: str | Path) -> None:
     else:
         cfg["architectures"] = [handle.architecture["class"]]
     (d / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    save_file({k: v.contiguous() for k, v in handle.module.state_dict().items()}, str(d / "model.safetensors"))
+    save_file(unique_tensors(handle.module.state_dict())[0], str(d / "model.safetensors"))
 
 
 def sample_shape(handle: ModelHandle) -> tuple[int, int, int]:

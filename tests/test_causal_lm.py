@@ -205,6 +205,23 @@ def test_bf16_checkpoint_keeps_its_dtype_and_ties(llm: dict[str, Path], tmp_path
         assert torch.equal(_logits(h, ids, mask), hf(input_ids=ids, attention_mask=mask).logits)
 
 
+def test_save_checkpoint_writes_a_tied_lm_head_once_and_loads_back(llm: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from modelpress.model import save_checkpoint
+
+    h = load_checkpoint(llm["llama"])
+    assert h.module.lm_head.weight is h.module.model.embed_tokens.weight
+    save_checkpoint(h, tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    again = load_checkpoint(tmp_path / "saved")
+    assert again.module.lm_head.weight is again.module.model.embed_tokens.weight
+    ids, mask = example_inputs(h, batch=1, seq_len=8)
+    with torch.no_grad():
+        assert torch.equal(_logits(again, ids, mask), _logits(h, ids, mask))
+
+
 def test_tokenize_pads_with_eos_when_the_tokenizer_has_no_pad(llm: dict[str, Path]) -> None:
     for arch in ("llama", "gpt2"):
         h = load_checkpoint(llm[arch])
