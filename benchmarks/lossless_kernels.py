@@ -10,7 +10,9 @@ per-row scale, since no LLM is available offline) and batch 1, 4, 16, 64, at 1 a
   bytes each reads (fused: the coded weight + activations; dense: the bf16 weight + activations);
 * how the output differs from ``F.linear`` (summation order): the share of bit-identical outputs and the largest
   difference over the output rms; and for 4096x4096
-  at batch 4 bit-equality with ``entropy.linear_reference`` (the fused kernels' defined order);
+  at batch 1 and 4 bit-equality with ``entropy.linear_reference`` (the fused kernels' defined order);
+* each with the weights coded with the default symbol (``--mantissa-bits 2``: sign, exponent, two mantissa bits;
+  the smallest) and the exponent-only symbol (``0``: ~0.06 bits/weight larger, four codes per table lookup);
 * the fused / dense threshold: ``fused`` against ``decode`` (decode the whole weight, then ``F.linear``: the
   module's path above ``fused_max_rows``) on 4096x4096 at batch 1..256;
 * embedding: 32 token ids from a 32000x4096 bf16 table: ``LosslessEmbedding`` (decodes only the rows' lanes)
@@ -19,6 +21,7 @@ per-row scale, since no LLM is available offline) and batch 1, 4, 16, 64, at 1 a
   ours, ZipNN (``zipnn``), zstd-3, all side data included; every round trip checked bit for bit.
 
     python benchmarks/lossless_kernels.py [--repeats 5] [--no-head] [--parts linear embedding] [--out DIR]
+        [--mantissa-bits 2 0]
 
 Writes ``lossless_kernels.md`` and ``lossless_kernels.json`` in ``--out`` (with ``--parts``, only those parts
 are measured again and the others kept from the existing json).
@@ -91,12 +94,13 @@ def difference(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
             "max_diff_over_rms": float(f"{float((yf - rf).abs().max() / rf.pow(2).mean().sqrt()):.3g}")}
 
 
-def bench_linear(shape: tuple[int, int], batches: list[int], repeats: int, seed: int) -> list[dict[str, Any]]:
+def bench_linear(shape: tuple[int, int], batches: list[int], repeats: int, seed: int,
+                 mantissa_bits: int = 2) -> list[dict[str, Any]]:
     out_f, in_f = shape
     w = synthetic_weight(out_f, in_f, seed)
     lin = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
     lin.weight.data = w
-    enc, _ = encode_tensor(w)
+    enc, _ = encode_tensor(w, mantissa_bits=mantissa_bits)
     m = LosslessLinear.from_linear(lin, enc)
     m.fused_max_rows = 1 << 30
     m.plan()  # validation (crc of every block) happens once, at first use
@@ -109,13 +113,14 @@ def bench_linear(shape: tuple[int, int], batches: list[int], repeats: int, seed:
                 t_fused, t_dense = times([lambda: m(x), lambda: F.linear(x, w)], repeats)
                 y, ref = m(x), F.linear(x, w)
             act = batch * (in_f + out_f) * 2
-            row = {"shape": f"{out_f}x{in_f}", "batch": batch, "threads": threads,
+            row = {"shape": f"{out_f}x{in_f}", "mantissa_bits": mantissa_bits,
+                   "bits_per_weight": round(enc.nbytes * 8 / w.numel(), 3), "batch": batch, "threads": threads,
                    "fused": ms(t_fused), "dense": ms(t_dense),
                    "ratio_min": round(min(t_fused) / min(t_dense), 2),
                    "ratio_median": round(statistics.median(t_fused) / statistics.median(t_dense), 2),
                    "fused_bytes": enc.nbytes + act, "dense_bytes": w.numel() * 2 + act,
                    **difference(y, ref)}
-            if shape == (4096, 4096) and batch == 4 and threads == 1:
+            if shape == (4096, 4096) and batch in (1, 4) and threads == 1:
                 exact = E.linear_reference(w.float().numpy(), x.float().numpy())
                 row["equals_reference"] = bool(torch.equal(y, torch.from_numpy(exact).to(torch.bfloat16)))
             rows.append(row)
@@ -209,17 +214,19 @@ def bench_fp8() -> list[dict[str, Any]]:
 def markdown(res: dict[str, Any]) -> str:
     lines = ["# Fused lossless kernels (CPU)", "", "Runs: " + "; ".join(res["runs"]), "",
              "## Linear: fused decode + matmul vs torch bf16 F.linear (ms, min / median; ratio = fused / dense)", "",
-             "| weight (out x in) | batch | threads | fused | dense bf16 F.linear | ratio min | ratio median | "
-             "fused reads MB | dense reads MB | outputs bit-identical to dense | max diff / rms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| weight (out x in) | mantissa bits (bits/weight) | batch | threads | fused | dense bf16 F.linear | "
+             "ratio min | ratio median | fused reads MB | dense reads MB | outputs bit-identical to dense | "
+             "max diff / rms |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["linear"]:
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['threads']} | {r['fused']['min_ms']:.1f} / "
+        lines.append(f"| {r['shape']} | {r.get('mantissa_bits', 2)} ({r.get('bits_per_weight', '')}) | {r['batch']} | "
+                     f"{r['threads']} | {r['fused']['min_ms']:.1f} / "
                      f"{r['fused']['median_ms']:.1f} | {r['dense']['min_ms']:.1f} / {r['dense']['median_ms']:.1f} | "
                      f"{r['ratio_min']} | {r['ratio_median']} | {r['fused_bytes'] / 1e6:.1f} | "
                      f"{r['dense_bytes'] / 1e6:.1f} | {r['identical_share']:.2%} | {r['max_diff_over_rms']} |")
-    eq = [r for r in res["linear"] if "equals_reference" in r]
-    if eq:
-        lines += ["", f"4096x4096, batch 4: fused output equals `entropy.linear_reference`: {eq[0]['equals_reference']}"]
+    for r in res["linear"]:
+        if "equals_reference" in r:
+            lines += ["", f"4096x4096, mantissa bits {r.get('mantissa_bits', 2)}, batch {r['batch']}: fused output "
+                          f"equals `entropy.linear_reference`: {r['equals_reference']}"]
     lines += ["", "## Threshold: fused vs decode + dense F.linear (4096x4096, 2 threads, ms min / median)", "",
               "| batch | fused | decode then dense | fused / decode (min) |", "|---|---|---|---|"]
     for r in res["threshold"]:
@@ -249,6 +256,9 @@ def main() -> None:
     ap.add_argument("--no-head", action="store_true", help="skip the 128256x4096 head (1 GB bf16)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--parts", nargs="+", default=["linear", "threshold", "embedding", "fp8"])
+    ap.add_argument("--mantissa-bits", type=int, nargs="+", default=[2, 0],
+                    help="symbols of the linear part: 2 (the default, smallest) and 0 (exponent only: codes of "
+                         "~3.7 bits, four per table lookup, fastest)")
     args = ap.parse_args()
     load = os.getloadavg()
     old = args.out / "lossless_kernels.json"
@@ -256,9 +266,11 @@ def main() -> None:
     if "linear" in args.parts:
         res["linear"] = []
         for i, shape in enumerate(SHAPES):
-            res["linear"] += bench_linear(shape, BATCHES, args.repeats, seed=i)
+            for k in args.mantissa_bits:
+                res["linear"] += bench_linear(shape, BATCHES, args.repeats, i, k)
         if not args.no_head:
-            res["linear"] += bench_linear(HEAD, BATCHES, args.head_repeats, seed=9)
+            for k in args.mantissa_bits:
+                res["linear"] += bench_linear(HEAD, BATCHES, args.head_repeats, 9, k)
     if "threshold" in args.parts:
         res["threshold"] = bench_threshold(args.repeats, seed=11)
     if "embedding" in args.parts:
