@@ -52,7 +52,6 @@ from numba.extending import intrinsic  # noqa: E402
 from ..errors import CorruptData  # noqa: E402
 from . import entropy as E  # noqa: E402
 
-_U1 = np.uint64(1)
 _U15 = np.uint64(15)
 _U16 = np.uint64(16)
 _U32 = np.uint64(32)
