@@ -6,11 +6,14 @@ per-row scale, since no LLM is available offline) and batch 1, 4, 16, 64, at 1 a
 
 * ``fused``: ``LosslessLinear.forward`` on the fused kernel (what a model runs: activation cast, numba on torch's
   thread count, output cast), against ``dense``: torch's bf16 ``F.linear`` on the uncoded weight, interleaved in
-  every repeat so both see the same machine load; min and median of ``--repeats``; the ratio fused / dense;
+  every repeat so both see the same machine load; min and median of ``--repeats``; the ratio fused / dense, by
+  wall-clock time and by process CPU time (all threads; not inflated by time preempted on a shared machine);
   bytes each reads (fused: the coded weight + activations; dense: the bf16 weight + activations);
 * how the output differs from ``F.linear`` (summation order): the share of bit-identical outputs and the largest
   difference over the output rms; and for 4096x4096
-  at batch 4 bit-equality with ``entropy.linear_reference`` (the fused kernels' defined order);
+  at batch 1 and 4 bit-equality with ``entropy.linear_reference`` (the fused kernels' defined order);
+* each with the weights coded with the default symbol (``--mantissa-bits 2``: sign, exponent, two mantissa bits;
+  the smallest) and the exponent-only symbol (``0``: ~0.06 bits/weight larger, four codes per table lookup);
 * the fused / dense threshold: ``fused`` against ``decode`` (decode the whole weight, then ``F.linear``: the
   module's path above ``fused_max_rows``) on 4096x4096 at batch 1..256;
 * embedding: 32 token ids from a 32000x4096 bf16 table: ``LosslessEmbedding`` (decodes only the rows' lanes)
@@ -19,6 +22,7 @@ per-row scale, since no LLM is available offline) and batch 1, 4, 16, 64, at 1 a
   ours, ZipNN (``zipnn``), zstd-3, all side data included; every round trip checked bit for bit.
 
     python benchmarks/lossless_kernels.py [--repeats 5] [--no-head] [--parts linear embedding] [--out DIR]
+        [--mantissa-bits 2 0]
 
 Writes ``lossless_kernels.md`` and ``lossless_kernels.json`` in ``--out`` (with ``--parts``, only those parts
 are measured again and the others kept from the existing json).
@@ -65,16 +69,23 @@ def synthetic_weight(out_f: int, in_f: int, seed: int) -> torch.Tensor:
     return w
 
 
+CPU_TIMES: list[list[float]] = []
+
+
 def times(fns: list[Callable[[], Any]], repeats: int) -> list[list[float]]:
-    """Run every function once to warm up, then ``repeats`` rounds with the functions interleaved."""
+    """Run every function once to warm up, then ``repeats`` rounds with the functions interleaved. Returns the
+    wall-clock times; the process CPU times of the same calls (all threads; time spent preempted by other jobs
+    on a shared machine does not count) are left in ``CPU_TIMES``."""
     for f in fns:
         f()
     out: list[list[float]] = [[] for _ in fns]
+    CPU_TIMES[:] = [[] for _ in fns]
     for _ in range(repeats):
-        for f, t in zip(fns, out):
-            t0 = time.perf_counter()
+        for f, t, c in zip(fns, out, CPU_TIMES):
+            c0, t0 = time.process_time(), time.perf_counter()
             f()
             t.append(time.perf_counter() - t0)
+            c.append(time.process_time() - c0)
     return out
 
 
@@ -91,12 +102,13 @@ def difference(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
             "max_diff_over_rms": float(f"{float((yf - rf).abs().max() / rf.pow(2).mean().sqrt()):.3g}")}
 
 
-def bench_linear(shape: tuple[int, int], batches: list[int], repeats: int, seed: int) -> list[dict[str, Any]]:
+def bench_linear(shape: tuple[int, int], batches: list[int], repeats: int, seed: int,
+                 mantissa_bits: int = 2) -> list[dict[str, Any]]:
     out_f, in_f = shape
     w = synthetic_weight(out_f, in_f, seed)
     lin = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
     lin.weight.data = w
-    enc, _ = encode_tensor(w)
+    enc, _ = encode_tensor(w, mantissa_bits=mantissa_bits)
     m = LosslessLinear.from_linear(lin, enc)
     m.fused_max_rows = 1 << 30
     m.plan()  # validation (crc of every block) happens once, at first use
@@ -107,15 +119,20 @@ def bench_linear(shape: tuple[int, int], batches: list[int], repeats: int, seed:
             x = torch.randn(batch, in_f, generator=torch.Generator().manual_seed(batch)).to(torch.bfloat16)
             with torch.no_grad():
                 t_fused, t_dense = times([lambda: m(x), lambda: F.linear(x, w)], repeats)
+                c_fused, c_dense = CPU_TIMES
                 y, ref = m(x), F.linear(x, w)
             act = batch * (in_f + out_f) * 2
-            row = {"shape": f"{out_f}x{in_f}", "batch": batch, "threads": threads,
+            row = {"shape": f"{out_f}x{in_f}", "mantissa_bits": mantissa_bits,
+                   "bits_per_weight": round(enc.nbytes * 8 / w.numel(), 3), "batch": batch, "threads": threads,
                    "fused": ms(t_fused), "dense": ms(t_dense),
                    "ratio_min": round(min(t_fused) / min(t_dense), 2),
                    "ratio_median": round(statistics.median(t_fused) / statistics.median(t_dense), 2),
+                   "fused_cpu": ms(c_fused), "dense_cpu": ms(c_dense),
+                   "cpu_ratio_min": round(min(c_fused) / min(c_dense), 2),
+                   "cpu_ratio_median": round(statistics.median(c_fused) / statistics.median(c_dense), 2),
                    "fused_bytes": enc.nbytes + act, "dense_bytes": w.numel() * 2 + act,
                    **difference(y, ref)}
-            if shape == (4096, 4096) and batch == 4 and threads == 1:
+            if shape == (4096, 4096) and batch in (1, 4) and threads == 1:
                 exact = E.linear_reference(w.float().numpy(), x.float().numpy())
                 row["equals_reference"] = bool(torch.equal(y, torch.from_numpy(exact).to(torch.bfloat16)))
             rows.append(row)
@@ -136,8 +153,11 @@ def bench_threshold(repeats: int, seed: int) -> list[dict[str, Any]]:
         with torch.no_grad():
             t_fused, t_decode = times([lambda: (setattr(m, "fused_max_rows", 1 << 30), m(x)),
                                        lambda: (setattr(m, "fused_max_rows", 0), m(x))], repeats)
+            c_fused, c_decode = CPU_TIMES
         row = {"batch": batch, "fused": ms(t_fused), "decode_then_dense": ms(t_decode),
-               "fused_over_decode_min": round(min(t_fused) / min(t_decode), 2)}
+               "fused_over_decode_min": round(min(t_fused) / min(t_decode), 2),
+               "fused_cpu": ms(c_fused), "decode_then_dense_cpu": ms(c_decode),
+               "cpu_fused_over_decode_min": round(min(c_fused) / min(c_decode), 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -209,23 +229,32 @@ def bench_fp8() -> list[dict[str, Any]]:
 def markdown(res: dict[str, Any]) -> str:
     lines = ["# Fused lossless kernels (CPU)", "", "Runs: " + "; ".join(res["runs"]), "",
              "## Linear: fused decode + matmul vs torch bf16 F.linear (ms, min / median; ratio = fused / dense)", "",
-             "| weight (out x in) | batch | threads | fused | dense bf16 F.linear | ratio min | ratio median | "
-             "fused reads MB | dense reads MB | outputs bit-identical to dense | max diff / rms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| weight (out x in) | mantissa bits (bits/weight) | batch | threads | fused | dense bf16 F.linear | "
+             "ratio min | ratio median | CPU ms fused / dense (min) | CPU-time ratio min / median | fused reads MB | "
+             "dense reads MB | outputs bit-identical to dense | max diff / rms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["linear"]:
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['threads']} | {r['fused']['min_ms']:.1f} / "
+        lines.append(f"| {r['shape']} | {r.get('mantissa_bits', 2)} ({r.get('bits_per_weight', '')}) | {r['batch']} | "
+                     f"{r['threads']} | {r['fused']['min_ms']:.1f} / "
                      f"{r['fused']['median_ms']:.1f} | {r['dense']['min_ms']:.1f} / {r['dense']['median_ms']:.1f} | "
-                     f"{r['ratio_min']} | {r['ratio_median']} | {r['fused_bytes'] / 1e6:.1f} | "
+                     f"{r['ratio_min']} | {r['ratio_median']} | "
+                     + (f"{r['fused_cpu']['min_ms']:.1f} / {r['dense_cpu']['min_ms']:.1f} | "
+                        f"{r['cpu_ratio_min']} / {r['cpu_ratio_median']} | " if "fused_cpu" in r else "| | ")
+                     + f"{r['fused_bytes'] / 1e6:.1f} | "
                      f"{r['dense_bytes'] / 1e6:.1f} | {r['identical_share']:.2%} | {r['max_diff_over_rms']} |")
-    eq = [r for r in res["linear"] if "equals_reference" in r]
-    if eq:
-        lines += ["", f"4096x4096, batch 4: fused output equals `entropy.linear_reference`: {eq[0]['equals_reference']}"]
+    for r in res["linear"]:
+        if "equals_reference" in r:
+            lines += ["", f"4096x4096, mantissa bits {r.get('mantissa_bits', 2)}, batch {r['batch']}: fused output "
+                          f"equals `entropy.linear_reference`: {r['equals_reference']}"]
     lines += ["", "## Threshold: fused vs decode + dense F.linear (4096x4096, 2 threads, ms min / median)", "",
-              "| batch | fused | decode then dense | fused / decode (min) |", "|---|---|---|---|"]
+              "| batch | fused | decode then dense | fused / decode (min) | CPU ms fused / decode (min) | "
+              "CPU-time fused / decode (min) |", "|---|---|---|---|---|---|"]
     for r in res["threshold"]:
         lines.append(f"| {r['batch']} | {r['fused']['min_ms']:.1f} / {r['fused']['median_ms']:.1f} | "
                      f"{r['decode_then_dense']['min_ms']:.1f} / {r['decode_then_dense']['median_ms']:.1f} | "
-                     f"{r['fused_over_decode_min']} |")
+                     f"{r['fused_over_decode_min']} | "
+                     + (f"{r['fused_cpu']['min_ms']:.1f} / {r['decode_then_dense_cpu']['min_ms']:.1f} | "
+                        f"{r['cpu_fused_over_decode_min']} |" if "fused_cpu" in r else "| |"))
     lines += ["", "## Embedding: 32 tokens from a 32000x4096 bf16 table (ms, min / median)", "",
               "| threads | row lookup | decode whole table | dense torch lookup | speedup min | speedup median | "
               "lanes decoded (lane size) |", "|---|---|---|---|---|---|---|"]
@@ -242,6 +271,15 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_features() -> str:
+    """The CPU flags that decide who wins: native bf16 dot products (torch's dense path) and BMI2 (ours)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "flags unknown"
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bmi2"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -249,6 +287,9 @@ def main() -> None:
     ap.add_argument("--no-head", action="store_true", help="skip the 128256x4096 head (1 GB bf16)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--parts", nargs="+", default=["linear", "threshold", "embedding", "fp8"])
+    ap.add_argument("--mantissa-bits", type=int, nargs="+", default=[2, 0],
+                    help="symbols of the linear part: 2 (the default, smallest) and 0 (exponent only: codes of "
+                         "~3.7 bits, four per table lookup, fastest)")
     args = ap.parse_args()
     load = os.getloadavg()
     old = args.out / "lossless_kernels.json"
@@ -256,16 +297,18 @@ def main() -> None:
     if "linear" in args.parts:
         res["linear"] = []
         for i, shape in enumerate(SHAPES):
-            res["linear"] += bench_linear(shape, BATCHES, args.repeats, seed=i)
+            for k in args.mantissa_bits:
+                res["linear"] += bench_linear(shape, BATCHES, args.repeats, i, k)
         if not args.no_head:
-            res["linear"] += bench_linear(HEAD, BATCHES, args.head_repeats, seed=9)
+            for k in args.mantissa_bits:
+                res["linear"] += bench_linear(HEAD, BATCHES, args.head_repeats, 9, k)
     if "threshold" in args.parts:
         res["threshold"] = bench_threshold(args.repeats, seed=11)
     if "embedding" in args.parts:
         res["embedding"] = bench_embedding(args.repeats, seed=12)
     if "fp8" in args.parts:
         res["fp8"] = bench_fp8()
-    res.setdefault("runs", []).append(f"parts {' '.join(args.parts)}: " + (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs "
+    res.setdefault("runs", []).append(f"parts {' '.join(args.parts)}: " + (f"{platform.processor() or platform.machine()} ({cpu_features()}), {os.cpu_count()} cores shared with other jobs "
                       f"(load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end); torch "
                       f"{torch.__version__}, numba {numba.__version__} ({numba.threading_layer()}), "
                       f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {args.repeats} repeats "

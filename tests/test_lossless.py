@@ -176,6 +176,36 @@ def test_trained_weights_beat_the_exponent_bound() -> None:
     assert bits < bound, (bits, bound)  # joint sign/exponent/mantissa-top coding goes below it
 
 
+@pytest.mark.parametrize("mant", [0, 2])
+def test_multi_code_tables_match_the_one_code_table(mant: int) -> None:
+    """Every entry of both multi-code tables holds exactly the whole codes (at most 2 or 4) that a one-code
+    table decodes from its index bits, their bit count and their number (0: first code too long); the
+    exponent-only symbol takes the four-code table, the default symbol the pair table; both decode exactly."""
+    words = weights_like(60000, "bfloat16", seed=mant)
+    words[:6] = [0x7F80, 0xFFC1, 0x0001, 0x8000, 0x4700, 0x3F80]  # Inf, NaN, subnormal, -0, large: long codes
+    enc = C.encode(words, "bfloat16", lane_size=4096, sym_mant_bits=mant)
+    plan = E.validate(enc)
+    tmask = (1 << plan.table_bits) - 1
+    keep = ~((1 << plan.raw_bits) - 1) & 0xFFFF
+    for p_bits, max_codes, entry_type in (E.PAIR_TABLE, E.QUAD_TABLE):
+        table = E.multi_code_table(plan.lut, plan.table_bits, plan.raw_bits, p_bits, max_codes, entry_type)
+        assert table.dtype == entry_type and table.shape == (1 << p_bits,)
+        for idx in range(1 << p_bits):
+            used, got = 0, []
+            while len(got) < max_codes:
+                e = int(plan.lut[(idx >> used) & tmask])
+                if used + (e & 15) > p_bits:
+                    break
+                got.append(e & keep)
+                used += e & 15
+            entry = int(table[idx])
+            expect = sum(w << (16 * i) for i, w in enumerate(got)) | used | (len(got) << 16)
+            assert entry == expect, (p_bits, idx)
+    assert plan.multi_lut.dtype == (np.uint64 if mant == 0 else np.uint32)
+    assert E.codes_per_lookup(plan.multi_lut) > (2.5 if mant == 0 else 1.5)
+    assert np.array_equal(C.decode(enc), words)
+
+
 @pytest.mark.parametrize("raw_bits", [4, 5, 6, 7, 8, 9, 10])
 def test_raw_bit_passes_match_numpy(raw_bits: int) -> None:
     """Both raw-bit passes of the CPU decoder (shift-and-mask, and BMI2 pdep where this CPU has a fast one)

@@ -45,8 +45,9 @@ _INT_VIEW = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 #: a LosslessLinear forward on the CPU with at most this many rows (tokens) runs the fused decode + matmul
 #: kernel; above it, decode once and torch's dense F.linear. Measured (benchmarks/lossless_kernels.py, 2
 #: shared AVX2 cores, 4096x4096 bf16): the fused kernel beat decode + bf16 F.linear at every batch measured
-#: (1-256), because torch's bf16 GEMM on a CPU without native bf16 runs at ~10 GFLOP/s; on CPUs with
-#: AVX512-BF16/AMX the dense path wins earlier. It is the recommended ``fused_rows`` of the dfloat11 pass; the
+#: (1-256), because torch's bf16 GEMM on a CPU without native bf16 runs at ~10 GFLOP/s; on a Zen 4 with
+#: AVX512-BF16 the dense path wins from batch 4 on (fused / decode + dense: 0.87x at batch 1, 1.15x at 4), so
+#: use 1 there. It is the recommended ``fused_rows`` of the dfloat11 pass on AVX2-only CPUs; the
 #: default is 0 (never fused), so that outputs stay bit-identical to the uncompressed model.
 FUSED_MAX_ROWS = 256
 BUFFERS = tuple(E.FIELDS)
@@ -535,7 +536,8 @@ class DFloat11(Pass):
         #: weights with fewer elements are left as they are (side data would dominate)
         min_elements: int = Field(4096, ge=0)
         #: inputs of at most this many rows (tokens) run the fused decode + matmul kernel (faster, outputs equal
-        #: to F.linear up to float32 summation order); 0 keeps outputs bit-identical. Measured: 256 (FUSED_MAX_ROWS)
+        #: to F.linear up to float32 summation order); 0 keeps outputs bit-identical. Measured: 256 on AVX2-only
+        #: CPUs (FUSED_MAX_ROWS), 1 with native bf16 (AVX512-BF16); ``mantissa_bits: 0`` decodes faster
         fused_rows: int = Field(0, ge=0, le=1 << 20)
 
     compresses = True

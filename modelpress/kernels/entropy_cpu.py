@@ -4,13 +4,14 @@ Both run in parallel over blocks (``numba.prange``; set the thread count with ``
 
 Decoding a lane takes two passes over its output (see the format in :mod:`entropy`):
 
-1. *codes*: the code section is a pure prefix-code stream. For 16-bit words one lookup in a two-code table
-   (:func:`entropy.pair_table`, 16 KiB) resolves the next one or two codes and gives both output words with
-   their raw bits zero; both are written with one 32-bit store and the output index advances by one or two
-   (the second word is overwritten by the next lookup when only one code was resolved). A code longer than
-   the pair table's 12 bits falls back to the full one-code table. 64 stream bits are loaded per
-   ``57 // max code length`` lookups (one unaligned load and a shift), and a thread decodes the four lanes
-   of a block in lockstep (four independent dependency chains). 32-bit words use the one-code table.
+1. *codes*: the code section is a pure prefix-code stream. For 16-bit words one lookup in a multi-code table
+   (:func:`entropy.multi_table`, 16 KiB: up to two codes from 12 bits or up to four from 11 bits, whichever
+   resolves more per lookup for the tensor's code) gives the output words of the next codes with their raw
+   bits zero; they are written with one 64-bit store and the output index advances by their count (the
+   words past it are overwritten by the next lookup). A code longer than the table's index falls back to
+   the full one-code table. 64 stream bits are loaded per ``57 // max code length`` lookups
+   (one unaligned load and a shift), and a thread decodes the four lanes of a block in lockstep (four
+   independent dependency chains). 32-bit words use the one-code table.
 2. *raw bits*: the raw section holds ``R`` bits per weight at fixed offsets, so eight weights' raw bits are
    ``R`` bytes; they are spread to 16-bit lanes with shifts and masks and OR-ed into the output four words
    at a time, branch-free.
@@ -51,13 +52,15 @@ from numba.extending import intrinsic  # noqa: E402
 from ..errors import CorruptData  # noqa: E402
 from . import entropy as E  # noqa: E402
 
-_U1 = np.uint64(1)
 _U15 = np.uint64(15)
 _U16 = np.uint64(16)
 _U32 = np.uint64(32)
-_LONG = np.uint64(0x20000)
+_COUNT = np.uint64(0x70000)    # multi-code table entry: the number of codes (0: first code too long)
+_ONE_CODE = np.uint64(0x10000)
+_PAIR_MASK = np.uint64((1 << E.PAIR_TABLE[0]) - 1)   # index masks of the two multi-code tables
+_QUAD_MASK = np.uint64((1 << E.QUAD_TABLE[0]) - 1)
 #: a tensor is decoded in parallel only with at least this many blocks (64K weights each) per thread
-PARALLEL_MIN_BLOCKS_PER_THREAD = 8  # pair-table flag: the first code is longer than the pair table's index
+PARALLEL_MIN_BLOCKS_PER_THREAD = 8
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,14 +144,16 @@ def _fill(stream, p):
 
 
 @njit(cache=True, boundscheck=False)
-def _codes_pairs4(stream, p0, p1, p2, p3, o0, o1, o2, o3, n_out, pair, lut, tmask, out):
-    """Four lanes in lockstep with the 12-bit two-code table, four lookups per lane per 64-bit read (codes
-    of at most 14 bits); stops when a lane has fewer than 8 words left of its ``n_out`` or a read could
-    leave the stream. The words are written with their low ``R`` bits holding table fields; the raw pass
-    overwrites those bits. Returns the four bit positions and output indices reached."""
+def _codes_multi4(stream, p0, p1, p2, p3, o0, o1, o2, o3, n_out, multi, lut, tmask, out):
+    """Four lanes in lockstep with the 12-bit multi-code table (:func:`entropy.multi_table`): each lookup
+    writes its up to four words with one 64-bit store and advances the lane's output index by its count;
+    four lookups per lane per 64-bit read (codes of at most 14 bits). Stops when a lane has fewer than 16 words
+    left of its ``n_out`` or a read could leave the stream. The words are written with their low ``R`` bits
+    holding table fields; the raw pass overwrites those bits. Returns the four bit positions and output
+    indices reached."""
     pmax = (stream.shape[0] - 8) * 8
-    e0, e1, e2, e3 = o0 + n_out - 8, o1 + n_out - 8, o2 + n_out - 8, o3 + n_out - 8
-    pm = np.uint64((1 << E.PAIR_TABLE_MAX_BITS) - 1)
+    e0, e1, e2, e3 = o0 + n_out - 16, o1 + n_out - 16, o2 + n_out - 16, o3 + n_out - 16
+    pm = _PAIR_MASK if multi.itemsize == 4 else _QUAD_MASK  # compile-time constants
     m7 = ~np.int64(7)
     while o0 <= e0 and o1 <= e1 and o2 <= e2 and o3 <= e3 and max(max(p0, p1), max(p2, p3)) <= pmax:
         b0 = _fill(stream, p0)
@@ -156,30 +161,36 @@ def _codes_pairs4(stream, p0, p1, p2, p3, o0, o1, o2, o3, n_out, pair, lut, tmas
         b2 = _fill(stream, p2)
         b3 = _fill(stream, p3)
         for _ in range(4):
-            x0 = np.uint64(pair[b0 & pm])
-            x1 = np.uint64(pair[b1 & pm])
-            x2 = np.uint64(pair[b2 & pm])
-            x3 = np.uint64(pair[b3 & pm])
-            if x0 & _LONG:
-                x0 = np.uint64(lut[b0 & tmask])
-            if x1 & _LONG:
-                x1 = np.uint64(lut[b1 & tmask])
-            if x2 & _LONG:
-                x2 = np.uint64(lut[b2 & tmask])
-            if x3 & _LONG:
-                x3 = np.uint64(lut[b3 & tmask])
-            _store32(out, o0, x0)
-            _store32(out, o1, x1)
-            _store32(out, o2, x2)
-            _store32(out, o3, x3)
+            x0 = np.uint64(multi[b0 & pm])
+            if (x0 & _COUNT) == 0:  # the first code is longer than the table's bits (rare)
+                x0 = np.uint64(lut[b0 & tmask]) | _ONE_CODE
+            x1 = np.uint64(multi[b1 & pm])
+            if (x1 & _COUNT) == 0:
+                x1 = np.uint64(lut[b1 & tmask]) | _ONE_CODE
+            x2 = np.uint64(multi[b2 & pm])
+            if (x2 & _COUNT) == 0:
+                x2 = np.uint64(lut[b2 & tmask]) | _ONE_CODE
+            x3 = np.uint64(multi[b3 & pm])
+            if (x3 & _COUNT) == 0:
+                x3 = np.uint64(lut[b3 & tmask]) | _ONE_CODE
+            if multi.itemsize == 4:  # a pair table (fixed per compiled specialization)
+                _store32(out, o0, x0)
+                _store32(out, o1, x1)
+                _store32(out, o2, x2)
+                _store32(out, o3, x3)
+            else:
+                _store64(out, o0, x0)
+                _store64(out, o1, x1)
+                _store64(out, o2, x2)
+                _store64(out, o3, x3)
             b0 >>= x0 & _U15
             b1 >>= x1 & _U15
             b2 >>= x2 & _U15
             b3 >>= x3 & _U15
-            o0 += 1 + np.int64((x0 >> _U16) & _U1)
-            o1 += 1 + np.int64((x1 >> _U16) & _U1)
-            o2 += 1 + np.int64((x2 >> _U16) & _U1)
-            o3 += 1 + np.int64((x3 >> _U16) & _U1)
+            o0 += np.int64((x0 & _COUNT) >> _U16)
+            o1 += np.int64((x1 & _COUNT) >> _U16)
+            o2 += np.int64((x2 & _COUNT) >> _U16)
+            o3 += np.int64((x3 & _COUNT) >> _U16)
         p0 = (p0 & m7) + _clz64(b0)
         p1 = (p1 & m7) + _clz64(b1)
         p2 = (p2 & m7) + _clz64(b2)
@@ -188,20 +199,23 @@ def _codes_pairs4(stream, p0, p1, p2, p3, o0, o1, o2, o3, n_out, pair, lut, tmas
 
 
 @njit(cache=True, boundscheck=False)
-def _codes_pairs1(stream, p, o, o_end, pair, lut, tmask, out):
-    """One lane with the two-code table (what :func:`_codes_pairs4` leaves of a lane that is behind the
-    others); stops 8 words before ``o_end`` or when a read could leave the stream. Returns ``(p, o)``."""
+def _codes_multi1(stream, p, o, o_end, multi, lut, tmask, out):
+    """One lane with the multi-code table (what :func:`_codes_multi4` leaves of a lane that is behind the
+    others); stops 16 words before ``o_end`` or when a read could leave the stream. Returns ``(p, o)``."""
     pmax = (stream.shape[0] - 8) * 8
-    pm = np.uint64((1 << E.PAIR_TABLE_MAX_BITS) - 1)
-    while o <= o_end - 8 and p <= pmax:
+    pm = _PAIR_MASK if multi.itemsize == 4 else _QUAD_MASK  # compile-time constants
+    while o <= o_end - 16 and p <= pmax:
         b = _fill(stream, p)
         for _ in range(4):
-            x = np.uint64(pair[b & pm])
-            if x & _LONG:
-                x = np.uint64(lut[b & tmask])
-            _store32(out, o, x)
+            x = np.uint64(multi[b & pm])
+            if (x & _COUNT) == 0:  # the first code is longer than the table's bits
+                x = np.uint64(lut[b & tmask]) | _ONE_CODE
+            if multi.itemsize == 4:
+                _store32(out, o, x)
+            else:
+                _store64(out, o, x)
             b >>= x & _U15
-            o += 1 + np.int64((x >> _U16) & _U1)
+            o += np.int64((x & _COUNT) >> _U16)
         p = (p & ~np.int64(7)) + _clz64(b)
     return p, o
 
@@ -349,13 +363,14 @@ def _codes8_one_by_one(stream, p, o, o_end, lut, tmask, out):
 
 
 @njit(cache=True, boundscheck=False)
-def _finish_lane(k, p, o, done, count, stream, lane_start, lut, tmask, pair, raw_bits, steps, out, status):
+def _finish_lane(k, p, o, done, count, stream, lane_start, lut, tmask, multi, raw_bits, steps, out, status,
+                 with_raw=True):
     """Lane ``k`` whose first ``done`` codes are decoded (up to bit ``p``) into ``out[o:o + count]``: its other
-    codes (two-code table while far from the end, for codes of at most 14 bits, then one at a time with
-    clamped reads), the end check (``status[k] = 1`` when the codes do not end in the lane's last byte) and the
-    raw bits."""
+    codes (multi-code table while far from the end, for codes of at most 14 bits, then one at a time with
+    clamped reads), the end check (``status[k] = 1`` when the codes do not end in the lane's last byte) and,
+    ``with_raw``, the raw bits (the fused kernel merges them while widening instead)."""
     if out.itemsize == 2 and done == 0 and steps >= 4:
-        p, oo = _codes_pairs1(stream, p, o, o + count, pair, lut, tmask, out)
+        p, oo = _codes_multi1(stream, p, o, o + count, multi, lut, tmask, out)
         done = oo - o
     if out.itemsize == 1:
         p = _codes8_one_by_one(stream, p, o + done, o + count, lut, tmask, out)
@@ -364,6 +379,8 @@ def _finish_lane(k, p, o, done, count, stream, lane_start, lut, tmask, pair, raw
     end_bit = lane_start[k + 1] * 8
     if not end_bit - 8 < p <= end_bit:
         status[k] = 1
+    if not with_raw:
+        return
     if out.itemsize == 2:
         _raw16(stream, lane_start[k], o, count, raw_bits, out)
     elif out.itemsize == 4:
@@ -371,8 +388,8 @@ def _finish_lane(k, p, o, done, count, stream, lane_start, lut, tmask, pair, raw
 
 
 @njit(cache=True, boundscheck=False)
-def _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, out,
-                  status, base):
+def _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, out,
+                  status, base, with_raw=True):
     """Decode block ``b`` (weights from ``4 * b * lane_size``) into ``out`` at index ``weight - base``: its
     full lanes' codes in lockstep (``steps`` codes per 64-bit read), then every lane's remaining codes one by
     one, its end check and its raw bits. 8-bit words skip the lockstep loop."""
@@ -387,11 +404,11 @@ def _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pa
     if k_end - k0 == 4 and (k_end < n_lanes or n == n_lanes * lane_size) and out.itemsize > 1:
         o0 = k0 * lane_size - base
         if out.itemsize == 2 and steps >= 4:
-            r = _codes_pairs4(stream, ends[0], ends[1], ends[2], ends[3], o0, o0 + lane_size,
-                              o0 + 2 * lane_size, o0 + 3 * lane_size, lane_size, pair, lut, tmask, out)
+            r = _codes_multi4(stream, ends[0], ends[1], ends[2], ends[3], o0, o0 + lane_size,
+                              o0 + 2 * lane_size, o0 + 3 * lane_size, lane_size, multi, lut, tmask, out)
             for j in range(4):
                 o = o0 + j * lane_size
-                ends[j], o = _codes_pairs1(stream, r[j], r[4 + j], o + lane_size, pair, lut, tmask, out)
+                ends[j], o = _codes_multi1(stream, r[j], r[4 + j], o + lane_size, multi, lut, tmask, out)
                 done[j] = o - (o0 + j * lane_size)
         else:
             r = _codes_lockstep4(stream, ends[0], ends[1], ends[2], ends[3], o0, lane_size, lane_size, lut,
@@ -403,54 +420,54 @@ def _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pa
         k = k0 + j
         o = k * lane_size
         count = min(lane_size, n - o)
-        _finish_lane(k, ends[j], o - base, done[j], count, stream, lane_start, lut, tmask, pair, raw_bits, steps,
-                     out, status)
+        _finish_lane(k, ends[j], o - base, done[j], count, stream, lane_start, lut, tmask, multi, raw_bits, steps,
+                     out, status, with_raw)
 
 
 @njit(cache=True, parallel=True)
-def decode_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, out,
+def decode_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, out,
                   status):
     """Decode every block into ``out`` (uint8, uint16 or uint32), in parallel over blocks; ``status[k]`` != 0
     marks a lane whose codes do not end where its byte length says (corrupt data)."""
     for b in prange((lane_start.shape[0] + 2) // 4):
-        _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
+        _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
                       out, status, 0)
 
 
 @njit(cache=True)
-def decode_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
+def decode_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
                          out, status):
     """:func:`decode_kernel` on the calling thread only."""
     for b in range((lane_start.shape[0] + 2) // 4):
-        _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
+        _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
                       out, status, 0)
 
 
 @njit(cache=True, boundscheck=False)
-def _decode_lanes(j0, j1, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, lanes,
+def _decode_lanes(j0, j1, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, lanes,
                   out, status):
     for j in range(j0, j1):
         k = lanes[j]
         count = min(lane_size, n - k * lane_size)
         _finish_lane(k, (lane_start[k] + raw_bytes[k]) * 8, j * lane_size, 0, count, stream, lane_start, lut,
-                     tmask, pair, raw_bits, steps, out, status)
+                     tmask, multi, raw_bits, steps, out, status)
 
 
 @njit(cache=True, parallel=True)
-def decode_lanes_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, lanes,
+def decode_lanes_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, lanes,
                         out, status):
     """Decode only the lanes ``lanes`` (sorted, distinct), lane ``lanes[j]`` into ``out[j * lane_size:]``, in
     parallel over lanes (an embedding lookup: only the rows it reads)."""
     for j in prange(lanes.shape[0]):
-        _decode_lanes(j, j + 1, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
+        _decode_lanes(j, j + 1, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
                       lanes, out, status)
 
 
 @njit(cache=True)
-def decode_lanes_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
+def decode_lanes_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
                                lanes, out, status):
     """:func:`decode_lanes_kernel` on the calling thread only."""
-    _decode_lanes(0, lanes.shape[0], stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits,
+    _decode_lanes(0, lanes.shape[0], stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits,
                   steps, lanes, out, status)
 
 
@@ -478,19 +495,29 @@ def _ir_loop(builder, name: str) -> tuple:
     return pre, body, done, i
 
 
+def _widen_vector(builder, v, kind: int):
+    """Eight words (an LLVM ``<8 x i16>`` or ``<8 x i32>``) as ``<8 x float>``: bf16 zero-extended and shifted
+    left 16, fp16 by ``fpext`` from half (exact for subnormals, Inf and NaN), fp32 as is."""
+    vf = ir.VectorType(ir.FloatType(), 8)
+    if kind == 0:
+        return builder.bitcast(builder.shl(builder.zext(v, ir.VectorType(ir.IntType(32), 8)),
+                                           ir.Constant(ir.VectorType(ir.IntType(32), 8), [16] * 8)), vf)
+    if kind == 1:
+        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), vf)
+    return builder.bitcast(v, vf)
+
+
 def _widen_intrinsic(kind: int):
     """An intrinsic ``widen(buf, a, n_vec, row)``: ``row[:8 * n_vec]`` = the float32 values of the words
-    ``buf[a:a + 8 * n_vec]``, eight at a time as LLVM vectors (bf16: zero-extend and shift left 16; fp16:
-    ``fpext`` from half, exact for subnormals, Inf and NaN; fp32: a copy). A numba loop did not vectorize
-    (26 ms for a 4096x4096 bf16 weight, against 1.5 ms for the whole GEMV)."""
+    ``buf[a:a + 8 * n_vec]``, eight at a time as LLVM vectors (:func:`_widen_vector`). A numba loop did not
+    vectorize (26 ms for a 4096x4096 bf16 weight, against 1.5 ms for the whole GEMV)."""
     @intrinsic
     def widen(typingctx, buf, a, n_vec, row):
         sig = types.void(buf, a, n_vec, row)
 
         def codegen(context, builder, sig, args):
             i64 = ir.IntType(64)
-            word = ir.IntType(32 if kind == 2 else 16)
-            vw = ir.VectorType(word, 8)
+            vw = ir.VectorType(ir.IntType(32 if kind == 2 else 16), 8)
             vf = ir.VectorType(ir.FloatType(), 8)
             ba = context.make_array(sig.args[0])(context, builder, args[0])
             ra = context.make_array(sig.args[3])(context, builder, args[3])
@@ -500,13 +527,7 @@ def _widen_intrinsic(kind: int):
             off = builder.mul(i, ir.Constant(i64, 8))
             src = builder.gep(ba.data, [builder.add(args[1], off)])
             v = builder.load(builder.bitcast(src, vw.as_pointer()), align=2)
-            if kind == 0:
-                f = builder.bitcast(builder.shl(builder.zext(v, ir.VectorType(ir.IntType(32), 8)),
-                                                ir.Constant(ir.VectorType(ir.IntType(32), 8), [16] * 8)), vf)
-            elif kind == 1:
-                f = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), vf)
-            else:
-                f = builder.bitcast(v, vf)
+            f = _widen_vector(builder, v, kind)
             builder.store(f, builder.bitcast(builder.gep(ra.data, [off]), vf.as_pointer()), align=4)
             i.add_incoming(builder.add(i, ir.Constant(i64, 1)), builder.block)
             builder.branch(i.parent)
@@ -516,7 +537,66 @@ def _widen_intrinsic(kind: int):
     return widen
 
 
+def _widen_raw_intrinsic(kind: int):
+    """An intrinsic ``widen_raw(buf, a, n_vec, row, stream, at, raw_bits)`` for 16-bit words: as
+    ``widen`` (:func:`_widen_intrinsic`), but first sets the low ``R = raw_bits`` bits of every word to its raw
+    bits, read from the raw section at byte ``at`` (eight weights' raw bits are ``R`` bytes; each half is
+    spread to four 16-bit lanes with one BMI2 ``pdep``), so the fused kernel needs no separate raw pass over
+    its buffer. Only compiled where :func:`_fast_pdep` is true."""
+    @intrinsic
+    def widen_raw(typingctx, buf, a, n_vec, row, stream, at, raw_bits):
+        sig = types.void(buf, a, n_vec, row, stream, at, raw_bits)
+
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            c64 = lambda v: ir.Constant(i64, v)  # noqa: E731
+            vw = ir.VectorType(ir.IntType(16), 8)
+            vf = ir.VectorType(ir.FloatType(), 8)
+            ba = context.make_array(sig.args[0])(context, builder, args[0])
+            ra = context.make_array(sig.args[3])(context, builder, args[3])
+            sa = context.make_array(sig.args[4])(context, builder, args[4])
+            pdep = builder.module.declare_intrinsic("llvm.x86.bmi.pdep.64", fnty=ir.FunctionType(i64, [i64, i64]))
+            r = args[6]
+            f = builder.sub(builder.shl(c64(1), r), c64(1))                    # R ones
+            spread = f
+            for q in (16, 32, 48):
+                spread = builder.or_(spread, builder.shl(f, c64(q)))
+            keep = builder.xor(spread, c64(-1))
+            half = builder.udiv(r, c64(2))                                     # bytes to the second half
+            shift_hi = builder.sub(builder.mul(r, c64(4)), builder.mul(half, c64(8)))
+            _, body, done, i = _ir_loop(builder, "widen_raw")
+            builder.cbranch(builder.icmp_signed("<", i, args[2]), body, done)
+            builder.position_at_end(body)
+            off = builder.mul(i, c64(8))
+            rb = builder.add(args[5], builder.mul(i, r))
+
+            def load_raw(byte):
+                ptr = builder.bitcast(builder.gep(sa.data, [byte]), i64.as_pointer())
+                return builder.load(ptr, align=1)
+            lo = builder.call(pdep, [load_raw(rb), spread])
+            hi = builder.call(pdep, [builder.lshr(load_raw(builder.add(rb, half)), shift_hi), spread])
+            vk = ir.VectorType(i64, 2)
+            rv = builder.insert_element(builder.insert_element(ir.Constant(vk, None), lo, ir.Constant(ir.IntType(32), 0)),
+                                        hi, ir.Constant(ir.IntType(32), 1))
+            kv = builder.insert_element(builder.insert_element(ir.Constant(vk, None), keep, ir.Constant(ir.IntType(32), 0)),
+                                        keep, ir.Constant(ir.IntType(32), 1))
+            src = builder.gep(ba.data, [builder.add(args[1], off)])
+            v = builder.bitcast(builder.load(builder.bitcast(src, vw.as_pointer()), align=2), vk)
+            v = builder.bitcast(builder.or_(builder.and_(v, kv), rv), vw)
+            builder.store(_widen_vector(builder, v, kind), builder.bitcast(builder.gep(ra.data, [off]), vf.as_pointer()),
+                          align=4)
+            i.add_incoming(builder.add(i, c64(1)), builder.block)
+            builder.branch(i.parent)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+        return sig, codegen
+    return widen_raw
+
+
 _widen_bf16, _widen_f16, _widen_f32 = (_widen_intrinsic(k) for k in range(3))
+_widen_raw_bf16, _widen_raw_f16 = (_widen_raw_intrinsic(k) for k in range(2))
+#: whether the fused kernel merges the raw bits while widening (BMI2 ``pdep``) instead of a separate raw pass
+RAW_IN_WIDEN = _fast_pdep()
 
 
 @njit(cache=True, boundscheck=False)
@@ -530,6 +610,18 @@ def _widen_row(buf, a, k_len, kind, row):
         _widen_f16(buf, a, n_vec, row)
     else:
         _widen_f32(buf, a, n_vec, row)
+    for k in range(k_len, row.shape[0]):
+        row[k] = np.float32(0.0)
+
+
+@njit(cache=True, boundscheck=False)
+def _widen_raw_row(buf, a, k_len, kind, row, stream, at, raw_bits):
+    """:func:`_widen_row` for 16-bit words whose raw bits are not yet in ``buf`` (``k_len`` a multiple of 8, the
+    row's raw bits from byte ``at`` of the stream)."""
+    if kind == 0:
+        _widen_raw_bf16(buf, a, k_len // 8, row, stream, at, raw_bits)
+    else:
+        _widen_raw_f16(buf, a, k_len // 8, row, stream, at, raw_bits)
     for k in range(k_len, row.shape[0]):
         row[k] = np.float32(0.0)
 
@@ -587,39 +679,47 @@ def _dot(typingctx, r, x):
 
 
 @njit(cache=True, boundscheck=False)
-def _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, status, kind,
+def _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, status, kind,
                  k_len, x, bias, has_bias, y, buf, row):
     """Decode block ``b`` (whole rows: ``lane_size`` is a multiple of ``k_len``) into ``buf`` (a thread's own,
     ``4 * lane_size`` words: L2-sized) and multiply its rows with ``x`` right away: ``y[:, r]`` for its rows.
-    ``x`` and ``row`` are zero-padded to a multiple of 32 columns (the reference pads the same way)."""
+    ``x`` and ``row`` are zero-padded to a multiple of 32 columns (the reference pads the same way). With BMI2
+    (``RAW_IN_WIDEN``), 16-bit words and rows of a multiple of 8 weights (so every row's raw bits start on a
+    byte), the raw bits are merged while widening each row, not in a pass of their own."""
     base = 4 * b * lane_size
-    _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, buf, status,
-                  base)
+    merge = RAW_IN_WIDEN and kind < 2 and k_len % 8 == 0
+    _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, buf, status,
+                  base, not merge)
     end = min(n, base + 4 * lane_size)
     for r in range(base // k_len, end // k_len):
-        _widen_row(buf, r * k_len - base, k_len, kind, row)
+        if merge:
+            k = r * k_len // lane_size
+            at = lane_start[k] + (r * k_len - k * lane_size) * raw_bits // 8
+            _widen_raw_row(buf, r * k_len - base, k_len, kind, row, stream, at, raw_bits)
+        else:
+            _widen_row(buf, r * k_len - base, k_len, kind, row)
         for i in range(x.shape[0]):
             v = _dot(row, x[i])
             y[i, r] = v + bias[r] if has_bias else v
 
 
 @njit(cache=True, parallel=True)
-def fused_linear_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, status,
+def fused_linear_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, status,
                         kind, k_len, x, bias, has_bias, y, bufs, rows):
     """:func:`_fused_block` over all blocks, in parallel (``numba.prange``); thread ``t`` works in ``bufs[t]``
     and ``rows[t]`` (allocated once per call: nothing the size of the weight is written)."""
     for b in prange((lane_start.shape[0] + 2) // 4):
         t = numba.get_thread_id()
-        _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, status,
+        _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, status,
                      kind, k_len, x, bias, has_bias, y, bufs[t], rows[t])
 
 
 @njit(cache=True)
-def fused_linear_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps,
+def fused_linear_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
                                status, kind, k_len, x, bias, has_bias, y, bufs, rows):
     """:func:`fused_linear_kernel` on the calling thread only."""
     for b in range((lane_start.shape[0] + 2) // 4):
-        _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, pair, raw_bits, steps, status,
+        _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, status,
                      kind, k_len, x, bias, has_bias, y, bufs[0], rows[0])
 
 
@@ -785,7 +885,7 @@ def decode_plan(plan: E.Plan, out: np.ndarray | None = None, where: str = "lossl
 def _plan_args(plan: E.Plan) -> tuple:
     """The plan's arrays and constants in the order every decode kernel takes them."""
     return (plan.stream, plan.lane_start, plan.raw_bytes, plan.lane_size, plan.n, plan.lut,
-            np.uint64((1 << plan.table_bits) - 1), plan.pair_lut, plan.raw_bits, 57 // plan.table_bits)
+            np.uint64((1 << plan.table_bits) - 1), plan.multi_lut, plan.raw_bits, 57 // plan.table_bits)
 
 
 def _check_status(status: np.ndarray, where: str) -> None:
