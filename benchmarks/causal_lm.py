@@ -472,7 +472,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
              "Made by `python benchmarks/causal_lm.py` (one process per section below, merged with `--merge`):", ""]
     for p in parts:
         st = p["settings"]
-        lines.append(f"* sections {', '.join(st['sections'])}: seeds {st['seeds']}, {st['tokens']:,} tokens of "
+        only = f" (rows matching '{st['only']}')" if st.get("only") else ""
+        lines.append(f"* sections {', '.join(st['sections'])}{only}: seeds {st['seeds']}, {st['tokens']:,} tokens of "
                      f"pydocs-10/test for the base-model rows, BitDelta {st['steps']} steps, EvoPress "
                      f"{st['generations']} generations on a pool of {st['pool']}, {st['threads']} torch thread(s): "
                      f"{p['seconds']:.0f} s")
