@@ -1,4 +1,5 @@
-"""The zoo's causal LMs: pydocs-lm (trained from scratch on the pydocs corpus) and its domain fine-tune."""
+"""The zoo's causal LMs: pydocs-lm (trained from scratch on the pydocs corpus) and its two domain fine-tunes
+(a large delta and a small one), and the pydocs-choice questions."""
 from __future__ import annotations
 
 import collections
@@ -24,6 +25,11 @@ def finetune():
     return zoo.load("pydocs-lm-net")
 
 
+@pytest.fixture(scope="module")
+def small_finetune():
+    return zoo.load("pydocs-lm-conc")
+
+
 #: tokens scored per perplexity (the first of the dataset's stream): bf16 matmuls are slow on CPUs without
 #: bf16 arithmetic, and 16 windows of 128 tokens tell these models apart by far more than their noise
 TOKENS = 2048
@@ -44,16 +50,17 @@ def _unigram_perplexity(handle, train: str, test: str) -> float:
     return math.exp(-sum(math.log((counts[i] + 1) / total) for i in ids) / len(ids))
 
 
-def test_shipped_llama_checkpoint_in_bfloat16_with_its_tokenizer(base, finetune) -> None:
-    for h in (base, finetune):
+def test_shipped_llama_checkpoint_in_bfloat16_with_its_tokenizer(base, finetune, small_finetune) -> None:
+    for h in (base, finetune, small_finetune):
         assert h.kind == "causal-lm" and h.architecture["class"] == "LlamaForCausalLM"
         assert {p.dtype for p in h.module.parameters()} == {torch.bfloat16}
         m = h.module
         assert m.lm_head.weight is m.model.embed_tokens.weight  # tied, as in Llama-3.2-1B / Qwen2-0.5B
         assert 0.9e6 < sum(p.numel() for p in m.parameters()) < 1.2e6
         assert str(lm.WEIGHTS_DIR) in h.extras["tokenizer_dir"]
-    assert finetune.extras["base"] == "pydocs-lm"
+    assert finetune.extras["base"] == "pydocs-lm" and small_finetune.extras["base"] == "pydocs-lm"
     assert zoo.get("pydocs-lm-net").datasets["evaluation"] == "pydocs-internet/test"
+    assert zoo.get("pydocs-lm-conc").datasets["evaluation"] == "pydocs-concurrency/test"
 
 
 def test_pydocs_lm_learnt_more_than_token_frequencies(base) -> None:
@@ -102,3 +109,56 @@ def test_bitdelta_distils_in_float32_where_bf16_is_emulated_and_stores_bf16(base
     # the base weights inside the delta layers are the base's, bit for bit
     layer = next(n for n, m in result.model.named_modules() if hasattr(m, "alpha"))
     assert torch.equal(result.model.get_submodule(layer).weight, base.module.get_submodule(layer).weight)
+
+
+def test_the_two_finetunes_are_a_large_and_a_small_delta(base, finetune, small_finetune) -> None:
+    """||theta_ft - theta_base|| / ||theta_base||: 10.7% for the internet fine-tune, under 1% for the short,
+    low learning-rate concurrency one (as recorded in its zoo.json at build)."""
+    large = lm.delta_relative_norm(finetune.module, base.module)
+    small = lm.delta_relative_norm(small_finetune.module, base.module)
+    assert large > 0.05 and small < 0.01 and large > 10 * small, (large, small)
+    assert small_finetune.extras["build"]["delta_relative_norm"] == pytest.approx(small, abs=1e-5)
+
+
+def test_small_delta_finetune_gains_on_its_domain(base, small_finetune) -> None:
+    """Small, but a real fine-tune: better than its base on the held-out concurrency texts."""
+    data = "pydocs-concurrency/test"
+    assert _perplexity(small_finetune, data) < 0.97 * _perplexity(base, data)
+
+
+def test_choice_questions_continue_their_own_text() -> None:
+    """pydocs-choice: each question's right choice is the next words of the context's own text, the others the
+    same words of texts of other areas; answers balanced over the four positions; deterministic."""
+    from modelpress.zoo.text import docs_dataset
+
+    rows = lm.continuation_questions("test")
+    assert rows == lm.continuation_questions("test") and len(rows) > 500
+    texts = set(docs_dataset("test")[0])
+    for row in rows[:50]:
+        right = row["context"] + " " + row["choices"][row["answer"]]
+        assert any(" ".join(t.split()).startswith(right) for t in texts)
+        assert len(row["choices"]) == 4 and all(len(c.split()) == lm.CHOICE_WORDS for c in row["choices"])
+    counts = collections.Counter(r["answer"] for r in rows)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    assert load_dataset("pydocs-choice/test").first(3).choices == rows[:3]
+
+
+def test_zoo_lm_recipes_validate() -> None:
+    """recipes/zoo-lm/*.yaml (one per LLM method, what benchmarks/causal_lm.py runs) are complete recipes on
+    the zoo LMs: schema, passes, metrics and datasets."""
+    from pathlib import Path
+
+    import yaml
+
+    from modelpress.recipe import parse_recipe
+
+    files = sorted((Path(__file__).parent.parent / "recipes" / "zoo-lm").glob("*.yaml"))
+    methods = set()
+    for f in files:
+        loaded = parse_recipe(yaml.safe_load(f.read_text()), str(f))
+        assert loaded.recipe.model.source in lm.LMS, f
+        methods |= {p["type"] if isinstance(p, dict) else p.type for p in loaded.recipe.passes}
+        for m in loaded.recipe.evaluate:
+            if getattr(m, "dataset", None):
+                load_dataset(m.dataset)
+    assert methods >= {"dfloat11", "bitdelta", "delta_come", "dare", "darex", "evopress", "bnb"}

@@ -1,4 +1,4 @@
-"""Causal language models of the zoo: ``pydocs-lm`` and its fine-tune ``pydocs-lm-net``.
+"""Causal language models of the zoo: ``pydocs-lm`` and its fine-tunes ``pydocs-lm-net`` and ``pydocs-lm-conc``.
 
 Five of the methods (DFloat11, BitDelta, Delta-CoMe, DARE / DAREx, EvoPress) were published on decoder-only
 LLMs. These two are the smallest real ones we can ship: Llama-architecture models (grouped-query attention,
@@ -9,7 +9,11 @@ own documentation, :mod:`modelpress.zoo.text`) with a byte-level BPE tokenizer t
 * ``pydocs-lm``: trained on every area's ``train`` texts.
 * ``pydocs-lm-net``: ``pydocs-lm`` (as shipped, in bfloat16) fine-tuned on the ``internet`` area's ``train``
   texts (sockets, HTTP, email, URLs): a domain fine-tune whose delta the delta methods compress; its gain is
-  measured as perplexity on the area's ``test`` texts (dataset ``pydocs-internet/test``).
+  measured as perplexity on the area's ``test`` texts (dataset ``pydocs-internet/test``). Its delta is
+  *large*: 10.7% of the base's weight norm.
+* ``pydocs-lm-conc``: ``pydocs-lm`` fine-tuned briefly, at a tenth of the learning rate, on the
+  ``concurrency`` area (threads, processes, asyncio, queues): a *small* delta (about 1% of the weight norm, the
+  order of a chat or instruction fine-tune of a 7B model) with a smaller gain on its area.
 
 Both are committed under ``zoo/weights/`` (``modelpress zoo build pydocs-lm`` retrains them into the cache;
 training records, the perplexities included, are in each directory's ``zoo.json`` and docs/zoo-lm.md). They
@@ -34,6 +38,7 @@ from .text import DOCS_LABELS, DOCS_SPLITS, docs_dataset, docs_fingerprint
 
 EOS = "<|endoftext|>"
 DOMAIN = "internet"
+SMALL_DOMAIN = "concurrency"
 TRAIN_THREADS = 1
 
 
@@ -55,6 +60,7 @@ class LMSettings:
 LMS: dict[str, LMSettings] = {
     "pydocs-lm": LMSettings(lr=3e-3, epochs=6),
     "pydocs-lm-net": LMSettings(lr=1e-3, epochs=4, area=DOMAIN, init="pydocs-lm"),
+    "pydocs-lm-conc": LMSettings(lr=1e-4, epochs=2, area=SMALL_DOMAIN, init="pydocs-lm"),
 }
 
 #: Llama-architecture shape: 4 layers, hidden 128, 4 query / 2 key-value heads, tied embeddings
@@ -75,18 +81,62 @@ def area_texts(split: str, area: str | None = None) -> list[str]:
     return [t for t, lab in zip(texts, labels) if lab == want]
 
 
-def _area_split(split: str):  # noqa: ANN202 - a Dataset loader
+def _area_split(area: str, split: str):  # noqa: ANN202 - a Dataset loader
     def load():  # noqa: ANN202
-        return finite(f"pydocs-{DOMAIN}/{split}", {"text"}, texts=area_texts(split, DOMAIN))
+        return finite(f"pydocs-{area}/{split}", {"text"}, texts=area_texts(split, area))
     return load
 
 
-for _split in DOCS_SPLITS:
-    register_dataset(f"pydocs-{DOMAIN}/{_split}", _area_split(_split))
+for _area in (DOMAIN, SMALL_DOMAIN):
+    for _split in DOCS_SPLITS:
+        register_dataset(f"pydocs-{_area}/{_split}", _area_split(_area, _split))
 
 LM_DATASETS = {"calibration": "pydocs-10/train", "evaluation": "pydocs-10/test", "validation": "pydocs-10/val"}
-DOMAIN_DATASETS = {"calibration": f"pydocs-{DOMAIN}/train", "evaluation": f"pydocs-{DOMAIN}/test",
-                   "validation": f"pydocs-{DOMAIN}/val"}
+
+#: words of a docs text in a question's context, and in each choice (the next words of a text)
+CHOICE_WORDS = 12
+CHOICES = 4
+
+
+def continuation_questions(split: str) -> list[dict]:
+    """Multiple-choice continuation questions (``choice_accuracy``'s rows) from the pydocs ``split`` texts: the
+    context is a text's first :data:`CHOICE_WORDS` words; the choices are its own next :data:`CHOICE_WORDS`
+    words and the same words of three texts *of three other docs areas* (the next text of each of the next
+    three areas, cyclically), the right one at position ``i % 4`` of the question's index ``i``: every choice
+    has as many words, and a model that follows the context's topic and wording finds the right one. Texts of
+    fewer than twice :data:`CHOICE_WORDS` words are left out. Deterministic (the split's own order)."""
+    texts, labels = docs_dataset(split)
+    by_area: dict[int, list[list[str]]] = {}
+    for t, lab in zip(texts, labels):
+        words = t.split()
+        if len(words) >= 2 * CHOICE_WORDS:
+            by_area.setdefault(lab, []).append(words)
+    areas = sorted(by_area)
+    rows: list[dict] = []
+    for a, lab in enumerate(areas):
+        for j, words in enumerate(by_area[lab]):
+            others = [by_area[areas[(a + k) % len(areas)]] for k in range(1, CHOICES)]
+            ends = [" ".join(o[j % len(o)][CHOICE_WORDS:2 * CHOICE_WORDS]) for o in others]
+            answer = len(rows) % CHOICES
+            ends.insert(answer, " ".join(words[CHOICE_WORDS:2 * CHOICE_WORDS]))
+            rows.append({"context": " ".join(words[:CHOICE_WORDS]), "choices": ends, "answer": answer})
+    return rows
+
+
+def _choice_split(split: str):  # noqa: ANN202 - a Dataset loader
+    def load():  # noqa: ANN202
+        return finite(f"pydocs-choice/{split}", {"choices"}, choices=continuation_questions(split))
+    return load
+
+
+for _split in ("val", "test"):
+    register_dataset(f"pydocs-choice/{_split}", _choice_split(_split))
+
+
+def area_datasets(area: str) -> dict[str, str]:
+    """The datasets of a fine-tune on one docs area, by role."""
+    return {"calibration": f"pydocs-{area}/train", "evaluation": f"pydocs-{area}/test",
+            "validation": f"pydocs-{area}/val"}
 
 
 def train_tokenizer(directory: Path) -> None:
@@ -144,6 +194,16 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     return math.exp(nll / count)
 
 
+@torch.no_grad()
+def delta_relative_norm(model: torch.nn.Module, base: torch.nn.Module) -> float:
+    """``||theta_ft - theta_base|| / ||theta_base||`` over all parameters (fp32): how far a fine-tune moved."""
+    num = den = 0.0
+    for p, q in zip(model.parameters(), base.parameters()):
+        num += float((p.float() - q.float()).pow(2).sum())
+        den += float(q.float().pow(2).sum())
+    return math.sqrt(num / den)
+
+
 def _train(model: torch.nn.Module, windows: torch.Tensor, s: LMSettings, label: str) -> None:
     """AdamW with linear warm-up and cosine decay over ``s.epochs`` shuffled passes over the windows."""
     from .. import console
@@ -188,7 +248,9 @@ def build(name: str, force: bool = False, directory: Path | None = None,
                 if f.name.startswith(("tokenizer", "special_tokens")):
                     shutil.copy2(f, tmp / f.name)
             model = load_checkpoint(init_dir, kind="causal-lm").module.float()
+            init_model = load_checkpoint(init_dir, kind="causal-lm").module
         else:
+            init_model = None
             train_tokenizer(tmp)
             model = _new_model(s.seed)
         windows = {split: token_windows(tmp, area_texts(split, s.area), s.window) for split in DOCS_SPLITS}
@@ -200,14 +262,18 @@ def build(name: str, force: bool = False, directory: Path | None = None,
         model = model.to(torch.bfloat16)
         model.save_pretrained(str(tmp), safe_serialization=True)
         test_all = token_windows(tmp, area_texts("test"), s.window)
-        test_domain = token_windows(tmp, area_texts("test", DOMAIN), s.window)
+        areas = [DOMAIN] + ([s.area] if s.area and s.area != DOMAIN else [])
+        test_areas = {a: token_windows(tmp, area_texts("test", a), s.window) for a in areas}
         record = {"name": name, "settings": asdict(s), "architecture": ARCHITECTURE, "dataset": docs_fingerprint(),
                   "parameters": sum(p.numel() for p in model.parameters()), "train_windows": len(windows["train"]),
                   "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
                   "torch": torch.__version__, "threads": TRAIN_THREADS,
                   "bf16_perplexity": {"val": round(perplexity(model, windows["val"]), 3),
                                       "test": round(perplexity(model, test_all), 3),
-                                      f"test_{DOMAIN}": round(perplexity(model, test_domain), 3)}}
+                                      **{f"test_{a}": round(perplexity(model, w), 3)
+                                         for a, w in test_areas.items()}}}
+        if init_model is not None:
+            record["delta_relative_norm"] = round(delta_relative_norm(model, init_model), 5)
         (tmp / "zoo.json").write_text(json.dumps(record, indent=2))
         log(f"{name}: {json.dumps(record['bf16_perplexity'])} in {seconds:.0f} s")
     finally:
@@ -239,6 +305,10 @@ register(ZooEntry("pydocs-lm", "causal-lm",
                   "Llama-architecture LM (1.0M parameters, bf16) trained from scratch on the pydocs corpus",
                   lambda: load("pydocs-lm"), lambda force=False: build("pydocs-lm", force), LM_DATASETS))
 register(ZooEntry("pydocs-lm-net", "causal-lm",
-                  f"pydocs-lm fine-tuned on the docs' '{DOMAIN}' area (a domain delta; base: pydocs-lm)",
+                  f"pydocs-lm fine-tuned on the docs' '{DOMAIN}' area (a large domain delta; base: pydocs-lm)",
                   lambda: load("pydocs-lm-net"), lambda force=False: build("pydocs-lm-net", force),
-                  DOMAIN_DATASETS))
+                  area_datasets(DOMAIN)))
+register(ZooEntry("pydocs-lm-conc", "causal-lm",
+                  f"pydocs-lm fine-tuned briefly on the docs' '{SMALL_DOMAIN}' area (a small delta; base: pydocs-lm)",
+                  lambda: load("pydocs-lm-conc"), lambda force=False: build("pydocs-lm-conc", force),
+                  area_datasets(SMALL_DOMAIN)))
