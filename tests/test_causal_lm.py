@@ -368,6 +368,10 @@ def test_delta_passes_run_on_a_causal_lm(llm: dict[str, Path], method: dict) -> 
     _same_logits(model, art, model)
     assert report["metrics"]["perplexity"]["compressed"] > 1
     assert "delta" in report
+    # what the method does not compress stays the fine-tune's (as BitDelta): the embeddings by default
+    ft, base = load_checkpoint(llm["llama-ft"]).module, load_checkpoint(llm["llama"]).module
+    assert not torch.equal(ft.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert torch.equal(art.module.get_input_embeddings().weight, ft.get_input_embeddings().weight)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

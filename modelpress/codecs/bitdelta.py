@@ -37,7 +37,7 @@ from ..model import ModelHandle
 from ..modules import register_module
 from ..passes import Context, Pass, in_model_order, register_pass
 from ..quant.primitives import pack_signs, unpack_signs
-from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, handle_other_tensors,
+from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, calibration_batches, handle_other_tensors,
                     match_linear_layers, model_outputs, output_head_path, output_mse, replace_module,
                     require_base)
 
@@ -144,9 +144,6 @@ class BitDeltaPass(Pass):
     needs_base = True
 
     class Config(DeltaConfig):
-        embeddings: TensorOption | None = Field(
-            None, description="keep the fine-tune's embeddings or revert them to the base; default: keep for "
-                              "causal LMs (BitDelta Sec. 3 keeps them in full precision), base otherwise")
         lm_head: Literal["keep", "compress"] | None = Field(
             None, description="a causal LM's output head: keep the fine-tune's at full precision (default, "
                               "BitDelta Sec. 3) or 1-bit compress its delta like the blocks' layers")
@@ -196,7 +193,7 @@ class BitDeltaPass(Pass):
         cfg = self.config
         student = model.module.eval()
         causal = model.kind == "causal-lm"
-        embeddings = cfg.embeddings or ("keep" if causal else "base")
+        embeddings = cfg.embeddings_for(model.kind)
         skip = list(cfg.skip)
         head = output_head_path(student) if causal and (cfg.lm_head or "keep") == "keep" else None
         if head:

@@ -47,7 +47,7 @@ from ..modules import register_module
 from ..passes import Context, Pass, in_model_order, register_pass
 from ..quant.primitives import pack_signs, unpack_signs
 from ..sources import load_dataset
-from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, TensorOption, calibration_batches, collect_input_hessians,
+from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, calibration_batches, collect_input_hessians,
                     handle_other_tensors, match_linear_layers, model_outputs, output_change,
                     replace_module, require_base)
 
@@ -255,7 +255,7 @@ class DarePass(_DareBase):
                copy_base: bool) -> tuple[ModelHandle, dict[str, Any]]:
         cfg = self.config
         student, layers = self._compress(unit, ctx, cfg.p, "random", {}, cfg.skip, base, first_layer, copy_base)
-        other = handle_other_tensors(student, base, cfg.embeddings, cfg.norms, cfg.biases)
+        other = handle_other_tensors(student, base, cfg.embeddings_for(unit.kind), cfg.norms, cfg.biases)
         set_q(student, 1.0 - cfg.p)
         return unit.replace_module(student), {"layers": len(layers), **other}
 
@@ -301,7 +301,7 @@ class DarexPass(_DareBase):
             hessians = collect_input_hessians(model, layers0, batches, ctx, desc="darex input statistics")
         teacher = ctx.original(model) if cfg.q_mode == "unlabelled" else None  # the fine-tune's outputs
         student, layers = self._compress(model, ctx, cfg.p, cfg.prune, hessians, cfg.skip)
-        other = handle_other_tensors(student, ctx.base.module, cfg.embeddings, cfg.norms, cfg.biases)
+        other = handle_other_tensors(student, ctx.base.module, cfg.embeddings_for(model.kind), cfg.norms, cfg.biases)
         record: dict[str, Any] = {}
         if cfg.q_mode == "fixed":
             set_q(student, float(cfg.q))

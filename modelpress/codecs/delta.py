@@ -39,10 +39,17 @@ class DeltaConfig(PassConfig):
     deltas (``keep`` the fine-tune's, or revert to the ``base``'s and store nothing), and module-path
     substrings left uncompressed."""
 
-    embeddings: TensorOption = "base"
+    embeddings: TensorOption | None = Field(
+        None, description="keep the fine-tune's embeddings or revert them to the base; default: keep on causal LMs "
+                          "(the LLM papers keep what they do not compress at full precision, BitDelta Sec. 3), base "
+                          "otherwise")
     norms: TensorOption = "keep"
     biases: TensorOption = "keep"
     skip: list[str] = Field(default_factory=list, description="module-path substrings left uncompressed")
+
+    def embeddings_for(self, kind: str) -> TensorOption:
+        """The ``embeddings`` option, its default resolved for a model of ``kind``."""
+        return self.embeddings or ("keep" if kind == "causal-lm" else "base")
 
 
 # ---------------------------------------------------------------------------------------------------

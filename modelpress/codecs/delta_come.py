@@ -232,7 +232,7 @@ class DeltaCoMePass(Pass):
                                           ctx.setting(cfg, "batch_size"), ctx.setting(cfg, "seq_len"), offset=23)
             hessians = collect_input_hessians(model.replace_module(student), layers, batches, ctx,
                                               desc="delta_come hessians")
-        other = handle_other_tensors(student, base.module, cfg.embeddings, cfg.norms, cfg.biases)
+        other = handle_other_tensors(student, base.module, cfg.embeddings_for(model.kind), cfg.norms, cfg.biases)
         alloc = {}
         for layer in ctx.progress(layers, desc="delta_come layers"):
             mod = compress_delta(layer, hessians.get(layer.name), cfg.groups, cfg.budget_bits, cfg.group_size,
