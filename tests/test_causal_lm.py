@@ -415,7 +415,7 @@ def test_cli_run_writes_the_report(llm: dict[str, Path]) -> None:
     assert report["metrics"]["perplexity"]["compressed"] == report["metrics"]["perplexity"]["reference"]
     # the ONNX graph (the KV-cache graph, called with an empty cache) scores like the torch model
     onnx = report["exports"]["onnx"]
-    assert onnx["max_abs_err"] < 1e-4 and onnx["metrics"]["top1_agreement"] == 1.0
+    assert onnx["kv_cache"] and onnx["max_abs_err"] < 1e-4 and onnx["metrics"]["top1_agreement"] == 1.0
     assert onnx["metrics"]["perplexity"] == pytest.approx(report["metrics"]["perplexity"]["reference"], rel=1e-5)
     assert report["metrics"]["perplexity"]["details"]["window"] == 64  # 128 capped at max_position_embeddings
 
@@ -461,6 +461,14 @@ def test_pydocs_lm_through_optimum_generates_like_torch(tmp_path: Path) -> None:
     runtime = load_exported(path, h)
     assert "position_ids" in runtime.feeds.all and runtime.feeds.past
     _generates_like_torch(runtime, h.replace_module(h.module.float()))
+
+
+def test_gpt2_optimum_kv_graph_generates_like_torch(llm: dict[str, Path], tmp_path: Path) -> None:
+    """GPT-2 (Conv1D layers, learned positions) through optimum-onnx's text-generation-with-past graph."""
+    h = load_checkpoint(llm["gpt2"])
+    runtime = load_exported(export_model(h, ExportSpec(format="onnx", exporter="optimum"), tmp_path), h)
+    assert runtime.feeds.past
+    _generates_like_torch(runtime, h)
 
 
 def test_int4_weight_kv_graph_is_smaller_and_its_cache_is_exact(llm: dict[str, Path], tmp_path: Path) -> None:
