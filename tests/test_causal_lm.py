@@ -19,11 +19,14 @@ from modelpress.cli import main
 from modelpress.data import open_dataset
 from modelpress.data.inputs import tokenize, tokenizer_for
 from modelpress.errors import UserError
+from modelpress.exporters import ExportSpec, export_model, exported_info, load_exported
+from modelpress.exporters.kv import greedy_tokens, kv_input_names
 from modelpress.metrics import EvalContext, evaluate
 from modelpress.metrics.report import build_report
 from modelpress.model import cast_weights, example_inputs, load_checkpoint
 from modelpress.pipeline import compress
 from modelpress.recipe import load_recipe
+from modelpress.sources import load_model
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 NOUNS = ["cat", "dog", "bird", "fox", "horse", "child", "teacher", "farmer"]
@@ -431,11 +434,95 @@ def test_cli_run_writes_the_report(llm: dict[str, Path]) -> None:
     report = json.loads((llm["root"] / "runs" / "cli-df11" / "report.json").read_text())
     assert report["metrics"]["top1_agreement"]["compressed"] == 1.0  # float32 coded: exactly lossless
     assert report["metrics"]["perplexity"]["compressed"] == report["metrics"]["perplexity"]["reference"]
-    # the ONNX graph (no KV cache: the whole window per call) scores like the torch model
+    # the ONNX graph (the KV-cache graph, called with an empty cache) scores like the torch model
     onnx = report["exports"]["onnx"]
-    assert onnx["max_abs_err"] < 1e-4 and onnx["metrics"]["top1_agreement"] == 1.0
+    assert onnx["kv_cache"] and onnx["max_abs_err"] < 1e-4 and onnx["metrics"]["top1_agreement"] == 1.0
     assert onnx["metrics"]["perplexity"] == pytest.approx(report["metrics"]["perplexity"]["reference"], rel=1e-5)
     assert report["metrics"]["perplexity"]["details"]["window"] == 64  # 128 capped at max_position_embeddings
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exports with a KV cache: scored and generating in ONNX Runtime like torch
+
+NEW_TOKENS = 16
+
+
+def _prompts(handle, n: int = 3, length: int = 8) -> torch.Tensor:
+    vocab = handle.architecture["config"]["vocab_size"]
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(5))
+
+
+def _generates_like_torch(runtime, torch_handle) -> None:
+    """Greedy generation through the export's cache = torch's greedy generation (whole sequence per token)."""
+    prompts = _prompts(torch_handle)
+    want = greedy_tokens(torch_handle.canonical(), prompts, NEW_TOKENS)
+    assert torch.equal(runtime.generate(prompts, NEW_TOKENS), want)
+
+
+def test_onnx_default_is_the_kv_cache_graph_and_generates_like_torch(llm: dict[str, Path], tmp_path: Path) -> None:
+    h = load_checkpoint(llm["llama"])
+    path = export_model(h, ExportSpec(format="onnx"), tmp_path)
+    info = exported_info(path)
+    assert info["kv_cache"] and info["input_names"] == kv_input_names(2)
+    runtime = load_exported(path, h)
+    assert runtime.names == ["input_ids", "attention_mask"] and len(runtime.feeds.past) == 4
+    # with an empty cache it is the canonical call, right padding included (compared at the real tokens)
+    ids, mask = example_inputs(h, batch=2, seq_len=20)
+    mask[1, 12:] = 0
+    real = mask.bool()
+    assert float((runtime(ids, mask) - _logits(h, ids, mask))[real].abs().max()) < 1e-4
+    _generates_like_torch(runtime, h)
+
+
+def test_pydocs_lm_through_optimum_generates_like_torch(tmp_path: Path) -> None:
+    """The zoo LM (bf16) as optimum-onnx's text-generation-with-past graph (it takes position_ids too): greedy
+    generation matches torch on the weights the file holds (bf16 -> fp32 is exact)."""
+    h = load_model("pydocs-lm")
+    path = export_model(h, ExportSpec(format="onnx", exporter="optimum"), tmp_path)
+    runtime = load_exported(path, h)
+    assert "position_ids" in runtime.feeds.all and runtime.feeds.past
+    _generates_like_torch(runtime, h.replace_module(h.module.float()))
+
+
+def test_gpt2_optimum_kv_graph_generates_like_torch(llm: dict[str, Path], tmp_path: Path) -> None:
+    """GPT-2 (Conv1D layers, learned positions) through optimum-onnx's text-generation-with-past graph."""
+    h = load_checkpoint(llm["gpt2"])
+    runtime = load_exported(export_model(h, ExportSpec(format="onnx", exporter="optimum"), tmp_path), h)
+    assert runtime.feeds.past
+    _generates_like_torch(runtime, h)
+
+
+def test_int4_weight_kv_graph_is_smaller_and_its_cache_is_exact(llm: dict[str, Path], tmp_path: Path) -> None:
+    """MatMulNBits on the KV-cache graph: integer weights, a smaller file, and generating through the cache
+    gives what the same file gives recomputing the whole sequence per token."""
+    h = load_checkpoint(llm["llama"])
+    fp32 = export_model(h, ExportSpec(format="onnx", exporter="optimum"), tmp_path)
+    int4 = export_model(h, ExportSpec(format="onnx", exporter="optimum", quantize="int4-weight"), tmp_path)
+    assert exported_info(int4)["op_counts"].get("MatMulNBits", 0) == 7 * 2 + 1  # + lm_head
+    assert int4.stat().st_size < fp32.stat().st_size
+    runtime, prompts = load_exported(int4, h), _prompts(h)
+    assert torch.equal(runtime.generate(prompts, NEW_TOKENS), greedy_tokens(runtime, prompts, NEW_TOKENS))
+
+
+@pytest.mark.slow
+def test_pte_static_kv_cache_scores_and_generates_like_torch(llm: dict[str, Path], tmp_path: Path) -> None:
+    """ExecuTorch's static-cache program (~1-3 minutes of lowering): the canonical call row by row from
+    position 0, and greedy generation one token per call, as torch."""
+    h = load_checkpoint(llm["llama"])
+    path = export_model(h, ExportSpec(format="pte", kv_cache=True), tmp_path)
+    info = exported_info(path)
+    assert path.name == "model-kv.pte" and info["kv_cache"] and info["max_cache_len"] == 64
+    runtime = load_exported(path, h)
+    ids, mask = example_inputs(h, batch=2, seq_len=20)
+    assert float((runtime(ids, mask) - _logits(h, ids, mask)).abs().max()) < 1e-4
+    _generates_like_torch(runtime, h)
+
+
+@pytest.mark.slow
+def test_pydocs_lm_default_onnx_generates_like_torch(tmp_path: Path) -> None:
+    h = load_model("pydocs-lm")
+    runtime = load_exported(export_model(h, ExportSpec(format="onnx"), tmp_path), h)
+    _generates_like_torch(runtime, h.replace_module(h.module.float()))
 
 
 # ---------------------------------------------------------------------------------------------------

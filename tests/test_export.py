@@ -88,8 +88,26 @@ def test_spec_is_strict_and_file_names_are_distinct() -> None:
     specs = [ExportSpec(format="onnx"), ExportSpec(format="onnx", quantize="int8"),
              ExportSpec(format="onnx", quantize="int8", activations="static"),
              ExportSpec(format="onnx", quantize="int4-weight"), ExportSpec(format="onnx", exporter="optimum"),
-             ExportSpec(format="onnx", dynamic=False)]
+             ExportSpec(format="onnx", dynamic=False), ExportSpec(format="onnx", kv_cache=False)]
     assert len({s.file_stem() for s in specs}) == len(specs)
+    assert ExportSpec(format="pte").file_stem() != ExportSpec(format="pte", kv_cache=True).file_stem()
+
+
+def test_kv_cache_is_for_causal_lms_in_onnx_and_ort() -> None:
+    with pytest.raises(Exception, match="float only"):
+        ExportSpec(format="pte", kv_cache=True, quantize="int8")
+    with pytest.raises(Exception, match="variable shapes"):
+        ExportSpec(format="onnx", kv_cache=True, dynamic=False)
+    assert ExportSpec(format="onnx", kv_cache=True).refusal("classifier") == \
+        "kv_cache: true exports causal LMs, not a classifier model"
+    assert ExportSpec(format="onnx").refusal("classifier") is None  # unset: the canonical graph
+    uses = {(f, kv): ExportSpec(format=f, kv_cache=kv).uses_kv_cache("causal-lm")
+            for f in ("onnx", "ort", "pte") for kv in (None, True, False)}
+    assert uses == {("onnx", None): True, ("ort", None): True, ("pte", None): False,
+                    ("onnx", True): True, ("ort", True): True, ("pte", True): True,
+                    ("onnx", False): False, ("ort", False): False, ("pte", False): False}
+    assert not ExportSpec(format="onnx").uses_kv_cache("encoder")
+    assert not ExportSpec(format="onnx", dynamic=False).uses_kv_cache("causal-lm")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,7 +148,8 @@ def test_optimum_exporter_for_transformers_models(tmp_path: Path) -> None:
     path = export_model(h, ExportSpec(format="onnx", exporter="optimum"), tmp_path)
     assert path.name == "model-optimum.onnx"
     rt = load_exported(path, h)
-    assert rt.extra == {"token_type_ids": "input_ids"}  # optimum's extra input is filled with zeros
+    # optimum's extra input is filled with zeros
+    assert "token_type_ids" in rt.feeds.all and rt.names == ["input_ids", "attention_mask"]
     assert max_err(rt, h, batch=3, seq_len=20) < 1e-5
     with pytest.raises(UserError, match="transformers text models"):
         export_model(tiny_unet(), ExportSpec(format="onnx", exporter="optimum"), tmp_path)
@@ -210,8 +229,7 @@ def test_qdq_activation_matches_numpy_reference() -> None:
 def test_calibrated_quantizers_become_a_qdq_graph(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from modelpress.exporters.onnx import feeds_for
-    from modelpress.exporters.runtime import OnnxRuntimeModule
+    from modelpress.exporters.runtime import GraphFeeds, OnnxRuntimeModule
 
     h = calibrated_quant_bert()
     path = export_model(h, ExportSpec(format="onnx", quantize="int8"), tmp_path)
@@ -231,7 +249,7 @@ def test_calibrated_quantizers_become_a_qdq_graph(tmp_path: Path) -> None:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    got = sess.run(None, feeds_for(["input_ids", "attention_mask"], inputs, {}))[0]
+    got = sess.run(None, GraphFeeds([(i.name, i.shape) for i in sess.get_inputs()])(inputs))[0]
     assert np.abs(got - want.numpy()).max() < 1e-4
     # ... and ONNX Runtime's fused integer kernels stay within the quantization noise
     fused = OnnxRuntimeModule(path, h.kind)(*inputs)

@@ -53,6 +53,10 @@ class ExportSpec(BaseModel):
     #: export a variable batch size (and sequence length for text); off gives fixed shapes, which the
     #: runtime wrapper fills by padding and chunking
     dynamic: bool = True
+    #: causal LMs: the KV-cache graph (past keys / values in, present ones out), which generates token by token
+    #: and, with an empty cache, is the canonical call. Unset: on for onnx / ort (variable shapes), off for pte
+    #: (its KV-cache program has a static cache of one sequence; ``kv_cache: true`` asks for it)
+    kv_cache: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ExportSpec":
@@ -63,13 +67,26 @@ class ExportSpec(BaseModel):
         if self.format == "pte" and self.quantize in ("int8-weight", "int4-weight"):
             raise ValueError(f"quantize: {self.quantize} is not available for pte (the XNNPACK delegate has no "
                              "weight-only kernels); use quantize: int8 with activations: dynamic")
+        if self.kv_cache and self.format == "pte" and self.quantize != "none":
+            raise ValueError("kv_cache: true for pte is float only (the static-cache program is not quantized); "
+                             "drop quantize or kv_cache")
+        if self.kv_cache and not self.dynamic:
+            raise ValueError("kv_cache: true needs variable shapes (the cache grows); drop dynamic: false")
         return self
+
+    def uses_kv_cache(self, kind: str) -> bool:
+        """Whether a ``kind`` model is exported as the KV-cache graph (:mod:`modelpress.exporters.kv`)."""
+        if kind != "causal-lm" or not self.dynamic:
+            return False
+        return bool(self.kv_cache) if self.format == "pte" else self.kv_cache is not False
 
     def refusal(self, kind: str) -> str | None:
         """Why this export cannot carry a model of ``kind`` (``None`` when it can): the exporters take the kinds
         whose canonical inputs they name (:data:`modelpress.exporters.common.INPUT_NAMES`)."""
         from .common import INPUT_NAMES
 
+        if self.kv_cache and kind != "causal-lm":
+            return f"kv_cache: true exports causal LMs, not a {kind} model"
         if kind in INPUT_NAMES:
             return None
         return f"{self.format} export of a {kind} model is not built yet; export {', '.join(INPUT_NAMES)} models"
@@ -85,6 +102,10 @@ class ExportSpec(BaseModel):
                 parts.append(self.activations)
         if not self.dynamic:
             parts.append("static-shape")
+        if self.kv_cache is False:
+            parts.append("no-kv")
+        if self.kv_cache and self.format == "pte":
+            parts.append("kv")
         return "-".join(parts)
 
 

@@ -39,7 +39,9 @@ from ..model import ModelHandle
 from . import ExportSpec, register_exporter
 from .common import (INPUT_NAMES, OUTPUT_NAMES, TEXT_KINDS, as_list, export_error, export_program, scratch_dir,
                      trace_inputs, traceable, write_info)
+from .kv import KVCacheLM, cache_layout, kv_dynamic_shapes, kv_input_names, kv_output_names, kv_trace_inputs
 from .qdq import has_calibrated_quant, qdq_module
+from .runtime import GraphFeeds
 
 
 @register_exporter("onnx")
@@ -62,15 +64,20 @@ def build_onnx(handle: ModelHandle, spec: ExportSpec, tmp: Path, calibration: An
                             "input_names": list(INPUT_NAMES[handle.kind])}
     float_path = tmp / "float.onnx"
     calibrated = has_calibrated_quant(handle.module)
+    kv = info["kv_cache"] = spec.uses_kv_cache(handle.kind)
     if spec.exporter == "optimum":
         if calibrated:
             raise UserError("exporter: optimum cannot express the model's quantized modules; use exporter: dynamo",
                             handle.architecture.get("class"))
-        export_optimum(handle, float_path, spec.opset)
+        export_optimum(handle, float_path, spec.opset, kv)
+    elif kv:
+        module = qdq_module(handle.module) if calibrated else handle.module
+        export_kv_dynamo(handle, module, float_path, spec.opset)
     else:
         module = qdq_module(handle.module) if calibrated else handle.module
         info["dynamic_bounds"] = export_dynamo(handle, module, float_path, spec.opset, spec.dynamic)
     info["float_size_bytes"] = float_path.stat().st_size
+    info["input_names"] = graph_feeds(float_path).all
     path = float_path
     if calibrated:
         info["quantization"] = "qdq from the model's calibrated quantizers"
@@ -97,16 +104,38 @@ def export_dynamo(handle: ModelHandle, module: nn.Module, path: Path, opset: int
     program = None
     try:
         program, bounds = export_program(wrapper, inputs, handle, dynamic)
-        onnx_program = torch.onnx.export(program, inputs, dynamo=True, input_names=list(INPUT_NAMES[handle.kind]),
-                                         output_names=[OUTPUT_NAMES[handle.kind]], opset_version=opset,
-                                         optimize=True, verbose=False, report=False)
+        translate(program, inputs, list(INPUT_NAMES[handle.kind]), [OUTPUT_NAMES[handle.kind]], path, opset)
     except UserError:
         raise
     except Exception as exc:
         raise export_error(exc, "ONNX", handle, program) from None
+    return bounds
+
+
+def export_kv_dynamo(handle: ModelHandle, module: nn.Module, path: Path, opset: int) -> None:
+    """The KV-cache graph of a causal LM (:class:`~modelpress.exporters.kv.KVCacheLM`), variable batch, new
+    tokens and cached tokens, via ``torch.export`` and ``torch.onnx.export(dynamo=True)``."""
+    layout = cache_layout(module)
+    wrapper = KVCacheLM(module, len(layout)).eval()
+    inputs = kv_trace_inputs(handle, layout)
+    program = None
+    try:
+        program = torch.export.export(wrapper, inputs, dynamic_shapes=kv_dynamic_shapes(handle, len(layout)),
+                                      strict=False)
+        translate(program, inputs, kv_input_names(len(layout)), kv_output_names(len(layout)), path, opset)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise export_error(exc, "ONNX (KV cache)", handle, program) from None
+
+
+def translate(program: Any, inputs: tuple[Any, ...], input_names: list[str], output_names: list[str], path: Path,
+              opset: int) -> None:
+    """An exported program to an ONNX file (one file, debug metadata stripped)."""
+    onnx_program = torch.onnx.export(program, inputs, dynamo=True, input_names=input_names, output_names=output_names,
+                                     opset_version=opset, optimize=True, verbose=False, report=False)
     onnx_program.save(str(path), external_data=False)
     strip_debug_metadata(path)
-    return bounds
 
 
 #: node metadata torch.onnx writes that we keep: the module scope (it names the module in error messages)
@@ -129,20 +158,23 @@ def strip_debug_metadata(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-_OPTIMUM_TASKS = {"classifier": "text-classification", "encoder": "feature-extraction"}
+_OPTIMUM_TASKS = {"classifier": "text-classification", "encoder": "feature-extraction",
+                  "causal-lm": "text-generation"}
 
 
-def export_optimum(handle: ModelHandle, path: Path, opset: int) -> None:
+def export_optimum(handle: ModelHandle, path: Path, opset: int, kv_cache: bool = False) -> None:
     """optimum-onnx's exporter (transformers models only); its inputs keep their transformers names
-    (``token_type_ids`` included), which the runtime wrapper fills."""
+    (``token_type_ids``, ``position_ids`` included), which the runtime wrapper fills. A causal LM with
+    ``kv_cache`` is optimum's ``text-generation-with-past`` graph."""
     if handle.kind not in _OPTIMUM_TASKS or handle.architecture.get("library") != "transformers":
         raise UserError(f"exporter: optimum exports transformers text models, not a {handle.kind} "
                         f"({handle.architecture.get('class')}); use exporter: dynamo")
     from optimum.exporters.onnx import onnx_export_from_model
 
     out = path.parent / "optimum"
+    task = _OPTIMUM_TASKS[handle.kind] + ("-with-past" if kv_cache else "")
     try:
-        onnx_export_from_model(handle.module, output=out, task=_OPTIMUM_TASKS[handle.kind], opset=opset,
+        onnx_export_from_model(handle.module, output=out, task=task, opset=opset,
                                do_validation=False, no_post_process=True)
     except Exception as exc:
         raise export_error(exc, "ONNX (optimum)", handle) from None
@@ -164,8 +196,8 @@ _STATIC_OPS = ["Conv", "MatMul", "Gemm", "Gather"]
 class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over canonical input tuples."""
 
-    def __init__(self, batches: list[tuple[torch.Tensor, ...]], names: list[str], extra: dict[str, str]) -> None:
-        self._feeds = [feeds_for(names, b, extra) for b in batches]
+    def __init__(self, batches: list[tuple[torch.Tensor, ...]], feeds: GraphFeeds) -> None:
+        self._feeds = [feeds(b) for b in batches]
         self._i = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -178,28 +210,15 @@ class _Reader:
         self._i = 0
 
 
-def feeds_for(names: list[str], args: tuple[torch.Tensor, ...], extra: dict[str, str]) -> dict[str, np.ndarray]:
-    """Map canonical positional inputs to an ONNX feed; ``extra`` inputs (``token_type_ids``) get zeros."""
-    feeds = {}
-    for name, arr in zip(names, args):
-        a = arr.detach().cpu().numpy()
-        feeds[name] = a.astype(np.int64) if a.dtype.kind in "iu" else a.astype(np.float32)
-    for name, like in extra.items():
-        feeds[name] = np.zeros_like(feeds[like])
-    return feeds
-
-
-def graph_inputs(path: Path) -> tuple[list[str], dict[str, str]]:
-    """The graph's canonical inputs in order, plus extra inputs and the canonical input they mirror."""
+def graph_feeds(path: Path) -> GraphFeeds:
+    """How to feed the graph at ``path`` from canonical inputs (its non-initializer inputs and their shapes)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    names = [i.name for i in model.graph.input]
     init = {i.name for i in model.graph.initializer}
-    names = [n for n in names if n not in init]
-    canonical = [n for n in names if n != "token_type_ids"]
-    extra = {"token_type_ids": "input_ids"} if "token_type_ids" in names else {}
-    return canonical, extra
+    return GraphFeeds([(i.name, [d.dim_value if d.HasField("dim_value") else d.dim_param
+                                 for d in i.type.tensor_type.shape.dim])
+                       for i in model.graph.input if i.name not in init])
 
 
 def _preprocess(src: Path, dst: Path) -> Path:
@@ -241,8 +260,7 @@ def ort_quantize_int8(src: Path, tmp: Path, handle: ModelHandle, spec: ExportSpe
             quantize_dynamic(str(model), str(out), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul", "Gather", "Gemm"])
             return
-        names, extra = graph_inputs(model)
-        quantize_static(str(model), str(out), _Reader(batches, names, extra), quant_format=QuantFormat.QDQ,
+        quantize_static(str(model), str(out), _Reader(batches, graph_feeds(model)), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=_STATIC_OPS, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                         reduce_range=handle.kind not in TEXT_KINDS,

@@ -13,6 +13,10 @@ exactly to ONNX / ORT (QDQ), and the float model goes to ``.pte`` with ``quantiz
 ``to_edge_transform_and_lower`` hands every subgraph XNNPACK supports to it; the rest runs on ExecuTorch's
 portable kernels. The sidecar JSON records how many
 operators were delegated and which were not.
+
+A causal LM with ``kv_cache: true`` becomes a static-cache program (:func:`~modelpress.exporters.kv.static_cache_program`):
+``(input_ids, cache_position) -> logits`` for one sequence, the cache kept in the program's mutable buffers
+between calls, so :meth:`~modelpress.exporters.runtime.ExecuTorchModule.generate` runs one token per call.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from ..model import ModelHandle
 from . import ExportSpec, register_exporter
 from .common import (INPUT_NAMES, TEXT_KINDS, as_list, atomic_path, export_error, export_program, trace_inputs, traceable,
                      write_info)
+from .kv import static_cache_program
 from ..quant.layers import PTE_REFUSAL
 from .qdq import has_calibrated_quant
 
@@ -118,7 +123,11 @@ def export_pte(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration
     wrapper = traceable(handle)
     program = None
     try:
-        if spec.quantize == "int8":
+        if spec.uses_kv_cache(handle.kind):
+            program, length = static_cache_program(handle, handle.module)
+            info.update(kv_cache=True, max_cache_len=length, input_names=["input_ids", "cache_position"],
+                        input_shapes=[[1, length], [length]], dynamic_bounds={"batch": [1, 1], "seq": [1, length]})
+        elif spec.quantize == "int8":
             mode = "dynamic" if spec.activations == "dynamic" else "static"
             batches = as_list(calibration, handle, spec.calibration_batches) if mode == "static" else []
             skipped = small_layers(wrapper) + float_modules(wrapper)
@@ -127,8 +136,8 @@ def export_pte(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration
                                     + (f" calibrated on {len(batches)} batches" if batches else ""))
             info["float_layers"] = {"reason": f"weights under {MIN_QUANT_ELEMENTS} elements, or timestep embedding",
                                     "names": [re.sub(r"^(inner\.)+", "", n) for n in skipped]}
-        program, bounds = export_program(wrapper, inputs, handle, dynamic, PTE_CAPS)
-        info["dynamic_bounds"] = bounds
+        if program is None:
+            program, info["dynamic_bounds"] = export_program(wrapper, inputs, handle, dynamic, PTE_CAPS)
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         info.update(delegation_summary(edge.exported_program()))
         et_program = edge.to_executorch()

@@ -146,7 +146,7 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
         report["delta"] = delta_size_report(model.module, base.module)
 
     if exports:
-        from ..exporters import export_model, load_exported
+        from ..exporters import export_model, exported_info, load_exported
 
         export_dir = staging / "exports"
         export_dir.mkdir(exist_ok=True)
@@ -159,6 +159,7 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
             key = spec.format if spec.format not in report["exports"] else f"{spec.format}-{len(report['exports'])}"
             entry: dict[str, Any] = {"path": str(path.relative_to(staging)), "size_bytes": path.stat().st_size,
                                      "spec": spec.model_dump(mode="json"),
+                                     "kv_cache": bool(exported_info(path).get("kv_cache")),
                                      "max_abs_err": _max_abs_err(torch_model, runtime, model)}
             results = _run_metrics(runtime, model, reference, metrics, seed, show_progress, datasets)
             entry["metrics"] = {n: r.value for n, r in results.items()}
