@@ -54,9 +54,9 @@ their version-3 bytes.
 Version 5 (integer codes only; what integer codes are written in now) lets one word hold ``k`` consecutive
 ``b``-bit codes, ``k`` in 1, 2, 4, 8 with ``k b <= 8``: word ``j`` is ``sum_i code[j k + i] << (i b)``, i.e. the
 ``k b``-bit fields of the packed code stream, the last word zero-filled past the last code. ``header[10]``
-holds ``k`` (for floats it is the row length). An order-0 code of pairs is an order-1 code of the codes: it
-follows the joint distribution of neighbours (same channel, same scale) and halves both Huffman's per-symbol
-rounding loss and the number of symbols to decode. The encoder (:func:`modelpress.quant.coded.encode_codes`)
+holds ``k`` (for floats it is the row length). An order-0 code of pairs follows the joint distribution of
+neighbouring codes (same channel, same scale), so it can go below the codes' own order-0 entropy, and it
+halves both Huffman's per-symbol rounding loss (per code) and the number of symbols to decode. The encoder (:func:`modelpress.quant.coded.encode_codes`)
 keeps the ``k`` with the fewest bytes; version 4 (``k = 1``, ``header[10] = 0``) is still read.
 
 The meta crc covers the header's first eleven fields, the codebook and the lane lengths. Everything is
