@@ -29,6 +29,7 @@ import torch
 from ..errors import CorruptData
 from ..kernels import bitpack
 from ..kernels import entropy as E
+from .primitives import packed_bytes
 
 #: the torch dtype of each tensor of an encoding (:data:`modelpress.kernels.entropy.FIELDS`)
 FIELD_DTYPES: dict[str, torch.dtype] = {k: torch.from_numpy(np.zeros(0, dt)).dtype for k, dt in E.FIELDS.items()}
@@ -82,11 +83,6 @@ def encode_codes(codes: np.ndarray, bits: int, lane_size: int = 16384, max_code_
     return best
 
 
-def packed_bytes(bits: int, count: int) -> int:
-    """Bytes of the packed stream of ``count`` codes of ``bits`` bits."""
-    return -(-count * bits // 8)
-
-
 def decode_packed(enc: E.Encoded, bits: int, count: int, where: str) -> np.ndarray:
     """Validate ``enc`` (header, codebook, lane table, crc32 of every block, the words' width and count against
     ``count`` codes of ``bits`` bits) and decode it with the numba kernel into the packed code stream
@@ -106,7 +102,7 @@ def decode_packed(enc: E.Encoded, bits: int, count: int, where: str) -> np.ndarr
     tail = count - (plan.n - 1) * k
     if plan.n and int(words[-1]) >> (tail * bits):
         raise CorruptData(f"the last word holds codes past the {count} the layer has", where)
-    return bitpack.pack_codes(words, k * bits)[:packed_bytes(bits, count)]
+    return bitpack.pack_codes(words, k * bits)[:packed_bytes(count, bits)]
 
 
 def code_histogram(codes: np.ndarray) -> np.ndarray:
