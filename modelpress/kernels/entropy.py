@@ -51,6 +51,14 @@ fp8 words are (``S = 8``, ``R = 0``): an order-0 Huffman code of the code values
 Compression (Han et al., ICLR 2016, Sec. 4). Only integer data is written as version 4, so float tensors keep
 their version-3 bytes.
 
+Version 5 (integer codes only; what integer codes are written in now) lets one word hold ``k`` consecutive
+``b``-bit codes, ``k`` in 1, 2, 4, 8 with ``k b <= 8``: word ``j`` is ``sum_i code[j k + i] << (i b)``, i.e. the
+``k b``-bit fields of the packed code stream, the last word zero-filled past the last code. ``header[10]``
+holds ``k`` (for floats it is the row length). An order-0 code of pairs follows the joint distribution of
+neighbouring codes (same channel, same scale), so it can go below the codes' own order-0 entropy, and it
+halves both Huffman's per-symbol rounding loss (per code) and the number of symbols to decode. The encoder (:func:`modelpress.quant.coded.encode_codes`)
+keeps the ``k`` with the fewest bytes; version 4 (``k = 1``, ``header[10] = 0``) is still read.
+
 The meta crc covers the header's first eleven fields, the codebook and the lane lengths. Everything is
 validated here, in numpy, before any kernel runs (:func:`validate`); the kernels also clamp their reads.
 """
@@ -65,10 +73,15 @@ from ..errors import CorruptData
 
 MAGIC = 0x4D50_4C4C  # "MPLL"
 VERSION = 3
-#: the version integer codes are written in (the first that has them)
-INT_VERSION = 4
-#: versions this module reads (2: no row length, no fp8; 3: header[10] = row length, fp8 dtypes; 4: integer codes)
-READABLE_VERSIONS = (2, 3, 4)
+#: the version integer codes are written in (5: ``header[10]`` = codes per word)
+INT_VERSION = 5
+#: the first version with integer codes (one code per word)
+FIRST_INT_VERSION = 4
+#: versions this module reads (2: no row length, no fp8; 3: header[10] = row length, fp8 dtypes; 4: integer
+#: codes, one per word; 5: integer codes, header[10] = codes per word)
+READABLE_VERSIONS = (2, 3, 4, 5)
+#: how many integer codes one word may hold (version 5)
+CODES_PER_WORD = (1, 2, 4, 8)
 LANES_PER_BLOCK = 4
 PAD_BYTES = 16
 MAX_CODE_LEN = 15
@@ -131,6 +144,7 @@ class Plan:
     stream64: np.ndarray       # uint64 view of the stream
     multi_lut: np.ndarray      # multi-code table, uint32 or uint64 (16-bit words; a dummy otherwise)
     row_len: int = 0           # weights per row when every lane holds whole rows (version 3), else 0
+    codes_per_word: int = 1    # integer codes held by one word (version 5; 1 before)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,14 +425,20 @@ def format_version(dtype: str) -> int:
 
 
 def assemble(dtype: str, n: int, lane_size: int, sym_bits: int, lengths: np.ndarray, lane_nbytes: np.ndarray,
-             body: np.ndarray, row_len: int = 0, version: int | None = None) -> Encoded:
+             body: np.ndarray, row_len: int = 0, version: int | None = None, codes_per_word: int = 1) -> Encoded:
     """Wrap an encoded body (the lanes back to back, without padding) into the container (``version``: default
-    :func:`format_version`; 2 only for tests of old artifacts: no row length, no fp8)."""
+    :func:`format_version`; 2 and 4 only for tests of old artifacts: 2 has no row length and no fp8, 4 one
+    integer code per word). ``codes_per_word``: integer codes per word (version 5, kept in ``header[10]``)."""
     version = format_version(dtype) if version is None else version
     if version == 2 and (row_len or DTYPES[dtype][1] == 8):
         raise ValueError("format version 2 has no row length and no fp8")
-    if dtype in INT_DTYPES and version < INT_VERSION:
-        raise ValueError(f"integer codes need format version {INT_VERSION}")
+    if (dtype in INT_DTYPES) != (version >= FIRST_INT_VERSION):
+        raise ValueError(f"integer codes, and only they, are written in format version {FIRST_INT_VERSION} or later")
+    if dtype in INT_DTYPES:
+        if row_len or codes_per_word not in (CODES_PER_WORD if version > FIRST_INT_VERSION else (1,)):
+            raise ValueError(f"integer codes have no row length and 1, 2, 4 or 8 codes per word (1 in version "
+                             f"{FIRST_INT_VERSION}), got {row_len} and {codes_per_word}")
+        row_len = codes_per_word if version > FIRST_INT_VERSION else 0
     codebook, bounds = pack_codebook(lengths)
     total = body.shape[0]
     stream = np.zeros(-(-total // 8) * 8 + PAD_BYTES, dtype=np.uint8)
@@ -455,13 +475,20 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
     code, n, lane_size, sym_bits = (int(x) for x in h[2:6])
     bounds = [int(x) for x in h[6:10]]
     row_len = int(h[10])
-    if code not in _DTYPE_BY_CODE or (version == 2 and code > 2) or (version < INT_VERSION and
+    if code not in _DTYPE_BY_CODE or (version == 2 and code > 2) or (version < FIRST_INT_VERSION and
                                                                      _DTYPE_BY_CODE[code] in INT_DTYPES):
         raise bad(f"unknown dtype code {code}")
     dtype = _DTYPE_BY_CODE[code]
     _, word_bits, exp_bits = DTYPES[dtype]
     if n < 0 or lane_size < 1 or lane_size > (1 << 24):
         raise bad(f"bad element count {n} or lane size {lane_size}")
+    codes_per_word = 1
+    if version > FIRST_INT_VERSION and dtype in INT_DTYPES:   # header[10]: codes per word, not a row length
+        codes_per_word, row_len = row_len, 0
+        if codes_per_word not in CODES_PER_WORD:
+            raise bad(f"bad number of codes per word {codes_per_word}")
+    elif version > FIRST_INT_VERSION:
+        raise bad(f"format version {version} holds integer codes only")
     if row_len < 0 or (version == 2 and row_len) or (row_len and (lane_size % row_len or n % row_len)):
         raise bad(f"bad row length {row_len} for lanes of {lane_size} and {n} weights")
     if not (sym_bits == 8 if word_bits == 8 else exp_bits + 1 <= sym_bits <= word_bits - 4):
@@ -495,6 +522,8 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
         raise bad(f"stream is {enc.stream.shape[0]} bytes, the lane table implies "
                   f"{-(-total // 8) * 8 + PAD_BYTES} (truncated or padded)")
     if verify_checksums:
+        if enc.stream[total:].any():  # the padding no block checksum covers: zero, as written
+            raise bad("the stream's padding after its last lane is not zero")
         crcs = block_checksums(enc.stream, lane_start)
         wrong = np.nonzero(crcs != enc.checksums)[0]
         if wrong.size:
@@ -506,14 +535,15 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
         multi_lut = np.zeros(1, np.uint32)
     stream = enc.stream if enc.stream.flags.c_contiguous else np.ascontiguousarray(enc.stream)
     return Plan(dtype, n, word_bits, sym_bits, raw_bits, lane_size, lengths, lut, table_bits, lane_start,
-                lane_count, raw_bytes, stream, stream.view(np.uint64), multi_lut, row_len)
+                lane_count, raw_bytes, stream, stream.view(np.uint64), multi_lut, row_len, codes_per_word)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Plain numpy / Python reference codec (slow; the kernels are tested bit-exactly against it).
 
 def encode_reference(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_mant_bits: int = 2,
-                     max_len: int = 14, row_len: int = 0, version: int | None = None) -> Encoded:
+                     max_len: int = 14, row_len: int = 0, version: int | None = None,
+                     codes_per_word: int = 1) -> Encoded:
     """Encode ``words`` (the raw bit patterns, uint8, uint16 or uint32) with numpy only."""
     _, word_bits, _ = DTYPES[dtype]
     words = np.ascontiguousarray(words.reshape(-1)).view(WORD_DTYPE[word_bits])
@@ -532,7 +562,8 @@ def encode_reference(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_
         pieces += [raw_part, code_part]
         nbytes.append(raw_part.shape[0] + code_part.shape[0])
     body = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
-    return assemble(dtype, n, lane_size, sym_bits, lengths, np.array(nbytes, dtype=np.int64), body, row_len, version)
+    return assemble(dtype, n, lane_size, sym_bits, lengths, np.array(nbytes, dtype=np.int64), body, row_len, version,
+                    codes_per_word)
 
 
 def _pack_lsb_first(values: np.ndarray, widths: np.ndarray) -> np.ndarray:

@@ -830,10 +830,12 @@ def symbol_counts(words: np.ndarray, word_bits: int, sym_bits: int) -> np.ndarra
 
 
 def encode(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_mant_bits: int = 2,
-           max_len: int = 14, counts: np.ndarray | None = None, row_len: int = 0) -> E.Encoded:
-    """Encode raw float bit patterns (``words``: uint8 for fp8, uint16 for bf16/fp16, uint32 for fp32);
-    ``counts`` (the symbol histogram, from :func:`symbol_counts`) is computed when not given. ``row_len``
-    (a divisor of ``lane_size``) records that every lane holds whole rows of that length (format version 3)."""
+           max_len: int = 14, counts: np.ndarray | None = None, row_len: int = 0,
+           codes_per_word: int = 1) -> E.Encoded:
+    """Encode raw float bit patterns (``words``: uint8 for fp8, uint16 for bf16/fp16, uint32 for fp32) or
+    integer codes (``uint8``: ``codes_per_word`` codes per word, format version 5); ``counts`` (the symbol
+    histogram, from :func:`symbol_counts`) is computed when not given. ``row_len`` (a divisor of ``lane_size``)
+    records that every lane holds whole rows of that length (format version 3)."""
     _, word_bits, _ = E.DTYPES[dtype]
     words = np.ascontiguousarray(words.reshape(-1)).view(E.WORD_DTYPE[word_bits])
     sym_bits = E.symbol_bits(dtype, sym_mant_bits, max_len)
@@ -854,7 +856,7 @@ def encode(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_mant_bits:
     body = np.zeros(int(lane_start[-1]), dtype=np.uint8)
     if n:
         encode_kernel(words, lane_size, lengths64, rcodes, raw_bits, lane_start, raw_bytes, body)
-    return E.assemble(dtype, n, lane_size, sym_bits, lengths, nbytes, body, row_len)
+    return E.assemble(dtype, n, lane_size, sym_bits, lengths, nbytes, body, row_len, codes_per_word=codes_per_word)
 
 
 # ---------------------------------------------------------------------------------------------------

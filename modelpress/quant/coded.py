@@ -4,8 +4,9 @@ Deep Compression (Han, Mao, Dally, ICLR 2016, Sec. 4) ends with Huffman coding o
 their values are far from uniform (trained weights are bell-shaped, so the middle codes dominate), and an
 order-0 code of them saves 20-30% losslessly. Here the codec is the one of the ``dfloat11`` pass
 (:mod:`modelpress.kernels.entropy`: canonical Huffman with package-merge length limit, lanes, crc32 per block,
-everything validated before a kernel runs), fed with the codes unpacked to one byte each (container format
-version 4, dtype ``uint8``).
+everything validated before a kernel runs), fed with the codes as bytes: one code per byte, or two (four,
+eight) narrow codes per byte where that is smaller (container format version 5, dtype ``uint8``; version 4,
+one code per byte, is still read).
 
 :class:`EntropyCodedCodes` is the mixin of every compressed module that stores ``b``-bit codes as packed bit
 streams (:func:`~modelpress.quant.primitives.pack_codes`): :class:`~modelpress.quant.packed.PackedWeight`
@@ -15,7 +16,7 @@ factors. A module lists its code streams in :meth:`~EntropyCodedCodes.code_buffe
 below the packed bytes) by the five tensors of its encoding, ``<name>_ec_<field>``, and keeps the packed stream
 as a non-persistent buffer: the layer computes from the same packed codes as before (outputs bit-identical),
 and the artifact stores only the encoding. Loading decodes every encoding with the numba kernel of
-:mod:`modelpress.kernels.entropy_cpu` and packs the codes with :mod:`modelpress.kernels.bitpack` (checksums,
+:mod:`modelpress.kernels.entropy_cpu` and packs the words with :mod:`modelpress.kernels.bitpack` (checksums,
 code values and count checked first).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from ..errors import CorruptData
 from ..kernels import bitpack
 from ..kernels import entropy as E
+from .primitives import packed_bytes
 
 #: the torch dtype of each tensor of an encoding (:data:`modelpress.kernels.entropy.FIELDS`)
 FIELD_DTYPES: dict[str, torch.dtype] = {k: torch.from_numpy(np.zeros(0, dt)).dtype for k, dt in E.FIELDS.items()}
@@ -43,25 +45,64 @@ def encoding_pays(coded_bytes: int, plain_bytes: int) -> bool:
     return coded_bytes + (len(E.FIELDS) - 1) * TENSOR_ENTRY_BYTES < plain_bytes
 
 
-def encode_codes(codes: np.ndarray, lane_size: int = 16384, max_code_length: int = 14) -> E.Encoded:
-    """Encode unsigned integer codes (values below 256, any shape, flattened) with the lossless codec."""
+def codes_per_word_choices(bits: int) -> tuple[int, ...]:
+    """How many ``bits``-bit codes one coded symbol may hold: 1, 2, 4 or 8, as long as they fit in a byte
+    (so pairs for 2- to 4-bit codes, up to eight 1-bit codes, single 5- to 8-bit codes)."""
+    return tuple(k for k in E.CODES_PER_WORD if k * bits <= 8)
+
+
+def group_codes(codes: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Words of ``k`` consecutive codes each (code ``j k + i`` at bit ``i b``; the last word zero-filled): the
+    ``k b``-bit fields of the packed code stream."""
+    flat = np.ascontiguousarray(codes.reshape(-1), dtype=np.uint8)
+    if k == 1:
+        return flat
+    padded = np.zeros(-(-flat.size // k) * k, dtype=np.uint8)
+    padded[:flat.size] = flat
+    fields = padded.reshape(-1, k)
+    words = fields[:, 0].copy()
+    for i in range(1, k):
+        words |= fields[:, i] << np.uint8(i * bits)
+    return words
+
+
+def encode_codes(codes: np.ndarray, bits: int, lane_size: int = 16384, max_code_length: int = 14) -> E.Encoded:
+    """Encode unsigned ``bits``-bit integer codes (any shape, flattened) with the lossless codec (format version
+    5): as single codes and, where ``k`` codes fit in a byte, as words of ``k`` codes
+    (:func:`codes_per_word_choices`); the smallest encoding, side data included, is kept (ties: fewer codes
+    per word). Coding pairs is an order-0 code of the pairs' joint distribution, at most the single codes'
+    order-0 entropy and rounded to whole bits once per two codes."""
     from ..kernels import entropy_cpu
 
-    words = np.ascontiguousarray(codes.reshape(-1), dtype=np.uint8)
-    return entropy_cpu.encode(words, "uint8", lane_size, 0, max_code_length)
+    best = None
+    for k in codes_per_word_choices(bits):
+        enc = entropy_cpu.encode(group_codes(codes, bits, k), "uint8", lane_size, 0, max_code_length,
+                                 codes_per_word=k)
+        if best is None or enc.nbytes < best.nbytes:
+            best = enc
+    return best
 
 
-def decode_codes(enc: E.Encoded, bits: int, count: int, where: str) -> np.ndarray:
-    """Validate ``enc`` (header, codebook, lane table, crc32 of every block) and decode it with the numba
-    kernel: ``count`` codes of ``bits`` bits as uint8; :class:`CorruptData` for anything inconsistent."""
+def decode_packed(enc: E.Encoded, bits: int, count: int, where: str) -> np.ndarray:
+    """Validate ``enc`` (header, codebook, lane table, crc32 of every block, the words' width and count against
+    ``count`` codes of ``bits`` bits) and decode it with the numba kernel into the packed code stream
+    (:func:`~modelpress.kernels.bitpack.pack_codes` of the codes, bit for bit); :class:`CorruptData` for
+    anything inconsistent, before any kernel runs. The one thing only decoding shows, a last word with codes
+    past ``count`` (the packed stream's padding must be zero), is refused after the kernel."""
     from ..kernels import entropy_cpu
 
     plan = E.validate(enc, True, where)
-    if plan.dtype != "uint8" or plan.n != count:
-        raise CorruptData(f"encoded codes are {plan.n} x {plan.dtype}, the layer expects {count} x uint8", where)
-    if plan.lengths[1 << bits:].any():
-        raise CorruptData(f"the code table has values beyond {bits} bits", where)
-    return entropy_cpu.decode_plan(plan, None, where)
+    k = plan.codes_per_word
+    if plan.dtype != "uint8" or k * bits > 8 or plan.n != -(-count // k):
+        raise CorruptData(f"encoded codes are {plan.n} x {plan.dtype} of {k} codes, the layer expects {count} "
+                          f"codes of {bits} bits", where)
+    if plan.lengths[1 << (k * bits):].any():
+        raise CorruptData(f"the code table has values beyond {k} x {bits} bits", where)
+    words = entropy_cpu.decode_plan(plan, None, where)
+    tail = count - (plan.n - 1) * k
+    if plan.n and int(words[-1]) >> (tail * bits):
+        raise CorruptData(f"the last word holds codes past the {count} the layer has", where)
+    return bitpack.pack_codes(words, k * bits)[:packed_bytes(count, bits)]
 
 
 def code_histogram(codes: np.ndarray) -> np.ndarray:
@@ -101,10 +142,10 @@ class EntropyCodedCodes:
                 continue
             packed = getattr(self, name)
             codes = bitpack.unpack_codes(packed.detach().cpu().numpy(), bits, count)
-            enc = encode_codes(codes, lane_size, max_code_length)
+            enc = encode_codes(codes, bits, lane_size, max_code_length)
             pays = encoding_pays(enc.nbytes, packed.numel() * packed.element_size())
             report[name] = {"codes": count, "bits": bits, "packed_bytes": packed.numel() * packed.element_size(),
-                            "coded_bytes": enc.nbytes, "coded": pays,
+                            "coded_bytes": enc.nbytes, "coded": pays, "codes_per_symbol": int(enc.header[10]),
                             "entropy_bits": round(E.order0_entropy_bits(code_histogram(codes)), 4)}
             if pays:
                 self._set_encoding(name, {k: torch.from_numpy(a.copy()) for k, a in enc.arrays().items()})
@@ -124,6 +165,5 @@ class EntropyCodedCodes:
         for name in getattr(self, "_coded_streams", ()):
             bits, count = streams[name]
             enc = E.Encoded(**{k: getattr(self, f"{name}{SUFFIX}{k}").detach().cpu().numpy() for k in E.FIELDS})
-            codes = decode_codes(enc, bits, count, f"{prefix}{name}")
             packed = getattr(self, name)
-            setattr(self, name, torch.from_numpy(bitpack.pack_codes(codes, bits)).to(packed.device))
+            setattr(self, name, torch.from_numpy(decode_packed(enc, bits, count, f"{prefix}{name}")).to(packed.device))
