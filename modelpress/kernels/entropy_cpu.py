@@ -309,7 +309,6 @@ def _raw16_swar(stream, start, o, count, raw_bits, out):
     Eight weights' raw bits are ``R`` bytes; each half (four weights, ``4R <= 40`` bits) is spread to four
     16-bit lanes in two shift-and-mask steps and merged in with one 64-bit load and store.
     """
-    r = np.uint64(raw_bits)
     two_r = np.uint64(2 * raw_bits)
     m_lo = np.uint64((1 << (2 * raw_bits)) - 1)            # fields 0, 1 stay, fields 2, 3 move to bit 32
     f = (1 << raw_bits) - 1
