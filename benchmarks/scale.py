@@ -19,6 +19,7 @@ artifacts are compared byte for byte where both paths ran. In-memory runs are sk
     python benchmarks/scale.py --sizes 7B-4L --out /tmp/scale-7b4l.md     # (ran beside the first: its own file)
     python benchmarks/scale.py --sizes --merge /tmp/scale-7b4l.json       # adds those rows, renders md and png
     python benchmarks/scale.py --sizes 7B --streamed-only                 # the full 7B pair (27 GB; not run yet)
+    python benchmarks/scale.py --sizes 0.1B --nproc-section --repeats 3   # 1 vs 2 ranks -> results/scale_nproc.md
 """
 from __future__ import annotations
 
@@ -233,7 +234,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scale.md")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="rows of other runs' .json files to add (a size / method / path measured again replaces them)")
+    ap.add_argument("--nproc-section", action="store_true",
+                    help="instead: 1 vs 2 ranks for dfloat11 (the first of --sizes) and the EvoPress search")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of each setup in --nproc-section")
     args = ap.parse_args()
+    if args.nproc_section:
+        args.work.mkdir(parents=True, exist_ok=True)
+        rows = distributed_rows(args.work, args.sizes[0], args.repeats)
+        out = ROOT / "benchmarks/results/scale_nproc.md"
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        out.write_text(distributed_markdown(rows, "python benchmarks/scale.py " + " ".join(sys.argv[1:])))
+        return
     from modelpress.stream import in_memory_bytes
     from modelpress.recipe import ModelSpec
 
@@ -277,6 +288,86 @@ def main() -> None:
     results_json.write_text(json.dumps(rows, indent=1))
     args.out.write_text(markdown(rows, "python benchmarks/scale.py " + " ".join(sys.argv[1:])))
     plot(rows, args.out.with_suffix(".png"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1 vs 2 ranks (``--nproc``)
+
+#: the EvoPress search of recipes/evopress_minilm.yaml with fewer generations (the level database is cached)
+EVOPRESS = {"type": "evopress", "family": "bits", "method": "gptq", "levels": [2, 3, 4, 5, 6, 7, 8], "budget": 3.0,
+            "generations": 8, "offspring": 12, "survivors": [3, 2, 1], "stage_samples": [16, 48, 128],
+            "calibration_samples": 512, "hessian_samples": 128, "batch_size": 64}
+#: (label, ranks, threads per rank)
+SETUPS = [("1 rank, 1 thread", 1, 1), ("1 rank, 2 threads", 1, 2), ("2 ranks, 1 thread each", 2, 1)]
+
+
+def run_ranks(recipe: Path, out: Path, ranks: int, threads: int) -> dict:
+    """``modelpress compress RECIPE --nproc RANKS`` with THREADS torch / numba threads per rank: its wall time,
+    the pass's own seconds from the manifest (dfloat11: ``seconds``, the encode; EvoPress: ``search_seconds``)
+    and the artifact's sha256."""
+    import hashlib
+
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": "2"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "modelpress.cli", "compress", str(recipe), "-q", "-o", str(out),
+                           "--nproc", str(ranks)], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{recipe} --nproc {ranks} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    manifest = json.loads((out / "modelpress.json").read_text())
+    entry = next(iter(manifest["passes"].values()))
+    h = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    level_map = entry.get("level_map")
+    return {"wall_s": round(wall, 2), "pass_s": entry.get("search_seconds", entry.get("seconds")), "sha256": h,
+            "level_map": hashlib.sha256(json.dumps(level_map, sort_keys=True).encode()).hexdigest()[:12]
+            if level_map else None}
+
+
+def distributed_rows(work: Path, size: str, repeats: int) -> list[dict]:
+    """dfloat11 (in memory) of the ``size`` fine-tune and the EvoPress search of minilm-docs, each under
+    :data:`SETUPS`, ``repeats`` times interleaved (so that other jobs' load falls on every setup alike)."""
+    import yaml
+
+    _, ft = build_pair(size, work)
+    cases = {f"dfloat11 {size}": {"model": str(ft), "passes": [{"type": "dfloat11"}], "stream": False},
+             "evopress minilm-docs": {"model": "minilm-docs", "seed": 0, "passes": [EVOPRESS]}}
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for case, recipe in cases.items():
+        path = work / f"nproc-{case.split()[0]}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        run_ranks(path, work / "nproc-warmup", 1, 2)  # fills the level database and numba's cache
+        for _ in range(repeats):
+            for label, ranks, threads in SETUPS:
+                r = run_ranks(path, work / f"nproc-out-{ranks}-{threads}", ranks, threads)
+                runs.setdefault((case, label), []).append(r)
+                print(json.dumps({"case": case, "setup": label, **r}), flush=True)
+    rows = []
+    for (case, label), rs in runs.items():
+        walls, passes = sorted(r["wall_s"] for r in rs), sorted(r["pass_s"] for r in rs)
+        rows.append({"case": case, "setup": label, "repeats": len(rs), "wall_min": walls[0],
+                     "wall_median": walls[len(walls) // 2], "pass_min": passes[0], "pass_median": passes[len(passes) // 2],
+                     "same_artifact": len({x["sha256"] for (c, _), xs in runs.items() if c == case for x in xs}) == 1,
+                     "load": round(os.getloadavg()[0], 1)})
+    return rows
+
+
+def distributed_markdown(rows: list[dict], command: str) -> str:
+    lines = ["# 1 vs 2 ranks (benchmarks/scale.py --nproc-section)", "",
+             f"Command: `{command}`. Machine: 2 CPU cores **shared with other engineers' jobs** (1-minute load "
+             "average at the end of each row's runs in the last column), so wall times are inflated and noisy; the "
+             "setups ran interleaved, repeat by repeat. *pass s*: the pass's own time from the manifest (dfloat11: "
+             "the encode, `seconds`; EvoPress: the search, `search_seconds`); *wall s*: the whole "
+             "`modelpress compress` command (Python start-up, loading, hashing the input, writing). "
+             "*same artifact*: every run of the case, all setups, wrote the same model.safetensors (sha256).", "",
+             "| case | setup | repeats | pass s min | pass s median | speed-up (median pass, vs 1 rank 1 thread) | "
+             "wall s min | wall s median | same artifact | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = next(x for x in rows if x["case"] == r["case"] and x["setup"] == SETUPS[0][0])
+        lines.append(f"| {r['case']} | {r['setup']} | {r['repeats']} | {r['pass_min']} | {r['pass_median']} | "
+                     f"{ref['pass_median'] / r['pass_median']:.2f}x | {r['wall_min']} | {r['wall_median']} | "
+                     f"{'yes' if r['same_artifact'] else 'NO'} | {r['load']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _headers(d: Path) -> list[dict]:
