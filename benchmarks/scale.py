@@ -19,7 +19,7 @@ artifacts are compared byte for byte where both paths ran. In-memory runs are sk
     python benchmarks/scale.py --sizes 7B-4L --out /tmp/scale-7b4l.md     # (ran beside the first: its own file)
     python benchmarks/scale.py --sizes --merge /tmp/scale-7b4l.json       # adds those rows, renders md and png
     python benchmarks/scale.py --sizes 7B --streamed-only                 # the full 7B pair (27 GB; not run yet)
-    python benchmarks/scale.py --sizes 0.1B --nproc-section --repeats 3   # 1 vs 2 ranks -> results/scale_nproc.md
+    python benchmarks/scale.py --sizes 0.1B --nproc-section --repeats 3   # 1 vs 2 ranks -> results/scale_nproc.{md,jsonl}
 """
 from __future__ import annotations
 
@@ -237,11 +237,14 @@ def main() -> None:
     ap.add_argument("--nproc-section", action="store_true",
                     help="instead: 1 vs 2 ranks for dfloat11 (the first of --sizes) and the EvoPress search")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each setup in --nproc-section")
+    ap.add_argument("--nproc-cases", nargs="+", default=["dfloat11", "evopress"], choices=["dfloat11", "evopress"])
     args = ap.parse_args()
     if args.nproc_section:
         args.work.mkdir(parents=True, exist_ok=True)
-        rows = distributed_rows(args.work, args.sizes[0], args.repeats)
         out = ROOT / "benchmarks/results/scale_nproc.md"
+        log = out.with_suffix(".jsonl")  # every run; the table summarises all of them
+        distributed_runs(args.work, args.sizes[0], args.nproc_cases, args.repeats, log)
+        rows = distributed_rows(log)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         out.write_text(distributed_markdown(rows, "python benchmarks/scale.py " + " ".join(sys.argv[1:])))
         return
@@ -293,10 +296,12 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------------------
 # 1 vs 2 ranks (``--nproc``)
 
-#: the EvoPress search of recipes/evopress_minilm.yaml with fewer generations (the level database is cached)
-EVOPRESS = {"type": "evopress", "family": "bits", "method": "gptq", "levels": [2, 3, 4, 5, 6, 7, 8], "budget": 3.0,
-            "generations": 8, "offspring": 12, "survivors": [3, 2, 1], "stage_samples": [16, 48, 128],
-            "calibration_samples": 512, "hessian_samples": 128, "batch_size": 64}
+#: a small EvoPress search (recipes/evopress_minilm.yaml's levels and budget; 4 generations of 8 offspring, two
+#: selection stages, RTN levels so that the level database builds in seconds) on the zoo's minilm encoder (fitness: relative MSE of the last hidden state); the search is
+#: the same work whatever made the levels
+EVOPRESS = {"type": "evopress", "family": "bits", "method": "rtn", "levels": [2, 3, 4, 5, 6, 7, 8], "budget": 3.0,
+            "generations": 4, "offspring": 8, "survivors": [2, 1], "stage_samples": [8, 32], "max_length": 32,
+            "calibration_samples": 128, "baseline_samples": 16, "batch_size": 32}
 #: (label, ranks, threads per rank)
 SETUPS = [("1 rank, 1 thread", 1, 1), ("1 rank, 2 threads", 1, 2), ("2 ranks, 1 thread each", 2, 1)]
 
@@ -324,38 +329,54 @@ def run_ranks(recipe: Path, out: Path, ranks: int, threads: int) -> dict:
             if level_map else None}
 
 
-def distributed_rows(work: Path, size: str, repeats: int) -> list[dict]:
-    """dfloat11 (in memory) of the ``size`` fine-tune and the EvoPress search of minilm-docs, each under
-    :data:`SETUPS`, ``repeats`` times interleaved (so that other jobs' load falls on every setup alike)."""
+def distributed_runs(work: Path, size: str, cases: list[str], repeats: int, log: Path) -> None:
+    """dfloat11 (in memory) of the ``size`` fine-tune and/or the EvoPress search (:data:`EVOPRESS`), each under
+    :data:`SETUPS`, ``repeats`` times interleaved (so that other jobs' load falls on every setup alike); one JSON
+    line per run appended to ``log``."""
     import yaml
 
-    _, ft = build_pair(size, work)
-    cases = {f"dfloat11 {size}": {"model": str(ft), "passes": [{"type": "dfloat11"}], "stream": False},
-             "evopress minilm-docs": {"model": "minilm-docs", "seed": 0, "passes": [EVOPRESS]}}
-    runs: dict[tuple[str, str], list[dict]] = {}
-    for case, recipe in cases.items():
-        path = work / f"nproc-{case.split()[0]}.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    recipes = {"dfloat11": (f"dfloat11 {size}", lambda: {"model": str(build_pair(size, work)[1]),
+                                                           "passes": [{"type": "dfloat11"}], "stream": False}),
+               "evopress": ("evopress minilm", lambda: {"model": "minilm", "seed": 0, "passes": [EVOPRESS]})}
+    for key in cases:
+        case, make = recipes[key]
+        path = work / f"nproc-{key}.yaml"
+        path.write_text(yaml.safe_dump(make(), sort_keys=False))
         run_ranks(path, work / "nproc-warmup", 1, 2)  # fills the level database and numba's cache
         for _ in range(repeats):
             for label, ranks, threads in SETUPS:
-                r = run_ranks(path, work / f"nproc-out-{ranks}-{threads}", ranks, threads)
-                runs.setdefault((case, label), []).append(r)
-                print(json.dumps({"case": case, "setup": label, **r}), flush=True)
+                r = {"case": case, "setup": label, **run_ranks(path, work / f"nproc-out-{ranks}-{threads}", ranks,
+                                                               threads), "load": round(os.getloadavg()[0], 1)}
+                with open(log, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+                print(json.dumps(r), flush=True)
+
+
+def distributed_rows(log: Path) -> list[dict]:
+    """Min and median per case and setup over the runs in ``log``; whether every run of a case wrote the same
+    artifact (sha256 of model.safetensors)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for line in log.read_text().splitlines():
+        r = json.loads(line)
+        runs.setdefault((r["case"], r["setup"]), []).append(r)
     rows = []
     for (case, label), rs in runs.items():
         walls, passes = sorted(r["wall_s"] for r in rs), sorted(r["pass_s"] for r in rs)
         rows.append({"case": case, "setup": label, "repeats": len(rs), "wall_min": walls[0],
                      "wall_median": walls[len(walls) // 2], "pass_min": passes[0], "pass_median": passes[len(passes) // 2],
                      "same_artifact": len({x["sha256"] for (c, _), xs in runs.items() if c == case for x in xs}) == 1,
-                     "load": round(os.getloadavg()[0], 1)})
+                     "load": _range([r["load"] for r in rs if "load" in r])})
     return rows
+
+
+def _range(values: list[float]) -> str:
+    return "-".join(f"{v:g}" for v in sorted({min(values), max(values)})) if values else "not recorded"
 
 
 def distributed_markdown(rows: list[dict], command: str) -> str:
     lines = ["# 1 vs 2 ranks (benchmarks/scale.py --nproc-section)", "",
              f"Command: `{command}`. Machine: 2 CPU cores **shared with other engineers' jobs** (1-minute load "
-             "average at the end of each row's runs in the last column), so wall times are inflated and noisy; the "
+             "average after each run, range over the row's runs, in the last column), so times are inflated and noisy; the "
              "setups ran interleaved, repeat by repeat. *pass s*: the pass's own time from the manifest (dfloat11: "
              "the encode, `seconds`; EvoPress: the search, `search_seconds`); *wall s*: the whole "
              "`modelpress compress` command (Python start-up, loading, hashing the input, writing). "

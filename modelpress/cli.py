@@ -31,9 +31,10 @@ Recipes are YAML; see README.md ("Recipe format") and recipes/ for ready ones.""
 
 
 NPROC_HELP = ("run on N local worker processes started by torch.distributed's launcher (gloo on the CPU, nccl "
-              "for device: cuda); dfloat11 / cast / bitdelta encode their layers or blocks sharded across the "
-              "ranks, EvoPress evaluates its offspring in parallel; the artifact is the same as with one process. "
-              "Across machines use torchrun --nnodes ... -m modelpress.cli run RECIPE (see docs/scale.md)")
+              "for device: cuda): dfloat11 codes its weights shared across the ranks (streamed: cast, dfloat11 and "
+              "bitdelta share the blocks), EvoPress evaluates its offspring in parallel, Delta-CoMe splits its "
+              "calibration data; only rank 0 prints and writes, and the artifact is the same as with one process. "
+              "Across machines: torchrun ... -m modelpress.cli run RECIPE (docs/scale.md)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -266,13 +267,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         _report(f"modelpress: error: {exc}")
         return 2
     except distributed.PeerFailed as exc:  # the rank that failed reports its own error
-        if not os.environ.get(ERRORS_ENV):
+        if os.environ.get(ERRORS_ENV):
+            Path(os.environ[ERRORS_ENV], f"rank{os.environ['RANK']}.peer").write_text(str(exc))
+        else:
             console.say(f"modelpress: error: {exc}", always=True)
         return 1
     except KeyboardInterrupt:
         console.say("modelpress: interrupted; nothing was written")
         return 130
     except Exception:  # a bug: keep its traceback, on the terminal and in the log
+        args.bug = True
         text = traceback.format_exc()
         console.say(text.rstrip("\n"), always=True)
         if console.terminal() is not sys.stderr:
@@ -289,10 +293,12 @@ ERRORS_ENV = "MODELPRESS_ERRORS_DIR"
 def _report(line: str) -> None:
     """A one-line error: on the terminal, or (a worker started by ``--nproc``) for the launching process."""
     errors = os.environ.get(ERRORS_ENV)
+    if distributed.launched():
+        line = f"{line} (rank {os.environ['RANK']})"
     if errors and distributed.launched():
-        Path(errors, f"rank{os.environ['RANK']}").write_text(line)
+        Path(errors, f"rank{os.environ['RANK']}.txt").write_text(line)
     else:
-        console.say(line if not distributed.launched() else f"{line} (rank {os.environ['RANK']})", always=True)
+        console.say(line, always=True)
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
@@ -300,28 +306,30 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     same command on N workers through torch.distributed's launcher; one line for the first worker that failed."""
     from .recipe import load_recipes
 
-    if args.nproc > (os.cpu_count() or 1) * 4:
-        console.say(f"modelpress: error: --nproc {args.nproc} is more than 4 workers per core of this machine")
-        return 2
     try:
         load_recipes(args.recipe)
     except UserError as exc:
         console.say(f"modelpress: error: {exc}")
         return 2
     with tempfile.TemporaryDirectory(prefix="modelpress-ranks-") as errors:
-        saved = os.environ.get(ERRORS_ENV)
-        os.environ[ERRORS_ENV] = errors
+        os.environ[ERRORS_ENV] = errors  # the workers inherit it
         try:
-            code, failed = distributed.launch(argv, args.nproc)
+            failed = distributed.launch(argv, args.nproc)
         finally:
-            os.environ.pop(ERRORS_ENV) if saved is None else os.environ.__setitem__(ERRORS_ENV, saved)
-        if code == 0:
+            os.environ.pop(ERRORS_ENV, None)
+        if not failed:
             return 0
-        reported = sorted(Path(errors).glob("rank*"), key=lambda f: int(f.name[4:]))
+        reported = sorted(Path(errors).glob("rank*.txt"), key=lambda f: int(f.stem[4:]))
         if reported:
             console.say(reported[0].read_text().strip())
             return 2
-        console.say(f"modelpress: error: worker rank {failed} failed (exit status {code}); nothing was written")
+        # the rank that failed first: not one whose collective failed because of it, nor one the launcher stopped
+        followers = {int(f.stem[4:]) for f in Path(errors).glob("rank*.peer")}
+        culprits = sorted(r for r, c in failed.items() if r not in followers and c not in (-15, 128 + 15))
+        rank = (culprits or sorted(failed))[0]
+        code = failed[rank]
+        how = f"was killed by signal {-code}" if code < 0 else f"failed (exit status {code})"
+        console.say(f"modelpress: error: worker rank {rank} {how}; nothing was written")
         return 1
 
 
@@ -344,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     args.log_path = Path(name)
     with console.third_party_output_to(args.log_path):
         code = _dispatch(args)
-    if code == 1:  # a bug: keep the log for the bug report
+    if getattr(args, "bug", False):  # keep the log for the bug report
         console.say(f"modelpress: the full log (other libraries' output included) is in {args.log_path}")
     else:
         args.log_path.unlink(missing_ok=True)

@@ -135,6 +135,16 @@ def all_gather(obj: T) -> list[T]:
     return out
 
 
+def from_main(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (a decision that could differ between ranks, e.g. one taken on the memory
+    available now); ``obj`` in one process."""
+    if not active():
+        return obj
+    box = [obj]
+    _collective("broadcast_object_list", box, 0)
+    return box[0]
+
+
 def gather_to_main(obj: T) -> list[T] | None:
     """Every rank's ``obj`` on rank 0 in rank order; ``None`` on the others (``[obj]`` in one process)."""
     if not active():
@@ -202,11 +212,11 @@ def main_first() -> Iterator[None]:
 # Starting workers
 
 
-def launch(argv: list[str], nproc: int) -> tuple[int, int | None]:
+def launch(argv: list[str], nproc: int) -> dict[int, int]:
     """Run ``python -m modelpress.cli *argv`` as ``nproc`` local workers through torch.distributed's elastic
     launcher (a standalone c10d rendezvous on localhost, no restarts; the one torchrun ``--standalone`` uses).
-    Returns ``(0, None)`` when every worker succeeded, else the exit code of the first worker that failed and
-    its rank; the launcher stops the other workers as soon as one fails."""
+    Returns ``{rank: exit status}`` of the workers that failed (negative: killed by that signal), empty when all
+    succeeded; the launcher stops the other workers (SIGTERM) as soon as one fails."""
     import logging
     import sys
     import uuid
@@ -224,9 +234,8 @@ def launch(argv: list[str], nproc: int) -> tuple[int, int | None]:
     try:
         elastic_launch(config, sys.executable)("-m", "modelpress.cli", *argv)
     except ChildFailedError as exc:
-        first_rank, failure = exc.get_first_failure()
-        return (failure.exitcode if failure.exitcode > 0 else 1), first_rank
+        return {int(r): int(f.exitcode) for r, f in exc.failures.items()}
     finally:
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)
-    return 0, None
+    return {}

@@ -86,11 +86,12 @@ def _write_recipe(loaded: LoadedRecipe, staging: Path) -> None:
 
 
 def streams(loaded: LoadedRecipe) -> bool:
-    """Whether the recipe runs streamed (its ``stream:`` option; see :func:`modelpress.stream.use_streaming`)."""
+    """Whether the recipe runs streamed (its ``stream:`` option; see :func:`modelpress.stream.use_streaming`);
+    with several ranks, rank 0's choice (``stream: auto`` looks at the memory available now)."""
     from .stream import use_streaming
 
     r = loaded.recipe
-    return use_streaming(r.stream, r.model, r.base, loaded.passes, str(loaded.path or "recipe"))
+    return distributed.from_main(use_streaming(r.stream, r.model, r.base, loaded.passes, str(loaded.path or "recipe")))
 
 
 def join_workers(loaded: LoadedRecipe) -> bool:

@@ -103,23 +103,31 @@ HOOK = '''
 import os, signal
 if os.environ.get("RANK") == "1":
     from modelpress.codecs import lossless
+    from modelpress.errors import UserError
 
-    def _die(self, chosen, ctx):
-        os.kill(os.getpid(), signal.SIG{sig})
+    def _fail(self, chosen, ctx):
+        if "{how}" == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise UserError("cannot read tensor 'model.layers.3.mlp.up_proj.weight'", "rank1-shard.safetensors")
 
-    lossless.DFloat11._encode_all = _die
+    lossless.DFloat11._encode_all = _fail
 '''
 
 
-@pytest.mark.parametrize("sig", ["KILL"])
-def test_a_rank_that_dies_fails_the_run_in_one_line_and_writes_nothing(runs: Path, tmp_path: Path, sig: str,
-                                                                       monkeypatch: pytest.MonkeyPatch,
-                                                                       capfd: pytest.CaptureFixture) -> None:
-    """Rank 1 is killed while it codes its share: exit status non-zero, one line, the previous artifact as it
-    was, no staging directory (rank 0 removes its own when its collective fails or its launcher stops it)."""
+@pytest.mark.parametrize("how,code,line", [
+    ("kill", 1, "modelpress: error: worker rank 1 was killed by signal 9; nothing was written"),
+    ("raise", 2, "modelpress: error: rank1-shard.safetensors: cannot read tensor 'model.layers.3.mlp.up_proj.weight' "
+                 "(rank 1)")])
+def test_a_rank_that_fails_fails_the_run_in_one_line_and_writes_nothing(runs: Path, tmp_path: Path, how: str,
+                                                                        code: int, line: str,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capfd: pytest.CaptureFixture) -> None:
+    """Rank 1 is killed (SIGKILL) or raises a user error while it codes its share: the run's exit status, one
+    line, the previous artifact as it was, no staging directory (rank 0 removes its own when its collective
+    fails or its launcher stops it)."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOOK.format(sig=sig))
+    (hook / "sitecustomize.py").write_text(HOOK.replace("{how}", how))
     monkeypatch.setenv("PYTHONPATH", f"{hook}:{Path(__file__).resolve().parents[1]}")
     out = tmp_path / "out"
     shutil.copytree(runs / "one" / "mem", out)
@@ -127,11 +135,10 @@ def test_a_rank_that_dies_fails_the_run_in_one_line_and_writes_nothing(runs: Pat
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": str(runs / "llama"), "passes": [{"type": "dfloat11"}]}))
     capfd.readouterr()
-    code = main(["compress", str(recipe), "-o", str(out), "--nproc", "2", "-q"])
+    got = main(["compress", str(recipe), "-o", str(out), "--nproc", "2", "-q"])
     captured = capfd.readouterr()
-    lines = [line for line in (captured.out + captured.err).splitlines() if line.strip()]
-    assert code != 0
-    assert len(lines) == 1 and lines[0].startswith("modelpress: error: worker rank 1"), lines
+    lines = [x for x in (captured.out + captured.err).splitlines() if x.strip()]
+    assert (got, lines) == (code, [line])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
