@@ -19,6 +19,7 @@ artifacts are compared byte for byte where both paths ran. In-memory runs are sk
     python benchmarks/scale.py --sizes 7B-4L --out /tmp/scale-7b4l.md     # (ran beside the first: its own file)
     python benchmarks/scale.py --sizes --merge /tmp/scale-7b4l.json       # adds those rows, renders md and png
     python benchmarks/scale.py --sizes 7B --streamed-only                 # the full 7B pair (27 GB; not run yet)
+    python benchmarks/scale.py --sizes 0.1B --nproc-section --repeats 3   # 1 vs 2 ranks -> results/scale_nproc.{md,jsonl}
 """
 from __future__ import annotations
 
@@ -233,7 +234,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scale.md")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="rows of other runs' .json files to add (a size / method / path measured again replaces them)")
+    ap.add_argument("--nproc-section", action="store_true",
+                    help="instead: 1 vs 2 ranks for dfloat11 (the first of --sizes) and the EvoPress search")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of each setup in --nproc-section")
+    ap.add_argument("--nproc-cases", nargs="+", default=["dfloat11", "evopress"], choices=["dfloat11", "evopress"])
     args = ap.parse_args()
+    if args.nproc_section:
+        args.work.mkdir(parents=True, exist_ok=True)
+        out = ROOT / "benchmarks/results/scale_nproc.md"
+        log = out.with_suffix(".jsonl")  # every run; the table summarises all of them
+        distributed_runs(args.work, args.sizes[0], args.nproc_cases, args.repeats, log)
+        rows = distributed_rows(log)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        out.write_text(distributed_markdown(rows, "python benchmarks/scale.py " + " ".join(sys.argv[1:])))
+        return
     from modelpress.stream import in_memory_bytes
     from modelpress.recipe import ModelSpec
 
@@ -277,6 +291,104 @@ def main() -> None:
     results_json.write_text(json.dumps(rows, indent=1))
     args.out.write_text(markdown(rows, "python benchmarks/scale.py " + " ".join(sys.argv[1:])))
     plot(rows, args.out.with_suffix(".png"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1 vs 2 ranks (``--nproc``)
+
+#: a small EvoPress search (recipes/evopress_minilm.yaml's levels and budget; 4 generations of 8 offspring, two
+#: selection stages, RTN levels so that the level database builds in seconds) on the zoo's minilm encoder (fitness: relative MSE of the last hidden state); the search is
+#: the same work whatever made the levels
+EVOPRESS = {"type": "evopress", "family": "bits", "method": "rtn", "levels": [2, 3, 4, 5, 6, 7, 8], "budget": 3.0,
+            "generations": 4, "offspring": 8, "survivors": [2, 1], "stage_samples": [8, 32], "max_length": 32,
+            "calibration_samples": 128, "baseline_samples": 16, "batch_size": 32}
+#: (label, ranks, threads per rank)
+SETUPS = [("1 rank, 1 thread", 1, 1), ("1 rank, 2 threads", 1, 2), ("2 ranks, 1 thread each", 2, 1)]
+
+
+def run_ranks(recipe: Path, out: Path, ranks: int, threads: int) -> dict:
+    """``modelpress compress RECIPE --nproc RANKS`` with THREADS torch / numba threads per rank: its wall time,
+    the pass's own seconds from the manifest (dfloat11: ``seconds``, the encode; EvoPress: ``search_seconds``)
+    and the artifact's sha256."""
+    import hashlib
+
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": "2"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "modelpress.cli", "compress", str(recipe), "-q", "-o", str(out),
+                           "--nproc", str(ranks)], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{recipe} --nproc {ranks} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    manifest = json.loads((out / "modelpress.json").read_text())
+    entry = next(iter(manifest["passes"].values()))
+    h = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    level_map = entry.get("level_map")
+    return {"wall_s": round(wall, 2), "pass_s": entry.get("search_seconds", entry.get("seconds")), "sha256": h,
+            "level_map": hashlib.sha256(json.dumps(level_map, sort_keys=True).encode()).hexdigest()[:12]
+            if level_map else None}
+
+
+def distributed_runs(work: Path, size: str, cases: list[str], repeats: int, log: Path) -> None:
+    """dfloat11 (in memory) of the ``size`` fine-tune and/or the EvoPress search (:data:`EVOPRESS`), each under
+    :data:`SETUPS`, ``repeats`` times interleaved (so that other jobs' load falls on every setup alike); one JSON
+    line per run appended to ``log``."""
+    import yaml
+
+    recipes = {"dfloat11": (f"dfloat11 {size}", lambda: {"model": str(build_pair(size, work)[1]),
+                                                           "passes": [{"type": "dfloat11"}], "stream": False}),
+               "evopress": ("evopress minilm", lambda: {"model": "minilm", "seed": 0, "passes": [EVOPRESS]})}
+    for key in cases:
+        case, make = recipes[key]
+        path = work / f"nproc-{key}.yaml"
+        path.write_text(yaml.safe_dump(make(), sort_keys=False))
+        run_ranks(path, work / "nproc-warmup", 1, 2)  # fills the level database and numba's cache
+        for _ in range(repeats):
+            for label, ranks, threads in SETUPS:
+                r = {"case": case, "setup": label, **run_ranks(path, work / f"nproc-out-{ranks}-{threads}", ranks,
+                                                               threads), "load": round(os.getloadavg()[0], 1)}
+                with open(log, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+                print(json.dumps(r), flush=True)
+
+
+def distributed_rows(log: Path) -> list[dict]:
+    """Min and median per case and setup over the runs in ``log``; whether every run of a case wrote the same
+    artifact (sha256 of model.safetensors)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for line in log.read_text().splitlines():
+        r = json.loads(line)
+        runs.setdefault((r["case"], r["setup"]), []).append(r)
+    rows = []
+    for (case, label), rs in runs.items():
+        walls, passes = sorted(r["wall_s"] for r in rs), sorted(r["pass_s"] for r in rs)
+        rows.append({"case": case, "setup": label, "repeats": len(rs), "wall_min": walls[0],
+                     "wall_median": walls[len(walls) // 2], "pass_min": passes[0], "pass_median": passes[len(passes) // 2],
+                     "same_artifact": len({x["sha256"] for (c, _), xs in runs.items() if c == case for x in xs}) == 1,
+                     "load": _range([r["load"] for r in rs if "load" in r])})
+    return rows
+
+
+def _range(values: list[float]) -> str:
+    return "-".join(f"{v:g}" for v in sorted({min(values), max(values)})) if values else "not recorded"
+
+
+def distributed_markdown(rows: list[dict], command: str) -> str:
+    lines = ["# 1 vs 2 ranks (benchmarks/scale.py --nproc-section)", "",
+             f"Command: `{command}`. Machine: 2 CPU cores **shared with other engineers' jobs** (1-minute load "
+             "average after each run, range over the row's runs, in the last column), so times are inflated and noisy; the "
+             "setups ran interleaved, repeat by repeat. *pass s*: the pass's own time from the manifest (dfloat11: "
+             "the encode, `seconds`; EvoPress: the search, `search_seconds`); *wall s*: the whole "
+             "`modelpress compress` command (Python start-up, loading, hashing the input, writing). "
+             "*same artifact*: every run of the case, all setups, wrote the same model.safetensors (sha256).", "",
+             "| case | setup | repeats | pass s min | pass s median | speed-up vs 1 rank 1 thread (min / median pass) | "
+             "wall s min | wall s median | same artifact | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = next(x for x in rows if x["case"] == r["case"] and x["setup"] == SETUPS[0][0])
+        lines.append(f"| {r['case']} | {r['setup']} | {r['repeats']} | {r['pass_min']} | {r['pass_median']} | "
+                     f"{ref['pass_min'] / r['pass_min']:.2f}x / {ref['pass_median'] / r['pass_median']:.2f}x | {r['wall_min']} | {r['wall_median']} | "
+                     f"{'yes' if r['same_artifact'] else 'NO'} | {r['load']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _headers(d: Path) -> list[dict]:

@@ -143,14 +143,29 @@ def atomic_directory(output: Path) -> Iterator[Path]:
     with _locked(parent):
         _recover_and_clean(output)
         staging.mkdir()
+    _LIVE_STAGING.add(staging)
     try:
         yield staging
         old = _commit(staging, output, parent / f".{output.name}.old-{token}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        _LIVE_STAGING.discard(staging)
     if old is not None:  # outside the lock: a large old artifact may take a while to delete
         shutil.rmtree(old, ignore_errors=True)
+
+
+#: staging directories of this process not yet committed or removed (see :func:`discard_staging`)
+_LIVE_STAGING: set[Path] = set()
+
+
+def discard_staging() -> None:
+    """Remove this process's uncommitted staging directories: what a worker terminated by its launcher (another
+    rank failed) does before it exits, so that nothing half written remains."""
+    for staging in list(_LIVE_STAGING):
+        shutil.rmtree(staging, ignore_errors=True)
+        _LIVE_STAGING.discard(staging)
 
 
 def _commit(staging: Path, output: Path, aside: Path) -> Path | None:

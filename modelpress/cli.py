@@ -18,7 +18,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from . import console
+from . import console, distributed
 from .errors import UserError
 
 EPILOG = """examples:
@@ -28,6 +28,13 @@ EPILOG = """examples:
   modelpress zoo list                             the embedded models
 
 Recipes are YAML; see README.md ("Recipe format") and recipes/ for ready ones."""
+
+
+NPROC_HELP = ("run on N local worker processes started by torch.distributed's launcher (gloo on the CPU, nccl "
+              "for device: cuda): dfloat11 codes its weights shared across the ranks (streamed: cast, dfloat11 and "
+              "bitdelta share the blocks), EvoPress evaluates its offspring in parallel, Delta-CoMe splits its "
+              "calibration data; only rank 0 prints and writes, and the artifact is the same as with one process. "
+              "Across machines: torchrun ... -m modelpress.cli run RECIPE (docs/scale.md)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-export", action="store_true", help="skip the recipe's export: entries")
     run.add_argument("--no-evaluate", action="store_true", help="skip the recipe's evaluate: entries")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--nproc", type=int, default=1, metavar="N", help=NPROC_HELP)
 
     comp = sub.add_parser("compress", help="run only the recipe's passes and save the artifact",
                           description="Load the model, apply the recipe's passes and save the artifact; no export, "
@@ -55,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("recipe", help="recipe YAML file")
     comp.add_argument("-o", "--output", help="artifact directory (overrides the recipe's output:)")
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    comp.add_argument("--nproc", type=int, default=1, metavar="N", help=NPROC_HELP)
 
     exp = sub.add_parser("export", help="export an artifact's model to ONNX, ONNX Runtime mobile (.ort) or ExecuTorch (.pte)",
                          description="Export the artifact's (rebuilt) model into ARTIFACT/exports/ and print the file path.")
@@ -95,11 +104,13 @@ def _cmd_run(args: argparse.Namespace, export: bool, evaluate: bool) -> None:
     if args.output and len(recipes) > 1:
         raise UserError("--output needs a single-recipe file", args.recipe)
     for i, loaded in enumerate(recipes):
-        if len(recipes) > 1:
+        if len(recipes) > 1 and distributed.is_main():
             names = ", ".join(name for name, _ in loaded.passes) or "no passes"
             console.say(f"[{i + 1}/{len(recipes)}] {loaded.recipe.model.source}: {names}")
         out = run(loaded, export=export, evaluate=evaluate, show_progress=not args.quiet,
                   output=Path(args.output) if args.output else None, log=getattr(args, "log_path", None))
+        if not distributed.is_main():
+            continue
         for line in summary_lines(out):
             console.say(line, result=True)
 
@@ -253,24 +264,87 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "zoo":
             _cmd_zoo(args)
     except UserError as exc:
-        console.say(f"modelpress: error: {exc}")
+        _report(f"modelpress: error: {exc}")
         return 2
+    except distributed.PeerFailed as exc:  # the rank that failed reports its own error
+        if os.environ.get(ERRORS_ENV):
+            Path(os.environ[ERRORS_ENV], f"rank{os.environ['RANK']}.peer").write_text(str(exc))
+        else:
+            console.say(f"modelpress: error: {exc}", always=True)
+        return 1
     except KeyboardInterrupt:
         console.say("modelpress: interrupted; nothing was written")
         return 130
     except Exception:  # a bug: keep its traceback, on the terminal and in the log
+        args.bug = True
         text = traceback.format_exc()
-        console.terminal().write(text)
+        console.say(text.rstrip("\n"), always=True)
         if console.terminal() is not sys.stderr:
             sys.stderr.write(text)
         return 1
+    distributed.shutdown()
     return 0
 
 
+#: set by ``--nproc``: the directory where a worker leaves its one-line error for the launching process
+ERRORS_ENV = "MODELPRESS_ERRORS_DIR"
+
+
+def _report(line: str) -> None:
+    """A one-line error: on the terminal, or (a worker started by ``--nproc``) for the launching process."""
+    errors = os.environ.get(ERRORS_ENV)
+    if distributed.launched():
+        line = f"{line} (rank {os.environ['RANK']})"
+    if errors and distributed.launched():
+        Path(errors, f"rank{os.environ['RANK']}.txt").write_text(line)
+    else:
+        console.say(line, always=True)
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--nproc N``: check the recipe here (its errors are one line, before any worker starts), then run the
+    same command on N workers through torch.distributed's launcher; one line for the first worker that failed."""
+    from .recipe import load_recipes
+
+    try:
+        load_recipes(args.recipe)
+    except UserError as exc:
+        console.say(f"modelpress: error: {exc}")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="modelpress-ranks-") as errors:
+        os.environ[ERRORS_ENV] = errors  # the workers inherit it
+        try:
+            failed = distributed.launch(argv, args.nproc)
+        finally:
+            os.environ.pop(ERRORS_ENV, None)
+        if not failed:
+            return 0
+        reported = sorted(Path(errors).glob("rank*.txt"), key=lambda f: int(f.stem[4:]))
+        if reported:
+            console.say(reported[0].read_text().strip())
+            return 2
+        # the rank that failed first: not one whose collective failed because of it, nor one the launcher stopped
+        followers = {int(f.stem[4:]) for f in Path(errors).glob("rank*.peer")}
+        culprits = sorted(r for r, c in failed.items() if r not in followers and c not in (-15, 128 + 15))
+        rank = (culprits or sorted(failed))[0]
+        code = failed[rank]
+        how = f"was killed by signal {-code}" if code < 0 else f"failed (exit status {code})"
+        console.say(f"modelpress: error: worker rank {rank} {how}; nothing was written")
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if getattr(args, "nproc", 1) < 1:
+        console.say("modelpress: error: --nproc must be at least 1")
+        return 2
+    if getattr(args, "nproc", 1) > 1 and not distributed.launched():
+        return _launch(args, argv)
+    if distributed.launched() and os.environ["RANK"] != "0":
+        console.mute()  # rank 0 speaks for the run
     if args.verbose:
         return _dispatch(args)
     fd, name = tempfile.mkstemp(prefix="modelpress-", suffix=".log")
@@ -278,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     args.log_path = Path(name)
     with console.third_party_output_to(args.log_path):
         code = _dispatch(args)
-    if code == 1:  # a bug: keep the log for the bug report
+    if getattr(args, "bug", False):  # keep the log for the bug report
         console.say(f"modelpress: the full log (other libraries' output included) is in {args.log_path}")
     else:
         args.log_path.unlink(missing_ok=True)

@@ -22,19 +22,30 @@ _TERMINAL: TextIO | None = None  # stderr of the terminal while third-party outp
 _OUT: TextIO | None = None
 
 
+#: set by :func:`mute`: a worker rank other than 0 keeps the terminal for rank 0
+_MUTED: TextIO | None = None
+
+
+def mute() -> None:
+    """Send this process's progress, warnings and results nowhere (a rank other than 0 of a distributed run:
+    rank 0 speaks for the run); :func:`say` with ``always=True`` still reaches the terminal."""
+    global _MUTED
+    _MUTED = _MUTED or open(os.devnull, "w")
+
+
 def terminal() -> TextIO:
     """Where modelpress's progress, warnings and errors go."""
-    return _TERMINAL or sys.stderr
+    return _MUTED or _TERMINAL or sys.stderr
 
 
 def out() -> TextIO:
     """Where modelpress's results (paths, the summary) go."""
-    return _OUT or sys.stdout
+    return _MUTED or _OUT or sys.stdout
 
 
-def say(message: str, *, result: bool = False) -> None:
-    """One line of ours on the terminal (``result=True``: on standard output)."""
-    stream = out() if result else terminal()
+def say(message: str, *, result: bool = False, always: bool = False) -> None:
+    """One line of ours on the terminal (``result=True``: on standard output; ``always``: even when muted)."""
+    stream = (_TERMINAL or sys.stderr) if always else out() if result else terminal()
     print(message, file=stream, flush=True)
 
 

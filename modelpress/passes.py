@@ -192,6 +192,10 @@ class Pass:
 
     # -- streamed compression (modelpress.stream): one decoder block at a time
 
+    #: :meth:`apply_unit` depends on nothing but its unit (not on ``first_layer`` nor on other units), so the
+    #: streamed path may compress the units on different ranks (:mod:`modelpress.distributed`)
+    units_independent: ClassVar[bool] = False
+
     def streams(self) -> bool:
         """Whether this pass, with its options, works layer by layer without activations, so that it can run
         on one block of the model at a time (:meth:`apply_unit`, :meth:`record_units`) with the same result."""

@@ -5,15 +5,17 @@ whole run succeeded (see :func:`modelpress.artifact.atomic_directory`).
 """
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import api
+from . import api, distributed
 from .api import Compressed
-from .artifact import atomic_directory, load_artifact, read_manifest, WEIGHTS
+from .artifact import atomic_directory, discard_staging, load_artifact, read_manifest, WEIGHTS
 from .devices import resolve_device
 from .model import ModelHandle
 from .recipe import LoadedRecipe, load_recipes, parse_recipe
@@ -34,18 +36,23 @@ def check_metric_data(loaded: LoadedRecipe, model: ModelHandle) -> None:
             class_indices(model, data.all().labels, data.name)
 
 
+def _calibration(loaded: LoadedRecipe) -> dict[str, Any]:
+    """The recipe's ``calibration:`` block with its dataset resolved (it was read and checked at parse time)."""
+    c = loaded.recipe.calibration
+    calibration = c.model_dump(exclude_none=True)
+    if c.dataset:
+        calibration["dataset"] = loaded.datasets[c.dataset]
+    return calibration
+
+
 def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) -> Compressed:
     """Load the model (and base), run the passes (:func:`modelpress.api.compress`) and write the artifact
     into ``staging``; returns the result (its ``reference`` is the untouched input model)."""
     r = loaded.recipe
     model = load_model(r.model)
     check_metric_data(loaded, model)
-    # the recipe's dataset was resolved (beside the recipe), read and checked when the recipe was parsed
-    calibration = r.calibration.model_dump(exclude_none=True)
-    if r.calibration.dataset:
-        calibration["dataset"] = loaded.datasets[r.calibration.dataset]
     result = api.compress(model, loaded.passes, base=load_model(r.base) if r.base else None,
-                          calibration=calibration, seed=r.seed, device=r.device,
+                          calibration=_calibration(loaded), seed=r.seed, device=r.device,
                           show_progress=show_progress, where=str(loaded.path) if loaded.path else None)
     result.recipe = loaded.raw
     result.write(staging)
@@ -53,9 +60,10 @@ def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) ->
     return result
 
 
-def compress_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) -> None:
+def compress_streamed(loaded: LoadedRecipe, staging: Path | None, show_progress: bool = True) -> None:
     """The passes run over the model one decoder block at a time (:mod:`modelpress.stream`); the artifact is
-    written into ``staging``, the same bytes as :func:`compress` writes."""
+    written into ``staging``, the same bytes as :func:`compress` writes (``None``: a rank other than 0, which
+    compresses its share of the blocks and writes nothing)."""
     from .passes import CalibrationSpec
     from .stream import compress_streamed as stream
 
@@ -66,7 +74,8 @@ def compress_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool =
            calibration=CalibrationSpec(c.samples, c.batch_size, c.dataset, c.seq_len),
            data=loaded.datasets.get(c.dataset) if c.dataset else None, recipe=loaded.raw,
            show_progress=show_progress)
-    _write_recipe(loaded, staging)
+    if staging is not None:
+        _write_recipe(loaded, staging)
 
 
 def _write_recipe(loaded: LoadedRecipe, staging: Path) -> None:
@@ -77,11 +86,42 @@ def _write_recipe(loaded: LoadedRecipe, staging: Path) -> None:
 
 
 def streams(loaded: LoadedRecipe) -> bool:
-    """Whether the recipe runs streamed (its ``stream:`` option; see :func:`modelpress.stream.use_streaming`)."""
+    """Whether the recipe runs streamed (its ``stream:`` option; see :func:`modelpress.stream.use_streaming`);
+    with several ranks, rank 0's choice (``stream: auto`` looks at the memory available now)."""
     from .stream import use_streaming
 
     r = loaded.recipe
-    return use_streaming(r.stream, r.model, r.base, loaded.passes, str(loaded.path or "recipe"))
+    return distributed.from_main(use_streaming(r.stream, r.model, r.base, loaded.passes, str(loaded.path or "recipe")))
+
+
+def join_workers(loaded: LoadedRecipe) -> bool:
+    """Under torch.distributed's launcher (``--nproc``, torchrun): join the process group (gloo, or nccl for a
+    CUDA ``device:``) and make a rank that its launcher terminates (another rank failed) remove its staging
+    directory before it exits. Returns whether this run has several ranks (:mod:`modelpress.distributed`)."""
+    if not distributed.launched():
+        return False
+    if not distributed.active():
+        distributed.init_from_env(resolve_device(loaded.recipe.device, str(loaded.path or "recipe")))
+        signal.signal(signal.SIGTERM, _terminated)
+    return distributed.active()
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    discard_staging()
+    os._exit(128 + signum)
+
+
+def _work_as_rank(loaded: LoadedRecipe) -> None:
+    """A rank other than 0: the same passes with the same seed, taking part in the exchanges of the shared
+    work; it writes, prints and evaluates nothing (rank 0 does)."""
+    r = loaded.recipe
+    if streams(loaded):
+        compress_streamed(loaded, None, show_progress=False)
+    else:
+        api.compress(load_model(r.model), loaded.passes, base=load_model(r.base) if r.base else None,
+                     calibration=_calibration(loaded), seed=r.seed, device=r.device, keep_reference=False,
+                     where=str(loaded.path) if loaded.path else None)
+    distributed.barrier()
 
 
 def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, show_progress: bool = True,
@@ -91,9 +131,14 @@ def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, sho
     from .metrics.report import build_report
 
     out = Path(output) if output else loaded.output
+    if join_workers(loaded) and not distributed.is_main():
+        _work_as_rank(loaded)
+        return out
+    show_progress = show_progress and distributed.is_main()
     with atomic_directory(out) as staging:
         if streams(loaded):
             compress_streamed(loaded, staging, show_progress)
+            distributed.barrier()  # every rank's share is in (a rank that failed fails the run here)
             # the report compares with the input model, loaded whole (evaluation does not stream yet)
             wanted = (export and loaded.exports) or (evaluate and loaded.recipe.evaluate)
             reference = load_model(loaded.recipe.model) if wanted else None
@@ -101,6 +146,7 @@ def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, sho
             export, evaluate = bool(wanted) and export, bool(wanted) and evaluate
         else:
             result = compress(loaded, staging, show_progress)
+            distributed.barrier()
             reference, base = result.reference, result.base
             del result  # the compressed module in memory: what is evaluated is the artifact as loaded
         if export or evaluate:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import console
+from . import console, distributed
 from .artifact import (WEIGHTS, WEIGHTS_METADATA, WeightsSpool, artifact_state, build_manifest, hash_tensor,
                        module_entries, tensor_entry, write_manifest)
 from .data import Dataset
@@ -282,27 +282,42 @@ def use_streaming(option: StreamOption, model: Any, base: Any, passes: list[tupl
 # The streamed run
 
 
-def compress_streamed(model: Any, passes: list[tuple[str, Any]], staging: Path, *, base: Any = None,
+def compress_streamed(model: Any, passes: list[tuple[str, Any]], staging: Path | None, *, base: Any = None,
                       seed: int = 0, calibration: CalibrationSpec | None = None, data: Dataset | None = None,
-                      recipe: dict[str, Any] | None = None, show_progress: bool = False) -> dict[str, Any]:
+                      recipe: dict[str, Any] | None = None, show_progress: bool = False) -> dict[str, Any] | None:
     """Compress ``model`` (a recipe's model spec: ``source``, ``kind``, ``config``) with ``passes`` block by block
-    into the staging directory ``staging`` (see the module docstring); returns the manifest."""
+    into the staging directory ``staging`` (see the module docstring); returns the manifest.
+
+    With several ranks (:mod:`modelpress.distributed`) and passes whose units are independent
+    (:attr:`~modelpress.passes.Pass.units_independent`), the units are compressed in rounds of one per rank and
+    gathered on rank 0, which appends them in the model's order: the same bytes as one process. Rank 0 is
+    called with the staging directory and returns the manifest; the other ranks with ``None`` and return
+    ``None``. With passes that number their layers across units (DARE's per-layer seeds) rank 0 compresses
+    every unit alone."""
     ft = LazyModel(model.source, model.kind, model.config)
     lazy_base = LazyModel(base.source, base.kind, base.config, "base") if base is not None else None
     if lazy_base is not None:
         check_same_layout(ft, lazy_base)
     objs: list[Pass] = [get_pass(name)(config) for name, config in passes]
+    ctx = Context(seed=seed, calibration=calibration or CalibrationSpec(), data=data, show_progress=False)
+    units = ft.units()
+    base_units = lazy_base.units() if lazy_base is not None else [None] * len(units)
+    shared = distributed.active() and all(p.units_independent for p in objs)
+    if staging is None:  # a rank other than 0
+        if shared:
+            for start in range(0, len(units), distributed.world_size()):
+                i = start + distributed.rank()
+                distributed.gather_to_main(
+                    _compress_unit(ft, lazy_base, units[i], base_units[i], objs, ctx, seed) if i < len(units) else None)
+        return None
     inputs = {"model": ft.input_record()}
     if lazy_base is not None:
         inputs["base"] = lazy_base.input_record()
     if data is not None:
         inputs["calibration"] = {"dataset": data.name, "random": data.is_random}
-    ctx = Context(seed=seed, calibration=calibration or CalibrationSpec(), data=data, show_progress=False)
-    units = ft.units()
-    base_units = lazy_base.units() if lazy_base is not None else [None] * len(units)
     spool = WeightsSpool(Path(staging) / WEIGHTS)
     try:
-        record = _run_units(ft, lazy_base, units, base_units, objs, ctx, spool, seed, show_progress)
+        record = _run_units(ft, lazy_base, units, base_units, objs, ctx, spool, seed, show_progress, shared)
         manifest = _manifest(ft, passes, objs, ctx, record, recipe, inputs)
         spool.finish(WEIGHTS_METADATA)
     except BaseException:
@@ -323,34 +338,83 @@ class _Written:
     largest_unit_bytes: int
 
 
+@dataclass
+class _UnitResult:
+    """What one unit contributes to the artifact (what a rank sends to rank 0)."""
+
+    state: dict[str, torch.Tensor]
+    aliases: dict[str, str]
+    from_base: dict[str, str]
+    modules: list[dict[str, Any]]
+    parts: list[dict[str, Any]]
+    seconds: list[float]
+    nbytes: int
+
+
+def _compress_unit(ft: LazyModel, base: LazyModel | None, unit: Unit, base_unit: Unit | None, objs: list[Pass],
+                   ctx: Context, seed: int, first_layer: list[int] | None = None) -> _UnitResult:
+    """Read one unit (and the base's), run every pass on it, and return its artifact tensors and records;
+    the unit's weights are dropped. The passes run as in one process (:func:`modelpress.distributed.alone`):
+    with several ranks the unit is this rank's share."""
+    with distributed.alone():
+        return _compress_unit_here(ft, base, unit, base_unit, objs, ctx, seed, first_layer)
+
+
+def _compress_unit_here(ft: LazyModel, base: LazyModel | None, unit: Unit, base_unit: Unit | None,
+                        objs: list[Pass], ctx: Context, seed: int, first_layer: list[int] | None) -> _UnitResult:
+    handle = ft.handle(ft.materialize(unit.module))
+    base_module = base.materialize(base_unit.module) if base is not None else None
+    nbytes = sum(t.numel() * t.element_size() for t in handle.module.state_dict().values())
+    parts, seconds = [], []
+    for i, p in enumerate(objs):
+        t0 = time.perf_counter()
+        with seeded(seed + i), torch.random.fork_rng():
+            handle, part = p.apply_unit(handle, ctx, base_module, first_layer[i] if first_layer else 0)
+        seconds.append(time.perf_counter() - t0)
+        parts.append(part)
+        if first_layer:
+            first_layer[i] += int(part.get("layers", 0))
+    state, aliases, from_base = artifact_state(handle.module, base_module)
+    modules = module_entries(handle.module)
+    unit.module = None  # materialized in place: drop the unit's weights before the next one
+    if base_unit is not None:
+        base_unit.module = None
+    return _UnitResult(state, aliases, from_base, modules, parts, seconds, nbytes)
+
+
 def _run_units(ft: LazyModel, base: LazyModel | None, units: list[Unit], base_units: list[Unit | None],
-               objs: list[Pass], ctx: Context, spool: WeightsSpool, seed: int, show_progress: bool) -> _Written:
+               objs: list[Pass], ctx: Context, spool: WeightsSpool, seed: int, show_progress: bool,
+               shared: bool = False) -> _Written:
+    """Rank 0's (or the only process's) loop: every unit's result appended to the spool in the model's order;
+    ``shared``: in rounds of one unit per rank, the others' gathered here."""
     out = _Written([[] for _ in objs], [0.0] * len(objs), [], {}, {}, {}, 0)
     first_layer = [0] * len(objs)
-    for unit, base_unit in zip(console.progress(units, desc="stream", disable=not show_progress), base_units):
-        handle = ft.handle(ft.materialize(unit.module))
-        base_module = base.materialize(base_unit.module) if base is not None else None
-        out.largest_unit_bytes = max(out.largest_unit_bytes,
-                                     sum(t.numel() * t.element_size() for t in handle.module.state_dict().values()))
-        for i, p in enumerate(objs):
-            t0 = time.perf_counter()
-            with seeded(seed + i), torch.random.fork_rng():
-                handle, part = p.apply_unit(handle, ctx, base_module, first_layer[i])
-            out.seconds[i] += time.perf_counter() - t0
-            out.parts[i].append(part)
-            first_layer[i] += int(part.get("layers", 0))
-        state, aliases, from_base = artifact_state(handle.module, base_module)
-        out.modules += module_entries(handle.module)
-        for key, t in state.items():
-            spool.add(key, t)
-            out.tensors[key] = (t.dtype, tuple(t.shape))
-        out.aliases.update(aliases)
-        out.from_base.update(from_base)
-        del handle, base_module, state
-        unit.module = None  # materialized in place: drop the unit's weights before the next one
-        if base_unit is not None:
-            base_unit.module = None
+    step = distributed.world_size() if shared else 1
+    bar = console.progress(total=len(units), desc="stream", disable=not show_progress)
+    for start in range(0, len(units), step):
+        if shared:
+            results = [r for r in distributed.gather_to_main(
+                _compress_unit(ft, base, units[start], base_units[start], objs, ctx, seed)) if r is not None]
+        else:
+            results = [_compress_unit(ft, base, units[start], base_units[start], objs, ctx, seed, first_layer)]
+        for r in results:
+            _append(out, r, spool)
+            bar.update(1)
+    bar.close()
     return out
+
+
+def _append(out: _Written, r: _UnitResult, spool: WeightsSpool) -> None:
+    out.largest_unit_bytes = max(out.largest_unit_bytes, r.nbytes)
+    for i, (part, seconds) in enumerate(zip(r.parts, r.seconds)):
+        out.parts[i].append(part)
+        out.seconds[i] += seconds
+    out.modules += r.modules
+    for key, t in r.state.items():
+        spool.add(key, t)
+        out.tensors[key] = (t.dtype, tuple(t.shape))
+    out.aliases.update(r.aliases)
+    out.from_base.update(r.from_base)
 
 
 def _manifest(ft: LazyModel, passes: list[tuple[str, Any]], objs: list[Pass], ctx: Context, w: _Written,

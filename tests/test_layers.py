@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "modelpress"
 #: recipe, pipeline -> cli and the package's lazy entry points
 LAYERS: list[set[str]] = [
     {"errors", "console", "_version", "registry"},
-    {"model", "kernels", "sampling", "devices", "shards", "diffusers_pipeline"},
+    {"model", "kernels", "sampling", "devices", "distributed", "shards", "diffusers_pipeline"},
     {"passes", "modules", "zoo", "sources", "data"},
     {"quant", "codecs", "prune", "search", "builtin"},
     {"artifact", "stream"},

@@ -30,6 +30,8 @@ class Cast(Pass):
         self.record_units([part], ctx)
         return model
 
+    units_independent = True
+
     def streams(self) -> bool:
         return True
 

@@ -177,6 +177,8 @@ class BitDeltaPass(Pass):
         self.record_units([part], ctx)
         return model.replace_module(student.eval())
 
+    units_independent = True
+
     def streams(self) -> bool:
         return self.config.steps == 0  # scale distillation needs the whole model's outputs
 

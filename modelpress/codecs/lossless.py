@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from .. import distributed
 from ..errors import CorruptData, UserError
 from ..kernels import entropy as E
 from ..model import ModelHandle, align_to_base, cast_weights, is_conv1d
@@ -558,6 +559,8 @@ class DFloat11(Pass):
         self.record_units([part], ctx)
         return model.replace_module(module)
 
+    units_independent = True
+
     def streams(self) -> bool:
         return True  # every weight is coded on its own
 
@@ -581,9 +584,8 @@ class DFloat11(Pass):
         chosen, tied, skipped = _candidates(module, list(cfg.modules), cfg.min_elements)
         originals = {n: module.get_submodule(n) for n in tied}
         coded: list[tuple[str, int, int, float, int]] = []  # name, elements, coded bytes, bound, element size
-        for name, m in ctx.progress(chosen, desc="dfloat11"):
-            enc, bound = encode_tensor(m.weight, cfg.block_size, cfg.mantissa_bits, cfg.max_code_length,
-                                       lane_weights=EMBEDDING_LANE_WEIGHTS if isinstance(m, nn.Embedding) else None)
+        encodings = self._encode_all(chosen, ctx)
+        for (name, m), (enc, bound) in zip(chosen, encodings):
             new = _coded_module(m, enc, cfg.fused_rows)
             for other, owner in tied.items():  # the same coded buffers (stored once: artifact aliases)
                 if owner == name:
@@ -598,6 +600,21 @@ class DFloat11(Pass):
                 module = new
         return module, {"dtypes": sorted(str(d).replace("torch.", "") for d in dtypes), "coded": coded,
                         "tied": tied, "skipped": skipped}
+
+    def _encode_all(self, chosen: list[tuple[str, nn.Module]], ctx: Context) -> list[tuple[E.Encoded, float]]:
+        """:func:`encode_tensor` of every chosen weight; with several ranks each codes its share (by weight
+        count, :func:`modelpress.distributed.map_shared`) and all get every encoding: the same bytes as one
+        process, since coding a weight depends on that weight only."""
+        cfg = self.config
+
+        def encode(item: tuple[str, nn.Module]) -> tuple[E.Encoded, float]:
+            m = item[1]
+            return encode_tensor(m.weight, cfg.block_size, cfg.mantissa_bits, cfg.max_code_length,
+                                 lane_weights=EMBEDDING_LANE_WEIGHTS if isinstance(m, nn.Embedding) else None)
+
+        numba_threads_like_torch()  # several ranks on one machine: one thread each (the launcher's OMP_NUM_THREADS)
+        return distributed.map_shared(encode, ctx.progress(chosen, desc="dfloat11"),
+                                      [m.weight.numel() for _, m in chosen])
 
     def record_units(self, parts: list[dict[str, Any]], ctx: Context,
                      rank: Callable[[str], int] | None = None) -> None:

@@ -13,6 +13,9 @@ dropping) takes one level from a precomputed database (:mod:`modelpress.search.l
 * **Multi-step selection** (Sec. 3.3): the offspring are ranked on a small *fresh* random calibration batch,
   the best ``survivors[0]`` are re-ranked on a larger fresh batch, and so on; the parent joins before the
   last stage (elitism), whose single survivor is the next parent.
+* **Parallel evaluation**: with several ranks (:mod:`modelpress.distributed`) every rank draws the same
+  offspring and stage samples from the same seed, evaluates a fixed share of each stage's candidates and
+  all-gathers the fitnesses, so the search takes the same path as in one process.
 * **Fitness**: divergence of the compressed model's outputs from the dense model's on the same inputs.
   Classifiers: KL(p_dense || p_compressed) of the class distributions (the paper uses the token-level KL of a
   language model's next-token distribution, which is what causal LMs get here: the KL of every real token's
@@ -39,6 +42,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from .. import distributed
 from ..errors import UserError
 from ..model import ModelHandle
 from ..passes import Context, Pass, PassConfig, register_pass
@@ -75,11 +79,13 @@ def evolve(space: SearchSpace, switcher: LevelSwitcher, model: nn.Module, pool: 
         nonlocal evals
         idx = rng.choice(len(pool), size=min(m, len(pool)), replace=False)
         stage_log.append(sorted(int(i) for i in idx))
-        fits = []
-        for c in cands:
+
+        def fitness(c: list[int]) -> float:
             switcher.apply(c)
-            fits.append(pool.fitness(model, idx))
-            evals += 1
+            return pool.fitness(model, idx)
+
+        fits = distributed.map_shared(fitness, cands)  # several ranks: each evaluates its share, all get all
+        evals += len(cands)
         order = np.argsort(fits, kind="stable")[:keep]
         return [cands[i] for i in order], [fits[i] for i in order]
 
@@ -279,8 +285,9 @@ class EvoPressPass(Pass):
                     canon(*b)
             return collect_hessians(handle.module, units, run)
 
-        return build_database(root, handle.module, spec, units, hessians if pool is not None else None, calib,
-                              progress=ctx.progress)
+        with distributed.main_first():  # rank 0 fills the cache; the others find it (or, not shared, build)
+            return build_database(root, handle.module, spec, units, hessians if pool is not None else None, calib,
+                                  progress=ctx.progress)
 
     def _search(self, space: SearchSpace, switcher: LevelSwitcher, canon: nn.Module, pool: CalibrationPool,
                 cfg: "EvoPressPass.Config", ctx: Context) -> tuple[list[int], dict[str, Any]]:
