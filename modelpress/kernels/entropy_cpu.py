@@ -615,6 +615,16 @@ def _widen_raw_intrinsic(kind: int):
     return widen_raw
 
 
+def _merge_raw_bytes(builder, v, r):
+    """Eight 16-bit words ``v`` (decoded codes: the symbol in bits 7-14) with their raw bytes ``r`` (``<8 x i8>``:
+    the sign on top of seven mantissa bits) put in: ``v & 0x7f80 | (r & 0x80) << 8 | r & 0x7f``."""
+    vw = ir.VectorType(ir.IntType(16), 8)
+    splat = lambda c: ir.Constant(vw, [c] * 8)  # noqa: E731
+    r = builder.zext(r, vw)
+    raw = builder.or_(builder.shl(builder.and_(r, splat(0x80)), splat(8)), builder.and_(r, splat(0x7F)))
+    return builder.or_(builder.and_(v, splat(0x7F80)), raw)
+
+
 def _widen_bytes_intrinsic(kind: int):
     """An intrinsic ``widen_bytes(buf, a, n_vec, row, stream, at)`` for 16-bit words whose raw field is one byte,
     the sign on top (format version 6 with ``R = 8``: bf16 with the exponent-only symbol, DFloat11's layout, or
@@ -626,16 +636,11 @@ def _widen_bytes_intrinsic(kind: int):
         sig = types.void(buf, a, n_vec, row, stream, at)
 
         def codegen(context, builder, sig, args):
-            vw = ir.VectorType(ir.IntType(16), 8)
             vb = ir.VectorType(ir.IntType(8), 8)
-            splat = lambda v: ir.Constant(vw, [v] * 8)  # noqa: E731
             sa = context.make_array(sig.args[4])(context, builder, args[4])
 
             def merge(v, i, off):
-                src = builder.gep(sa.data, [builder.add(args[5], off)])
-                r = builder.zext(builder.load(builder.bitcast(src, vb.as_pointer()), align=1), vw)
-                raw = builder.or_(builder.shl(builder.and_(r, splat(0x80)), splat(8)), builder.and_(r, splat(0x7F)))
-                return builder.or_(builder.and_(v, splat(0x7F80)), raw)
+                return _merge_raw_bytes(builder, v, _load_vector(builder, sa, builder.add(args[5], off), vb, 1))
             _emit_widen_loop(context, builder, sig, args, kind, "widen_bytes", merge)
             return context.get_dummy_value()
         return sig, codegen
@@ -683,6 +688,44 @@ def _widen_raw_row(buf, a, k_len, kind, row, stream, at, raw_bits, raw_sign):
         row[k] = np.float32(0.0)
 
 
+def _emit_dot_loop(builder, n32, product) -> ir.Value:
+    """The loop of the dot-product intrinsics, in the order of :func:`entropy.linear_reference`: four ``<8 x
+    float>`` accumulators (the 32 partial sums) take ``product(i, q)`` (the products of weights ``32 i + 8 q`` to
+    ``+ 8``) for ``i < n32``, then the halving tree; returns the float sum."""
+    i64 = ir.IntType(64)
+    v8 = ir.VectorType(ir.FloatType(), 8)
+    pre, body, done, i = _ir_loop(builder, "dot")
+    accs = [builder.phi(v8) for _ in range(4)]
+    zero = ir.Constant(v8, [0.0] * 8)
+    for a in accs:
+        a.add_incoming(zero, pre)
+    builder.cbranch(builder.icmp_unsigned("<", i, n32), body, done)
+    builder.position_at_end(body)
+    new = [builder.fadd(accs[q], product(i, q)) for q in range(4)]
+    nxt = builder.add(i, ir.Constant(i64, 1))
+    for a, v in zip(accs, new):
+        a.add_incoming(v, builder.block)
+    i.add_incoming(nxt, builder.block)
+    builder.branch(i.parent)
+    builder.position_at_end(done)
+    b0 = builder.fadd(accs[0], accs[2])     # h = 16: lanes 0-15 += lanes 16-31
+    b1 = builder.fadd(accs[1], accs[3])
+    c = builder.fadd(b0, b1)                # h = 8
+    lo = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(ir.IntType(32), 4), [0, 1, 2, 3]))
+    hi = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(ir.IntType(32), 4), [4, 5, 6, 7]))
+    d = builder.fadd(lo, hi)                # h = 4
+    e0 = builder.fadd(builder.extract_element(d, ir.Constant(ir.IntType(32), 0)),
+                      builder.extract_element(d, ir.Constant(ir.IntType(32), 2)))   # h = 2
+    e1 = builder.fadd(builder.extract_element(d, ir.Constant(ir.IntType(32), 1)),
+                      builder.extract_element(d, ir.Constant(ir.IntType(32), 3)))
+    return builder.fadd(e0, e1)             # h = 1
+
+
+def _load_vector(builder, ary, idx, vtype, align: int):
+    """``vtype`` (an LLVM vector) loaded from element ``idx`` of a numba array's data."""
+    return builder.load(builder.bitcast(builder.gep(ary.data, [idx]), vtype.as_pointer()), align=align)
+
+
 @intrinsic
 def _dot(typingctx, r, x):
     """``sum_k r[k] * x[k]`` of two contiguous float32 arrays (length a multiple of 32, ``x`` at least as long as
@@ -696,42 +739,43 @@ def _dot(typingctx, r, x):
     sig = types.float32(r, x)
 
     def codegen(context, builder, sig, args):
-        f32 = ir.FloatType()
-        v8 = ir.VectorType(f32, 8)
         i64 = ir.IntType(64)
+        v8 = ir.VectorType(ir.FloatType(), 8)
         ra = context.make_array(sig.args[0])(context, builder, args[0])
         xa = context.make_array(sig.args[1])(context, builder, args[1])
         n = builder.udiv(builder.extract_value(ra.shape, 0), ir.Constant(i64, 32))
-        pre, body, done, i = _ir_loop(builder, "dot")
-        accs = [builder.phi(v8) for _ in range(4)]
-        zero = ir.Constant(v8, [0.0] * 8)
-        for a in accs:
-            a.add_incoming(zero, pre)
-        builder.cbranch(builder.icmp_unsigned("<", i, n), body, done)
-        builder.position_at_end(body)
-        new = []
-        for q in range(4):
+
+        def product(i, q):
             off = builder.add(builder.mul(i, ir.Constant(i64, 32)), ir.Constant(i64, 8 * q))
-            rv = builder.load(builder.bitcast(builder.gep(ra.data, [off]), v8.as_pointer()), align=4)
-            xv = builder.load(builder.bitcast(builder.gep(xa.data, [off]), v8.as_pointer()), align=4)
-            new.append(builder.fadd(accs[q], builder.fmul(rv, xv)))
-        nxt = builder.add(i, ir.Constant(i64, 1))
-        for a, v in zip(accs, new):
-            a.add_incoming(v, builder.block)
-        i.add_incoming(nxt, builder.block)
-        builder.branch(i.parent)
-        builder.position_at_end(done)
-        b0 = builder.fadd(accs[0], accs[2])     # h = 16: lanes 0-15 += lanes 16-31
-        b1 = builder.fadd(accs[1], accs[3])
-        c = builder.fadd(b0, b1)                # h = 8
-        lo = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(ir.IntType(32), 4), [0, 1, 2, 3]))
-        hi = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(ir.IntType(32), 4), [4, 5, 6, 7]))
-        d = builder.fadd(lo, hi)                # h = 4
-        e0 = builder.fadd(builder.extract_element(d, ir.Constant(ir.IntType(32), 0)),
-                          builder.extract_element(d, ir.Constant(ir.IntType(32), 2)))   # h = 2
-        e1 = builder.fadd(builder.extract_element(d, ir.Constant(ir.IntType(32), 1)),
-                          builder.extract_element(d, ir.Constant(ir.IntType(32), 3)))
-        return builder.fadd(e0, e1)             # h = 1
+            return builder.fmul(_load_vector(builder, ra, off, v8, 4), _load_vector(builder, xa, off, v8, 4))
+        return _emit_dot_loop(builder, n, product)
+    return sig, codegen
+
+
+@intrinsic
+def _dot_raw_bytes(typingctx, buf, a, n32, stream, at, x):
+    """:func:`_dot` of one weight row of 16-bit words with one raw byte each (what :func:`_widen_bytes_intrinsic`
+    widens: ``buf[a:]`` the decoded codes, the raw bytes from ``stream[at:]``, ``32 * n32`` weights) with the
+    float32 ``x``, merged, widened and multiplied in registers: the row is never stored (batch 1). Same
+    summation order, so the same bits as widening first and then :func:`_dot` (bf16 words only)."""
+    sig = types.float32(buf, a, n32, stream, at, x)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        vw = ir.VectorType(ir.IntType(16), 8)
+        vb = ir.VectorType(ir.IntType(8), 8)
+        v8 = ir.VectorType(ir.FloatType(), 8)
+        ba = context.make_array(sig.args[0])(context, builder, args[0])
+        sa = context.make_array(sig.args[3])(context, builder, args[3])
+        xa = context.make_array(sig.args[5])(context, builder, args[5])
+
+        def product(i, q):
+            off = builder.add(builder.mul(i, ir.Constant(i64, 32)), ir.Constant(i64, 8 * q))
+            v = _load_vector(builder, ba, builder.add(args[1], off), vw, 2)
+            r = _load_vector(builder, sa, builder.add(args[4], off), vb, 1)
+            w = _widen_vector(builder, _merge_raw_bytes(builder, v, r), 0)
+            return builder.fmul(w, _load_vector(builder, xa, off, v8, 4))
+        return _emit_dot_loop(builder, args[2], product)
     return sig, codegen
 
 
@@ -748,7 +792,14 @@ def _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, mul
     _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps, buf,
                   status, base, not merge)
     end = min(n, base + 4 * lane_size)
+    direct = raw_sign and raw_bits == 8 and kind == 0 and x.shape[0] == 1 and k_len % FUSED_ACC == 0
     for r in range(base // k_len, end // k_len):
+        if direct:  # batch 1, one raw byte per bf16 weight: merge, widen and multiply in registers
+            k = r * k_len // lane_size
+            v = _dot_raw_bytes(buf, r * k_len - base, k_len // FUSED_ACC, stream,
+                               lane_start[k] + r * k_len - k * lane_size, x[0])
+            y[0, r] = v + bias[r] if has_bias else v
+            continue
         if merge:
             k = r * k_len // lane_size
             at = lane_start[k] + (r * k_len - k * lane_size) * raw_bits // 8
