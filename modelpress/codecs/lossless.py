@@ -549,7 +549,8 @@ class DFloat11(Pass):
         min_elements: int = Field(4096, ge=0)
         #: inputs of at most this many rows (tokens) run the fused decode + matmul kernel (faster, outputs equal
         #: to F.linear up to float32 summation order); 0 keeps outputs bit-identical. Measured: 256 on AVX2-only
-        #: CPUs (FUSED_MAX_ROWS), 1 with native bf16 (AVX512-BF16); ``mantissa_bits: 0`` decodes faster
+        #: CPUs (FUSED_MAX_ROWS), 1 with native bf16 (AVX512-BF16); ``mantissa_bits: 0`` with ``raw_sign: true``
+        #: decodes fastest (recipes/lossless_fused.yaml)
         fused_rows: int = Field(0, ge=0, le=1 << 20)
 
     compresses = True
