@@ -14,7 +14,8 @@ Decoding a lane takes two passes over its output (see the format in :mod:`entrop
    independent dependency chains). 32-bit words use the one-code table.
 2. *raw bits*: the raw section holds ``R`` bits per weight at fixed offsets, so eight weights' raw bits are
    ``R`` bytes; they are spread to 16-bit lanes with shifts and masks and OR-ed into the output four words
-   at a time, branch-free.
+   at a time, branch-free (format version 6: the field's top bit goes to the sign bit; with one raw byte per
+   weight the fused kernel merges the bytes with vector code, and at batch 1 multiplies without storing the row).
 
 Beyond whole tensors: :func:`decode_rows` decodes only the lanes that hold given rows (embedding lookups), and
 :func:`fused_linear` decodes a weight block by block into thread-local, cache-sized buffers and multiplies each
