@@ -6,7 +6,9 @@ weights, activations and machine load. Every configuration first checks that bot
 outputs. Times are per-thread CPU times (``time.thread_time``; one numba and one torch thread), so time spent
 preempted by other jobs on a shared machine does not count; min and median of ``--repeats``.
 
-    python benchmarks/lossless_decoder_ab.py [--ref 9b330fb] [--repeats 11] [--mantissa-bits 2 0]
+    python benchmarks/lossless_decoder_ab.py [--ref 9b330fb] [--repeats 11] [--symbols 2 0 0-raw-sign]
+
+(``--symbols`` as in ``lossless_kernels.py``; ``K-raw-sign`` needs a ``--ref`` that reads format version 6.)
 
 Writes ``lossless_decoder_ab.md`` and ``.json`` in ``--out``.
 """
@@ -36,7 +38,7 @@ from modelpress.kernels import entropy as E  # noqa: E402
 from modelpress.kernels import entropy_cpu as C  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lossless_kernels import cpu_features, synthetic_weight  # noqa: E402
+from lossless_kernels import cpu_features, parse_symbol, synthetic_weight  # noqa: E402
 
 
 def reference_kernels(ref: str, root: Path) -> tuple:
@@ -56,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", default="9b330fb", help="the commit whose kernels are the A side")
     ap.add_argument("--repeats", type=int, default=11)
-    ap.add_argument("--mantissa-bits", type=int, nargs="+", default=[2, 0])
+    ap.add_argument("--symbols", nargs="+", default=["2", "0"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
@@ -67,8 +69,9 @@ def main() -> None:
         RE, RC = reference_kernels(args.ref, Path(tmp))
         w = synthetic_weight(4096, 4096, 0)
         rows = []
-        for k in args.mantissa_bits:
-            enc, _ = encode_tensor(w, mantissa_bits=k)
+        for symbol in args.symbols:
+            k, raw_sign = parse_symbol(symbol)
+            enc, _ = encode_tensor(w, mantissa_bits=k, raw_sign=raw_sign)
             plan = E.validate(enc)
             ref_plan = RE.validate(RE.Encoded(*[a.copy() for a in enc.arrays().values()]))
             for batch in args.batches:
@@ -86,7 +89,7 @@ def main() -> None:
                         t0 = time.thread_time()
                         f()
                         ts[name].append(time.thread_time() - t0)
-                row = {"mantissa_bits": k, "bits_per_weight": round(enc.nbytes * 8 / w.numel(), 3), "batch": batch,
+                row = {"mantissa_bits": k, "symbol": symbol, "bits_per_weight": round(enc.nbytes * 8 / w.numel(), 3), "batch": batch,
                        **{f"{n}_ms": {"min": round(min(t) * 1e3, 2), "median": round(statistics.median(t) * 1e3, 2)}
                           for n, t in ts.items()},
                        "new_over_ref_min": round(min(ts["new"]) / min(ts["ref"]), 3),
@@ -100,10 +103,10 @@ def main() -> None:
            f"the end; torch {torch.__version__}, numba {numba.__version__}; {args.repeats} repeats, 1 thread, CPU time")
     lines = ["# Fused decode + GEMV: this kernel against an earlier commit's (4096x4096 bf16, 1 thread)", "",
              f"Run: {run}", "",
-             "| mantissa bits (bits/weight) | batch | new ms min / med | ref ms min / med | dense F.linear ms min / med | "
+             "| symbol (bits/weight) | batch | new ms min / med | ref ms min / med | dense F.linear ms min / med | "
              "new / ref (min) | new / dense min / med | ref / dense (min) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mantissa_bits']} ({r['bits_per_weight']}) | {r['batch']} | "
+        lines.append(f"| {r['symbol']} ({r['bits_per_weight']}) | {r['batch']} | "
                      f"{r['new_ms']['min']} / {r['new_ms']['median']} | {r['ref_ms']['min']} / {r['ref_ms']['median']} | "
                      f"{r['dense_ms']['min']} / {r['dense_ms']['median']} | {r['new_over_ref_min']} | "
                      f"{r['new_over_dense_min']} / {r['new_over_dense_median']} | {r['ref_over_dense_min']} |")

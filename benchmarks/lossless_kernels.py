@@ -12,20 +12,26 @@ per-row scale, since no LLM is available offline) and batch 1, 4, 16, 64, at 1 a
 * how the output differs from ``F.linear`` (summation order): the share of bit-identical outputs and the largest
   difference over the output rms; and for 4096x4096
   at batch 1 and 4 bit-equality with ``entropy.linear_reference`` (the fused kernels' defined order);
-* each with the weights coded with the default symbol (``--mantissa-bits 2``: sign, exponent, two mantissa bits;
-  the smallest) and the exponent-only symbol (``0``: ~0.06 bits/weight larger, four codes per table lookup);
+* each with the weights coded with each of ``--symbols``: the default symbol (``2``: sign, exponent, two mantissa
+  bits; the smallest), the sign-and-exponent symbol (``0``: ~0.06 bits/weight larger, four codes per table
+  lookup) and DFloat11's own layout (``0-raw-sign``: the exponent alone is coded, sign and mantissa stored as one
+  raw byte, format version 6; the same size as ``0``, shorter codes); ``K-raw-sign`` for other ``K``;
 * the fused / dense threshold: ``fused`` against ``decode`` (decode the whole weight, then ``F.linear``: the
   module's path above ``fused_max_rows``) on 4096x4096 at batch 1..256;
 * embedding: 32 token ids from a 32000x4096 bf16 table: ``LosslessEmbedding`` (decodes only the rows' lanes)
   against decoding the whole table, and torch's dense lookup;
 * fp8: bits/weight of all-MiniLM-L6-v2's coded weights cast to float8_e4m3fn / float8_e5m2 (and float16):
-  ours, ZipNN (``zipnn``), zstd-3, all side data included; every round trip checked bit for bit.
+  ours, ZipNN (``zipnn``), zstd-3, all side data included; every round trip checked bit for bit;
+* sizes: bits/weight of all-MiniLM-L6-v2's coded weights in bf16 with each of ``--symbols`` (round trips checked).
 
-    python benchmarks/lossless_kernels.py [--repeats 5] [--no-head] [--parts linear embedding] [--out DIR]
-        [--mantissa-bits 2 0]
+    python benchmarks/lossless_kernels.py [--repeats 5] [--no-head] [--parts linear embedding sizes] [--out DIR]
+        [--symbols 2 0 0-raw-sign] [--shapes 4096x4096] [--batches 1 4] [--stem lossless_kernels]
 
-Writes ``lossless_kernels.md`` and ``lossless_kernels.json`` in ``--out`` (with ``--parts``, only those parts
-are measured again and the others kept from the existing json).
+Writes ``<stem>.md`` and ``<stem>.json`` in ``--out`` (with ``--parts``, only those parts are measured again and
+the others kept from the existing json). The batch-1 check of issue 22 (under 4 minutes):
+
+    python benchmarks/lossless_kernels.py --parts linear sizes --shapes 4096x4096 --batches 1 4 \
+        --symbols 2 0 0-raw-sign --repeats 15 --stem lossless_batch1
 """
 from __future__ import annotations
 
@@ -102,13 +108,22 @@ def difference(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
             "max_diff_over_rms": float(f"{float((yf - rf).abs().max() / rf.pow(2).mean().sqrt()):.3g}")}
 
 
+def parse_symbol(spec: str) -> tuple[int, bool]:
+    """``"2"`` -> (2, False): mantissa bits in the symbol; ``"0-raw-sign"`` -> (0, True): the sign stored raw."""
+    k, _, rest = spec.partition("-")
+    if not k.isdigit() or rest not in ("", "raw-sign"):
+        raise SystemExit(f"bad symbol {spec!r}: use K or K-raw-sign")
+    return int(k), rest == "raw-sign"
+
+
 def bench_linear(shape: tuple[int, int], batches: list[int], repeats: int, seed: int,
-                 mantissa_bits: int = 2) -> list[dict[str, Any]]:
+                 symbol: str = "2") -> list[dict[str, Any]]:
     out_f, in_f = shape
+    mantissa_bits, raw_sign = parse_symbol(symbol)
     w = synthetic_weight(out_f, in_f, seed)
     lin = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
     lin.weight.data = w
-    enc, _ = encode_tensor(w, mantissa_bits=mantissa_bits)
+    enc, _ = encode_tensor(w, mantissa_bits=mantissa_bits, raw_sign=raw_sign)
     m = LosslessLinear.from_linear(lin, enc)
     m.fused_max_rows = 1 << 30
     m.plan()  # validation (crc of every block) happens once, at first use
@@ -122,7 +137,7 @@ def bench_linear(shape: tuple[int, int], batches: list[int], repeats: int, seed:
                 c_fused, c_dense = CPU_TIMES
                 y, ref = m(x), F.linear(x, w)
             act = batch * (in_f + out_f) * 2
-            row = {"shape": f"{out_f}x{in_f}", "mantissa_bits": mantissa_bits,
+            row = {"shape": f"{out_f}x{in_f}", "mantissa_bits": mantissa_bits, "symbol": symbol,
                    "bits_per_weight": round(enc.nbytes * 8 / w.numel(), 3), "batch": batch, "threads": threads,
                    "fused": ms(t_fused), "dense": ms(t_dense),
                    "ratio_min": round(min(t_fused) / min(t_dense), 2),
@@ -226,15 +241,33 @@ def bench_fp8() -> list[dict[str, Any]]:
     return rows
 
 
+def bench_sizes(symbols: list[str]) -> list[dict[str, Any]]:
+    """bits/weight of minilm's coded weights in bf16 with each symbol (every round trip checked)."""
+    weights = [w.to(torch.bfloat16) for w in minilm_weights()]
+    n = sum(w.numel() for w in weights)
+    rows = []
+    for symbol in symbols:
+        k, raw_sign = parse_symbol(symbol)
+        total = 0
+        for t in weights:
+            enc, _ = encode_tensor(t, mantissa_bits=k, raw_sign=raw_sign)
+            assert np.array_equal(C.decode(enc), tensor_words(t)[0])
+            total += enc.nbytes
+        rows.append({"symbol": symbol, "weights": n, "bits_per_weight": round(total * 8 / n, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = ["# Fused lossless kernels (CPU)", "", "Runs: " + "; ".join(res["runs"]), "",
              "## Linear: fused decode + matmul vs torch bf16 F.linear (ms, min / median; ratio = fused / dense)", "",
-             "| weight (out x in) | mantissa bits (bits/weight) | batch | threads | fused | dense bf16 F.linear | "
+             "| weight (out x in) | symbol (bits/weight) | batch | threads | fused | dense bf16 F.linear | "
              "ratio min | ratio median | CPU ms fused / dense (min) | CPU-time ratio min / median | fused reads MB | "
              "dense reads MB | outputs bit-identical to dense | max diff / rms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["linear"]:
-        lines.append(f"| {r['shape']} | {r.get('mantissa_bits', 2)} ({r.get('bits_per_weight', '')}) | {r['batch']} | "
+    for r in res.get("linear", []):
+        symbol = r.get("symbol", r.get("mantissa_bits", 2))
+        lines.append(f"| {r['shape']} | {symbol} ({r.get('bits_per_weight', '')}) | {r['batch']} | "
                      f"{r['threads']} | {r['fused']['min_ms']:.1f} / "
                      f"{r['fused']['median_ms']:.1f} | {r['dense']['min_ms']:.1f} / {r['dense']['median_ms']:.1f} | "
                      f"{r['ratio_min']} | {r['ratio_median']} | "
@@ -242,32 +275,40 @@ def markdown(res: dict[str, Any]) -> str:
                         f"{r['cpu_ratio_min']} / {r['cpu_ratio_median']} | " if "fused_cpu" in r else "| | ")
                      + f"{r['fused_bytes'] / 1e6:.1f} | "
                      f"{r['dense_bytes'] / 1e6:.1f} | {r['identical_share']:.2%} | {r['max_diff_over_rms']} |")
-    for r in res["linear"]:
+    for r in res.get("linear", []):
         if "equals_reference" in r:
-            lines += ["", f"4096x4096, mantissa bits {r.get('mantissa_bits', 2)}, batch {r['batch']}: fused output "
+            lines += ["", f"4096x4096, symbol {r.get('symbol', r.get('mantissa_bits', 2))}, batch {r['batch']}: "
+                          "fused output "
                           f"equals `entropy.linear_reference`: {r['equals_reference']}"]
-    lines += ["", "## Threshold: fused vs decode + dense F.linear (4096x4096, 2 threads, ms min / median)", "",
-              "| batch | fused | decode then dense | fused / decode (min) | CPU ms fused / decode (min) | "
-              "CPU-time fused / decode (min) |", "|---|---|---|---|---|---|"]
-    for r in res["threshold"]:
-        lines.append(f"| {r['batch']} | {r['fused']['min_ms']:.1f} / {r['fused']['median_ms']:.1f} | "
-                     f"{r['decode_then_dense']['min_ms']:.1f} / {r['decode_then_dense']['median_ms']:.1f} | "
-                     f"{r['fused_over_decode_min']} | "
-                     + (f"{r['fused_cpu']['min_ms']:.1f} / {r['decode_then_dense_cpu']['min_ms']:.1f} | "
-                        f"{r['cpu_fused_over_decode_min']} |" if "fused_cpu" in r else "| |"))
-    lines += ["", "## Embedding: 32 tokens from a 32000x4096 bf16 table (ms, min / median)", "",
-              "| threads | row lookup | decode whole table | dense torch lookup | speedup min | speedup median | "
-              "lanes decoded (lane size) |", "|---|---|---|---|---|---|---|"]
-    for r in res["embedding"]:
-        lines.append(f"| {r['threads']} | {r['rows']['min_ms']:.2f} / {r['rows']['median_ms']:.2f} | "
-                     f"{r['decode_table']['min_ms']:.1f} / {r['decode_table']['median_ms']:.1f} | "
-                     f"{r['dense_lookup']['min_ms']:.3f} / {r['dense_lookup']['median_ms']:.3f} | "
-                     f"{r['speedup_min']}x | {r['speedup_median']}x | {r['lanes_decoded']} ({r['lane_size']}) |")
-    lines += ["", "## Bits per weight: all-MiniLM-L6-v2 coded weights cast to each dtype (side data included)", "",
-              "| dtype | weights | ours | ZipNN | zstd-3 | order-0 exponent bound |", "|---|---|---|---|---|---|"]
-    for r in res["fp8"]:
-        lines.append(f"| {r['dtype']} | {r['weights'] / 1e6:.2f}M | {r['ours']} | {r['zipnn']} | {r['zstd3']} | "
-                     f"{r['exponent_bound']} |")
+    if res.get("threshold"):
+        lines += ["", "## Threshold: fused vs decode + dense F.linear (4096x4096, 2 threads, ms min / median)", "",
+                  "| batch | fused | decode then dense | fused / decode (min) | CPU ms fused / decode (min) | "
+                  "CPU-time fused / decode (min) |", "|---|---|---|---|---|---|"]
+        for r in res.get("threshold", []):
+            lines.append(f"| {r['batch']} | {r['fused']['min_ms']:.1f} / {r['fused']['median_ms']:.1f} | "
+                         f"{r['decode_then_dense']['min_ms']:.1f} / {r['decode_then_dense']['median_ms']:.1f} | "
+                         f"{r['fused_over_decode_min']} | "
+                         + (f"{r['fused_cpu']['min_ms']:.1f} / {r['decode_then_dense_cpu']['min_ms']:.1f} | "
+                            f"{r['cpu_fused_over_decode_min']} |" if "fused_cpu" in r else "| |"))
+    if res.get("embedding"):
+        lines += ["", "## Embedding: 32 tokens from a 32000x4096 bf16 table (ms, min / median)", "",
+                  "| threads | row lookup | decode whole table | dense torch lookup | speedup min | speedup median | "
+                  "lanes decoded (lane size) |", "|---|---|---|---|---|---|---|"]
+        for r in res.get("embedding", []):
+            lines.append(f"| {r['threads']} | {r['rows']['min_ms']:.2f} / {r['rows']['median_ms']:.2f} | "
+                         f"{r['decode_table']['min_ms']:.1f} / {r['decode_table']['median_ms']:.1f} | "
+                         f"{r['dense_lookup']['min_ms']:.3f} / {r['dense_lookup']['median_ms']:.3f} | "
+                         f"{r['speedup_min']}x | {r['speedup_median']}x | {r['lanes_decoded']} ({r['lane_size']}) |")
+    if res.get("fp8"):
+        lines += ["", "## Bits per weight: all-MiniLM-L6-v2 coded weights cast to each dtype (side data included)", "",
+                  "| dtype | weights | ours | ZipNN | zstd-3 | order-0 exponent bound |", "|---|---|---|---|---|---|"]
+        for r in res.get("fp8", []):
+            lines.append(f"| {r['dtype']} | {r['weights'] / 1e6:.2f}M | {r['ours']} | {r['zipnn']} | {r['zstd3']} | "
+                         f"{r['exponent_bound']} |")
+    if res.get("sizes"):
+        lines += ["", "## Bits per weight of each symbol: all-MiniLM-L6-v2 coded weights in bf16", "",
+                  "| symbol | weights | bits/weight |", "|---|---|---|"]
+        lines += [f"| {r['symbol']} | {r['weights'] / 1e6:.2f}M | {r['bits_per_weight']} |" for r in res["sizes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -287,35 +328,42 @@ def main() -> None:
     ap.add_argument("--no-head", action="store_true", help="skip the 128256x4096 head (1 GB bf16)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--parts", nargs="+", default=["linear", "threshold", "embedding", "fp8"])
-    ap.add_argument("--mantissa-bits", type=int, nargs="+", default=[2, 0],
-                    help="symbols of the linear part: 2 (the default, smallest) and 0 (exponent only: codes of "
-                         "~3.7 bits, four per table lookup, fastest)")
+    ap.add_argument("--symbols", nargs="+", default=["2", "0", "0-raw-sign"],
+                    help="symbols of the linear and sizes parts: 2 (the default, smallest), 0 (sign and exponent: "
+                         "~3.7-bit codes) and 0-raw-sign (exponent only, sign stored raw: DFloat11's layout, "
+                         "~2.7-bit codes, fastest)")
+    ap.add_argument("--shapes", nargs="+", default=None, help="weight shapes OUTxIN (default: the Llama shapes)")
+    ap.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    ap.add_argument("--stem", default="lossless_kernels", help="name of the json and md files written")
     args = ap.parse_args()
     load = os.getloadavg()
-    old = args.out / "lossless_kernels.json"
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    old = args.out / f"{args.stem}.json"
     res: dict[str, Any] = json.loads(old.read_text()) if old.exists() else {}
     if "linear" in args.parts:
         res["linear"] = []
-        for i, shape in enumerate(SHAPES):
-            for k in args.mantissa_bits:
-                res["linear"] += bench_linear(shape, BATCHES, args.repeats, i, k)
-        if not args.no_head:
-            for k in args.mantissa_bits:
-                res["linear"] += bench_linear(HEAD, BATCHES, args.head_repeats, 9, k)
+        for i, shape in enumerate(shapes):
+            for symbol in args.symbols:
+                res["linear"] += bench_linear(shape, args.batches, args.repeats, i, symbol)
+        if not args.no_head and not args.shapes:
+            for symbol in args.symbols:
+                res["linear"] += bench_linear(HEAD, args.batches, args.head_repeats, 9, symbol)
     if "threshold" in args.parts:
         res["threshold"] = bench_threshold(args.repeats, seed=11)
     if "embedding" in args.parts:
         res["embedding"] = bench_embedding(args.repeats, seed=12)
     if "fp8" in args.parts:
         res["fp8"] = bench_fp8()
+    if "sizes" in args.parts:
+        res["sizes"] = bench_sizes(args.symbols)
     res.setdefault("runs", []).append(f"parts {' '.join(args.parts)}: " + (f"{platform.processor() or platform.machine()} ({cpu_features()}), {os.cpu_count()} cores shared with other jobs "
                       f"(load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end); torch "
                       f"{torch.__version__}, numba {numba.__version__} ({numba.threading_layer()}), "
                       f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {args.repeats} repeats "
                       f"({args.head_repeats} for the head)"))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lossless_kernels.json").write_text(json.dumps(res, indent=1))
-    (args.out / "lossless_kernels.md").write_text(markdown(res))
+    (args.out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
+    (args.out / f"{args.stem}.md").write_text(markdown(res))
     print(markdown(res))
 
 

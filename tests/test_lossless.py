@@ -114,10 +114,11 @@ def test_canonical_codes_are_prefix_free() -> None:
 
 @SETTINGS
 @given(st.sampled_from(["bfloat16", "float16", "float32"]), st.integers(0, 3000), st.integers(1, 700),
-       st.integers(0, 2), st.integers(0, 2**32 - 1), st.booleans())
+       st.integers(0, 2), st.integers(0, 2**32 - 1), st.booleans(), st.booleans())
 def test_round_trip_arbitrary_bit_patterns(dtype: str, n: int, lane: int, mant: int, seed: int,
-                                           trained: bool) -> None:
-    """Any bit pattern (NaN payloads, -0, Inf, subnormals): CPU encode == reference encode, decode exact."""
+                                           trained: bool, raw_sign: bool) -> None:
+    """Any bit pattern (NaN payloads, -0, Inf, subnormals): CPU encode == reference encode, decode exact; with the
+    sign coded in the symbol (format version 3) or stored raw (version 6)."""
     rng = np.random.default_rng(seed)
     if trained:
         words = weights_like(n, dtype, seed)
@@ -126,8 +127,9 @@ def test_round_trip_arbitrary_bit_patterns(dtype: str, n: int, lane: int, mant: 
     else:
         words = rng.integers(0, np.iinfo(WORDS[dtype]).max, size=n, dtype=WORDS[dtype], endpoint=True)
     max_len = 15
-    enc = C.encode(words, dtype, lane, mant, max_len)
-    ref = E.encode_reference(words, dtype, lane, mant, max_len)
+    enc = C.encode(words, dtype, lane, mant, max_len, raw_sign=raw_sign)
+    ref = E.encode_reference(words, dtype, lane, mant, max_len, raw_sign=raw_sign)
+    assert int(enc.header[1]) == (6 if raw_sign else 3)
     for (name, a), b in zip(enc.arrays().items(), ref.arrays().values()):
         assert np.array_equal(a, b), name
     out = C.decode(enc)
@@ -176,19 +178,22 @@ def test_trained_weights_beat_the_exponent_bound() -> None:
     assert bits < bound, (bits, bound)  # joint sign/exponent/mantissa-top coding goes below it
 
 
-@pytest.mark.parametrize("mant", [0, 2])
-def test_multi_code_tables_match_the_one_code_table(mant: int) -> None:
+@pytest.mark.parametrize("mant,raw_sign", [(0, False), (2, False), (0, True)])
+def test_multi_code_tables_match_the_one_code_table(mant: int, raw_sign: bool) -> None:
     """Every entry of both multi-code tables holds exactly the whole codes (at most 2 or 4) that a one-code
     table decodes from its index bits, their bit count and their number (0: first code too long); the
-    exponent-only symbol takes the four-code table, the default symbol the pair table; both decode exactly."""
+    exponent-only symbol takes the four-code table, the default symbol the pair table; both decode exactly.
+    With the sign stored raw (DFloat11's layout) the exponent-only codes are shorter: more codes per lookup."""
     words = weights_like(60000, "bfloat16", seed=mant)
     words[:6] = [0x7F80, 0xFFC1, 0x0001, 0x8000, 0x4700, 0x3F80]  # Inf, NaN, subnormal, -0, large: long codes
-    enc = C.encode(words, "bfloat16", lane_size=4096, sym_mant_bits=mant)
+    enc = C.encode(words, "bfloat16", lane_size=4096, sym_mant_bits=mant, raw_sign=raw_sign)
     plan = E.validate(enc)
+    assert plan.raw_sign == raw_sign
     tmask = (1 << plan.table_bits) - 1
-    keep = ~((1 << plan.raw_bits) - 1) & 0xFFFF
+    free = plan.raw_bits - raw_sign    # the low bits below the symbol (the sign bit sits above it when raw)
+    keep = ~((1 << free) - 1) & 0xFFFF
     for p_bits, max_codes, entry_type in (E.PAIR_TABLE, E.QUAD_TABLE):
-        table = E.multi_code_table(plan.lut, plan.table_bits, plan.raw_bits, p_bits, max_codes, entry_type)
+        table = E.multi_code_table(plan.lut, plan.table_bits, free, p_bits, max_codes, entry_type)
         assert table.dtype == entry_type and table.shape == (1 << p_bits,)
         for idx in range(1 << p_bits):
             used, got = 0, []
@@ -202,27 +207,33 @@ def test_multi_code_tables_match_the_one_code_table(mant: int) -> None:
             expect = sum(w << (16 * i) for i, w in enumerate(got)) | used | (len(got) << 16)
             assert entry == expect, (p_bits, idx)
     assert plan.multi_lut.dtype == (np.uint64 if mant == 0 else np.uint32)
-    assert E.codes_per_lookup(plan.multi_lut) > (2.5 if mant == 0 else 1.5)
+    assert E.codes_per_lookup(plan.multi_lut) > (3.3 if raw_sign else 2.5 if mant == 0 else 1.5)
     assert np.array_equal(C.decode(enc), words)
 
 
-@pytest.mark.parametrize("raw_bits", [4, 5, 6, 7, 8, 9, 10])
-def test_raw_bit_passes_match_numpy(raw_bits: int) -> None:
+@pytest.mark.parametrize("raw_bits,raw_sign", [(r, False) for r in range(4, 11)] + [(r, True) for r in range(5, 11)])
+def test_raw_bit_passes_match_numpy(raw_bits: int, raw_sign: bool) -> None:
     """Both raw-bit passes of the CPU decoder (shift-and-mask, and BMI2 pdep where this CPU has a fast one)
-    set exactly the low R bits of every word from the packed raw section, leaving the other bits alone."""
+    set exactly the low R bits of every word from the packed raw section (with ``raw_sign``: the low R - 1 bits
+    and the sign bit from the field's top bit; R >= 5 then, so that 4 low bits hold the code length), leaving the
+    other bits alone."""
     rng = np.random.default_rng(raw_bits)
     count, start = 1003, 3
     stream = rng.integers(0, 256, size=start + (count * raw_bits + 7) // 8 + 16, dtype=np.uint8)
     bits = np.unpackbits(stream[start:], bitorder="little")[: count * raw_bits].reshape(count, raw_bits)
     raw = (bits.astype(np.int64) << np.arange(raw_bits)).sum(axis=1)
     before = rng.integers(0, 1 << 16, size=count + 5, dtype=np.uint16)
-    keep = ~((1 << raw_bits) - 1) & 0xFFFF
+    if raw_sign:
+        low = (1 << (raw_bits - 1)) - 1
+        field, raw = 0x8000 | low, (raw & low) | ((raw >> (raw_bits - 1)) << 15)
+    else:
+        field = (1 << raw_bits) - 1
     expect = before.copy()
-    expect[2:2 + count] = (before[2:2 + count] & keep) | raw
+    expect[2:2 + count] = (before[2:2 + count] & (~field & 0xFFFF)) | raw
     variants = [C._raw16_swar] + ([C._raw16_pdep] if C._fast_pdep() else [])
     for fn in variants:
         out = before.copy()
-        fn(stream, start, 2, count, raw_bits, out)
+        fn(stream, start, 2, count, raw_bits, raw_sign, out)
         assert np.array_equal(out, expect), fn
 
 
@@ -358,13 +369,18 @@ def _run(handle: ModelHandle, **cfg: object) -> tuple[ModelHandle, Context]:
     return DFloat11(DFloat11.Config(**cfg)).apply(handle, ctx), ctx
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_pass_outputs_are_bit_identical(dtype: str) -> None:
+@pytest.mark.parametrize("dtype,raw_sign", [("bfloat16", False), ("float16", False), ("float32", False),
+                                            ("bfloat16", True)])
+def test_pass_outputs_are_bit_identical(dtype: str, raw_sign: bool) -> None:
+    """Outputs bit-identical to the uncoded model on the decode path, close on the fused one; ``raw_sign`` (with
+    ``mantissa_bits: 0``: DFloat11's layout) writes format version 6."""
     m = _tiny_bert()
     ref = _tiny_bert().to(getattr(torch, dtype))
     handle = ModelHandle(m, "encoder", "tiny", describe_architecture(m))
-    out, ctx = _run(handle, dtype=dtype, min_elements=1024, block_size=4096, fused_rows=256)
+    out, ctx = _run(handle, dtype=dtype, min_elements=1024, block_size=4096, fused_rows=256,
+                    **({"raw_sign": True, "mantissa_bits": 0} if raw_sign else {}))
     mod = out.module
+    assert int(mod.encoder.layer[0].attention.self.query.df11_header[1]) == (6 if raw_sign else 3)
     assert isinstance(mod.embeddings.word_embeddings, LosslessEmbedding)
     assert isinstance(mod.encoder.layer[0].attention.self.query, LosslessLinear)
     assert not any(isinstance(x, nn.Linear) and x.weight.numel() >= 1024 for x in mod.modules())

@@ -23,13 +23,14 @@ SCRIPT = textwrap.dedent('''
         w[:6] = rng.integers(0, np.iinfo(wd).max, size=6, dtype=wd)   # arbitrary patterns, NaN payloads
         if wd is np.uint16:
             w[6:10] = [0x7F80, 0xFFC1, 0x8000, 0x0001]
-        enc = E.encode_reference(w, dtype, lane_size=lane)
-        ref = E.decode_reference(enc)
-        for staged in (False, True):
-            dec = G.CudaDecoder(E.validate(enc), sub=lane // 4, threads=16, staged=staged)
-            assert dec.staged == staged   # the sub-lane size divides the lane size, so staging applies
-            got = dec.decode().copy_to_host()
-            assert got.dtype == wd and np.array_equal(got, ref) and np.array_equal(got, w), (dtype, staged)
+        for raw_sign in (False, True):   # version 6: the sign stored raw (DFloat11's layout with mantissa bits 0)
+            enc = E.encode_reference(w, dtype, lane_size=lane, sym_mant_bits=0 if raw_sign else 2, raw_sign=raw_sign)
+            ref = E.decode_reference(enc)
+            for staged in (False, True):
+                dec = G.CudaDecoder(E.validate(enc), sub=lane // 4, threads=16, staged=staged)
+                assert dec.staged == staged   # the sub-lane size divides the lane size, so staging applies
+                got = dec.decode().copy_to_host()
+                assert got.dtype == wd and np.array_equal(got, ref) and np.array_equal(got, w), (dtype, staged)
         # a sub-lane size that does not tile the lane falls back to the plain kernel
         assert not G.CudaDecoder(E.validate(enc), sub=lane // 4 + 1, threads=16, staged=True).staged
     # empty tensor and a one-symbol tensor
@@ -66,16 +67,20 @@ FUSED_SCRIPT = textwrap.dedent('''
     import numpy as np, torch
     from modelpress.kernels import entropy as E, entropy_cpu as C, entropy_cuda as G
     rng = np.random.default_rng(0)
-    for dtype, ib, wd, td in (("bfloat16", torch.int16, np.uint16, torch.bfloat16),
-                              ("float32", torch.int32, np.uint32, torch.float32)):
-        n_rows, k_len = 10, 48
+    # the raw-sign case (format version 6) is small: it shares every line of the kernel but the raw bits' place
+    for dtype, ib, wd, td, raw_sign, n_rows, cases in (
+            ("bfloat16", torch.int16, np.uint16, torch.bfloat16, False, 10, ((1, True), (3, False))),
+            ("bfloat16", torch.int16, np.uint16, torch.bfloat16, True, 2, ((1, True),)),
+            ("float32", torch.int32, np.uint32, torch.float32, False, 10, ((1, True), (3, False)))):
+        k_len = 48
         w = torch.from_numpy((rng.standard_normal((n_rows, k_len)) * 0.05).astype(np.float32)).to(td)
         w.view(-1)[:3] = torch.tensor([-0.0, 1e-40, 300.0]).to(td)
         words = w.view(ib).numpy().reshape(-1).view(wd).copy()
-        enc = C.encode(words, dtype, lane_size=2 * k_len, row_len=k_len)
+        enc = C.encode(words, dtype, lane_size=2 * k_len, sym_mant_bits=0 if raw_sign else 2, row_len=k_len,
+                       raw_sign=raw_sign)
         dec = G.CudaDecoder(E.validate(enc), sub=16, threads=64)
         assert dec.fused_ok(k_len) and not dec.fused_ok(k_len // 2)
-        for batch, with_bias in ((1, True), (3, False)):
+        for batch, with_bias in cases:
             x = rng.standard_normal((batch, k_len)).astype(np.float32)
             bias = rng.standard_normal(n_rows).astype(np.float32) if with_bias else None
             got = dec.linear(x, bias).copy_to_host()

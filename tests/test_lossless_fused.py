@@ -39,14 +39,16 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shape,rows_per_lane", [((37, 200), 3), ((64, 96), 1), ((9, 33), 2), ((130, 64), 4)])
-@pytest.mark.parametrize("mant", [0, 2])
+@pytest.mark.parametrize("mant,raw_sign", [(0, False), (2, False), (0, True), (3, True)])
 def test_fused_linear_equals_reference_bit_for_bit(dtype: str, shape: tuple[int, int], rows_per_lane: int,
-                                                   mant: int) -> None:
+                                                   mant: int, raw_sign: bool) -> None:
     """Full and partial blocks, K not a multiple of 32 (and of 8: raw bits in a pass of their own, else merged
     while widening where the CPU has BMI2), batch 1..17, bias or not, special values; the pair table
-    (``mant`` 2) and the four-code table (``mant`` 0)."""
+    (``mant`` 2) and the four-code table (``mant`` 0); the sign stored raw (format version 6: one raw byte per
+    weight for bf16 with ``mant`` 0 and fp16 with 3, merged with vector code; other widths by ``pdep``)."""
     words, w = weight_words(shape, dtype, seed=shape[0], specials=shape[0] != 130)
-    enc = C.encode(words, dtype, lane_size=rows_per_lane * shape[1], sym_mant_bits=mant, row_len=shape[1])
+    enc = C.encode(words, dtype, lane_size=rows_per_lane * shape[1], sym_mant_bits=mant, row_len=shape[1],
+                   raw_sign=raw_sign)
     plan = E.validate(enc)
     assert plan.row_len == shape[1] and C.fused_supported(plan, shape[1])
     rng = np.random.default_rng(1)
@@ -188,13 +190,44 @@ def test_version_3_header_checks() -> None:
         E.encode_reference(np.zeros(4, np.uint8), "float8_e5m2", version=2)
 
 
+def test_version_6_header_checks() -> None:
+    """Version 6 (sign stored raw) holds 16- and 32-bit floats only, with a symbol of the exponent and at most
+    ``W - 5 - exponent bits`` mantissa bits; fp8 and integer codes cannot store a sign raw."""
+    for dtype in ("float8_e4m3fn", "uint8"):
+        with pytest.raises(ValueError, match="stored raw only"):
+            E.encode_reference(np.zeros(4, np.uint8), dtype, raw_sign=True)
+    assert E.symbol_bits("bfloat16", 3, 14, raw_sign=True) == 11   # R = 5: 4 bits below the symbol, the sign above
+    with pytest.raises(ValueError, match="at most 3 mantissa bits"):
+        E.symbol_bits("bfloat16", 4, 14, raw_sign=True)   # the symbol would reach the code length's 4 bits
+
+    def forged(enc: E.Encoded, version: int) -> E.Encoded:
+        h = enc.header.copy()
+        h[1] = version
+        h[11] = E._crc(h[:11], enc.codebook, enc.lane_nbytes)
+        return E.Encoded(h, enc.codebook, enc.lane_nbytes, enc.checksums, enc.stream)
+    fp8 = E.encode_reference(np.arange(256, dtype=np.uint8), "float8_e5m2", lane_size=64)
+    with pytest.raises(CorruptData, match="16- and 32-bit floats only"):
+        E.validate(forged(fp8, 6))
+    words, _ = weight_words((10, 32), "bfloat16", specials=False)
+    wide = C.encode(words, "bfloat16", lane_size=64, sym_mant_bits=3, row_len=32)   # S = 12: too wide for v6
+    with pytest.raises(CorruptData, match="bad symbol width"):
+        E.validate(forged(wide, 6))
+    raw = C.encode(words, "bfloat16", lane_size=64, sym_mant_bits=0, row_len=32, raw_sign=True)
+    assert int(raw.header[1]) == 6 and int(raw.header[5]) == 8 and int(raw.header[10]) == 32
+    assert np.array_equal(C.decode(raw), words)
+    with pytest.raises(ValueError, match="version 6"):
+        E.encode_reference(words, "bfloat16", version=6)   # a version-6 header on words with the sign in the symbol
+
+
 # ---------------------------------------------------------------------------------------------------
 # fp8 and fp16: every bit pattern.
 
-@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2", "float16", "bfloat16"])
-def test_every_bit_pattern_round_trips(dtype: str) -> None:
+@pytest.mark.parametrize("dtype,raw_sign", [("float8_e4m3fn", False), ("float8_e5m2", False), ("float16", False),
+                                            ("bfloat16", False), ("float16", True), ("bfloat16", True)])
+def test_every_bit_pattern_round_trips(dtype: str, raw_sign: bool) -> None:
     """All 256 fp8 / 65536 16-bit patterns (every NaN, +-Inf, -0, subnormals) among trained-looking weights:
-    numba and numpy encoders agree byte for byte, both decoders give the words back, and so does the tensor API."""
+    numba and numpy encoders agree byte for byte, both decoders give the words back, and so does the tensor API;
+    also with the sign stored raw (format version 6, DFloat11's layout: exponent-only symbol)."""
     word_bits = E.DTYPES[dtype][1]
     wd = E.WORD_DTYPE[word_bits]
     rng = np.random.default_rng(0)
@@ -203,18 +236,22 @@ def test_every_bit_pattern_round_trips(dtype: str) -> None:
     every = np.arange(1 << word_bits, dtype=np.int64).astype(wd)
     words = np.concatenate([every, trained, every[::-1]])
     lane = 700
-    enc = C.encode(words, dtype, lane_size=lane)
-    ref = E.encode_reference(words, dtype, lane_size=lane)
+    mant = 0 if raw_sign else 2
+    enc = C.encode(words, dtype, lane_size=lane, sym_mant_bits=mant, raw_sign=raw_sign)
+    ref = E.encode_reference(words, dtype, lane_size=lane, sym_mant_bits=mant, raw_sign=raw_sign)
     for (name, a), b in zip(enc.arrays().items(), ref.arrays().values()):
         assert np.array_equal(a, b), name
     assert np.array_equal(C.decode(enc), words)
+    if raw_sign:
+        assert np.array_equal(E.decode_reference(enc), words)
     if word_bits == 8:
         assert np.array_equal(E.decode_reference(enc), words)
         assert E.validate(enc).sym_bits == 8 and E.validate(enc).raw_bits == 0
     rows = C.decode_rows(E.validate(enc), np.array([3, 0]), 50)   # rows of 50 in lanes of 700: unaligned
     assert np.array_equal(rows, words[:words.size // 50 * 50].reshape(-1, 50)[[3, 0]])
     tensor = torch.from_numpy(words.view(np.uint8 if word_bits == 8 else np.int16).copy()).view(getattr(torch, dtype))
-    enc2, _ = encode_tensor(tensor.reshape(-1, 8), block_size=1024)
+    enc2, _ = encode_tensor(tensor.reshape(-1, 8), block_size=1024, mantissa_bits=mant, raw_sign=raw_sign)
+    assert int(enc2.header[1]) == (6 if raw_sign else 3)
     back = decode_tensor(enc2, tuple(tensor.reshape(-1, 8).shape))
     assert back.dtype == tensor.dtype
     assert torch.equal(back.reshape(-1).view(torch.uint8 if word_bits == 8 else torch.int16),

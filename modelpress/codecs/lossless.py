@@ -81,8 +81,12 @@ def row_lane_size(lane_weights: int, row_len: int) -> int:
 
 def encode_tensor(weight: torch.Tensor, block_size: int = 65536, mantissa_bits: int = 2,
                   max_code_length: int = 14, rows: bool | None = None,
-                  lane_weights: int | None = None) -> tuple[E.Encoded, float]:
+                  lane_weights: int | None = None, raw_sign: bool = False) -> tuple[E.Encoded, float]:
     """Encode a bf16 / fp16 / fp32 / fp8 tensor losslessly (any shape; flattened in C order).
+
+    ``raw_sign`` stores the sign raw with the low mantissa bits and codes only the exponent and ``mantissa_bits``
+    mantissa bits (format version 6; with ``mantissa_bits=0`` DFloat11's own layout: shorter codes, more of them
+    per table lookup; fp8 words are coded whole either way).
 
     ``rows`` (default: for 2-D tensors, i.e. Linear and Embedding weights) aligns the lanes to the rows of the
     last dimension (:func:`row_lane_size` of ``lane_weights``, default ``block_size / 4``), which the fused
@@ -99,12 +103,16 @@ def encode_tensor(weight: torch.Tensor, block_size: int = 65536, mantissa_bits: 
     lane_size = row_lane_size(target, row_len) if row_len else block_size // E.LANES_PER_BLOCK
     if lane_size > 1 << 24:
         lane_size, row_len = block_size // E.LANES_PER_BLOCK, 0
+    word_bits = E.DTYPES[dtype][1]
+    raw_sign = raw_sign and word_bits > 8
     try:
-        sym_bits = E.symbol_bits(dtype, mantissa_bits, max_code_length)
+        sym_bits = E.symbol_bits(dtype, mantissa_bits, max_code_length, raw_sign)
     except ValueError as exc:
         raise UserError(str(exc), "dfloat11") from None
-    counts = entropy_cpu.symbol_counts(words, E.DTYPES[dtype][1], sym_bits)
-    enc = entropy_cpu.encode(words, dtype, lane_size, mantissa_bits, max_code_length, counts, row_len)
+    # the bound needs the sign-and-exponent histogram; the raw-sign encoder counts its own symbols
+    counts = entropy_cpu.symbol_counts(words, word_bits, sym_bits + raw_sign)
+    enc = entropy_cpu.encode(words, dtype, lane_size, mantissa_bits, max_code_length, None if raw_sign else counts,
+                             row_len, raw_sign=raw_sign)
     return enc, E.exponent_bound_from_counts(counts, dtype)
 
 
@@ -532,13 +540,17 @@ class DFloat11(Pass):
         block_size: int = Field(65536, ge=1024, le=1 << 22, multiple_of=4)
         #: mantissa bits coded together with sign and exponent (the rest are stored raw)
         mantissa_bits: int = Field(2, ge=0, le=3)
+        #: store the sign raw and code only exponent + ``mantissa_bits`` (format version 6; with ``mantissa_bits:
+        #: 0`` DFloat11's layout, the fastest fused batch-1 kernel; see docs/lossless.md)
+        raw_sign: bool = False
         #: longest Huffman code (decode table has 2**this entries)
         max_code_length: int = Field(14, ge=12, le=15)
         #: weights with fewer elements are left as they are (side data would dominate)
         min_elements: int = Field(4096, ge=0)
         #: inputs of at most this many rows (tokens) run the fused decode + matmul kernel (faster, outputs equal
         #: to F.linear up to float32 summation order); 0 keeps outputs bit-identical. Measured: 256 on AVX2-only
-        #: CPUs (FUSED_MAX_ROWS), 1 with native bf16 (AVX512-BF16); ``mantissa_bits: 0`` decodes faster
+        #: CPUs (FUSED_MAX_ROWS), 1 with native bf16 (AVX512-BF16); ``mantissa_bits: 0`` with ``raw_sign: true``
+        #: decodes fastest (recipes/lossless_fused.yaml)
         fused_rows: int = Field(0, ge=0, le=1 << 20)
 
     compresses = True
@@ -610,7 +622,8 @@ class DFloat11(Pass):
         def encode(item: tuple[str, nn.Module]) -> tuple[E.Encoded, float]:
             m = item[1]
             return encode_tensor(m.weight, cfg.block_size, cfg.mantissa_bits, cfg.max_code_length,
-                                 lane_weights=EMBEDDING_LANE_WEIGHTS if isinstance(m, nn.Embedding) else None)
+                                 lane_weights=EMBEDDING_LANE_WEIGHTS if isinstance(m, nn.Embedding) else None,
+                                 raw_sign=cfg.raw_sign)
 
         numba_threads_like_torch()  # several ranks on one machine: one thread each (the launcher's OMP_NUM_THREADS)
         return distributed.map_shared(encode, ctx.progress(chosen, desc="dfloat11"),
@@ -660,7 +673,8 @@ class DFloat11(Pass):
                     or f"{name}.weight" in from_base or str(m.weight.dtype).replace("torch.", "") not in TORCH_DTYPES):
                 continue
             enc, _ = encode_tensor(m.weight, cfg.block_size, cfg.mantissa_bits, cfg.max_code_length,
-                                   lane_weights=EMBEDDING_LANE_WEIGHTS if isinstance(m, nn.Embedding) else None)
+                                   lane_weights=EMBEDDING_LANE_WEIGHTS if isinstance(m, nn.Embedding) else None,
+                                   raw_sign=cfg.raw_sign)
             dense = m.weight.numel() * m.weight.element_size()
             pays = encoding_pays(enc.nbytes, dense)
             floats[name] = {"dtype": str(m.weight.dtype).replace("torch.", ""), "dense_bytes": dense,

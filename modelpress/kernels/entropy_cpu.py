@@ -14,7 +14,8 @@ Decoding a lane takes two passes over its output (see the format in :mod:`entrop
    independent dependency chains). 32-bit words use the one-code table.
 2. *raw bits*: the raw section holds ``R`` bits per weight at fixed offsets, so eight weights' raw bits are
    ``R`` bytes; they are spread to 16-bit lanes with shifts and masks and OR-ed into the output four words
-   at a time, branch-free.
+   at a time, branch-free (format version 6: the field's top bit goes to the sign bit; with one raw byte per
+   weight the fused kernel merges the bytes with vector code, and at batch 1 multiplies without storing the row).
 
 Beyond whole tensors: :func:`decode_rows` decodes only the lanes that hold given rows (embedding lookups), and
 :func:`fused_linear` decodes a weight block by block into thread-local, cache-sized buffers and multiplies each
@@ -282,10 +283,29 @@ def _pdep64(typingctx, val, mask):
     return sig, codegen
 
 
+@njit(cache=True, inline="always")
+def _raw_field(raw_bits, raw_sign, word_bits):
+    """The bits of a word that its ``R = raw_bits`` raw bits fill: the low ``R``, or with ``raw_sign`` (format
+    version 6) the sign bit and the low ``R - 1`` (the raw field is ``sign << (R - 1) | low mantissa bits``)."""
+    if raw_sign:
+        return (1 << (word_bits - 1)) | ((1 << (raw_bits - 1)) - 1)
+    return (1 << raw_bits) - 1
+
+
+@njit(cache=True, inline="always")
+def _deposit(r, raw_bits, raw_sign, word_bits):
+    """The raw field ``r`` (``R`` bits) moved to its place in the word (:func:`_raw_field`)."""
+    if raw_sign:
+        low = np.uint64((1 << (raw_bits - 1)) - 1)
+        return (r & low) | ((r >> np.uint64(raw_bits - 1)) << np.uint64(word_bits - 1))
+    return r
+
+
 @njit(cache=True, boundscheck=False)
-def _raw16_pdep(stream, start, o, count, raw_bits, out):
-    """:func:`_raw16_swar` with one ``pdep`` per four weights instead of the shift-and-mask steps."""
-    f = (1 << raw_bits) - 1
+def _raw16_pdep(stream, start, o, count, raw_bits, raw_sign, out):
+    """:func:`_raw16_swar` with one ``pdep`` per four weights instead of the shift-and-mask steps (``pdep`` puts
+    each weight's raw bits straight into its word's raw field, the sign bit included with ``raw_sign``)."""
+    f = _raw_field(raw_bits, raw_sign, 16)
     spread = np.uint64(f | (f << 16) | (f << 32) | (f << 48))
     keep4 = ~spread
     half = raw_bits // 2
@@ -296,18 +316,20 @@ def _raw16_pdep(stream, start, o, count, raw_bits, out):
         _store64(out, oo, (_load64(out, oo) & keep4) | _pdep64(_load64(stream, at), spread))
         _store64(out, oo + 4, (_load64(out, oo + 4) & keep4) | _pdep64(_load64(stream, at + half) >> shift_hi, spread))
     keep = np.uint16(~f & 0xFFFF)
-    rmask = np.uint64(f)
+    field = np.uint64(f)
     for i in range(count // 8 * 8, count):
         bp = start * 8 + i * raw_bits
-        out[o + i] = (out[o + i] & keep) | ((_load64(stream, bp >> 3) >> np.uint64(bp & 7)) & rmask)
+        out[o + i] = (out[o + i] & keep) | _pdep64(_load64(stream, bp >> 3) >> np.uint64(bp & 7), field)
 
 
 @njit(cache=True, boundscheck=False)
-def _raw16_swar(stream, start, o, count, raw_bits, out):
-    """Set the low ``R`` bits of 16-bit ``out[o:o + count]`` to the raw bits (raw section at byte ``start``).
+def _raw16_swar(stream, start, o, count, raw_bits, raw_sign, out):
+    """Set the raw field (:func:`_raw_field`) of 16-bit ``out[o:o + count]`` to the raw bits (raw section at byte
+    ``start``).
 
     Eight weights' raw bits are ``R`` bytes; each half (four weights, ``4R <= 40`` bits) is spread to four
-    16-bit lanes in two shift-and-mask steps and merged in with one 64-bit load and store.
+    16-bit lanes in two shift-and-mask steps (with ``raw_sign``, a third moves each lane's bit ``R - 1`` to its
+    sign bit) and merged in with one 64-bit load and store.
     """
     two_r = np.uint64(2 * raw_bits)
     m_lo = np.uint64((1 << (2 * raw_bits)) - 1)            # fields 0, 1 stay, fields 2, 3 move to bit 32
@@ -315,7 +337,10 @@ def _raw16_swar(stream, start, o, count, raw_bits, out):
     m_f = np.uint64(f | (f << 32))                          # fields 0 and 2 stay, 1 and 3 move up 16 - R
     m_g = np.uint64((f << raw_bits) | (f << (32 + raw_bits)))
     up2 = np.uint64(16 - raw_bits)
-    keep = (~((1 << raw_bits) - 1)) & 0xFFFF
+    s = 1 << (raw_bits - 1)
+    sign4 = np.uint64(s | (s << 16) | (s << 32) | (s << 48)) if raw_sign else np.uint64(0)
+    field = _raw_field(raw_bits, raw_sign, 16)
+    keep = ~field & 0xFFFF
     keep4 = np.uint64(keep | (keep << 16) | (keep << 32) | (keep << 48))
     half = raw_bits // 2
     shift_hi = np.uint64(4 * raw_bits - 8 * half)
@@ -325,24 +350,27 @@ def _raw16_swar(stream, start, o, count, raw_bits, out):
             v = _load64(stream, at) if h == 0 else _load64(stream, at + half) >> shift_hi
             v = (v & m_lo) | (((v >> two_r) & m_lo) << _U32)
             v = (v & m_f) | ((v & m_g) << up2)
+            v = (v & ~sign4) | ((v & sign4) << up2)
             oo = o + 8 * g + 4 * h
             _store64(out, oo, (_load64(out, oo) & keep4) | v)
     rmask = np.uint64((1 << raw_bits) - 1)
     for i in range(count // 8 * 8, count):
         bp = start * 8 + i * raw_bits
-        out[o + i] = (out[o + i] & np.uint16(keep)) | ((_load64(stream, bp >> 3) >> np.uint64(bp & 7)) & rmask)
+        r = (_load64(stream, bp >> 3) >> np.uint64(bp & 7)) & rmask
+        out[o + i] = (out[o + i] & np.uint16(keep)) | _deposit(r, raw_bits, raw_sign, 16)
 
 
 _raw16 = _raw16_pdep if _fast_pdep() else _raw16_swar
 
 
 @njit(cache=True, boundscheck=False)
-def _raw_generic(stream, start, o, count, raw_bits, out):
+def _raw_generic(stream, start, o, count, raw_bits, raw_sign, out):
     """OR the raw bits of ``count`` weights into ``out[o:]`` one at a time (32-bit words)."""
     rmask = np.uint64((1 << raw_bits) - 1)
     bp = start * 8
     for i in range(count):
-        out[o + i] |= (_load64(stream, bp >> 3) >> np.uint64(bp & 7)) & rmask
+        r = (_load64(stream, bp >> 3) >> np.uint64(bp & 7)) & rmask
+        out[o + i] |= _deposit(r, raw_bits, raw_sign, 32)
         bp += raw_bits
 
 
@@ -362,7 +390,7 @@ def _codes8_one_by_one(stream, p, o, o_end, lut, tmask, out):
 
 
 @njit(cache=True, boundscheck=False)
-def _finish_lane(k, p, o, done, count, stream, lane_start, lut, tmask, multi, raw_bits, steps, out, status,
+def _finish_lane(k, p, o, done, count, stream, lane_start, lut, tmask, multi, raw_bits, raw_sign, steps, out, status,
                  with_raw=True):
     """Lane ``k`` whose first ``done`` codes are decoded (up to bit ``p``) into ``out[o:o + count]``: its other
     codes (multi-code table while far from the end, for codes of at most 14 bits, then one at a time with
@@ -381,13 +409,13 @@ def _finish_lane(k, p, o, done, count, stream, lane_start, lut, tmask, multi, ra
     if not with_raw:
         return
     if out.itemsize == 2:
-        _raw16(stream, lane_start[k], o, count, raw_bits, out)
+        _raw16(stream, lane_start[k], o, count, raw_bits, raw_sign, out)
     elif out.itemsize == 4:
-        _raw_generic(stream, lane_start[k], o, count, raw_bits, out)
+        _raw_generic(stream, lane_start[k], o, count, raw_bits, raw_sign, out)
 
 
 @njit(cache=True, boundscheck=False)
-def _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, out,
+def _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps, out,
                   status, base, with_raw=True):
     """Decode block ``b`` (weights from ``4 * b * lane_size``) into ``out`` at index ``weight - base``: its
     full lanes' codes in lockstep (``steps`` codes per 64-bit read), then every lane's remaining codes one by
@@ -419,55 +447,55 @@ def _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, mu
         k = k0 + j
         o = k * lane_size
         count = min(lane_size, n - o)
-        _finish_lane(k, ends[j], o - base, done[j], count, stream, lane_start, lut, tmask, multi, raw_bits, steps,
-                     out, status, with_raw)
+        _finish_lane(k, ends[j], o - base, done[j], count, stream, lane_start, lut, tmask, multi, raw_bits, raw_sign,
+                     steps, out, status, with_raw)
 
 
 @njit(cache=True, parallel=True)
-def decode_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, out,
+def decode_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps, out,
                   status):
     """Decode every block into ``out`` (uint8, uint16 or uint32), in parallel over blocks; ``status[k]`` != 0
     marks a lane whose codes do not end where its byte length says (corrupt data)."""
     for b in prange((lane_start.shape[0] + 2) // 4):
-        _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
+        _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps,
                       out, status, 0)
 
 
 @njit(cache=True)
-def decode_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
+def decode_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps,
                          out, status):
     """:func:`decode_kernel` on the calling thread only."""
     for b in range((lane_start.shape[0] + 2) // 4):
-        _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
+        _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps,
                       out, status, 0)
 
 
 @njit(cache=True, boundscheck=False)
-def _decode_lanes(j0, j1, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, lanes,
-                  out, status):
+def _decode_lanes(j0, j1, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps,
+                  lanes, out, status):
     for j in range(j0, j1):
         k = lanes[j]
         count = min(lane_size, n - k * lane_size)
         _finish_lane(k, (lane_start[k] + raw_bytes[k]) * 8, j * lane_size, 0, count, stream, lane_start, lut,
-                     tmask, multi, raw_bits, steps, out, status)
+                     tmask, multi, raw_bits, raw_sign, steps, out, status)
 
 
 @njit(cache=True, parallel=True)
-def decode_lanes_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, lanes,
-                        out, status):
+def decode_lanes_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps,
+                        lanes, out, status):
     """Decode only the lanes ``lanes`` (sorted, distinct), lane ``lanes[j]`` into ``out[j * lane_size:]``, in
     parallel over lanes (an embedding lookup: only the rows it reads)."""
     for j in prange(lanes.shape[0]):
-        _decode_lanes(j, j + 1, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
-                      lanes, out, status)
+        _decode_lanes(j, j + 1, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign,
+                      steps, lanes, out, status)
 
 
 @njit(cache=True)
-def decode_lanes_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
-                               lanes, out, status):
+def decode_lanes_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign,
+                               steps, lanes, out, status):
     """:func:`decode_lanes_kernel` on the calling thread only."""
     _decode_lanes(0, lanes.shape[0], stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits,
-                  steps, lanes, out, status)
+                  raw_sign, steps, lanes, out, status)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -506,6 +534,29 @@ def _widen_vector(builder, v, kind: int):
     return builder.bitcast(v, vf)
 
 
+def _emit_widen_loop(context, builder, sig, args, kind: int, name: str, merge=None) -> None:
+    """The loop of the widening intrinsics: ``row[8 i:8 i + 8]`` = float32 of the words ``buf[a + 8 i:]`` for ``i <
+    n_vec`` (``args`` start with ``buf, a, n_vec, row``), each group of eight first passed through ``merge(v, i,
+    off)`` (the raw bits' merge, on the words as ``<8 x i16>``) when given."""
+    i64 = ir.IntType(64)
+    vw = ir.VectorType(ir.IntType(32 if kind == 2 else 16), 8)
+    vf = ir.VectorType(ir.FloatType(), 8)
+    ba = context.make_array(sig.args[0])(context, builder, args[0])
+    ra = context.make_array(sig.args[3])(context, builder, args[3])
+    _, body, done, i = _ir_loop(builder, name)
+    builder.cbranch(builder.icmp_signed("<", i, args[2]), body, done)
+    builder.position_at_end(body)
+    off = builder.mul(i, ir.Constant(i64, 8))
+    v = builder.load(builder.bitcast(builder.gep(ba.data, [builder.add(args[1], off)]), vw.as_pointer()), align=2)
+    if merge is not None:
+        v = merge(v, i, off)
+    builder.store(_widen_vector(builder, v, kind), builder.bitcast(builder.gep(ra.data, [off]), vf.as_pointer()),
+                  align=4)
+    i.add_incoming(builder.add(i, ir.Constant(i64, 1)), builder.block)
+    builder.branch(i.parent)
+    builder.position_at_end(done)
+
+
 def _widen_intrinsic(kind: int):
     """An intrinsic ``widen(buf, a, n_vec, row)``: ``row[:8 * n_vec]`` = the float32 values of the words
     ``buf[a:a + 8 * n_vec]``, eight at a time as LLVM vectors (:func:`_widen_vector`). A numba loop did not
@@ -515,85 +566,91 @@ def _widen_intrinsic(kind: int):
         sig = types.void(buf, a, n_vec, row)
 
         def codegen(context, builder, sig, args):
-            i64 = ir.IntType(64)
-            vw = ir.VectorType(ir.IntType(32 if kind == 2 else 16), 8)
-            vf = ir.VectorType(ir.FloatType(), 8)
-            ba = context.make_array(sig.args[0])(context, builder, args[0])
-            ra = context.make_array(sig.args[3])(context, builder, args[3])
-            _, body, done, i = _ir_loop(builder, "widen")
-            builder.cbranch(builder.icmp_signed("<", i, args[2]), body, done)
-            builder.position_at_end(body)
-            off = builder.mul(i, ir.Constant(i64, 8))
-            src = builder.gep(ba.data, [builder.add(args[1], off)])
-            v = builder.load(builder.bitcast(src, vw.as_pointer()), align=2)
-            f = _widen_vector(builder, v, kind)
-            builder.store(f, builder.bitcast(builder.gep(ra.data, [off]), vf.as_pointer()), align=4)
-            i.add_incoming(builder.add(i, ir.Constant(i64, 1)), builder.block)
-            builder.branch(i.parent)
-            builder.position_at_end(done)
+            _emit_widen_loop(context, builder, sig, args, kind, "widen")
             return context.get_dummy_value()
         return sig, codegen
     return widen
 
 
 def _widen_raw_intrinsic(kind: int):
-    """An intrinsic ``widen_raw(buf, a, n_vec, row, stream, at, raw_bits)`` for 16-bit words: as
-    ``widen`` (:func:`_widen_intrinsic`), but first sets the low ``R = raw_bits`` bits of every word to its raw
-    bits, read from the raw section at byte ``at`` (eight weights' raw bits are ``R`` bytes; each half is
-    spread to four 16-bit lanes with one BMI2 ``pdep``), so the fused kernel needs no separate raw pass over
-    its buffer. Only compiled where :func:`_fast_pdep` is true."""
+    """An intrinsic ``widen_raw(buf, a, n_vec, row, stream, at, raw_bits, field)`` for 16-bit words: as
+    ``widen`` (:func:`_widen_intrinsic`), but first sets the bits ``field`` (:func:`_raw_field`: the low ``R =
+    raw_bits`` bits, or the sign and the low ``R - 1``) of every word to its raw bits, read from the raw section
+    at byte ``at`` (eight weights' raw bits are ``R`` bytes; each half is spread to four 16-bit words with one
+    BMI2 ``pdep``), so the fused kernel needs no separate raw pass over its buffer. Only compiled where
+    :func:`_fast_pdep` is true."""
     @intrinsic
-    def widen_raw(typingctx, buf, a, n_vec, row, stream, at, raw_bits):
-        sig = types.void(buf, a, n_vec, row, stream, at, raw_bits)
+    def widen_raw(typingctx, buf, a, n_vec, row, stream, at, raw_bits, field):
+        sig = types.void(buf, a, n_vec, row, stream, at, raw_bits, field)
 
         def codegen(context, builder, sig, args):
             i64 = ir.IntType(64)
             c64 = lambda v: ir.Constant(i64, v)  # noqa: E731
+            i32 = lambda v: ir.Constant(ir.IntType(32), v)  # noqa: E731
             vw = ir.VectorType(ir.IntType(16), 8)
-            vf = ir.VectorType(ir.FloatType(), 8)
-            ba = context.make_array(sig.args[0])(context, builder, args[0])
-            ra = context.make_array(sig.args[3])(context, builder, args[3])
+            vk = ir.VectorType(i64, 2)
             sa = context.make_array(sig.args[4])(context, builder, args[4])
             pdep = builder.module.declare_intrinsic("llvm.x86.bmi.pdep.64", fnty=ir.FunctionType(i64, [i64, i64]))
             r = args[6]
-            f = builder.sub(builder.shl(c64(1), r), c64(1))                    # R ones
+            f = args[7]                                                         # one word's raw field
             spread = f
             for q in (16, 32, 48):
                 spread = builder.or_(spread, builder.shl(f, c64(q)))
             keep = builder.xor(spread, c64(-1))
             half = builder.udiv(r, c64(2))                                     # bytes to the second half
             shift_hi = builder.sub(builder.mul(r, c64(4)), builder.mul(half, c64(8)))
-            _, body, done, i = _ir_loop(builder, "widen_raw")
-            builder.cbranch(builder.icmp_signed("<", i, args[2]), body, done)
-            builder.position_at_end(body)
-            off = builder.mul(i, c64(8))
-            rb = builder.add(args[5], builder.mul(i, r))
 
             def load_raw(byte):
-                ptr = builder.bitcast(builder.gep(sa.data, [byte]), i64.as_pointer())
-                return builder.load(ptr, align=1)
-            lo = builder.call(pdep, [load_raw(rb), spread])
-            hi = builder.call(pdep, [builder.lshr(load_raw(builder.add(rb, half)), shift_hi), spread])
-            vk = ir.VectorType(i64, 2)
-            rv = builder.insert_element(builder.insert_element(ir.Constant(vk, None), lo, ir.Constant(ir.IntType(32), 0)),
-                                        hi, ir.Constant(ir.IntType(32), 1))
-            kv = builder.insert_element(builder.insert_element(ir.Constant(vk, None), keep, ir.Constant(ir.IntType(32), 0)),
-                                        keep, ir.Constant(ir.IntType(32), 1))
-            src = builder.gep(ba.data, [builder.add(args[1], off)])
-            v = builder.bitcast(builder.load(builder.bitcast(src, vw.as_pointer()), align=2), vk)
-            v = builder.bitcast(builder.or_(builder.and_(v, kv), rv), vw)
-            builder.store(_widen_vector(builder, v, kind), builder.bitcast(builder.gep(ra.data, [off]), vf.as_pointer()),
-                          align=4)
-            i.add_incoming(builder.add(i, c64(1)), builder.block)
-            builder.branch(i.parent)
-            builder.position_at_end(done)
+                return builder.load(builder.bitcast(builder.gep(sa.data, [byte]), i64.as_pointer()), align=1)
+
+            def merge(v, i, off):
+                rb = builder.add(args[5], builder.mul(i, r))
+                lo = builder.call(pdep, [load_raw(rb), spread])
+                hi = builder.call(pdep, [builder.lshr(load_raw(builder.add(rb, half)), shift_hi), spread])
+                rv = builder.insert_element(builder.insert_element(ir.Constant(vk, None), lo, i32(0)), hi, i32(1))
+                kv = builder.insert_element(builder.insert_element(ir.Constant(vk, None), keep, i32(0)), keep, i32(1))
+                return builder.bitcast(builder.or_(builder.and_(builder.bitcast(v, vk), kv), rv), vw)
+            _emit_widen_loop(context, builder, sig, args, kind, "widen_raw", merge)
             return context.get_dummy_value()
         return sig, codegen
     return widen_raw
 
 
+def _merge_raw_bytes(builder, v, r):
+    """Eight 16-bit words ``v`` (decoded codes: the symbol in bits 7-14) with their raw bytes ``r`` (``<8 x i8>``:
+    the sign on top of seven mantissa bits) put in: ``v & 0x7f80 | (r & 0x80) << 8 | r & 0x7f``."""
+    vw = ir.VectorType(ir.IntType(16), 8)
+    splat = lambda c: ir.Constant(vw, [c] * 8)  # noqa: E731
+    r = builder.zext(r, vw)
+    raw = builder.or_(builder.shl(builder.and_(r, splat(0x80)), splat(8)), builder.and_(r, splat(0x7F)))
+    return builder.or_(builder.and_(v, splat(0x7F80)), raw)
+
+
+def _widen_bytes_intrinsic(kind: int):
+    """An intrinsic ``widen_bytes(buf, a, n_vec, row, stream, at)`` for 16-bit words whose raw field is one byte,
+    the sign on top (format version 6 with ``R = 8``: bf16 with the exponent-only symbol, DFloat11's layout, or
+    fp16 with three mantissa bits in the symbol): as ``widen`` (:func:`_widen_intrinsic`), but first puts the
+    raw bytes from byte ``at`` of the stream into the words, ``(r & 0x80) << 8 | (r & 0x7f)``, eight at a time
+    in vector registers (no bit spreading, no ``pdep``: works on any CPU)."""
+    @intrinsic
+    def widen_bytes(typingctx, buf, a, n_vec, row, stream, at):
+        sig = types.void(buf, a, n_vec, row, stream, at)
+
+        def codegen(context, builder, sig, args):
+            vb = ir.VectorType(ir.IntType(8), 8)
+            sa = context.make_array(sig.args[4])(context, builder, args[4])
+
+            def merge(v, i, off):
+                return _merge_raw_bytes(builder, v, _load_vector(builder, sa, builder.add(args[5], off), vb, 1))
+            _emit_widen_loop(context, builder, sig, args, kind, "widen_bytes", merge)
+            return context.get_dummy_value()
+        return sig, codegen
+    return widen_bytes
+
+
 _widen_bf16, _widen_f16, _widen_f32 = (_widen_intrinsic(k) for k in range(3))
 _widen_raw_bf16, _widen_raw_f16 = (_widen_raw_intrinsic(k) for k in range(2))
+_widen_bytes_bf16, _widen_bytes_f16 = (_widen_bytes_intrinsic(k) for k in range(2))
 #: whether the fused kernel merges the raw bits while widening (BMI2 ``pdep``) instead of a separate raw pass
 RAW_IN_WIDEN = _fast_pdep()
 
@@ -614,15 +671,60 @@ def _widen_row(buf, a, k_len, kind, row):
 
 
 @njit(cache=True, boundscheck=False)
-def _widen_raw_row(buf, a, k_len, kind, row, stream, at, raw_bits):
+def _widen_raw_row(buf, a, k_len, kind, row, stream, at, raw_bits, raw_sign):
     """:func:`_widen_row` for 16-bit words whose raw bits are not yet in ``buf`` (``k_len`` a multiple of 8, the
-    row's raw bits from byte ``at`` of the stream)."""
-    if kind == 0:
-        _widen_raw_bf16(buf, a, k_len // 8, row, stream, at, raw_bits)
+    row's raw bits from byte ``at`` of the stream): one raw byte per weight with ``raw_sign`` (vector code),
+    else ``pdep`` (only where :data:`RAW_IN_WIDEN`)."""
+    field = np.int64(_raw_field(raw_bits, raw_sign, 16))
+    if raw_sign and raw_bits == 8:
+        if kind == 0:
+            _widen_bytes_bf16(buf, a, k_len // 8, row, stream, at)
+        else:
+            _widen_bytes_f16(buf, a, k_len // 8, row, stream, at)
+    elif kind == 0:
+        _widen_raw_bf16(buf, a, k_len // 8, row, stream, at, raw_bits, field)
     else:
-        _widen_raw_f16(buf, a, k_len // 8, row, stream, at, raw_bits)
+        _widen_raw_f16(buf, a, k_len // 8, row, stream, at, raw_bits, field)
     for k in range(k_len, row.shape[0]):
         row[k] = np.float32(0.0)
+
+
+def _emit_dot_loop(builder, n32, product) -> ir.Value:
+    """The loop of the dot-product intrinsics, in the order of :func:`entropy.linear_reference`: four ``<8 x
+    float>`` accumulators (the 32 partial sums) take ``product(i, q)`` (the products of weights ``32 i + 8 q`` to
+    ``+ 8``) for ``i < n32``, then the halving tree; returns the float sum."""
+    i64 = ir.IntType(64)
+    v8 = ir.VectorType(ir.FloatType(), 8)
+    pre, body, done, i = _ir_loop(builder, "dot")
+    accs = [builder.phi(v8) for _ in range(4)]
+    zero = ir.Constant(v8, [0.0] * 8)
+    for a in accs:
+        a.add_incoming(zero, pre)
+    builder.cbranch(builder.icmp_unsigned("<", i, n32), body, done)
+    builder.position_at_end(body)
+    new = [builder.fadd(accs[q], product(i, q)) for q in range(4)]
+    nxt = builder.add(i, ir.Constant(i64, 1))
+    for a, v in zip(accs, new):
+        a.add_incoming(v, builder.block)
+    i.add_incoming(nxt, builder.block)
+    builder.branch(i.parent)
+    builder.position_at_end(done)
+    b0 = builder.fadd(accs[0], accs[2])     # h = 16: lanes 0-15 += lanes 16-31
+    b1 = builder.fadd(accs[1], accs[3])
+    c = builder.fadd(b0, b1)                # h = 8
+    lo = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(ir.IntType(32), 4), [0, 1, 2, 3]))
+    hi = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(ir.IntType(32), 4), [4, 5, 6, 7]))
+    d = builder.fadd(lo, hi)                # h = 4
+    e0 = builder.fadd(builder.extract_element(d, ir.Constant(ir.IntType(32), 0)),
+                      builder.extract_element(d, ir.Constant(ir.IntType(32), 2)))   # h = 2
+    e1 = builder.fadd(builder.extract_element(d, ir.Constant(ir.IntType(32), 1)),
+                      builder.extract_element(d, ir.Constant(ir.IntType(32), 3)))
+    return builder.fadd(e0, e1)             # h = 1
+
+
+def _load_vector(builder, ary, idx, vtype, align: int):
+    """``vtype`` (an LLVM vector) loaded from element ``idx`` of a numba array's data."""
+    return builder.load(builder.bitcast(builder.gep(ary.data, [idx]), vtype.as_pointer()), align=align)
 
 
 @intrinsic
@@ -638,63 +740,71 @@ def _dot(typingctx, r, x):
     sig = types.float32(r, x)
 
     def codegen(context, builder, sig, args):
-        f32 = ir.FloatType()
-        v8 = ir.VectorType(f32, 8)
         i64 = ir.IntType(64)
+        v8 = ir.VectorType(ir.FloatType(), 8)
         ra = context.make_array(sig.args[0])(context, builder, args[0])
         xa = context.make_array(sig.args[1])(context, builder, args[1])
         n = builder.udiv(builder.extract_value(ra.shape, 0), ir.Constant(i64, 32))
-        pre, body, done, i = _ir_loop(builder, "dot")
-        accs = [builder.phi(v8) for _ in range(4)]
-        zero = ir.Constant(v8, [0.0] * 8)
-        for a in accs:
-            a.add_incoming(zero, pre)
-        builder.cbranch(builder.icmp_unsigned("<", i, n), body, done)
-        builder.position_at_end(body)
-        new = []
-        for q in range(4):
+
+        def product(i, q):
             off = builder.add(builder.mul(i, ir.Constant(i64, 32)), ir.Constant(i64, 8 * q))
-            rv = builder.load(builder.bitcast(builder.gep(ra.data, [off]), v8.as_pointer()), align=4)
-            xv = builder.load(builder.bitcast(builder.gep(xa.data, [off]), v8.as_pointer()), align=4)
-            new.append(builder.fadd(accs[q], builder.fmul(rv, xv)))
-        nxt = builder.add(i, ir.Constant(i64, 1))
-        for a, v in zip(accs, new):
-            a.add_incoming(v, builder.block)
-        i.add_incoming(nxt, builder.block)
-        builder.branch(i.parent)
-        builder.position_at_end(done)
-        b0 = builder.fadd(accs[0], accs[2])     # h = 16: lanes 0-15 += lanes 16-31
-        b1 = builder.fadd(accs[1], accs[3])
-        c = builder.fadd(b0, b1)                # h = 8
-        lo = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(ir.IntType(32), 4), [0, 1, 2, 3]))
-        hi = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(ir.IntType(32), 4), [4, 5, 6, 7]))
-        d = builder.fadd(lo, hi)                # h = 4
-        e0 = builder.fadd(builder.extract_element(d, ir.Constant(ir.IntType(32), 0)),
-                          builder.extract_element(d, ir.Constant(ir.IntType(32), 2)))   # h = 2
-        e1 = builder.fadd(builder.extract_element(d, ir.Constant(ir.IntType(32), 1)),
-                          builder.extract_element(d, ir.Constant(ir.IntType(32), 3)))
-        return builder.fadd(e0, e1)             # h = 1
+            return builder.fmul(_load_vector(builder, ra, off, v8, 4), _load_vector(builder, xa, off, v8, 4))
+        return _emit_dot_loop(builder, n, product)
+    return sig, codegen
+
+
+@intrinsic
+def _dot_raw_bytes(typingctx, buf, a, n32, stream, at, x):
+    """:func:`_dot` of one weight row of 16-bit words with one raw byte each (what :func:`_widen_bytes_intrinsic`
+    widens: ``buf[a:]`` the decoded codes, the raw bytes from ``stream[at:]``, ``32 * n32`` weights) with the
+    float32 ``x``, merged, widened and multiplied in registers: the row is never stored (batch 1). Same
+    summation order, so the same bits as widening first and then :func:`_dot` (bf16 words only)."""
+    sig = types.float32(buf, a, n32, stream, at, x)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        vw = ir.VectorType(ir.IntType(16), 8)
+        vb = ir.VectorType(ir.IntType(8), 8)
+        v8 = ir.VectorType(ir.FloatType(), 8)
+        ba = context.make_array(sig.args[0])(context, builder, args[0])
+        sa = context.make_array(sig.args[3])(context, builder, args[3])
+        xa = context.make_array(sig.args[5])(context, builder, args[5])
+
+        def product(i, q):
+            off = builder.add(builder.mul(i, ir.Constant(i64, 32)), ir.Constant(i64, 8 * q))
+            v = _load_vector(builder, ba, builder.add(args[1], off), vw, 2)
+            r = _load_vector(builder, sa, builder.add(args[4], off), vb, 1)
+            w = _widen_vector(builder, _merge_raw_bytes(builder, v, r), 0)
+            return builder.fmul(w, _load_vector(builder, xa, off, v8, 4))
+        return _emit_dot_loop(builder, args[2], product)
     return sig, codegen
 
 
 @njit(cache=True, boundscheck=False)
-def _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, status, kind,
-                 k_len, x, bias, has_bias, y, buf, row):
+def _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps, status,
+                 kind, k_len, x, bias, has_bias, y, buf, row):
     """Decode block ``b`` (whole rows: ``lane_size`` is a multiple of ``k_len``) into ``buf`` (a thread's own,
     ``4 * lane_size`` words: L2-sized) and multiply its rows with ``x`` right away: ``y[:, r]`` for its rows.
     ``x`` and ``row`` are zero-padded to a multiple of 32 columns (the reference pads the same way). With BMI2
     (``RAW_IN_WIDEN``), 16-bit words and rows of a multiple of 8 weights (so every row's raw bits start on a
     byte), the raw bits are merged while widening each row, not in a pass of their own."""
     base = 4 * b * lane_size
-    merge = RAW_IN_WIDEN and kind < 2 and k_len % 8 == 0
-    _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, buf, status,
-                  base, not merge)
+    merge = (RAW_IN_WIDEN or (raw_sign and raw_bits == 8)) and kind < 2 and k_len % 8 == 0
+    _decode_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps, buf,
+                  status, base, not merge)
     end = min(n, base + 4 * lane_size)
+    direct = raw_sign and raw_bits == 8 and kind == 0 and x.shape[0] == 1 and k_len % FUSED_ACC == 0
     for r in range(base // k_len, end // k_len):
+        if direct:  # batch 1, one raw byte per bf16 weight: merge, widen and multiply in registers
+            k = r * k_len // lane_size
+            v = _dot_raw_bytes(buf, r * k_len - base, k_len // FUSED_ACC, stream,
+                               lane_start[k] + r * k_len - k * lane_size, x[0])
+            y[0, r] = v + bias[r] if has_bias else v
+            continue
         if merge:
             k = r * k_len // lane_size
             at = lane_start[k] + (r * k_len - k * lane_size) * raw_bits // 8
-            _widen_raw_row(buf, r * k_len - base, k_len, kind, row, stream, at, raw_bits)
+            _widen_raw_row(buf, r * k_len - base, k_len, kind, row, stream, at, raw_bits, raw_sign)
         else:
             _widen_row(buf, r * k_len - base, k_len, kind, row)
         for i in range(x.shape[0]):
@@ -703,23 +813,23 @@ def _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, mul
 
 
 @njit(cache=True, parallel=True)
-def fused_linear_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, status,
-                        kind, k_len, x, bias, has_bias, y, bufs, rows):
+def fused_linear_kernel(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps,
+                        status, kind, k_len, x, bias, has_bias, y, bufs, rows):
     """:func:`_fused_block` over all blocks, in parallel (``numba.prange``); thread ``t`` works in ``bufs[t]``
     and ``rows[t]`` (allocated once per call: nothing the size of the weight is written)."""
     for b in prange((lane_start.shape[0] + 2) // 4):
         t = numba.get_thread_id()
-        _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, status,
-                     kind, k_len, x, bias, has_bias, y, bufs[t], rows[t])
+        _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps,
+                     status, kind, k_len, x, bias, has_bias, y, bufs[t], rows[t])
 
 
 @njit(cache=True)
-def fused_linear_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps,
-                               status, kind, k_len, x, bias, has_bias, y, bufs, rows):
+def fused_linear_kernel_serial(stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign,
+                               steps, status, kind, k_len, x, bias, has_bias, y, bufs, rows):
     """:func:`fused_linear_kernel` on the calling thread only."""
     for b in range((lane_start.shape[0] + 2) // 4):
-        _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, steps, status,
-                     kind, k_len, x, bias, has_bias, y, bufs[0], rows[0])
+        _fused_block(b, stream, lane_start, raw_bytes, lane_size, n, lut, tmask, multi, raw_bits, raw_sign, steps,
+                     status, kind, k_len, x, bias, has_bias, y, bufs[0], rows[0])
 
 
 def fused_supported(plan: E.Plan, k_len: int) -> bool:
@@ -830,15 +940,20 @@ def symbol_counts(words: np.ndarray, word_bits: int, sym_bits: int) -> np.ndarra
 
 def encode(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_mant_bits: int = 2,
            max_len: int = 14, counts: np.ndarray | None = None, row_len: int = 0,
-           codes_per_word: int = 1) -> E.Encoded:
+           codes_per_word: int = 1, raw_sign: bool = False) -> E.Encoded:
     """Encode raw float bit patterns (``words``: uint8 for fp8, uint16 for bf16/fp16, uint32 for fp32) or
     integer codes (``uint8``: ``codes_per_word`` codes per word, format version 5); ``counts`` (the symbol
     histogram, from :func:`symbol_counts`) is computed when not given. ``row_len`` (a divisor of ``lane_size``)
-    records that every lane holds whole rows of that length (format version 3)."""
+    records that every lane holds whole rows of that length (format version 3). ``raw_sign`` stores the sign
+    raw, beside the low mantissa bits, and codes only the exponent and ``sym_mant_bits`` mantissa bits (format
+    version 6, DFloat11's layout with ``sym_mant_bits = 0``; ``counts`` must then be given of
+    :func:`entropy.raw_sign_order`'s words, or not at all)."""
     _, word_bits, _ = E.DTYPES[dtype]
     words = np.ascontiguousarray(words.reshape(-1)).view(E.WORD_DTYPE[word_bits])
-    sym_bits = E.symbol_bits(dtype, sym_mant_bits, max_len)
+    sym_bits = E.symbol_bits(dtype, sym_mant_bits, max_len, raw_sign)
     raw_bits = word_bits - sym_bits
+    if raw_sign:
+        words = E.raw_sign_order(words, word_bits, raw_bits)
     if counts is None:
         counts = symbol_counts(words, word_bits, sym_bits)
     lengths = E.package_merge_lengths(counts, max_len)
@@ -855,7 +970,8 @@ def encode(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_mant_bits:
     body = np.zeros(int(lane_start[-1]), dtype=np.uint8)
     if n:
         encode_kernel(words, lane_size, lengths64, rcodes, raw_bits, lane_start, raw_bytes, body)
-    return E.assemble(dtype, n, lane_size, sym_bits, lengths, nbytes, body, row_len, codes_per_word=codes_per_word)
+    return E.assemble(dtype, n, lane_size, sym_bits, lengths, nbytes, body, row_len, codes_per_word=codes_per_word,
+                      raw_sign=raw_sign)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -886,7 +1002,8 @@ def decode_plan(plan: E.Plan, out: np.ndarray | None = None, where: str = "lossl
 def _plan_args(plan: E.Plan) -> tuple:
     """The plan's arrays and constants in the order every decode kernel takes them."""
     return (plan.stream, plan.lane_start, plan.raw_bytes, plan.lane_size, plan.n, plan.lut,
-            np.uint64((1 << plan.table_bits) - 1), plan.multi_lut, plan.raw_bits, 57 // plan.table_bits)
+            np.uint64((1 << plan.table_bits) - 1), plan.multi_lut, plan.raw_bits, plan.raw_sign,
+            57 // plan.table_bits)
 
 
 def _check_status(status: np.ndarray, where: str) -> None:

@@ -67,9 +67,11 @@ def _index_kernel(a64, lane_start, raw_bytes, lane_size, n, lut, tmask, sub, sub
 
 
 @cuda.jit(device=True, inline=True)
-def _decode_run(a64, lane_bit, code_off, first, cnt, lut, tmask, raw_bits, dst, at):
+def _decode_run(a64, lane_bit, code_off, first, cnt, lut, tmask, raw_bits, sign_shift, dst, at):
     """Decode ``cnt`` weights of a lane starting at its weight ``first`` (whose code is ``code_off`` bits into
-    the lane) into ``dst[at:]``; the raw bits sit at fixed offsets in the lane's raw section.
+    the lane) into ``dst[at:]``; the raw bits sit at fixed offsets in the lane's raw section. ``sign_shift``:
+    0, or for data whose sign is stored raw (format version 6) ``W - R``, the shift that takes the raw field's top
+    bit to the word's sign bit.
 
     Both streams are read through 64-bit register buffers, refilled only when fewer bits than the longest code
     (or one raw field) remain: about one refill per 8 codes and per 12 raw fields of bf16, instead of two
@@ -77,6 +79,8 @@ def _decode_run(a64, lane_bit, code_off, first, cnt, lut, tmask, raw_bits, dst, 
     wmax = a64.shape[0] - 2
     rbits = np.uint64(raw_bits)
     rmask = np.uint64((1 << raw_bits) - 1)
+    top = np.uint64(1 << (raw_bits - 1)) if raw_bits else np.uint64(0)
+    sshift = np.uint64(sign_shift)
     p = lane_bit + code_off
     rp = lane_bit + first * raw_bits
     buf = _peek(a64, p, wmax)
@@ -92,7 +96,8 @@ def _decode_run(a64, lane_bit, code_off, first, cnt, lut, tmask, raw_bits, dst, 
             ravail = 64
         e = np.uint64(lut[buf & tmask])
         length = e & np.uint64(15)
-        dst[at + i] = (e ^ length) | (rbuf & rmask)
+        r = rbuf & rmask
+        dst[at + i] = (e ^ length) | (r & ~top) | ((r & top) << sshift)
         buf >>= length
         avail -= np.int64(length)
         p += np.int64(length)
@@ -102,7 +107,7 @@ def _decode_run(a64, lane_bit, code_off, first, cnt, lut, tmask, raw_bits, dst, 
 
 
 @cuda.jit
-def _decode_kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits, sub, subs_per_lane, out):
+def _decode_kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits, sign_shift, sub, subs_per_lane, out):
     t = cuda.grid(1)
     if t >= sub_pos.shape[0]:
         return
@@ -113,7 +118,7 @@ def _decode_kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits,
     if first >= lane_size or start >= n:
         return
     _decode_run(a64, lane_start[k] * 8, sub_pos[t], first, min(sub, lane_size - first, n - start), lut, tmask,
-                raw_bits, out, start)
+                raw_bits, sign_shift, out, start)
 
 
 #: launch configuration used when a caller names none (the model's modules do not)
@@ -137,7 +142,7 @@ def staged_kernel(sub: int, threads: int, word_bits: int) -> Any:
     word = np.uint16 if word_bits == 16 else np.uint32
 
     @cuda.jit
-    def kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits, subs_per_lane, out):
+    def kernel(a64, sub_pos, lane_start, lane_size, n, lut, tmask, raw_bits, sign_shift, subs_per_lane, out):
         buf = cuda.shared.array(size, word)
         tid = cuda.threadIdx.x
         t = cuda.blockIdx.x * threads + tid
@@ -147,7 +152,7 @@ def staged_kernel(sub: int, threads: int, word_bits: int) -> Any:
             start = k * lane_size + first
             if start < n:
                 _decode_run(a64, lane_start[k] * 8, sub_pos[t], first, min(sub, n - start), lut, tmask, raw_bits,
-                            buf, tid * stride)
+                            sign_shift, buf, tid * stride)
         cuda.syncthreads()
         base = cuda.blockIdx.x * threads * sub
         end = min(base + threads * sub, n)
@@ -201,7 +206,8 @@ def fused_kernel(k_len: int, threads: int, sub: int, word_bits: int) -> Any:
     warps = threads // 32
 
     @cuda.jit
-    def kernel(a64, sub_pos, lane_start, lane_size, lut, tmask, raw_bits, subs_per_lane, x, bias, has_bias, y):
+    def kernel(a64, sub_pos, lane_start, lane_size, lut, tmask, raw_bits, sign_shift, subs_per_lane, x, bias, has_bias,
+               y):
         wbuf = cuda.shared.array(k_len, word)
         rowf = cuda.shared.array(k_pad, np.float32)
         red = cuda.shared.array(threads, np.float32)
@@ -213,7 +219,7 @@ def fused_kernel(k_len: int, threads: int, sub: int, word_bits: int) -> Any:
             g = g0 + j
             k = g // subs_per_lane
             _decode_run(a64, lane_start[k] * 8, sub_pos[g], (g - k * subs_per_lane) * sub, sub, lut, tmask,
-                        raw_bits, wbuf, j * sub)
+                        raw_bits, sign_shift, wbuf, j * sub)
         cuda.syncthreads()
         for k in range(tid, k_pad, threads):
             if k >= k_len:
@@ -262,6 +268,7 @@ class CudaDecoder:
         self.a64 = cuda.to_device(plan.stream64)
         self.lut = cuda.to_device(plan.lut)
         self.tmask = np.uint64((1 << plan.table_bits) - 1)
+        self.sign_shift = plan.word_bits - plan.raw_bits if plan.raw_sign else 0
         # bit offsets from the lane's start: int32 unless a lane is longer than 2**31 bits
         wide = n_lanes and int(np.diff(plan.lane_start).max()) * 8 >= 2**31
         self.sub_pos = cuda.to_device(np.zeros(max(n_lanes * self.subs_per_lane, 1),
@@ -307,7 +314,7 @@ class CudaDecoder:
         if n_rows and xd.shape[0]:
             fused_kernel(k_len, self.threads, self.sub, p.word_bits)[n_rows, self.threads](
                 self.a64, self.sub_pos, self.lane_start, p.lane_size, self.lut, self.tmask, p.raw_bits,
-                self.subs_per_lane, xd, b, has_bias, y)
+                self.sign_shift, self.subs_per_lane, xd, b, has_bias, y)
         return out if out is not None else y
 
     def decode(self, out: Any = None) -> Any:
@@ -323,10 +330,10 @@ class CudaDecoder:
         if self.staged:
             staged_kernel(self.sub, self.threads, p.word_bits)[grid, self.threads](
                 self.a64, self.sub_pos, self.lane_start, p.lane_size, p.n, self.lut, self.tmask, p.raw_bits,
-                self.subs_per_lane, out)
+                self.sign_shift, self.subs_per_lane, out)
             return out
         _decode_kernel[grid, self.threads](self.a64, self.sub_pos, self.lane_start, p.lane_size, p.n, self.lut,
-                                           self.tmask, p.raw_bits, self.sub, self.subs_per_lane, out)
+                                           self.tmask, p.raw_bits, self.sign_shift, self.sub, self.subs_per_lane, out)
         return out
 
 
