@@ -217,6 +217,29 @@ def map_shared(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float] 
     return [merged[i] for i in range(len(items))]
 
 
+def map_tensors(fn: Callable[[T], "torch.Tensor"], items: Sequence[T],
+                costs: Sequence[float] | None = None) -> list["torch.Tensor"]:
+    """``[fn(x) for x in items]`` for ``fn`` returning a tensor: each item computed on one rank (:func:`owners`
+    of ``costs``, default equal) and broadcast from it as a tensor (shapes and dtypes first, as small objects),
+    so every rank returns the whole list in item order, without pickling the bulk."""
+    if not active():
+        return [fn(x) for x in items]
+    import torch
+
+    own = owners(costs if costs is not None else [1.0] * len(items))
+    mine = {i: fn(x).contiguous() for i, x in enumerate(items) if own[i] == rank()}
+    kinds: dict[int, tuple[torch.Size, torch.dtype]] = {}
+    for part in all_gather({i: (t.shape, t.dtype) for i, t in mine.items()}):
+        kinds.update(part)
+    out = []
+    for i in range(len(items)):
+        t = mine[i] if i in mine else torch.empty(kinds[i][0], dtype=kinds[i][1])
+        travelling = _on_backend_device(t)
+        _collective("broadcast", travelling, own[i])
+        out.append(travelling.to(t.device))
+    return out
+
+
 def map_to_main(fn: Callable[[T], tuple[list[np.ndarray], Any]], items: Sequence[T],
                 costs: Sequence[float] | None = None) -> list[tuple[list[np.ndarray], Any]] | None:
     """``[fn(x) for x in items]`` on rank 0, ``None`` on the others: each item is computed on one rank
