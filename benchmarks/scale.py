@@ -238,7 +238,7 @@ def main() -> None:
                     help="instead: 1 vs 2 ranks for dfloat11 (the first of --sizes) and the EvoPress search")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each setup in --nproc-section")
     ap.add_argument("--append", action="store_true",
-                    help="--nproc-section: add to the runs already in results/scale_nproc.jsonl (default: start afresh)")
+                    help="--nproc-section: add to the runs in results/scale_nproc.jsonl (default: start afresh)")
     ap.add_argument("--nproc-cases", nargs="+", default=["dfloat11", "evopress"], choices=["dfloat11", "evopress"])
     args = ap.parse_args()
     if args.nproc_section:
@@ -332,7 +332,8 @@ def run_ranks(recipe: Path, out: Path, ranks: int, threads: int) -> dict:
     entry = next(iter(manifest["passes"].values()))
     h = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     level_map = entry.get("level_map")
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "pass_s": entry.get("search_seconds", entry.get("seconds")), "sha256": h,
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "pass_s": entry.get("search_seconds", entry.get("seconds")), "sha256": h,
             "level_map": hashlib.sha256(json.dumps(level_map, sort_keys=True).encode()).hexdigest()[:12]
             if level_map else None}
 
