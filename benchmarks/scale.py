@@ -237,12 +237,16 @@ def main() -> None:
     ap.add_argument("--nproc-section", action="store_true",
                     help="instead: 1 vs 2 ranks for dfloat11 (the first of --sizes) and the EvoPress search")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each setup in --nproc-section")
+    ap.add_argument("--append", action="store_true",
+                    help="--nproc-section: add to the runs in results/scale_nproc.jsonl (default: start afresh)")
     ap.add_argument("--nproc-cases", nargs="+", default=["dfloat11", "evopress"], choices=["dfloat11", "evopress"])
     args = ap.parse_args()
     if args.nproc_section:
         args.work.mkdir(parents=True, exist_ok=True)
         out = ROOT / "benchmarks/results/scale_nproc.md"
         log = out.with_suffix(".jsonl")  # every run; the table summarises all of them
+        if not args.append:
+            log.unlink(missing_ok=True)
         distributed_runs(args.work, args.sizes[0], args.nproc_cases, args.repeats, log)
         rows = distributed_rows(log)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
@@ -308,23 +312,28 @@ SETUPS = [("1 rank, 1 thread", 1, 1), ("1 rank, 2 threads", 1, 2), ("2 ranks, 1 
 
 def run_ranks(recipe: Path, out: Path, ranks: int, threads: int) -> dict:
     """``modelpress compress RECIPE --nproc RANKS`` with THREADS torch / numba threads per rank: its wall time,
-    the pass's own seconds from the manifest (dfloat11: ``seconds``, the encode; EvoPress: ``search_seconds``)
-    and the artifact's sha256."""
+    its CPU time (user + sys of the command and every worker it started), the pass's own seconds from the
+    manifest (dfloat11: ``seconds``, the encode; EvoPress: ``search_seconds``) and the artifact's sha256."""
     import hashlib
+    import resource
 
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": "2"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "modelpress.cli", "compress", str(recipe), "-q", "-o", str(out),
                            "--nproc", str(ranks)], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"{recipe} --nproc {ranks} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     manifest = json.loads((out / "modelpress.json").read_text())
     entry = next(iter(manifest["passes"].values()))
     h = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     level_map = entry.get("level_map")
-    return {"wall_s": round(wall, 2), "pass_s": entry.get("search_seconds", entry.get("seconds")), "sha256": h,
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "pass_s": entry.get("search_seconds", entry.get("seconds")), "sha256": h,
             "level_map": hashlib.sha256(json.dumps(level_map, sort_keys=True).encode()).hexdigest()[:12]
             if level_map else None}
 
@@ -362,8 +371,10 @@ def distributed_rows(log: Path) -> list[dict]:
     rows = []
     for (case, label), rs in runs.items():
         walls, passes = sorted(r["wall_s"] for r in rs), sorted(r["pass_s"] for r in rs)
+        cpus = sorted(r["cpu_s"] for r in rs if "cpu_s" in r)  # not recorded by the first runs in the log
         rows.append({"case": case, "setup": label, "repeats": len(rs), "wall_min": walls[0],
                      "wall_median": walls[len(walls) // 2], "pass_min": passes[0], "pass_median": passes[len(passes) // 2],
+                     "cpu_min": cpus[0] if cpus else None, "cpu_median": cpus[len(cpus) // 2] if cpus else None,
                      "same_artifact": len({x["sha256"] for (c, _), xs in runs.items() if c == case for x in xs}) == 1,
                      "load": _range([r["load"] for r in rs if "load" in r])})
     return rows
@@ -379,15 +390,18 @@ def distributed_markdown(rows: list[dict], command: str) -> str:
              "average after each run, range over the row's runs, in the last column), so times are inflated and noisy; the "
              "setups ran interleaved, repeat by repeat. *pass s*: the pass's own time from the manifest (dfloat11: "
              "the encode, `seconds`; EvoPress: the search, `search_seconds`); *wall s*: the whole "
-             "`modelpress compress` command (Python start-up, loading, hashing the input, writing). "
+             "`modelpress compress` command (Python start-up, loading, hashing the input, writing); *CPU s*: user + "
+             "sys time of that command and every worker it started (what the setup costs the machine, which "
+             "other jobs' load does not inflate as it inflates wall times). "
              "*same artifact*: every run of the case, all setups, wrote the same model.safetensors (sha256).", "",
              "| case | setup | repeats | pass s min | pass s median | speed-up vs 1 rank 1 thread (min / median pass) | "
-             "wall s min | wall s median | same artifact | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "wall s min | wall s median | CPU s min | CPU s median | same artifact | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = next(x for x in rows if x["case"] == r["case"] and x["setup"] == SETUPS[0][0])
         lines.append(f"| {r['case']} | {r['setup']} | {r['repeats']} | {r['pass_min']} | {r['pass_median']} | "
                      f"{ref['pass_min'] / r['pass_min']:.2f}x / {ref['pass_median'] / r['pass_median']:.2f}x | {r['wall_min']} | {r['wall_median']} | "
-                     f"{'yes' if r['same_artifact'] else 'NO'} | {r['load']} |")
+                     f"{r.get('cpu_min')} | {r.get('cpu_median')} | {'yes' if r['same_artifact'] else 'NO'} | {r['load']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from . import console
+from . import console, distributed
 from .artifact import atomic_directory, tensors_sha256, write_artifact
 from .data import Dataset
 from .devices import on_device, resolve_device
@@ -136,7 +136,11 @@ def calibration_spec(calibration: Any) -> tuple[CalibrationSpec, Dataset | None]
 
 
 def _input_record(handle: ModelHandle) -> dict[str, Any]:
-    return {"source": handle.source, "kind": handle.kind, "sha256": tensors_sha256(handle.module.state_dict())}
+    """The input's source, kind and sha256 for the manifest (the hash left out on a rank other than 0 whose
+    result nobody uses: :func:`modelpress.distributed.results_on_main`)."""
+    hashed = distributed.is_main() or not distributed.results_on_main_only()
+    return {"source": handle.source, "kind": handle.kind,
+            "sha256": tensors_sha256(handle.module.state_dict()) if hashed else None}
 
 
 def compress(model: ModelLike, passes: Iterable[Any] = (), *, base: ModelLike | None = None,
@@ -171,7 +175,7 @@ def compress(model: ModelLike, passes: Iterable[Any] = (), *, base: ModelLike | 
         (handle if keep_reference else None)
     with tempfile.TemporaryDirectory(prefix="modelpress-") as scratch:
         ctx = Context(seed=seed, calibration=spec, data=data, base=base_handle, scratch=Path(scratch),
-                      show_progress=show_progress, reference=reference, device=run_on)
+                      show_progress=show_progress, reference=reference, device=run_on, passes_total=len(parsed))
         bar = console.progress(parsed, desc="passes", disable=not show_progress or not parsed)
         for i, (name, config) in enumerate(bar):
             bar.set_postfix_str(name)

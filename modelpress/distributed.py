@@ -22,6 +22,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 T = TypeVar("T")
@@ -37,6 +38,8 @@ class PeerFailed(RuntimeError):
 
 #: > 0 inside :func:`alone`
 _ALONE = 0
+#: > 0 inside :func:`results_on_main`
+_MAIN_ONLY = 0
 
 
 def active() -> bool:
@@ -55,6 +58,24 @@ def alone() -> Iterator[None]:
         yield
     finally:
         _ALONE -= 1
+
+
+@contextmanager
+def results_on_main() -> Iterator[None]:
+    """Inside the block only rank 0 uses what the passes return (the recipe runner: rank 0 alone writes,
+    evaluates and exports), so the last pass may gather its shared work to rank 0 alone and the other ranks may
+    skip building its result (:meth:`modelpress.passes.Context.result_on_main_only`)."""
+    global _MAIN_ONLY
+    _MAIN_ONLY += 1
+    try:
+        yield
+    finally:
+        _MAIN_ONLY -= 1
+
+
+def results_on_main_only() -> bool:
+    """Whether this is one of several ranks inside :func:`results_on_main`."""
+    return bool(_MAIN_ONLY) and active()
 
 
 def _dist() -> Any:
@@ -161,9 +182,7 @@ def sum_in_rank_order(t: "torch.Tensor") -> "torch.Tensor":
         return t
     import torch
 
-    dist = _dist()
-    move = dist.get_backend() == "nccl"
-    local = t.to(f"cuda:{torch.cuda.current_device()}") if move else t.contiguous()
+    local = _on_backend_device(t.contiguous())
     parts = [torch.empty_like(local) for _ in range(world_size())]
     _collective("all_gather", parts, local)
     total = parts[0].clone()
@@ -196,6 +215,82 @@ def map_shared(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float] 
     for part in all_gather(mine):
         merged.update(part)
     return [merged[i] for i in range(len(items))]
+
+
+def map_tensors(fn: Callable[[T], "torch.Tensor"], items: Sequence[T],
+                costs: Sequence[float] | None = None) -> list["torch.Tensor"]:
+    """``[fn(x) for x in items]`` for ``fn`` returning a tensor: each item computed on one rank (:func:`owners`
+    of ``costs``, default equal) and broadcast from it as a tensor (shapes and dtypes first, as small objects),
+    so every rank returns the whole list in item order, without pickling the bulk."""
+    if not active():
+        return [fn(x) for x in items]
+    import torch
+
+    own = owners(costs if costs is not None else [1.0] * len(items))
+    mine = {i: fn(x).contiguous() for i, x in enumerate(items) if own[i] == rank()}
+    kinds: dict[int, tuple[torch.Size, torch.dtype]] = {}
+    for part in all_gather({i: (t.shape, t.dtype) for i, t in mine.items()}):
+        kinds.update(part)
+    out = []
+    for i in range(len(items)):
+        t = mine[i] if i in mine else torch.empty(kinds[i][0], dtype=kinds[i][1])
+        travelling = _on_backend_device(t)
+        _collective("broadcast", travelling, own[i])
+        out.append(travelling.to(t.device))
+    return out
+
+
+def map_to_main(fn: Callable[[T], tuple[list[np.ndarray], Any]], items: Sequence[T],
+                costs: Sequence[float] | None = None) -> list[tuple[list[np.ndarray], Any]] | None:
+    """``[fn(x) for x in items]`` on rank 0, ``None`` on the others: each item is computed on one rank
+    (:func:`owners` of ``costs``, default equal) and sent to rank 0 alone. ``fn`` returns numpy arrays (the
+    bulk: each rank's travel as one byte tensor, not pickled) and a small picklable rest."""
+    if not active():
+        return [fn(x) for x in items]
+    own = owners(costs if costs is not None else [1.0] * len(items))
+    mine = {i: fn(x) for i, x in enumerate(items) if own[i] == rank()}
+    layouts = gather_to_main({i: ([(a.dtype.str, a.shape) for a in arrays], rest)
+                              for i, (arrays, rest) in mine.items()})
+    if layouts is None:
+        _send_arrays([a for arrays, _ in mine.values() for a in arrays])
+        return None
+    merged = dict(mine)
+    for src in range(1, world_size()):
+        received = iter(_recv_arrays([kind for layout, _ in layouts[src].values() for kind in layout], src))
+        for i, (layout, rest) in layouts[src].items():
+            merged[i] = ([next(received) for _ in layout], rest)
+    return [merged[i] for i in range(len(items))]
+
+
+def _send_arrays(arrays: list["np.ndarray"]) -> None:
+    """Send ``arrays`` to rank 0, each as one uint8 tensor sharing its memory (no copy, no pickling)."""
+    import torch
+
+    for a in arrays:
+        if a.nbytes:
+            _collective("send", _on_backend_device(torch.from_numpy(a.reshape(-1).view("uint8"))), 0)
+
+
+def _recv_arrays(kinds: list[tuple[str, tuple[int, ...]]], src: int) -> list["np.ndarray"]:
+    """The arrays (``(dtype, shape)`` each, C-contiguous) that rank ``src`` sent with :func:`_send_arrays`."""
+    import numpy as np
+    import torch
+
+    out = []
+    for d, shape in kinds:
+        buf = _on_backend_device(torch.empty(int(np.dtype(d).itemsize * np.prod(shape, dtype=np.int64)),
+                                             dtype=torch.uint8))
+        if buf.numel():
+            _collective("recv", buf, src)
+        out.append(buf.cpu().numpy().view(np.dtype(d)).reshape(shape))
+    return out
+
+
+def _on_backend_device(t: "torch.Tensor") -> "torch.Tensor":
+    """``t`` where the process group's backend takes it (nccl: this rank's GPU; gloo: the CPU)."""
+    import torch
+
+    return t.to(f"cuda:{torch.cuda.current_device()}") if _dist().get_backend() == "nccl" else t
 
 
 @contextmanager

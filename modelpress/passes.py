@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import console
+from . import console, distributed
 from .data import Dataset
 from .errors import UserError
 from .model import TEXT_KINDS, ModelHandle
@@ -66,8 +66,9 @@ class Context:
     show_progress: bool = True
     #: the untouched input model the pipeline keeps for evaluation (see :meth:`original`)
     reference: ModelHandle | None = None
-    #: passes run so far in this context
+    #: passes run so far in this context, and all the passes it runs
     passes_done: int = 0
+    passes_total: int = 0
     #: where passes that compute with the model (distillation, calibration forwards) run
     #: (:func:`modelpress.devices.resolve_device`); the model is handed over and returned on the CPU
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -81,6 +82,12 @@ class Context:
         import copy
 
         return model.replace_module(copy.deepcopy(model.module))
+
+    def result_on_main_only(self) -> bool:
+        """Whether, with several ranks, only rank 0 uses what this pass returns: it is the last pass and the
+        run keeps its result on rank 0 alone (:func:`modelpress.distributed.results_on_main`). The pass may
+        then send its shared work to rank 0 alone, and the other ranks return the model as they got it."""
+        return distributed.results_on_main_only() and self.passes_done == self.passes_total - 1
 
     def progress(self, iterable: Any = None, total: int | None = None, desc: str = "") -> Any:
         """A progress bar for long work inside a pass (nested under the pipeline's stage bar)."""

@@ -51,9 +51,10 @@ def compress(loaded: LoadedRecipe, staging: Path, show_progress: bool = True) ->
     r = loaded.recipe
     model = load_model(r.model)
     check_metric_data(loaded, model)
-    result = api.compress(model, loaded.passes, base=load_model(r.base) if r.base else None,
-                          calibration=_calibration(loaded), seed=r.seed, device=r.device,
-                          show_progress=show_progress, where=str(loaded.path) if loaded.path else None)
+    with distributed.results_on_main():  # rank 0 alone writes, evaluates and exports
+        result = api.compress(model, loaded.passes, base=load_model(r.base) if r.base else None,
+                              calibration=_calibration(loaded), seed=r.seed, device=r.device,
+                              show_progress=show_progress, where=str(loaded.path) if loaded.path else None)
     result.recipe = loaded.raw
     result.write(staging)
     _write_recipe(loaded, staging)
@@ -118,9 +119,10 @@ def _work_as_rank(loaded: LoadedRecipe) -> None:
     if streams(loaded):
         compress_streamed(loaded, None, show_progress=False)
     else:
-        api.compress(load_model(r.model), loaded.passes, base=load_model(r.base) if r.base else None,
-                     calibration=_calibration(loaded), seed=r.seed, device=r.device, keep_reference=False,
-                     where=str(loaded.path) if loaded.path else None)
+        with distributed.results_on_main():  # its result is dropped: the last pass may leave it unbuilt
+            api.compress(load_model(r.model), loaded.passes, base=load_model(r.base) if r.base else None,
+                         calibration=_calibration(loaded), seed=r.seed, device=r.device, keep_reference=False,
+                         where=str(loaded.path) if loaded.path else None)
     distributed.barrier()
 
 

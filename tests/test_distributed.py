@@ -150,6 +150,7 @@ def test_shares_are_deterministic_and_balanced() -> None:
     assert owners[0] == 0 and all(o == 1 for o in owners[1:])  # the big item alone balances the ten small ones
     assert distributed.owners([1.0] * 5, 2) == [0, 1, 0, 1, 0]
     assert distributed.map_shared(lambda x: x * x, [1, 2, 3]) == [1, 4, 9]  # one process: a plain map
+    assert distributed.map_to_main(lambda x: ([], x * x), [1, 2, 3]) == [([], 1), ([], 4), ([], 9)]
 
 
 def test_nproc_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -52,6 +52,9 @@ _INT_VIEW = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 #: default is 0 (never fused), so that outputs stay bit-identical to the uncompressed model.
 FUSED_MAX_ROWS = 256
 BUFFERS = tuple(E.FIELDS)
+#: buffer sizes of a module built from an encoding: empty until ``_set_encoded`` puts the encoding's arrays in
+#: (allocating and zeroing buffers of the final sizes first cost a third of the dfloat11 pass)
+_UNFILLED = dict.fromkeys(BUFFERS, 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,9 +174,11 @@ class _LosslessWeight(nn.Module):
         self._plan: E.Plan | None = None
         self._cuda: Any = None
 
-    def _set_encoded(self, enc: E.Encoded) -> None:
+    def _set_encoded(self, enc: E.Encoded, copy: bool = True) -> None:
+        """Hold ``enc``'s arrays as the buffers: copies, or (``copy=False``, an encoding nobody else uses) the
+        arrays themselves."""
         for k, a in enc.arrays().items():
-            setattr(self, f"df11_{k}", torch.from_numpy(a.copy()))
+            setattr(self, f"df11_{k}", torch.from_numpy(a.copy() if copy else a))
         self._plan = self._cuda = None
 
     def encoded_sizes(self) -> dict[str, int]:
@@ -247,11 +252,12 @@ class LosslessLinear(_LosslessWeight):
         self.fused_max_rows = int(fused_max_rows)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, enc: E.Encoded, fused_max_rows: int = 0) -> "LosslessLinear":
+    def from_linear(cls, lin: nn.Linear, enc: E.Encoded, fused_max_rows: int = 0,
+                    copy: bool = True) -> "LosslessLinear":
         dtype = str(lin.weight.dtype).replace("torch.", "")
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype,
-                {k: a.shape[0] for k, a in enc.arrays().items()}, fused_max_rows)
-        m._set_encoded(enc)
+                _UNFILLED, fused_max_rows)
+        m._set_encoded(enc, copy)
         if lin.bias is not None:
             m.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         return m
@@ -332,12 +338,12 @@ class LosslessEmbedding(_LosslessWeight):
         self._init_encoded((num_embeddings, embedding_dim), weight_dtype, sizes)
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, enc: E.Encoded) -> "LosslessEmbedding":
+    def from_embedding(cls, emb: nn.Embedding, enc: E.Encoded, copy: bool = True) -> "LosslessEmbedding":
         dtype = str(emb.weight.dtype).replace("torch.", "")
         m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, dtype,
-                {k: a.shape[0] for k, a in enc.arrays().items()}, emb.max_norm, emb.norm_type,
+                _UNFILLED, emb.max_norm, emb.norm_type,
                 emb.scale_grad_by_freq, emb.sparse)
-        m._set_encoded(enc)
+        m._set_encoded(enc, copy)
         return m
 
     def module_config(self) -> dict[str, Any]:
@@ -401,12 +407,12 @@ class LosslessConv2d(_LosslessWeight):
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=TORCH_DTYPES[weight_dtype])) if has_bias else None
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, enc: E.Encoded) -> "LosslessConv2d":
+    def from_conv(cls, conv: nn.Conv2d, enc: E.Encoded, copy: bool = True) -> "LosslessConv2d":
         dtype = str(conv.weight.dtype).replace("torch.", "")
         m = cls(conv.in_channels, conv.out_channels, list(conv.kernel_size), list(conv.stride),
                 conv.padding if isinstance(conv.padding, str) else list(conv.padding), list(conv.dilation),
-                conv.groups, conv.bias is not None, dtype, {k: a.shape[0] for k, a in enc.arrays().items()})
-        m._set_encoded(enc)
+                conv.groups, conv.bias is not None, dtype, _UNFILLED)
+        m._set_encoded(enc, copy)
         if conv.bias is not None:
             m.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         return m
@@ -447,11 +453,11 @@ class LosslessConv1D(LosslessLinear):
         self.weight_shape = (in_features, out_features)
 
     @classmethod
-    def from_conv1d(cls, conv: nn.Module, enc: E.Encoded) -> "LosslessConv1D":
+    def from_conv1d(cls, conv: nn.Module, enc: E.Encoded, copy: bool = True) -> "LosslessConv1D":
         in_f, out_f = conv.weight.shape
         m = cls(in_f, out_f, conv.bias is not None, str(conv.weight.dtype).replace("torch.", ""),
-                {k: a.shape[0] for k, a in enc.arrays().items()})
-        m._set_encoded(enc)
+                _UNFILLED)
+        m._set_encoded(enc, copy)
         if conv.bias is not None:
             m.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         return m
@@ -511,14 +517,15 @@ def _candidates(module: nn.Module, kinds: list[str], min_elements: int
     return sorted(chosen, key=lambda c: order[c[0]]), tied, sorted(skipped, key=order.__getitem__)
 
 
-def _coded_module(m: nn.Module, enc: E.Encoded, fused_rows: int = 0) -> nn.Module:
+def _coded_module(m: nn.Module, enc: E.Encoded, fused_rows: int = 0, copy: bool = True) -> nn.Module:
+    """The coded replacement of ``m`` holding ``enc`` (``copy=False``: its arrays themselves)."""
     if is_conv1d(m):
-        return LosslessConv1D.from_conv1d(m, enc)
+        return LosslessConv1D.from_conv1d(m, enc, copy)
     if isinstance(m, nn.Linear):
-        return LosslessLinear.from_linear(m, enc, fused_rows)
+        return LosslessLinear.from_linear(m, enc, fused_rows, copy)
     if isinstance(m, nn.Embedding):
-        return LosslessEmbedding.from_embedding(m, enc)
-    return LosslessConv2d.from_conv(m, enc)
+        return LosslessEmbedding.from_embedding(m, enc, copy)
+    return LosslessConv2d.from_conv(m, enc, copy)
 
 
 @register_pass
@@ -568,6 +575,8 @@ class DFloat11(Pass):
         if compressed_modules(model.module):
             return self._apply_stacked(model, ctx)
         module, part = self._code(model.module, ctx)
+        if part is None:  # another rank than 0, and only rank 0 uses the coded model
+            return model
         self.record_units([part], ctx)
         return model.replace_module(module)
 
@@ -583,8 +592,10 @@ class DFloat11(Pass):
         module, part = self._code(unit.module, ctx)
         return unit.replace_module(module), part
 
-    def _code(self, module: nn.Module, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
-        """Cast (if asked) and code the weights of ``module``; returns it and the raw record part."""
+    def _code(self, module: nn.Module, ctx: Context) -> tuple[nn.Module, dict[str, Any] | None]:
+        """Cast (if asked) and code the weights of ``module``; returns it and the raw record part (``None`` on a
+        rank other than 0 when only rank 0 uses the result: its share is coded and sent, the module is left
+        as it is)."""
         cfg = self.config
         target = TORCH_DTYPES[cfg.dtype]
         dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
@@ -597,11 +608,13 @@ class DFloat11(Pass):
         originals = {n: module.get_submodule(n) for n in tied}
         coded: list[tuple[str, int, int, float, int]] = []  # name, elements, coded bytes, bound, element size
         encodings = self._encode_all(chosen, ctx)
+        if encodings is None:
+            return module, None
         for (name, m), (enc, bound) in zip(chosen, encodings):
-            new = _coded_module(m, enc, cfg.fused_rows)
+            new = _coded_module(m, enc, cfg.fused_rows, copy=False)  # the encodings are this pass's own
             for other, owner in tied.items():  # the same coded buffers (stored once: artifact aliases)
                 if owner == name:
-                    twin = _coded_module(originals[other], enc)
+                    twin = _coded_module(originals[other], enc, copy=False)  # its buffers are new's
                     for k in BUFFERS:
                         setattr(twin, f"df11_{k}", getattr(new, f"df11_{k}"))
                     set_submodule(module, other, twin)
@@ -613,10 +626,13 @@ class DFloat11(Pass):
         return module, {"dtypes": sorted(str(d).replace("torch.", "") for d in dtypes), "coded": coded,
                         "tied": tied, "skipped": skipped}
 
-    def _encode_all(self, chosen: list[tuple[str, nn.Module]], ctx: Context) -> list[tuple[E.Encoded, float]]:
+    def _encode_all(self, chosen: list[tuple[str, nn.Module]], ctx: Context
+                    ) -> list[tuple[E.Encoded, float]] | None:
         """:func:`encode_tensor` of every chosen weight; with several ranks each codes its share (by weight
-        count, :func:`modelpress.distributed.map_shared`) and all get every encoding: the same bytes as one
-        process, since coding a weight depends on that weight only."""
+        count, :func:`modelpress.distributed.owners`): the same bytes as one process, since coding a weight
+        depends on that weight only. Every rank gets every encoding (:func:`~modelpress.distributed.map_shared`),
+        or, when only rank 0 uses the result (:meth:`Context.result_on_main_only`), rank 0 alone gets them as raw
+        arrays (:func:`~modelpress.distributed.map_to_main`) and the others get ``None``."""
         cfg = self.config
 
         def encode(item: tuple[str, nn.Module]) -> tuple[E.Encoded, float]:
@@ -625,9 +641,16 @@ class DFloat11(Pass):
                                  lane_weights=EMBEDDING_LANE_WEIGHTS if isinstance(m, nn.Embedding) else None,
                                  raw_sign=cfg.raw_sign)
 
+        def encode_to_arrays(item: tuple[str, nn.Module]) -> tuple[list[np.ndarray], float]:
+            enc, bound = encode(item)
+            return list(enc.arrays().values()), bound
+
         numba_threads_like_torch()  # several ranks on one machine: one thread each (the launcher's OMP_NUM_THREADS)
-        return distributed.map_shared(encode, ctx.progress(chosen, desc="dfloat11"),
-                                      [m.weight.numel() for _, m in chosen])
+        items, costs = ctx.progress(chosen, desc="dfloat11"), [m.weight.numel() for _, m in chosen]
+        if not ctx.result_on_main_only():
+            return distributed.map_shared(encode, items, costs)
+        got = distributed.map_to_main(encode_to_arrays, items, costs)
+        return None if got is None else [(E.Encoded(*arrays), bound) for arrays, bound in got]
 
     def record_units(self, parts: list[dict[str, Any]], ctx: Context,
                      rank: Callable[[str], int] | None = None) -> None:

@@ -14,8 +14,9 @@ dropping) takes one level from a precomputed database (:mod:`modelpress.search.l
   the best ``survivors[0]`` are re-ranked on a larger fresh batch, and so on; the parent joins before the
   last stage (elitism), whose single survivor is the next parent.
 * **Parallel evaluation**: with several ranks (:mod:`modelpress.distributed`) every rank draws the same
-  offspring and stage samples from the same seed, evaluates a fixed share of each stage's candidates and
-  all-gathers the fitnesses, so the search takes the same path as in one process.
+  offspring and stage samples from the same seed, evaluates a fixed share of each stage's candidates (balanced
+  by sample count; the parent's last-stage score is computed with the first stage) and all-gathers the
+  fitnesses, so the search takes the same path as in one process.
 * **Fitness**: divergence of the compressed model's outputs from the dense model's on the same inputs.
   Classifiers: KL(p_dense || p_compressed) of the class distributions (the paper uses the token-level KL of a
   language model's next-token distribution, which is what causal LMs get here: the KL of every real token's
@@ -75,17 +76,24 @@ def evolve(space: SearchSpace, switcher: LevelSwitcher, model: nn.Module, pool: 
     evals = 0
     draws: list[list[list[int]]] = []
 
-    def select(cands: list[list[int]], keep: int, m: int, stage_log: list[list[int]]) -> tuple[list[list[int]], list[float]]:
-        nonlocal evals
+    def draw(m: int, stage_log: list[list[int]]) -> np.ndarray:
         idx = rng.choice(len(pool), size=min(m, len(pool)), replace=False)
         stage_log.append(sorted(int(i) for i in idx))
+        return idx
 
-        def fitness(c: list[int]) -> float:
-            switcher.apply(c)
-            return pool.fitness(model, idx)
+    def fitnesses(jobs: list[tuple[list[int], np.ndarray]]) -> list[float]:
+        """The fitness of each (candidate, samples); several ranks each evaluate a share balanced by sample
+        count (:func:`modelpress.distributed.map_shared`) and all get all."""
+        nonlocal evals
 
-        fits = distributed.map_shared(fitness, cands)  # several ranks: each evaluates its share, all get all
-        evals += len(cands)
+        def fitness(job: tuple[list[int], np.ndarray]) -> float:
+            switcher.apply(job[0])
+            return pool.fitness(model, job[1])
+
+        evals += len(jobs)
+        return distributed.map_shared(fitness, jobs, [len(idx) for _, idx in jobs])
+
+    def best(cands: list[list[int]], fits: list[float], keep: int) -> tuple[list[list[int]], list[float]]:
         order = np.argsort(fits, kind="stable")[:keep]
         return [cands[i] for i in order], [fits[i] for i in order]
 
@@ -96,7 +104,8 @@ def evolve(space: SearchSpace, switcher: LevelSwitcher, model: nn.Module, pool: 
     else:  # random starting points, the best on the largest stage
         starts = [space.random_start(rng) for _ in range(max(offspring, 2))]
         log: list[list[int]] = []
-        parent = select(starts, 1, stage_samples[-1], log)[0][0]
+        idx = draw(stage_samples[-1], log)
+        parent = best(starts, fitnesses([(c, idx) for c in starts]), 1)[0][0]
         draws.append(log)
     parent_fit = math.inf
     history: list[float] = []
@@ -110,12 +119,20 @@ def evolve(space: SearchSpace, switcher: LevelSwitcher, model: nn.Module, pool: 
             if kid is not None and kid != parent and kid not in kids:
                 kids.append(kid)
         log = []
+        # Every stage's samples are drawn now, in stage order: the draws do not depend on fitnesses, so this is
+        # the random sequence of drawing each before its stage. The parent (never a kid) joins only the last
+        # stage (elitism), but its samples are known, so it is scored with the first stage's kids: with several
+        # ranks it fills the time a rank would otherwise wait in the last stage (same fitnesses, same path).
+        stage_idx = [draw(m, log) for m in stage_samples]
+        fits = fitnesses([(c, stage_idx[0]) for c in kids] + [(parent, stage_idx[-1])])
+        fits, elder = fits[:-1], fits[-1]
         cands = kids
-        fits: list[float] = []
-        for stage, (keep, m) in enumerate(zip(survivors, stage_samples)):
-            if stage == len(survivors) - 1 and parent not in cands:
-                cands = cands + [parent]  # elitism: the parent competes in the last stage
-            cands, fits = select(cands, keep, m, log)
+        for stage, keep in enumerate(survivors):
+            if stage:
+                fits = fitnesses([(c, stage_idx[stage]) for c in cands])
+            if stage == len(survivors) - 1:  # elitism: the parent competes in the last stage
+                cands, fits = cands + [parent], fits + [elder]
+            cands, fits = best(cands, fits, keep)
         draws.append(log)
         parent, parent_fit = cands[0], fits[0]
         history.append(parent_fit)
@@ -260,6 +277,8 @@ class EvoPressPass(Pass):
         if not space.fits(levels):
             raise UserError(f"the level map exceeds the budget ({space.average(levels):.4g} vs {cfg.budget})",
                             "level_map")
+        if ctx.result_on_main_only() and not distributed.is_main():
+            return handle  # only rank 0 stores the searched layers (its log is the manifest's)
         stored = switcher.store_compressed(levels)
         if spec.family != "drop":  # the searched layers' stored bytes against their fp16 weights
             log.update(searched_layers_bytes=stored["stored_bytes"], searched_layers_fp16_bytes=stored["fp16_bytes"],

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..errors import UserError
 from ..data import Dataset
 from ..data.inputs import TRAJECTORY_STEPS, model_inputs
@@ -65,7 +66,10 @@ class CalibrationPool:
 
     @torch.no_grad()
     def set_targets(self, model: nn.Module) -> None:
-        self.targets = self.outputs(model, np.arange(len(self)))
+        """The dense model's outputs on the whole pool (:meth:`outputs`); with several ranks each computes a
+        share of the same batches (:func:`modelpress.distributed.map_tensors`: the same bits) and all get all."""
+        self.targets = torch.cat(distributed.map_tensors(lambda b: model(*b).float(),
+                                                         self.batches(np.arange(len(self)))))
 
     def length_sorted(self, idx: list[int] | np.ndarray) -> np.ndarray:
         """``idx`` ordered by sequence length when padding is trimmed (batches of similar lengths)."""
