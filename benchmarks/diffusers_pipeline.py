@@ -11,6 +11,9 @@ means nothing, so no metric is reported.
 
     python benchmarks/diffusers_pipeline.py                 # writes benchmarks/results/diffusers_pipeline.{json,md}
     python benchmarks/diffusers_pipeline.py --quick         # the tests' tiny pipeline, tiny settings
+    python benchmarks/diffusers_pipeline.py --only ptq4dm --samples 256 --recon-storage memory disk
+        # the reconstruction's memory: the same pass with its captures in memory, then spooled to disk
+        # (writes benchmarks/results/diffusers_pipeline-recon_storage.{json,md})
 """
 from __future__ import annotations
 
@@ -52,9 +55,12 @@ cfg, model, prompts, out = json.loads(sys.argv[1])
 t1 = time.perf_counter()
 r = modelpress.compress(model, [cfg], calibration={"dataset": prompts})
 r.save(out)
+units = r.log[cfg["type"]].get("reconstruction", {}).get("units", {})
 print(json.dumps({"import_seconds": round(t1 - t0, 1), "seconds": round(time.perf_counter() - t1, 1),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  "pass_seconds": r.log[cfg["type"]].get("seconds")}))
+                  "pass_seconds": r.log[cfg["type"]].get("seconds"),
+                  "recon_storage": sorted({u["storage"] for u in units.values()}) or None,
+                  "largest_unit_captured_mib": max((u["captured_mib"] for u in units.values()), default=None)}))
 """
 
 
@@ -71,6 +77,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="*", choices=list(PASSES))
+    ap.add_argument("--samples", type=int, help="calibration samples of the PTQ passes (default: their row's)")
+    ap.add_argument("--recon-storage", nargs="*", choices=["auto", "memory", "disk"],
+                    help="run each reconstructing pass once per storage of its block captures (recon_storage)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_sd import make_pipeline  # the tests' pipeline builder
@@ -83,36 +92,43 @@ def main() -> None:
 
         h = load_model(str(pipe))
         unet_params = sum(p.numel() for p in h.module.parameters())
+        stem = "diffusers_pipeline" + ("-quick" if args.quick else "") + ("-recon_storage" if args.recon_storage else "")
         for name in args.only or PASSES:
-            cfg = dict(PASSES[name])
-            if args.quick:
-                cfg.update({k: v for k, v in QUICK.items() if k in cfg})
-            if name == "evopress":  # its level database in the run's scratch, not the shared cache
-                cfg["database"] = str(Path(tmp) / "evopress-db")
-            t = time.perf_counter()
-            got = run_pass(cfg, pipe, Path(tmp) / f"out-{name}")
-            rows.append({"pass": name, "config": cfg, **got})
-            print(name, got, f"({time.perf_counter() - t:.0f} s)", flush=True)
-            write(rows, shape, unet_params, args.quick)  # after every row: partial results survive
+            for storage in (args.recon_storage or [None]) if "recon_iters" in PASSES[name] else [None]:
+                cfg = dict(PASSES[name])
+                if args.quick:
+                    cfg.update({k: v for k, v in QUICK.items() if k in cfg})
+                if args.samples and "samples" in cfg:
+                    cfg["samples"] = args.samples
+                if storage:
+                    cfg["recon_storage"] = storage
+                if name == "evopress":  # its level database in the run's scratch, not the shared cache
+                    cfg["database"] = str(Path(tmp) / "evopress-db")
+                t = time.perf_counter()
+                got = run_pass(cfg, pipe, Path(tmp) / f"out-{name}")
+                rows.append({"pass": name, "config": cfg, **got, "load_average_after": [round(v, 1) for v in os.getloadavg()]})
+                print(name, got, f"({time.perf_counter() - t:.0f} s)", flush=True)
+                write(rows, shape, unet_params, stem, " ".join(sys.argv[1:]))  # after every row: partial results survive
 
 
-def write(rows: list[dict], shape: dict, unet_params: int, quick: bool) -> None:
+def write(rows: list[dict], shape: dict, unet_params: int, stem: str, args: str) -> None:
     import torch
 
     record = {"pipeline": {k: list(v) if isinstance(v, tuple) else v for k, v in (shape or {"tiny": True}).items()},
               "unet_parameters": unet_params, "torch_threads": torch.get_num_threads(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
               "load_average_at_write": [round(v, 1) for v in os.getloadavg()], "rows": rows,
-              "command": "python benchmarks/diffusers_pipeline.py" + (" --quick" if quick else "")}
-    stem = "diffusers_pipeline" + ("-quick" if quick else "")
+              "command": f"python benchmarks/diffusers_pipeline.py {args}".strip()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=1))
     lines = [f"UNet parameters: {unet_params:,}; torch threads {record['torch_threads']}; {record['cpus']} CPUs, "
              f"load average {record['load_average_at_write']} when written", "",
-             "| pass | settings | wall s (load + pass + save) | pass s | peak RSS MiB |", "|---|---|---:|---:|---:|"]
+             "| pass | settings | wall s (load + pass + save) | pass s | peak RSS MiB | largest block capture MiB "
+             "| load average after |", "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k not in ("type", "database"))
-        lines.append(f"| {r['pass']} | {settings} | {r['seconds']} | {r['pass_seconds']} | {r['peak_rss_mib']} |")
+        lines.append(f"| {r['pass']} | {settings} | {r['seconds']} | {r['pass_seconds']} | {r['peak_rss_mib']} | "
+                     f"{r.get('largest_unit_captured_mib') or '-'} | {r.get('load_average_after', '-')} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -69,6 +69,10 @@ class DiffusionPTQConfig(PassConfig):
                                 "learned during block reconstruction (LSQ; 0 = keep the calibrated ranges)")
     recon_qdrop: float = Field(0.0, ge=0, lt=1, description="QDrop: probability that an activation inside the "
                                "block skips its quantization during reconstruction (0 = off; the QDrop paper uses 0.5)")
+    recon_storage: Literal["auto", "memory", "disk"] = Field(
+        "auto", description="where a block's captured inputs and full-precision outputs are kept during "
+        "reconstruction: memory, or spooled to disk in the run's scratch folder and read back by minibatch "
+        "(same results); auto: memory when they fit a quarter of the available memory")
     batch_size: int = Field(64, ge=1, le=4096, description="calibration forward batch")
 
     @model_validator(mode="after")
@@ -241,7 +245,8 @@ def reconstruct_blocks(st: QState, ctx: Context, exclude: set[str] | None = None
     if cfg.recon_iters <= 0:
         return
     settings = ReconSettings(iters=cfg.recon_iters, batch_size=cfg.recon_batch, lr=cfg.recon_lr,
-                             reg_weight=cfg.recon_reg, act_lr=cfg.recon_act_lr, qdrop=cfg.recon_qdrop)
+                             reg_weight=cfg.recon_reg, act_lr=cfg.recon_act_lr, qdrop=cfg.recon_qdrop,
+                             storage=cfg.recon_storage, spool_dir=ctx.scratch)
     exclude = exclude or set()
     units = surgery.reconstruction_units(st.q)
     unit_mods = [(n, m) for n, m in units]
