@@ -6,7 +6,9 @@ ResNets per level) at reduced width, a 4-layer CLIP text encoder, an ``Autoencod
 and Stable Diffusion's DDIM scheduler config. Each pass runs from the Python API in its own process (so that
 its peak resident memory, ``ru_maxrss``, is its own), calibrated on ``recipes/data/prompts.txt``; rows give
 the wall time of load + pass + artifact write (the package import, slow on a loaded machine, is left out and
-recorded apart), the pass's own time, and that peak. The quality of random weights
+recorded apart), the pass's own time, and that peak; for the passes with block reconstruction, also the peak
+of the reconstruction step alone (``VmHWM`` reset before it) and the size of the largest block's capture
+(its inputs + full-precision outputs over the calibration set). The quality of random weights
 means nothing, so no metric is reported.
 
     python benchmarks/diffusers_pipeline.py                 # writes benchmarks/results/diffusers_pipeline.{json,md}
@@ -51,7 +53,27 @@ CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import modelpress
+from modelpress.quant import ptq, tfmq
 cfg, model, prompts, out = json.loads(sys.argv[1])
+recon = {}
+
+def hwm_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+def measured(reconstruct_blocks):
+    # the peak resident memory of block reconstruction alone: reset the high-water mark (clear_refs 5), read it after
+    def run(*a, **k):
+        open("/proc/self/clear_refs", "w").write("5")
+        recon["rss_before_mib"] = round(hwm_mib(), 1)
+        t = time.perf_counter()
+        reconstruct_blocks(*a, **k)
+        recon["peak_rss_mib"], recon["seconds"] = round(hwm_mib(), 1), round(time.perf_counter() - t, 1)
+    return run
+
+ptq.reconstruct_blocks = measured(ptq.reconstruct_blocks)
+tfmq.reconstruct_blocks = measured(tfmq.reconstruct_blocks)
 t1 = time.perf_counter()
 r = modelpress.compress(model, [cfg], calibration={"dataset": prompts})
 r.save(out)
@@ -60,7 +82,8 @@ print(json.dumps({"import_seconds": round(t1 - t0, 1), "seconds": round(time.per
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   "pass_seconds": r.log[cfg["type"]].get("seconds"),
                   "recon_storage": sorted({u["storage"] for u in units.values()}) or None,
-                  "largest_unit_captured_mib": max((u["captured_mib"] for u in units.values()), default=None)}))
+                  "largest_unit_captured_mib": max((u["captured_mib"] for u in units.values()), default=None),
+                  "reconstruction": recon or None}))
 """
 
 
@@ -124,13 +147,18 @@ def write(rows: list[dict], shape: dict, unet_params: int, stem: str, args: str)
     lines = [f"UNet parameters: {unet_params:,}; torch threads {record['torch_threads']}; {record['cpus']} CPUs, "
              f"load average {record['load_average_at_write']} when written", "",
              "| pass | settings | wall s (load + pass + save) | pass s | peak RSS MiB | largest block capture MiB "
-             "| load average after |", "|---|---|---:|---:|---:|---:|---|"]
+             "| reconstruction: RSS before / peak MiB, s | load average after |", "|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k not in ("type", "database"))
         lines.append(f"| {r['pass']} | {settings} | {r['seconds']} | {r['pass_seconds']} | {r['peak_rss_mib']} | "
-                     f"{r.get('largest_unit_captured_mib') or '-'} | {r.get('load_average_after', '-')} |")
+                     f"{r.get('largest_unit_captured_mib') or '-'} | {_recon(r.get('reconstruction'))} | "
+                     f"{r.get('load_average_after', '-')} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _recon(rec: dict | None) -> str:
+    return f"{rec['rss_before_mib']} / {rec['peak_rss_mib']}, {rec['seconds']}" if rec else "-"
 
 
 if __name__ == "__main__":

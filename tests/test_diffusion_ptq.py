@@ -323,3 +323,23 @@ def test_spool_reads_back_rows_and_auto_spools_what_exceeds_its_budget(tmp_path:
         assert rows[1]["scale"] == 0.5 and rows[1]["none"] is None and torch.equal(rows[1]["table"], torch.ones(7))
         s.close()
     assert not any(tmp_path.iterdir())
+
+
+def test_calibrating_layers_and_range_search_follow_the_device() -> None:
+    """The engine moves the models to the run's device (``device: cuda``; no GPU here, so the meta device stands
+    in): a calibrating layer's float weight and rounding variables (plain attributes) follow its buffers, the range
+    search, the QDrop draw and a temporal-feature cache compute where their inputs are."""
+    from modelpress.quant.ranges import search_qparams
+    from modelpress.quant.tfmq import CachedTemporalFeature
+
+    s, z = search_qparams(torch.randn(2, 10, device="meta"), 8, False, "lp")
+    assert s.device.type == z.device.type == "meta"
+    lin = QuantLinear.from_float(torch.nn.Linear(4, 3), w_bits=4, w_symmetric=False, act_bits=8)
+    lin.init_weight_qparams("minmax")
+    lin.round_logits = lin.init_adaround().detach()
+    lin.act.drop_quantization(0.5, torch.Generator().manual_seed(0))
+    lin.to("meta")
+    assert lin.fp_weight.device.type == lin.round_logits.device.type == "meta"
+    assert lin(torch.randn(2, 4, device="meta")).device.type == "meta"
+    cache = CachedTemporalFeature.from_features(torch.tensor([1, 5]), torch.randn(2, 6), 8)
+    assert cache.table().device.type == "cpu" and cache.to("meta").table().device.type == "meta"
