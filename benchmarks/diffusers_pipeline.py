@@ -6,11 +6,16 @@ ResNets per level) at reduced width, a 4-layer CLIP text encoder, an ``Autoencod
 and Stable Diffusion's DDIM scheduler config. Each pass runs from the Python API in its own process (so that
 its peak resident memory, ``ru_maxrss``, is its own), calibrated on ``recipes/data/prompts.txt``; rows give
 the wall time of load + pass + artifact write (the package import, slow on a loaded machine, is left out and
-recorded apart), the pass's own time, and that peak. The quality of random weights
+recorded apart), the pass's own time, and that peak; for the passes with block reconstruction, also the peak
+of the reconstruction step alone (``VmHWM`` reset before it) and the size of the largest block's capture
+(its inputs + full-precision outputs over the calibration set). The quality of random weights
 means nothing, so no metric is reported.
 
     python benchmarks/diffusers_pipeline.py                 # writes benchmarks/results/diffusers_pipeline.{json,md}
     python benchmarks/diffusers_pipeline.py --quick         # the tests' tiny pipeline, tiny settings
+    python benchmarks/diffusers_pipeline.py --only ptq4dm --samples 256 --recon-storage memory disk
+        # the reconstruction's memory: the same pass with its captures in memory, then spooled to disk
+        # (writes benchmarks/results/diffusers_pipeline-recon_storage.{json,md})
 """
 from __future__ import annotations
 
@@ -48,13 +53,37 @@ CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import modelpress
+from modelpress.quant import ptq, tfmq
 cfg, model, prompts, out = json.loads(sys.argv[1])
+recon = {}
+
+def hwm_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+def measured(reconstruct_blocks):
+    # the peak resident memory of block reconstruction alone: reset the high-water mark (clear_refs 5), read it after
+    def run(*a, **k):
+        open("/proc/self/clear_refs", "w").write("5")
+        recon["rss_before_mib"] = round(hwm_mib(), 1)
+        t = time.perf_counter()
+        reconstruct_blocks(*a, **k)
+        recon["peak_rss_mib"], recon["seconds"] = round(hwm_mib(), 1), round(time.perf_counter() - t, 1)
+    return run
+
+ptq.reconstruct_blocks = measured(ptq.reconstruct_blocks)
+tfmq.reconstruct_blocks = measured(tfmq.reconstruct_blocks)
 t1 = time.perf_counter()
 r = modelpress.compress(model, [cfg], calibration={"dataset": prompts})
 r.save(out)
+units = r.log[cfg["type"]].get("reconstruction", {}).get("units", {})
 print(json.dumps({"import_seconds": round(t1 - t0, 1), "seconds": round(time.perf_counter() - t1, 1),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  "pass_seconds": r.log[cfg["type"]].get("seconds")}))
+                  "pass_seconds": r.log[cfg["type"]].get("seconds"),
+                  "recon_storage": sorted({u["storage"] for u in units.values()}) or None,
+                  "largest_unit_captured_mib": max((u["captured_mib"] for u in units.values()), default=None),
+                  "reconstruction": recon or None}))
 """
 
 
@@ -71,6 +100,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="*", choices=list(PASSES))
+    ap.add_argument("--samples", type=int, help="calibration samples of the PTQ passes (default: their row's)")
+    ap.add_argument("--recon-storage", nargs="*", choices=["auto", "memory", "disk"],
+                    help="run each reconstructing pass once per storage of its block captures (recon_storage)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_sd import make_pipeline  # the tests' pipeline builder
@@ -83,38 +115,50 @@ def main() -> None:
 
         h = load_model(str(pipe))
         unet_params = sum(p.numel() for p in h.module.parameters())
+        stem = "diffusers_pipeline" + ("-quick" if args.quick else "") + ("-recon_storage" if args.recon_storage else "")
         for name in args.only or PASSES:
-            cfg = dict(PASSES[name])
-            if args.quick:
-                cfg.update({k: v for k, v in QUICK.items() if k in cfg})
-            if name == "evopress":  # its level database in the run's scratch, not the shared cache
-                cfg["database"] = str(Path(tmp) / "evopress-db")
-            t = time.perf_counter()
-            got = run_pass(cfg, pipe, Path(tmp) / f"out-{name}")
-            rows.append({"pass": name, "config": cfg, **got})
-            print(name, got, f"({time.perf_counter() - t:.0f} s)", flush=True)
-            write(rows, shape, unet_params, args.quick)  # after every row: partial results survive
+            for storage in (args.recon_storage or [None]) if "recon_iters" in PASSES[name] else [None]:
+                cfg = dict(PASSES[name])
+                if args.quick:
+                    cfg.update({k: v for k, v in QUICK.items() if k in cfg})
+                if args.samples and "samples" in cfg:
+                    cfg["samples"] = args.samples
+                if storage:
+                    cfg["recon_storage"] = storage
+                if name == "evopress":  # its level database in the run's scratch, not the shared cache
+                    cfg["database"] = str(Path(tmp) / "evopress-db")
+                t = time.perf_counter()
+                got = run_pass(cfg, pipe, Path(tmp) / f"out-{name}")
+                rows.append({"pass": name, "config": cfg, **got, "load_average_after": [round(v, 1) for v in os.getloadavg()]})
+                print(name, got, f"({time.perf_counter() - t:.0f} s)", flush=True)
+                write(rows, shape, unet_params, stem, " ".join(sys.argv[1:]))  # after every row: partial results survive
 
 
-def write(rows: list[dict], shape: dict, unet_params: int, quick: bool) -> None:
+def write(rows: list[dict], shape: dict, unet_params: int, stem: str, args: str) -> None:
     import torch
 
     record = {"pipeline": {k: list(v) if isinstance(v, tuple) else v for k, v in (shape or {"tiny": True}).items()},
               "unet_parameters": unet_params, "torch_threads": torch.get_num_threads(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
               "load_average_at_write": [round(v, 1) for v in os.getloadavg()], "rows": rows,
-              "command": "python benchmarks/diffusers_pipeline.py" + (" --quick" if quick else "")}
-    stem = "diffusers_pipeline" + ("-quick" if quick else "")
+              "command": f"python benchmarks/diffusers_pipeline.py {args}".strip()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=1))
     lines = [f"UNet parameters: {unet_params:,}; torch threads {record['torch_threads']}; {record['cpus']} CPUs, "
              f"load average {record['load_average_at_write']} when written", "",
-             "| pass | settings | wall s (load + pass + save) | pass s | peak RSS MiB |", "|---|---|---:|---:|---:|"]
+             "| pass | settings | wall s (load + pass + save) | pass s | peak RSS MiB | largest block capture MiB "
+             "| reconstruction: RSS before / peak MiB, s | load average after |", "|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k not in ("type", "database"))
-        lines.append(f"| {r['pass']} | {settings} | {r['seconds']} | {r['pass_seconds']} | {r['peak_rss_mib']} |")
+        lines.append(f"| {r['pass']} | {settings} | {r['seconds']} | {r['pass_seconds']} | {r['peak_rss_mib']} | "
+                     f"{r.get('largest_unit_captured_mib') or '-'} | {_recon(r.get('reconstruction'))} | "
+                     f"{r.get('load_average_after', '-')} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _recon(rec: dict | None) -> str:
+    return f"{rec['rss_before_mib']} / {rec['peak_rss_mib']}, {rec['seconds']}" if rec else "-"
 
 
 if __name__ == "__main__":

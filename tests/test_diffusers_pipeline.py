@@ -238,11 +238,62 @@ def test_aptp_on_a_latent_pipeline(sd: Path, tmp_path: Path, kind: str) -> None:
     assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
 
 
+#: the preprocessor config of the tests' feature network
+VIT_MEAN, VIT_STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def _save_vit(directory: Path) -> Path:
+    """A small random ViT checkpoint (16 px images, 16 features) with a preprocessor config, as a user's."""
+    import transformers
+
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32, image_size=16, patch_size=8))
+    vit.eval().save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": VIT_MEAN, "image_std": VIT_STD, "size": {"height": 16, "width": 16}}))
+    return directory
+
+
+def test_feature_distance_compares_paired_samples_in_a_named_feature_network(sd: Path, prompts_file: Path,
+                                                                            tmp_path: Path) -> None:
+    """``feature_distance``: the model's and the reference's samples from the same seed and prompts, each pair's
+    features in the user's network, ``1 - cos``, averaged; checked against the ViT called directly."""
+    import transformers
+
+    import modelpress
+    from modelpress.data import open_dataset
+    from modelpress.metrics import EvalContext
+    from modelpress.metrics.fidelity import eval_prompts, images
+
+    vit_dir = _save_vit(tmp_path / "vit")
+    other = make_pipeline(tmp_path / "other", seed=1)  # a different UNet stands in for a compressed one
+    spec = {"metric": "feature_distance", "dataset": str(prompts_file), "samples": 3,
+            "options": {"features": str(vit_dir), "steps": 2}}
+    got = modelpress.evaluate(str(other), [spec], reference=str(sd))["feature_distance"]
+
+    h, ref = load_model(str(other)), load_model(str(sd))
+    ctx = EvalContext(seed=0, samples=3, options={"steps": 2}, show_progress=False,
+                      dataset=open_dataset(str(prompts_file)))
+    prompts = eval_prompts(h, ctx, 3)
+    x, y = images(h.canonical(), h, ctx, prompts), images(ref.canonical(), h, ctx, prompts)
+    vit = transformers.ViTModel.from_pretrained(str(vit_dir)).eval()
+    mean, std = torch.tensor(VIT_MEAN).view(1, 3, 1, 1), torch.tensor(VIT_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        fx, fy = (vit(pixel_values=(im - mean) / std).pooler_output.double() for im in (x, y))
+    want = float((1 - torch.nn.functional.cosine_similarity(fx, fy, dim=1)).mean())
+    assert x.shape == (3, 3, 16, 16) and not torch.equal(x, y)
+    assert got["compressed"] == pytest.approx(want, rel=1e-5) and want > 1e-4
+    assert got["reference"] == pytest.approx(0.0, abs=1e-6) and not got["higher_is_better"]
+    want_rel = float(((fx - fy).norm(dim=1) / fy.norm(dim=1)).mean())
+    assert got["details"]["relative_l2"] == pytest.approx(want_rel, rel=1e-5) and got["details"]["n"] == 3
+    with pytest.raises(UserError, match="feature_distance needs options.features"):
+        modelpress.evaluate(str(other), [{**spec, "options": {}}], reference=str(sd))
+
+
 def test_frechet_distance_in_a_named_feature_network(sd: Path, tmp_path: Path) -> None:
     """``frechet`` with a user's vision checkpoint (a small random ViT saved here, with a preprocessor config):
     the generated images' and the dataset's real images' features, Fréchet distance between their Gaussians."""
-    import transformers
-
     import modelpress
     from modelpress.data import open_dataset
     from modelpress.metrics import EvalContext
@@ -250,12 +301,7 @@ def test_frechet_distance_in_a_named_feature_network(sd: Path, tmp_path: Path) -
     from modelpress.metrics.fidelity import images
     from modelpress.metrics.frechet import network_features
 
-    torch.manual_seed(0)
-    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                       intermediate_size=32, image_size=16, patch_size=8))
-    vit.eval().save_pretrained(tmp_path / "vit")
-    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "size": {"height": 16, "width": 16}}))
+    _save_vit(tmp_path / "vit")
     pairs = _prompt_images(tmp_path)
     spec = {"metric": "frechet", "dataset": str(pairs), "samples": 6, "options": {"features": str(tmp_path / "vit"),
                                                                                  "steps": 2}}

@@ -277,3 +277,69 @@ def test_canonical_call_feeds_a_half_precision_model_in_its_own_dtype(dtype) -> 
         with torch.no_grad():
             out = h.canonical()(PROBE_X, PROBE_T, *extra)
         assert out.dtype == dtype and rel_err(out.float(), ref) < 0.05
+
+
+
+def test_reconstruction_spooled_to_disk_is_bit_identical_to_memory(tmp_path: Path) -> None:
+    """A block's captured inputs and targets spooled to files and read back by minibatch give the same model, bit
+    for bit, as keeping them in memory (TFMQ on a text-conditioned UNet: keyword inputs, tuple outputs, per-timestep
+    ranges, QDrop's random draws); the files are removed after each block."""
+    outs, logs = {}, {}
+    for storage in ("memory", "disk"):
+        scratch = tmp_path / storage
+        scratch.mkdir()
+        P = get_pass("tfmq")
+        ctx = Context(seed=0, data=TINY_PROMPTS, show_progress=False, scratch=scratch)
+        cfg = P.Config(samples=8, steps=4, interval=1, batch_size=8, recon_batch=4, recon_iters=2, recon_qdrop=0.5,
+                       w_bits=4, recon_storage=storage)
+        outs[storage] = P(cfg).apply(tiny_cond_unet().copy(), ctx).module.state_dict()
+        logs[storage] = ctx.log["tfmq"]["reconstruction"]["units"]
+        assert {u["storage"] for u in logs[storage].values()} == {storage}
+        assert not any(scratch.iterdir()), "spool files left behind"
+    assert outs["disk"].keys() == outs["memory"].keys()
+    assert all(torch.equal(outs["disk"][k], v) for k, v in outs["memory"].items())
+    assert [u["rec_loss_last"] for u in logs["disk"].values()] == [u["rec_loss_last"] for u in logs["memory"].values()]
+
+
+def test_spool_reads_back_rows_and_auto_spools_what_exceeds_its_budget(tmp_path: Path) -> None:
+    from modelpress.quant.spool import DiskRows, Spool, take_rows
+
+    g = torch.Generator().manual_seed(0)
+    batches = [((torch.randn(n, 3, 2, generator=g).to(torch.bfloat16), torch.arange(n)),
+                {"scale": 0.5, "table": torch.ones(7), "none": None}) for n in (4, 4, 3)]
+    want = torch.cat([b[0][0] for b in batches])
+    small = sum(b[0][0].numel() * 2 + b[0][1].numel() * 8 + 7 * 4 for b in batches)
+    for budget, storage in ((10 ** 9, "memory"), (small // 2, "disk")):
+        s = Spool("auto", 11, tmp_path, budget=budget)
+        for b in batches:
+            s.add(b, b[0][0].shape[0])
+        assert s.storage == storage and s.bytes == small - 3 * 7 * 4  # the unbatched table is not counted
+        got = s.result()
+        assert isinstance(got[0][0], DiskRows) == (storage == "disk")
+        idx = torch.tensor([10, 0, 5, 5, 8])
+        rows = take_rows(got, idx, 11)
+        assert torch.equal(rows[0][0], want[idx]) and rows[0][0].dtype == torch.bfloat16
+        assert torch.equal(rows[0][1], torch.cat([torch.arange(4), torch.arange(4), torch.arange(3)])[idx])
+        assert rows[1]["scale"] == 0.5 and rows[1]["none"] is None and torch.equal(rows[1]["table"], torch.ones(7))
+        s.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_calibrating_layers_and_range_search_follow_the_device() -> None:
+    """The engine moves the models to the run's device (``device: cuda``; no GPU here, so the meta device stands
+    in): a calibrating layer's float weight and rounding variables (plain attributes) follow its buffers, the range
+    search, the QDrop draw and a temporal-feature cache compute where their inputs are."""
+    from modelpress.quant.ranges import search_qparams
+    from modelpress.quant.tfmq import CachedTemporalFeature
+
+    s, z = search_qparams(torch.randn(2, 10, device="meta"), 8, False, "lp")
+    assert s.device.type == z.device.type == "meta"
+    lin = QuantLinear.from_float(torch.nn.Linear(4, 3), w_bits=4, w_symmetric=False, act_bits=8)
+    lin.init_weight_qparams("minmax")
+    lin.round_logits = lin.init_adaround().detach()
+    lin.act.drop_quantization(0.5, torch.Generator().manual_seed(0))
+    lin.to("meta")
+    assert lin.fp_weight.device.type == lin.round_logits.device.type == "meta"
+    assert lin(torch.randn(2, 4, device="meta")).device.type == "meta"
+    cache = CachedTemporalFeature.from_features(torch.tensor([1, 5]), torch.randn(2, 6), 8)
+    assert cache.table().device.type == "cpu" and cache.to("meta").table().device.type == "meta"

@@ -62,6 +62,7 @@ METRIC_SETTINGS: dict[str, dict[str, Any]] = {
     "fd": {"samples": 4, "options": {"steps": 2}},
     "psnr": {"samples": 2, "options": {"steps": 2}}, "ssim": {"samples": 2, "options": {"steps": 2}},
     "frechet": {"samples": 4, "options": {"steps": 2, "features": "digits-classifier"}},
+    "feature_distance": {"samples": 2, "options": {"steps": 2, "features": "digits-classifier"}},
     "prompt_agreement": {"samples": 4, "options": {"steps": 2}},
     "latency": {"options": {"batch": 2, "repeats": 2}},
     "accuracy": {"samples": 8}, "logit_kl": {"samples": 8}, "embedding_cosine": {"samples": 8},
@@ -149,7 +150,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
         metric_data = {"choice_accuracy": str(root / "choices.jsonl"),
                        "frechet": {"unet": "digits/heldout", "unet-cond": "digits-prompts/eval"}.get(kind)}
         if kind == "unet-cond":  # a text-to-image model's fidelity metrics sample from prompts
-            metric_data.update(psnr="digits-prompts/eval", ssim="digits-prompts/eval")
+            metric_data.update(psnr="digits-prompts/eval", ssim="digits-prompts/eval",
+                               feature_distance="digits-prompts/eval")
         if kind in text_data:
             metric_data.update({name: str(text_data[kind]) for name in metric_registry() if name != "choice_accuracy"})
         out[kind] = {"model": str(model), "base": str(base), "calibration": calibration, "metric_data": metric_data}

@@ -1,5 +1,6 @@
 """Fidelity metrics for any image diffusion model: how close the compressed model's samples are to the
-full-precision model's samples drawn from the same seeds and prompts (``psnr``, ``ssim``).
+full-precision model's samples drawn from the same seeds and prompts (``psnr``, ``ssim``; the feature-space
+``feature_distance`` is in :mod:`.frechet`, beside the feature networks).
 
 Both models sample with the model's own sampler (the zoo's DDIM, or a diffusers pipeline's scheduler and
 guidance scale, :func:`modelpress.sampling.sample`) from the same initial noise (``ctx.seed``) and the same
@@ -118,9 +119,11 @@ def images(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalCon
     return out
 
 
-def _pairs(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalContext
-           ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    if ctx.reference is None:
+def sample_pairs(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalContext
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The model's and the reference's decoded samples ``[N, C, H, W]`` in ``[0, 1]`` (same seed, same prompts),
+    and what describes them for the report."""
+    if ctx.reference is None is None:
         raise UserError("image fidelity compares with the full-precision model: no reference model was given")
     n = int(ctx.samples or DEFAULT_SAMPLES)
     prompts = eval_prompts(handle, ctx, n)
@@ -141,7 +144,7 @@ def _pairs(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalCon
 @register_metric("psnr", ("unet", "unet-cond"), "PSNR (dB) of samples to the full-precision model's samples "
                  "from the same seeds and prompts (decoded through the VAE when latent)", relative=True)
 def psnr_metric(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalContext) -> MetricResult:
-    got, ref, details = _pairs(model, handle, ctx)
+    got, ref, details = sample_pairs(model, handle, ctx)
     per = psnr(got, ref)
     details.update(min=float(per.min()), cap=PSNR_CAP)
     return MetricResult(float(per.mean()), higher_is_better=True, details=details, images=got[:GRID_IMAGES])
@@ -151,7 +154,7 @@ def psnr_metric(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: Ev
                  "model's samples from the same seeds and prompts (decoded through the VAE when latent)",
                  relative=True)
 def ssim_metric(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalContext) -> MetricResult:
-    got, ref, details = _pairs(model, handle, ctx)
+    got, ref, details = sample_pairs(model, handle, ctx)
     per = ssim(got, ref)
     details.update(min=float(per.min()))
     value = float(per.mean())

@@ -1,5 +1,13 @@
-"""``frechet``: Fréchet distance of any image model's samples to real images, in the feature space of a model
-the user names (Heusel et al., 2017, Sec. 4; FID is this with Inception-v3 pool features).
+"""Metrics in the feature space of a network the user names, for any image model:
+
+* ``frechet``: Fréchet distance of the samples to real images (Heusel et al., 2017, Sec. 4; FID is this with
+  Inception-v3 pool features);
+* ``feature_distance``: fidelity to the full-precision model in that feature space — the compressed and the
+  reference model sample from the same seeds and prompts (as ``psnr`` / ``ssim``,
+  :func:`modelpress.metrics.fidelity.sample_pairs`), and each pair's features are compared: ``1 - cos(f(x), f(y))``
+  averaged over pairs (0 for identical images; the relative L2 distance ``|f(x) - f(y)| / |f(y)|`` is in the
+  details). A perceptual counterpart of PSNR: it measures whether the compressed model draws *the same* image
+  in the network's eyes, where ``frechet`` only measures whether it draws images of the same distribution.
 
 ``options.features`` names the feature network: a transformers vision checkpoint directory (safetensors; e.g. a
 ``CLIPVisionModel``, ``ViTModel``, ``Dinov2Model``, ``ResNetModel``), whose features are its pooled output
@@ -28,7 +36,7 @@ from ..errors import UserError
 from ..model import ModelHandle
 from . import EvalContext, MetricResult, register_metric
 from .diffusion import GRID_IMAGES, feature_stats, frechet_distance
-from .fidelity import DEFAULT_SAMPLES, images
+from .fidelity import DEFAULT_SAMPLES, images, sample_pairs
 
 DIGITS = "digits-classifier"
 
@@ -96,12 +104,26 @@ def network_features(path: str, unit_images: torch.Tensor, batch_size: int = 32)
     return torch.cat(out).float()
 
 
+def feature_network(ctx: EvalContext, metric: str) -> str:
+    """``options.features`` of the metric's entry (a one-line error when it is missing)."""
+    features = ctx.options.get("features")
+    if not features:
+        raise UserError(f"{metric} needs options.features: a transformers vision checkpoint directory or {DIGITS!r}")
+    return str(features)
+
+
+def pair_distances(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair of feature rows ``[N, D]``: cosine distance ``1 - cos(a, b)`` and relative L2 ``|a - b| / |b|``."""
+    a, b = a.double(), b.double()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+    rel = (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-12)
+    return (1 - cos).clamp_min(0).float(), rel.float()
+
+
 @register_metric("frechet", ("unet", "unet-cond"), "Fréchet distance of samples to the dataset's real images in "
                  "the feature space of the network named by options.features")
 def frechet_metric(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalContext) -> MetricResult:
-    features = ctx.options.get("features")
-    if not features:
-        raise UserError(f"frechet needs options.features: a transformers vision checkpoint directory or {DIGITS!r}")
+    features = feature_network(ctx, "frechet")
     data = ctx.dataset
     if data is None:
         raise UserError("frechet needs real images: set evaluate[i].dataset (an image folder, or JSON Lines with "
@@ -122,3 +144,14 @@ def frechet_metric(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx:
     details = {"n": len(gen), "real_n": len(real), "seed": ctx.seed, "features": str(features),
                "real": data.name}
     return MetricResult(value, higher_is_better=False, details=details, images=gen[:GRID_IMAGES])
+
+
+@register_metric("feature_distance", ("unet", "unet-cond"), "cosine distance between the features of the samples "
+                 "and of the full-precision model's samples from the same seeds and prompts, in the network named "
+                 "by options.features", relative=True)
+def feature_distance_metric(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: EvalContext) -> MetricResult:
+    features = feature_network(ctx, "feature_distance")
+    got, ref, details = sample_pairs(model, handle, ctx)
+    cos, rel = pair_distances(network_features(features, got), network_features(features, ref))
+    details.update(features=features, max=float(cos.max()), relative_l2=float(rel.mean()))
+    return MetricResult(float(cos.mean()), higher_is_better=False, details=details, images=got[:GRID_IMAGES])

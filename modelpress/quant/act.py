@@ -78,7 +78,7 @@ class ActQuantizer(nn.Module):
             return flat.clone()
         if self._rng is None:
             self._rng = torch.Generator().manual_seed(self._seed)
-        return flat[torch.randint(flat.numel(), (max_keep,), generator=self._rng)]
+        return flat[torch.randint(flat.numel(), (max_keep,), generator=self._rng).to(flat.device)]
 
     def seed_subsample(self, seed: int) -> None:
         """Seed the observation subsample (the run's seed, so that the calibration draw varies with it)."""
@@ -106,7 +106,7 @@ class ActQuantizer(nn.Module):
                 vals = torch.cat(self._obs[key])[None]
                 lo, hi = self._ext[key]
                 s, z = search_qparams(vals, self.bits, self.symmetric, metric, p,
-                                      lo=torch.tensor([lo]), hi=torch.tensor([hi]))
+                                      lo=torch.tensor([lo], device=vals.device), hi=torch.tensor([hi], device=vals.device))
                 self.scale[si, g] = s[0]
                 self.zero_point[si, g] = z[0]
         self._obs, self._ext, self._rng, self.observing = {}, {}, None, False
@@ -152,7 +152,7 @@ class ActQuantizer(nn.Module):
         xq = out[0] if len(out) == 1 else torch.cat(out, dim=self.channel_dim)
         if self._drop is not None:
             prob, gen = self._drop
-            keep_fp = torch.rand(x.shape, generator=gen) < prob
+            keep_fp = (torch.rand(x.shape, generator=gen) < prob).to(x.device)  # the CPU generator's draw
             xq = torch.where(keep_fp, x, xq)
         return xq
 

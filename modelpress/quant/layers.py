@@ -184,6 +184,18 @@ class _QuantLayer(EntropyCodedCodes, nn.Module):
         self._deq = None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "_QuantLayer":
+        """``.to(device)`` also moves the calibration-time float weight and rounding variables (plain
+        attributes, not buffers) to where the buffers went; their dtype stays float32."""
+        super()._apply(fn, *args, **kwargs)
+        device = self.w_scale.device
+        if self.fp_weight is not None and self.fp_weight.device != device:
+            self.fp_weight = self.fp_weight.to(device)
+        if self.round_logits is not None and self.round_logits.device != device:
+            self.round_logits = self.round_logits.detach().to(device)
+        self._deq = None
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = self.act(x)

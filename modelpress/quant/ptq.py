@@ -18,13 +18,15 @@ The engine runs the steps every diffusion PTQ method here is made of, each a sma
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..devices import on_device
 from ..errors import UserError
 from ..model import ModelHandle, canonical_module, sample_shape
 from ..passes import Context, Pass, PassConfig, register_pass
@@ -69,6 +71,10 @@ class DiffusionPTQConfig(PassConfig):
                                 "learned during block reconstruction (LSQ; 0 = keep the calibrated ranges)")
     recon_qdrop: float = Field(0.0, ge=0, lt=1, description="QDrop: probability that an activation inside the "
                                "block skips its quantization during reconstruction (0 = off; the QDrop paper uses 0.5)")
+    recon_storage: Literal["auto", "memory", "disk"] = Field(
+        "auto", description="where a block's captured inputs and full-precision outputs are kept during "
+        "reconstruction: memory, or spooled to disk in the run's scratch folder and read back by minibatch "
+        "(same results); auto: memory when they fit a quarter of the available memory")
     batch_size: int = Field(64, ge=1, le=4096, description="calibration forward batch")
 
     @model_validator(mode="after")
@@ -161,8 +167,9 @@ def prepare(handle: ModelHandle, ctx: Context, cfg: DiffusionPTQConfig, pass_nam
         raise UserError(f"diffusion PTQ needs a unet or unet-cond model, got kind {handle.kind!r}")
     t0 = time.perf_counter()
     n = cfg.samples or ctx.calibration.samples or DEFAULT_SAMPLES
-    calib = build_calibration_set(handle, ctx, pass_name, cfg.sampler, n, cfg.steps, cfg.ndtc_mean, cfg.ndtc_std,
-                                  cfg.interval, cfg.single_t, batch_size=max(cfg.batch_size, 128))
+    with on_device(ctx.device, handle.module):  # the full-precision trajectories
+        calib = build_calibration_set(handle, ctx, pass_name, cfg.sampler, n, cfg.steps, cfg.ndtc_mean, cfg.ndtc_std,
+                                      cfg.interval, cfg.single_t, batch_size=max(cfg.batch_size, 128))
     t_calib = time.perf_counter() - t0
     fp = ctx.original(handle).module.eval()  # reconstruction targets; the model itself is quantized in place
     q = handle.module.eval()
@@ -196,6 +203,15 @@ def prepare(handle: ModelHandle, ctx: Context, cfg: DiffusionPTQConfig, pass_nam
                    "quantized_layers": len(layers), "temporal_information_block": tib,
                    "skip_splits": split_of, "eight_bit_layers": sorted(edge), "quantized_attention": attn})
     return st
+
+
+@contextmanager
+def on_run_device(st: QState, ctx: Context) -> Iterator[None]:
+    """Run the block with the quantized model and the full-precision one on the run's device (``device:``;
+    a no-op on the CPU), both back on the CPU after. Calibration batches stay on the CPU: the canonical call
+    moves them, and reconstruction moves each minibatch to the unit's device."""
+    with on_device(ctx.device, st.q, st.fp):
+        yield
 
 
 def init_weight_ranges(st: QState, metric: str | None = None) -> None:
@@ -241,7 +257,8 @@ def reconstruct_blocks(st: QState, ctx: Context, exclude: set[str] | None = None
     if cfg.recon_iters <= 0:
         return
     settings = ReconSettings(iters=cfg.recon_iters, batch_size=cfg.recon_batch, lr=cfg.recon_lr,
-                             reg_weight=cfg.recon_reg, act_lr=cfg.recon_act_lr, qdrop=cfg.recon_qdrop)
+                             reg_weight=cfg.recon_reg, act_lr=cfg.recon_act_lr, qdrop=cfg.recon_qdrop,
+                             storage=cfg.recon_storage, spool_dir=ctx.scratch)
     exclude = exclude or set()
     units = surgery.reconstruction_units(st.q)
     unit_mods = [(n, m) for n, m in units]
@@ -292,8 +309,9 @@ class MinMaxPTQ(Pass):
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         st = prepare(model, ctx, self.config, self.name)
-        init_weight_ranges(st)
-        calibrate_activations(st)
-        reconstruct_blocks(st, ctx)
+        with on_run_device(st, ctx):
+            init_weight_ranges(st)
+            calibrate_activations(st)
+            reconstruct_blocks(st, ctx)
         return finish(st, ctx, self.name)
 

@@ -55,7 +55,7 @@ def search_qparams(x: torch.Tensor, bits: int, symmetric: bool, metric: str = "l
     hi = x.max(dim=1).values if hi is None else hi.float()
     if metric == "minmax":
         return qparams_from_range(lo, hi, bits, symmetric)
-    ratios = 1.0 - torch.arange(int(0.8 * grid), dtype=torch.float32) / grid
+    ratios = 1.0 - torch.arange(int(0.8 * grid), dtype=torch.float32, device=x.device) / grid
     chunk = max(1, min(len(ratios), (1 << 23) // max(1, x.numel())))
     best_err = torch.full_like(lo, float("inf"))
     best_s, best_z = qparams_from_range(lo, hi, bits, symmetric)
@@ -66,7 +66,7 @@ def search_qparams(x: torch.Tensor, bits: int, symmetric: bool, metric: str = "l
         err = range_error(x.expand(len(r), *x.shape).reshape(-1, x.shape[1]), xq.reshape(-1, x.shape[1]),
                           metric, p).reshape(len(r), -1)  # [K, R]
         k = err.argmin(dim=0)  # first minimum: the widest range among ties
-        cols = torch.arange(x.shape[0])
+        cols = torch.arange(x.shape[0], device=x.device)
         e, sk, zk = err[k, cols], s[k, cols], z[k, cols]
         better = e < best_err
         best_err = torch.where(better, e, best_err)

@@ -17,6 +17,7 @@ information block's outputs) reuses it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 
 from .act import ActQuantizer
 from .layers import _QuantLayer, adaround_h
+from .spool import Spool, take_rows
 from .surgery import _Stop, act_quantizers
 from .timesteps import set_current_timesteps
 
@@ -35,7 +37,9 @@ class ReconSettings:
     [0.01], beta annealed 20 -> 2, warm-up fraction [0.2]; ``act_lr``: Adam learning rate of the
     activation quantizers' log step sizes inside the unit (0: ranges stay as calibrated); ``qdrop``: the
     probability with which each activation inside the unit skips its quantization while the rounding is
-    learned (QDrop, Wei et al. ICLR 2022 [0.5]; 0: off, as in BRECQ / Q-Diffusion)."""
+    learned (QDrop, Wei et al. ICLR 2022 [0.5]; 0: off, as in BRECQ / Q-Diffusion); ``storage``: where a
+    unit's captured inputs and targets are kept (``auto`` / ``memory`` / ``disk``, :mod:`.spool`), ``spool_dir``:
+    the folder the disk files go in (None: the system's temporary folder)."""
 
     iters: int = 200
     batch_size: int = 32
@@ -46,6 +50,8 @@ class ReconSettings:
     warmup: float = 0.2
     act_lr: float = 0.0
     qdrop: float = 0.0
+    storage: str = "memory"
+    spool_dir: Path | str | None = None
 
 
 def rounding_regularizer(layers: list[_QuantLayer], beta: float) -> torch.Tensor:
@@ -104,30 +110,6 @@ def adaround_optimize(layers: list[_QuantLayer], loss_fn: Callable[[int], torch.
 # Capturing a module's inputs / outputs inside a full forward
 
 
-def _cat_io(items: list[Any], sizes: list[int]) -> Any:
-    """Concatenate per-batch captured values along the batch dimension (tensors whose first dim is the
-    batch size); other values are taken from the first batch."""
-    first = items[0]
-    if isinstance(first, torch.Tensor) and first.dim() > 0 and all(
-            isinstance(v, torch.Tensor) and v.shape[0] == s for v, s in zip(items, sizes)):
-        return torch.cat(items)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_cat_io([v[i] for v in items], sizes) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: _cat_io([v[k] for v in items], sizes) for k in first}
-    return first
-
-
-def _slice_io(value: Any, idx: torch.Tensor, n: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-        return value[idx]
-    if isinstance(value, (tuple, list)):
-        return type(value)(_slice_io(v, idx, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _slice_io(v, idx, n) for k, v in value.items()}
-    return value
-
-
 def _detach(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         # contiguous: conv backward on CPU crashes (torch 2.13) on some strided inputs (attention outputs)
@@ -141,71 +123,93 @@ def _detach(value: Any) -> Any:
 
 @torch.no_grad()
 def capture(model_fn: Callable[..., Any], module: nn.Module, batches: list[tuple[torch.Tensor, ...]],
-            what: str) -> tuple[Any, int]:
+            what: str, storage: str = "memory", directory: Path | str | None = None) -> tuple[Spool, int]:
     """Run ``model_fn(*batch)`` for each batch and keep ``module``'s inputs (``what="input"``: the
-    ``(args, kwargs)`` of its first call) or output (``"output"``), concatenated over the batches; the
-    forward stops right after the module (no wasted compute)."""
-    got: list[Any] = []
+    ``(args, kwargs)`` of its first call) or output (``"output"``), concatenated over the batches
+    (``spool.result()``), in memory or spooled to files under ``directory`` (``storage``: see
+    :mod:`.spool`); the forward stops right after the module (no wasted compute)."""
+    sizes = [b[0].shape[0] for b in batches]
+    spool = Spool(storage, sum(sizes), directory)
+    calls = 0
+
+    def keep(value: Any) -> None:
+        nonlocal calls
+        spool.add(_detach(value), sizes[calls])
+        calls += 1
+        raise _Stop
 
     if what == "input":
-        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            got.append(_detach((args, kwargs)))
-            raise _Stop
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+        handle = module.register_forward_pre_hook(lambda _m, args, kwargs: keep((args, kwargs)), with_kwargs=True)
     else:
-        def post(_m: nn.Module, _a: Any, out: Any) -> None:
-            got.append(_detach(out))
-            raise _Stop
-        handle = module.register_forward_hook(post)
-    sizes = []
+        handle = module.register_forward_hook(lambda _m, _a, out: keep(out))
     try:
-        for b in batches:
+        for i, b in enumerate(batches):
             try:
                 model_fn(*b)
             except _Stop:
                 pass
-            sizes.append(b[0].shape[0])
+            if calls != i + 1:
+                raise RuntimeError("the module was not called in every forward")
+    except BaseException:
+        spool.close()
+        raise
     finally:
         handle.remove()
-    if len(got) != len(batches):
-        raise RuntimeError("the module was not called in every forward")
-    return _cat_io(got, sizes), sum(sizes)
+    return spool, sum(sizes)
 
 
 def reconstruct_unit(q_unit: nn.Module, fp_unit: nn.Module, q_model_fn: Callable[..., Any],
                      fp_model_fn: Callable[..., Any], batches: list[tuple[torch.Tensor, ...]],
                      layers: list[_QuantLayer], cfg: ReconSettings, gen: torch.Generator,
-                     progress: Callable[..., Any] | None = None, desc: str = "block") -> dict[str, float]:
+                     progress: Callable[..., Any] | None = None, desc: str = "block") -> dict[str, Any]:
     """BRECQ for one unit: its inputs come from the quantized model so far, its target is the
-    full-precision unit's output on full-precision inputs; AdaRound learns the rounding of ``layers``."""
-    (args, kwargs), n = capture(q_model_fn, q_unit, batches, "input")
-    target, _ = capture(fp_model_fn, fp_unit, batches, "output")
+    full-precision unit's output on full-precision inputs; AdaRound learns the rounding of ``layers``.
+    The captured inputs and targets are kept as ``cfg.storage`` says (:mod:`.spool`; removed after), and
+    each minibatch runs on the unit's device."""
+    device = next(q_unit.parameters(), torch.empty(0)).device
+    inputs, n = capture(q_model_fn, q_unit, batches, "input", cfg.storage, cfg.spool_dir)
+    try:
+        targets, _ = capture(fp_model_fn, fp_unit, batches, "output", cfg.storage, cfg.spool_dir)
+    except BaseException:
+        inputs.close()
+        raise
+    try:
+        stats = _reconstruct_captured(q_unit, inputs.result(), targets.result(), n, batches, layers, cfg, gen,
+                                      device, progress, desc)
+    finally:
+        inputs.close()
+        targets.close()
+    stats["storage"] = inputs.storage if inputs.storage == targets.storage else f"{inputs.storage}+{targets.storage}"
+    stats["captured_mib"] = round((inputs.bytes + targets.bytes) / 2 ** 20, 2)
+    return stats
+
+
+def _reconstruct_captured(q_unit: nn.Module, inputs: Any, target: Any, n: int,
+                          batches: list[tuple[torch.Tensor, ...]], layers: list[_QuantLayer], cfg: ReconSettings,
+                          gen: torch.Generator, device: torch.device, progress: Callable[..., Any] | None,
+                          desc: str) -> dict[str, Any]:
+    args, kwargs = inputs
     if isinstance(target, (tuple, list)):
         target = target[0]
-    t_all = torch.cat([b[1].reshape(-1).expand(b[0].shape[0]) for b in batches])
+    t_all = torch.cat([b[1].reshape(-1).expand(b[0].shape[0]) for b in batches]).to(device)
     bs = min(cfg.batch_size, n)
     order = [torch.randint(0, n, (bs,), generator=gen) for _ in range(max(cfg.iters, 0))]
 
-    def loss_fn(it: int) -> torch.Tensor:
-        idx = order[it]
-        set_current_timesteps(t_all[idx])
-        out = q_unit(*_slice_io(args, idx, n), **_slice_io(kwargs, idx, n))
+    def unit_error(idx: torch.Tensor) -> torch.Tensor:
+        set_current_timesteps(t_all[idx.to(device)])
+        out = q_unit(*take_rows(args, idx, n, device), **take_rows(kwargs, idx, n, device))
         if isinstance(out, (tuple, list)):
             out = out[0]
-        return (out - target[idx]).pow(2).mean()
+        return (out - take_rows(target, idx, n, device)).pow(2).mean()
 
     act_quants = act_quantizers(q_unit)
     for a in act_quants:
         a.drop_quantization(cfg.qdrop, gen)
     try:
-        stats = adaround_optimize(layers, loss_fn, cfg, progress, desc, act_quants)
+        stats = adaround_optimize(layers, lambda it: unit_error(order[it]), cfg, progress, desc, act_quants)
     finally:
         for a in act_quants:
             a.drop_quantization(0.0)
     with torch.no_grad():  # error after hard rounding, on a fixed slice
-        idx = torch.arange(min(n, 64))
-        set_current_timesteps(t_all[idx])
-        out = q_unit(*_slice_io(args, idx, n), **_slice_io(kwargs, idx, n))
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        stats["rec_loss_hard"] = float((out - target[idx]).pow(2).mean())
+        stats["rec_loss_hard"] = float(unit_error(torch.arange(min(n, 64))))
     return stats

@@ -36,8 +36,8 @@ from .primitives import pack_signed_codes, packed_bytes, quantize, unpack_signed
 from .ranges import search_qparams
 from .surgery import _Stop
 from .timesteps import set_current_timesteps, timestep_rows
-from .ptq import (NO_PTE, DiffusionPTQConfig, QState, calibrate_activations, finish, init_weight_ranges, prepare,
-                  reconstruct_blocks)
+from .ptq import (NO_PTE, DiffusionPTQConfig, QState, calibrate_activations, finish, init_weight_ranges,
+                  on_run_device, prepare, reconstruct_blocks)
 from .reconstruction import ReconSettings, adaround_optimize
 
 
@@ -88,6 +88,10 @@ class CachedTemporalFeature(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._table = None
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "CachedTemporalFeature":
+        self._table = None  # rebuilt from the moved / cast buffers
+        return super()._apply(fn, *args, **kwargs)
 
     def export_qparams(self) -> dict[str, Any]:
         """The lookup table: int8 ``codes [S, D]``, per-timestep ``scale`` / ``zero_point``, ``timesteps``."""
@@ -168,7 +172,7 @@ def maintain(st: QState, outputs: list[str], mode: str) -> dict[str, Any]:
     choice: dict[str, Any] = {}
     for n in outputs:
         cache = CachedTemporalFeature.from_features(ts, fp[n], bits, st.cfg.metric if st.cfg.metric != "kl" else "lp",
-                                                    st.cfg.p)
+                                                    st.cfg.p).to(fp[n].device)
         err_tib, err_cache = feature_error(qd[n], fp[n]), feature_error(cache.table(), fp[n])
         use_cache = mode == "cache" or (mode == "select" and err_cache < err_tib)
         if use_cache:
@@ -199,13 +203,14 @@ class TFMQ(Pass):
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
         cfg = self.config
         st = prepare(model, ctx, cfg, self.name, fsc=cfg.fsc)
-        init_weight_ranges(st)
-        calibrate_activations(st)
-        outputs = tib_outputs(st.q, st.tib)
-        st.log["tib_outputs"] = outputs
-        if cfg.tiar and cfg.recon_iters > 0 and st.tib:
-            st.log["tiar"] = tiar(st, ctx, outputs)
-        # with TIAR the TIB keeps its own rounding; without it, the TIB is reconstructed inside its blocks
-        reconstruct_blocks(st, ctx, exclude=set(st.tib) if cfg.tiar else set())
-        st.log["maintenance"] = maintain(st, outputs, cfg.maintenance)
+        with on_run_device(st, ctx):
+            init_weight_ranges(st)
+            calibrate_activations(st)
+            outputs = tib_outputs(st.q, st.tib)
+            st.log["tib_outputs"] = outputs
+            if cfg.tiar and cfg.recon_iters > 0 and st.tib:
+                st.log["tiar"] = tiar(st, ctx, outputs)
+            # with TIAR the TIB keeps its own rounding; without it, the TIB is reconstructed inside its blocks
+            reconstruct_blocks(st, ctx, exclude=set(st.tib) if cfg.tiar else set())
+            st.log["maintenance"] = maintain(st, outputs, cfg.maintenance)
         return finish(st, ctx, self.name)
