@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -95,3 +96,14 @@ def float32_arithmetic(device: torch.device | None, *modules: nn.Module) -> Iter
     finally:
         for t, dtype in halves:
             t.data = t.data.to(dtype)
+
+
+def memory_available() -> int:
+    """Bytes of memory available to a new allocation (``MemAvailable`` of /proc/meminfo, else all RAM)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from . import console, distributed
 from .artifact import (WEIGHTS, WEIGHTS_METADATA, WeightsSpool, artifact_state, build_manifest, hash_tensor,
                        module_entries, tensor_entry, write_manifest)
 from .data import Dataset
+from .devices import memory_available
 from .errors import UserError
 from .model import (ModelHandle, align_prefix, build_checkpoint_module, check_kind, checkpoint_paths,
                     describe_architecture, guess_kind, read_architecture, tokenizer_extras)
@@ -215,17 +215,6 @@ def check_same_layout(model: LazyModel, base: LazyModel) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Choosing the path
-
-
-def memory_available() -> int:
-    """Bytes of memory available to a new allocation (``MemAvailable`` of /proc/meminfo, else all RAM)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def why_not_streamed(model: Any, base: Any, passes: list[tuple[str, Any]]) -> str | None:

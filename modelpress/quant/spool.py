@@ -19,20 +19,11 @@ from typing import Any, Iterator
 
 import torch
 
+from ..devices import memory_available
+
 STORAGES = ("auto", "memory", "disk")
 #: share of the machine's available memory one capture (a unit's inputs, or its targets) may hold under ``auto``
 MEMORY_FRACTION = 0.25
-
-
-def available_memory() -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is no such file)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _tensors(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, torch.Tensor]]:
@@ -152,10 +143,9 @@ class Spool:
             return self.storage
         budget = self.budget
         if budget is None:
-            avail = available_memory()
-            budget = None if avail is None else int(MEMORY_FRACTION * avail)
+            budget = int(MEMORY_FRACTION * memory_available())
         estimate = nbytes(value) * self.total_rows / max(1, size)
-        return "memory" if budget is None or estimate <= budget else "disk"
+        return "memory" if estimate <= budget else "disk"
 
     def add(self, value: Any, size: int) -> None:
         """One batch's captured value (``size`` rows)."""
