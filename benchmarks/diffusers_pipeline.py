@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, help="calibration samples of the PTQ passes (default: their row's)")
     ap.add_argument("--recon-storage", nargs="*", choices=["auto", "memory", "disk"],
                     help="run each reconstructing pass once per storage of its block captures (recon_storage)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the results file's rows of the passes not run now (their settings and load stay theirs)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_sd import make_pipeline  # the tests' pipeline builder
@@ -116,6 +118,9 @@ def main() -> None:
         h = load_model(str(pipe))
         unet_params = sum(p.numel() for p in h.module.parameters())
         stem = "diffusers_pipeline" + ("-quick" if args.quick else "") + ("-recon_storage" if args.recon_storage else "")
+        if args.append and (RESULTS / f"{stem}.json").exists():
+            rows = [r for r in json.loads((RESULTS / f"{stem}.json").read_text())["rows"]
+                    if r["pass"] not in (args.only or PASSES)]
         for name in args.only or PASSES:
             for storage in (args.recon_storage or [None]) if "recon_iters" in PASSES[name] else [None]:
                 cfg = dict(PASSES[name])
