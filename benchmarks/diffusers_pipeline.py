@@ -4,7 +4,8 @@ The pipeline is random (no hub on these machines; the cost does not depend on th
 ``UNet2DConditionModel`` with Stable Diffusion 1.x's layout (three cross-attention levels and a plain one, two
 ResNets per level) at reduced width, a 4-layer CLIP text encoder, an ``AutoencoderKL`` that downsamples by 8,
 and Stable Diffusion's DDIM scheduler config. Each pass runs from the Python API in its own process (so that
-its peak resident memory, ``ru_maxrss``, is its own), calibrated on ``recipes/data/prompts.txt``; rows give
+its peak resident memory, ``ru_maxrss``, is its own), calibrated on ``recipes/data/prompts.txt`` (``aptp``: on
+prompt-image pairs written for the run, coloured squares at the pipeline's pixel size); rows give
 the wall time of load + pass + artifact write (the package import, slow on a loaded machine, is left out and
 recorded apart), the pass's own time, and that peak; for the passes with block reconstruction, also the peak
 of the reconstruction step alone (``VmHWM`` reset before it) and the size of the largest block's capture
@@ -46,7 +47,12 @@ PASSES = {
     "evopress": {"type": "evopress", "family": "sparsity", "method": "magnitude", "budget": 0.5, "grouping": "none",
                  "generations": 4, "offspring": 4, "survivors": [2, 1], "stage_samples": [4, 8],
                  "calibration_samples": 8, "hessian_samples": 8, "baseline_samples": 8, "batch_size": 8},
+    # trains on prompt-image pairs (PAIRS of them, written for the run), not on the prompts file
+    "aptp": {"type": "aptp", "codes": 4, "target_macs": 0.6, "router_steps": 40, "finetune_steps": 5,
+             "batch_size": 8, "prompt_pool": 32, "threads": 1},
 }
+#: prompt-image pairs for the passes that train on images (coloured squares at the pipeline's pixel size)
+PAIRS = 64
 QUICK = {"steps": 4, "samples": 8, "recon_iters": 2}
 
 CHILD = r"""
@@ -87,9 +93,9 @@ print(json.dumps({"import_seconds": round(t1 - t0, 1), "seconds": round(time.per
 """
 
 
-def run_pass(cfg: dict, model: Path, out: Path) -> dict:
+def run_pass(cfg: dict, model: Path, data: Path, out: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps([cfg, str(model), str(PROMPTS), str(out)])],
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps([cfg, str(model), str(data), str(out)])],
                           capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
         raise SystemExit(f"{cfg['type']} failed:\n{proc.stderr[-3000:]}")
@@ -107,7 +113,7 @@ def main() -> None:
                     help="keep the results file's rows of the passes not run now (their settings and load stay theirs)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_sd import make_pipeline  # the tests' pipeline builder
+    from tiny_sd import make_pipeline, write_prompt_images  # the tests' pipeline and pairs builders
 
     shape = TINY if args.quick else LARGE
     rows = []
@@ -133,7 +139,11 @@ def main() -> None:
                 if name == "evopress":  # its level database in the run's scratch, not the shared cache
                     cfg["database"] = str(Path(tmp) / "evopress-db")
                 t = time.perf_counter()
-                got = run_pass(cfg, pipe, Path(tmp) / f"out-{name}")
+                data = PROMPTS
+                if name == "aptp":
+                    (Path(tmp) / "pairs").mkdir(exist_ok=True)
+                    data = write_prompt_images(Path(tmp) / "pairs", PAIRS, size=8 * shape.get("sample_size", 8))
+                got = run_pass(cfg, pipe, data, Path(tmp) / f"out-{name}")
                 rows.append({"pass": name, "config": cfg, **got, "load_average_after": [round(v, 1) for v in os.getloadavg()]})
                 print(name, got, f"({time.perf_counter() - t:.0f} s)", flush=True)
                 write(rows, shape, unet_params, stem, " ".join(sys.argv[1:]))  # after every row: partial results survive

@@ -20,7 +20,7 @@ from modelpress.metrics.fidelity import PSNR_CAP, psnr, ssim
 from modelpress.model import sample_shape
 from modelpress.sampling import model_timesteps, sample, sampler_of, scheduler_config, to_unit_range
 from modelpress.sources import load_model
-from tiny_sd import make_pipeline
+from tiny_sd import make_pipeline, write_prompt_images
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat on a mat", "the blue house of an inner city", "a green tree", "seven small boats"]
@@ -189,23 +189,6 @@ def test_evopress_searches_a_pipeline_on_its_own_trajectories(sd: Path, prompts_
     assert torch.isfinite(x).all()
 
 
-def _prompt_images(tmp: Path, n: int = 8) -> Path:
-    """JSON Lines of prompts with their own images (coloured squares on gray, 24x24 RGB PNGs)."""
-    import numpy as np
-    from PIL import Image
-
-    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-    rows = []
-    for i in range(n):
-        name, rgb = list(colours.items())[i % 4]
-        a = np.full((24, 24, 3), 128, np.uint8)
-        a[4 + i % 3:16 + i % 3, 6:18] = rgb
-        Image.fromarray(a).save(tmp / f"{i}.png")
-        rows.append(json.dumps({"prompt": f"a {name} square number {i}", "image": f"{i}.png"}))
-    (tmp / "pairs.jsonl").write_text("\n".join(rows) + "\n")
-    return tmp / "pairs.jsonl"
-
-
 @pytest.mark.parametrize("kind", ["aptp", "static_prune"])
 def test_aptp_on_a_latent_pipeline(sd: Path, tmp_path: Path, kind: str) -> None:
     """APTP and its static baseline on a pipeline: prompt-image pairs from the data layer, images encoded to
@@ -216,7 +199,7 @@ def test_aptp_on_a_latent_pipeline(sd: Path, tmp_path: Path, kind: str) -> None:
     from modelpress.diffusers_pipeline import encode_images
     from modelpress.pipeline import run_recipe
 
-    pairs = _prompt_images(tmp_path)
+    pairs = write_prompt_images(tmp_path)
     h = load_model(str(sd))
     imgs = open_dataset(str(pairs)).all().images
     lat = fit_images(h, imgs, "pairs")
@@ -302,7 +285,7 @@ def test_frechet_distance_in_a_named_feature_network(sd: Path, tmp_path: Path) -
     from modelpress.metrics.frechet import network_features
 
     _save_vit(tmp_path / "vit")
-    pairs = _prompt_images(tmp_path)
+    pairs = write_prompt_images(tmp_path)
     spec = {"metric": "frechet", "dataset": str(pairs), "samples": 6, "options": {"features": str(tmp_path / "vit"),
                                                                                  "steps": 2}}
     got = modelpress.evaluate(str(sd), [spec])["frechet"]

@@ -76,3 +76,22 @@ def make_pipeline(directory: Path, *, latent: bool = True, scheduler: str = "DDI
         index["vae"] = ["diffusers", "AutoencoderKL"]
     (directory / "model_index.json").write_text(json.dumps(index, indent=2))
     return directory
+
+
+def write_prompt_images(directory: Path, n: int = 8, size: int = 24) -> Path:
+    """``directory/pairs.jsonl``: JSON Lines of prompts with their own images (coloured squares on gray,
+    ``size`` x ``size`` RGB PNGs beside it), the prompt-image pairs APTP trains on."""
+    import numpy as np
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+    rows = []
+    for i in range(n):
+        name, rgb = list(colours.items())[i % 4]
+        a = np.full((size, size, 3), 128, np.uint8)
+        s = size / 24  # the square's place and size scale with the image
+        a[int((4 + i % 3) * s):int((16 + i % 3) * s), int(6 * s):int(18 * s)] = rgb
+        Image.fromarray(a).save(directory / f"{i}.png")
+        rows.append(json.dumps({"prompt": f"a {name} square number {i}", "image": f"{i}.png"}))
+    (directory / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    return directory / "pairs.jsonl"
