@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import time
@@ -77,8 +78,9 @@ def main() -> None:
         print(json.dumps(rows[-1]))
     lines = ["# One torch.export trace per dynamic export", "",
              f"`python benchmarks/export_trace.py --repeats {args.repeats}`: CPU seconds of one process "
-             "(`time.process_time`, 1 thread), the two ways alternated on the same module; the machine was shared "
-             "(load 8-12 on 2 cores), so compare the columns, not absolute times.", "",
+             "(`time.process_time`, 1 thread), the two ways alternated on the same module; load average at the end "
+             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine: compare the columns, not "
+             "absolute times).", "",
              "| model | traces before | before: min / median s | after (1 trace): min / median s | ratio of medians "
              "| bounds before | bounds after | same outputs (batch 5) |", "|---|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
