@@ -338,6 +338,22 @@ def test_pte_int8_xnnpack_quantizer(tmp_path: Path) -> None:
 # UNets (timestep input, int64)
 
 
+def test_a_guarded_unet_batch_is_narrowed_in_one_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers' upsampler guards ``batch >= 64``: the dynamic export narrows the batch to what the program
+    accepts in one ``torch.export`` trace (named dims failed on the guard and were traced twice)."""
+    from modelpress.exporters.common import export_program, trace_inputs, traceable
+
+    h = tiny_unet()
+    traces = []
+    original = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: traces.append(1) or original(*a, **k))
+    with torch.no_grad():
+        program, bounds = export_program(traceable(h), trace_inputs(h), h, True)
+        assert traces == [1] and bounds == {"batch": (1, 63)}
+        inputs = example_inputs(h, batch=5, seed=3)
+        assert torch.equal(program.module()(*inputs), h.canonical()(*inputs))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cond", [False, True])
 @pytest.mark.parametrize("fmt", ["onnx", "ort", "pte"])

@@ -87,38 +87,47 @@ def dim_bounds(handle: ModelHandle, caps: dict[str, int] | None = None) -> dict[
 
 def dynamic_shapes(handle: ModelHandle, dynamic: bool, bounds: dict[str, tuple[int, int]] | None = None
                    ) -> tuple[dict[int, Any], ...] | None:
-    """``torch.export`` dynamic dims for the kind's inputs (``None`` for fixed shapes)."""
+    """``torch.export`` dynamic dims for the kind's inputs (``None`` for fixed shapes): hints
+    (``Dim.DYNAMIC`` with the ``bounds``), which torch narrows where the model guards a dim, in one trace."""
     if not dynamic:
         return None
     bounds = bounds or dim_bounds(handle)
-    batch = torch.export.Dim("batch", min=bounds["batch"][0], max=bounds["batch"][1])
+    batch = torch.export.Dim.DYNAMIC(min=bounds["batch"][0], max=bounds["batch"][1])
     if handle.kind in TEXT_KINDS:
-        seq = torch.export.Dim("seq", min=bounds["seq"][0], max=bounds["seq"][1])
+        seq = torch.export.Dim.DYNAMIC(min=bounds["seq"][0], max=bounds["seq"][1])
         return ({0: batch, 1: seq}, {0: batch, 1: seq})
     return tuple({0: batch} for _ in INPUT_NAMES[handle.kind])
 
 
-_SUGGESTED = re.compile(r"(\w+) = Dim\('(\w+)'(?:, min=(\d+))?(?:, max=(\d+))?\)")
+def program_bounds(program: Any, bounds: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """The ``bounds`` as ``program`` accepts them: each dim of the first input (batch, then the token axis of
+    text) narrowed to the range torch kept for its symbol. Sizes 0 and 1 are specialized apart in torch's
+    ranges (a symbol's range starts at 2), so a range starting at 2 keeps the requested minimum."""
+    first = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name in
+                 program.graph_signature.user_inputs)
+    out = dict(bounds)
+    for axis, name in enumerate(bounds):
+        size = first.meta["val"].shape[axis]
+        vr = program.range_constraints.get(getattr(getattr(size, "node", None), "expr", None))
+        if vr is None:
+            continue
+        lo = bounds[name][0] if int(vr.lower) <= 2 else int(vr.lower)
+        hi = bounds[name][1] if not vr.upper.is_finite else min(bounds[name][1], int(vr.upper))
+        out[name] = (lo, hi)
+    return out
 
 
 def export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...], handle: ModelHandle, dynamic: bool,
                    caps: dict[str, int] | None = None) -> tuple[Any, dict[str, tuple[int, int]] | None]:
-    """``torch.export.export`` (non-strict) with dynamic dims. When a model guards a dim (diffusers'
-    upsampler branches on ``batch >= 64``, which only changes memory layout), torch's suggested bounds are
-    taken and the export retried once; the bounds used are returned (``None`` for fixed shapes)."""
+    """``torch.export.export`` (non-strict) with dynamic dims, in one trace: when a model guards a dim
+    (diffusers' upsampler branches on ``batch >= 64``, which only changes memory layout), torch narrows the
+    hinted range (named dims failed there and took a second trace with torch's suggested bounds). The bounds
+    the program accepts are returned (``None`` for fixed shapes)."""
     if not dynamic:
         return torch.export.export(module, inputs, strict=False), None
     bounds = dim_bounds(handle, caps)
-    try:
-        return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes(handle, True, bounds), strict=False), bounds
-    except Exception as exc:
-        fixes = _SUGGESTED.findall(str(exc)) if "Constraints violated" in str(exc) else []
-        if not fixes:
-            raise
-        for _, name, lo, hi in fixes:
-            if name in bounds:
-                bounds[name] = (int(lo) if lo else bounds[name][0], int(hi) if hi else bounds[name][1])
-    return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes(handle, True, bounds), strict=False), bounds
+    program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes(handle, True, bounds), strict=False)
+    return program, program_bounds(program, bounds)
 
 
 # ---------------------------------------------------------------------------------------------------
