@@ -356,7 +356,7 @@ def main() -> None:
         res["fp8"] = bench_fp8()
     if "sizes" in args.parts:
         res["sizes"] = bench_sizes(args.symbols)
-    res.setdefault("runs", []).append(f"parts {' '.join(args.parts)}: " + (f"{platform.processor() or platform.machine()} ({cpu_features()}), {os.cpu_count()} cores shared with other jobs "
+    res.setdefault("runs", []).append(f"parts {' '.join(args.parts)}: " + (f"{platform.processor() or platform.machine()} ({cpu_features()}), {os.cpu_count()} cores "
                       f"(load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end); torch "
                       f"{torch.__version__}, numba {numba.__version__} ({numba.threading_layer()}), "
                       f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {args.repeats} repeats "

@@ -386,8 +386,8 @@ def _range(values: list[float]) -> str:
 
 def distributed_markdown(rows: list[dict], command: str) -> str:
     lines = ["# 1 vs 2 ranks (benchmarks/scale.py --nproc-section)", "",
-             f"Command: `{command}`. Machine: 2 CPU cores **shared with other engineers' jobs** (1-minute load "
-             "average after each run, range over the row's runs, in the last column), so times are inflated and noisy; the "
+             f"Command: `{command}`. Machine: {os.cpu_count()} CPU cores; the 1-minute load average after each run "
+             "(range over the row's runs) is in the last column: other jobs on the machine inflate wall times; the "
              "setups ran interleaved, repeat by repeat. *pass s*: the pass's own time from the manifest (dfloat11: "
              "the encode, `seconds`; EvoPress: the search, `search_seconds`); *wall s*: the whole "
              "`modelpress compress` command (Python start-up, loading, hashing the input, writing); *CPU s*: user + "
