@@ -258,6 +258,11 @@ def bench_sizes(symbols: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _section(title: str, *columns: str) -> list[str]:
+    """A markdown section's heading and its table's header rows."""
+    return ["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = ["# Fused lossless kernels (CPU)", "", "Runs: " + "; ".join(res["runs"]), "",
              "## Linear: fused decode + matmul vs torch bf16 F.linear (ms, min / median; ratio = fused / dense)", "",
@@ -281,9 +286,9 @@ def markdown(res: dict[str, Any]) -> str:
                           "fused output "
                           f"equals `entropy.linear_reference`: {r['equals_reference']}"]
     if res.get("threshold"):
-        lines += ["", "## Threshold: fused vs decode + dense F.linear (4096x4096, 2 threads, ms min / median)", "",
-                  "| batch | fused | decode then dense | fused / decode (min) | CPU ms fused / decode (min) | "
-                  "CPU-time fused / decode (min) |", "|---|---|---|---|---|---|"]
+        lines += _section("Threshold: fused vs decode + dense F.linear (4096x4096, 2 threads, ms min / median)",
+                          "batch", "fused", "decode then dense", "fused / decode (min)", "CPU ms fused / decode (min)",
+                          "CPU-time fused / decode (min)")
         for r in res.get("threshold", []):
             lines.append(f"| {r['batch']} | {r['fused']['min_ms']:.1f} / {r['fused']['median_ms']:.1f} | "
                          f"{r['decode_then_dense']['min_ms']:.1f} / {r['decode_then_dense']['median_ms']:.1f} | "
@@ -291,23 +296,23 @@ def markdown(res: dict[str, Any]) -> str:
                          + (f"{r['fused_cpu']['min_ms']:.1f} / {r['decode_then_dense_cpu']['min_ms']:.1f} | "
                             f"{r['cpu_fused_over_decode_min']} |" if "fused_cpu" in r else "| |"))
     if res.get("embedding"):
-        lines += ["", "## Embedding: 32 tokens from a 32000x4096 bf16 table (ms, min / median)", "",
-                  "| threads | row lookup | decode whole table | dense torch lookup | speedup min | speedup median | "
-                  "lanes decoded (lane size) |", "|---|---|---|---|---|---|---|"]
+        lines += _section("Embedding: 32 tokens from a 32000x4096 bf16 table (ms, min / median)", "threads",
+                          "row lookup", "decode whole table", "dense torch lookup", "speedup min", "speedup median",
+                          "lanes decoded (lane size)")
         for r in res.get("embedding", []):
             lines.append(f"| {r['threads']} | {r['rows']['min_ms']:.2f} / {r['rows']['median_ms']:.2f} | "
                          f"{r['decode_table']['min_ms']:.1f} / {r['decode_table']['median_ms']:.1f} | "
                          f"{r['dense_lookup']['min_ms']:.3f} / {r['dense_lookup']['median_ms']:.3f} | "
                          f"{r['speedup_min']}x | {r['speedup_median']}x | {r['lanes_decoded']} ({r['lane_size']}) |")
     if res.get("fp8"):
-        lines += ["", "## Bits per weight: all-MiniLM-L6-v2 coded weights cast to each dtype (side data included)", "",
-                  "| dtype | weights | ours | ZipNN | zstd-3 | order-0 exponent bound |", "|---|---|---|---|---|---|"]
+        lines += _section("Bits per weight: all-MiniLM-L6-v2 coded weights cast to each dtype (side data included)",
+                          "dtype", "weights", "ours", "ZipNN", "zstd-3", "order-0 exponent bound")
         for r in res.get("fp8", []):
             lines.append(f"| {r['dtype']} | {r['weights'] / 1e6:.2f}M | {r['ours']} | {r['zipnn']} | {r['zstd3']} | "
                          f"{r['exponent_bound']} |")
     if res.get("sizes"):
-        lines += ["", "## Bits per weight of each symbol: all-MiniLM-L6-v2 coded weights in bf16", "",
-                  "| symbol | weights | bits/weight |", "|---|---|---|"]
+        lines += _section("Bits per weight of each symbol: all-MiniLM-L6-v2 coded weights in bf16", "symbol",
+                          "weights", "bits/weight")
         lines += [f"| {r['symbol']} | {r['weights'] / 1e6:.2f}M | {r['bits_per_weight']} |" for r in res["sizes"]]
     return "\n".join(lines) + "\n"
 
