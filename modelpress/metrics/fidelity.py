@@ -123,7 +123,7 @@ def sample_pairs(model: Callable[..., torch.Tensor], handle: ModelHandle, ctx: E
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """The model's and the reference's decoded samples ``[N, C, H, W]`` in ``[0, 1]`` (same seed, same prompts),
     and what describes them for the report."""
-    if ctx.reference is None is None:
+    if ctx.reference is None:
         raise UserError("image fidelity compares with the full-precision model: no reference model was given")
     n = int(ctx.samples or DEFAULT_SAMPLES)
     prompts = eval_prompts(handle, ctx, n)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .act import ActQuantizer
 from .layers import _QuantLayer, adaround_h
-from .spool import Spool, take_rows
+from .spool import Spool, map_leaves, take_rows
 from .surgery import _Stop, act_quantizers
 from .timesteps import set_current_timesteps
 
@@ -111,14 +111,8 @@ def adaround_optimize(layers: list[_QuantLayer], loss_fn: Callable[[int], torch.
 
 
 def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        # contiguous: conv backward on CPU crashes (torch 2.13) on some strided inputs (attention outputs)
-        return value.detach().contiguous()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detach(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
-    return value
+    # contiguous: conv backward on CPU crashes (torch 2.13) on some strided inputs (attention outputs)
+    return map_leaves(lambda t: t.detach().contiguous(), value)
 
 
 @torch.no_grad()

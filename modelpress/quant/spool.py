@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -149,7 +149,7 @@ class Spool:
 
     def add(self, value: Any, size: int) -> None:
         """One batch's captured value (``size`` rows)."""
-        value = _to_cpu(value)
+        value = map_leaves(torch.Tensor.cpu, value)
         if not self.sizes:
             self.storage = self._choose(value, size)
         self.sizes.append(int(size))
@@ -195,11 +195,13 @@ class Spool:
             self._tmp = None
 
 
-def _to_cpu(value: Any) -> Any:
+def map_leaves(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside its nested tuples / lists / dicts (their types
+    kept; other values as they are)."""
     if isinstance(value, torch.Tensor):
-        return value.cpu()
+        return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_cpu(v) for v in value)
+        return type(value)(map_leaves(fn, v) for v in value)
     if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
+        return {k: map_leaves(fn, v) for k, v in value.items()}
     return value
