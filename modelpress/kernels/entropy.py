@@ -168,10 +168,6 @@ def split_words(words: np.ndarray, word_bits: int, sym_bits: int) -> tuple[np.nd
     return w >> raw_bits, w & ((1 << raw_bits) - 1)
 
 
-def join_words(sym: np.ndarray, raw: np.ndarray, word_bits: int, sym_bits: int) -> np.ndarray:
-    return ((sym.astype(np.int64) << (word_bits - sym_bits)) | raw).astype(WORD_DTYPE[word_bits])
-
-
 def raw_sign_order(words: np.ndarray, word_bits: int, raw_bits: int) -> np.ndarray:
     """The words with their sign moved below the symbol (format version 6, DFloat11's layout): a word ``sign |
     symbol (S bits) | low (R - 1 bits)`` becomes ``symbol | sign | low``, so that its top ``S`` bits are the
