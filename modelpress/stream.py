@@ -38,7 +38,7 @@ from . import console, distributed
 from .artifact import (WEIGHTS, WEIGHTS_METADATA, WeightsSpool, artifact_state, build_manifest, hash_tensor,
                        module_entries, tensor_entry, write_manifest)
 from .data import Dataset
-from .devices import memory_available
+from .devices import memory_available, release_free_memory
 from .errors import UserError
 from .model import (ModelHandle, align_prefix, build_checkpoint_module, check_kind, checkpoint_paths,
                     describe_architecture, guess_kind, read_architecture, tokenizer_extras)
@@ -344,7 +344,10 @@ def _compress_unit(ft: LazyModel, base: LazyModel | None, unit: Unit, base_unit:
                    ctx: Context, seed: int, first_layer: list[int] | None = None) -> _UnitResult:
     """Read one unit (and the base's), run every pass on it, and return its artifact tensors and records;
     the unit's weights are dropped. The passes run as in one process (:func:`modelpress.distributed.alone`):
-    with several ranks the unit is this rank's share."""
+    with several ranks the unit is this rank's share. Before reading it, the memory the previous unit freed is
+    given back to the system (:func:`~modelpress.devices.release_free_memory`: without it, resident memory crept
+    up from unit to unit)."""
+    release_free_memory()
     with distributed.alone():
         return _compress_unit_here(ft, base, unit, base_unit, objs, ctx, seed, first_layer)
 
@@ -386,8 +389,8 @@ def _run_units(ft: LazyModel, base: LazyModel | None, units: list[Unit], base_un
                 _compress_unit(ft, base, units[start], base_units[start], objs, ctx, seed)) if r is not None]
         else:
             results = [_compress_unit(ft, base, units[start], base_units[start], objs, ctx, seed, first_layer)]
-        for r in results:
-            _append(out, r, spool)
+        while results:  # popped: no name holds a unit's artifact tensors while the next unit is compressed
+            _append(out, results.pop(0), spool)
             bar.update(1)
     bar.close()
     return out

@@ -392,6 +392,12 @@ def lane_layout(n: int, lane_size: int) -> tuple[int, int, np.ndarray]:
     return n_lanes, n_blocks, count
 
 
+def stream_bytes(body_bytes: int) -> int:
+    """Length of the stream holding ``body_bytes`` of lanes: rounded up to whole 64-bit words, then
+    ``PAD_BYTES`` of zeros (the decoders' 64-bit reads past the last lane stay inside it)."""
+    return -(-body_bytes // 8) * 8 + PAD_BYTES
+
+
 def block_checksums(stream: np.ndarray, lane_start: np.ndarray) -> np.ndarray:
     """crc32 of every block's bytes, as int32 bit patterns."""
     n_lanes = lane_start.shape[0] - 1
@@ -465,10 +471,14 @@ def format_version(dtype: str, raw_sign: bool = False) -> int:
 def assemble(dtype: str, n: int, lane_size: int, sym_bits: int, lengths: np.ndarray, lane_nbytes: np.ndarray,
              body: np.ndarray, row_len: int = 0, version: int | None = None, codes_per_word: int = 1,
              raw_sign: bool = False) -> Encoded:
-    """Wrap an encoded body (the lanes back to back, without padding) into the container (``version``: default
+    """Wrap an encoded body (the lanes back to back) into the container (``version``: default
     :func:`format_version`; 2 and 4 only for tests of old artifacts: 2 has no row length and no fp8, 4 one
     integer code per word). ``codes_per_word``: integer codes per word (version 5, kept in ``header[10]``);
-    ``raw_sign``: the body's words were in :func:`raw_sign_order` (version 6)."""
+    ``raw_sign``: the body's words were in :func:`raw_sign_order` (version 6).
+
+    ``body`` is either the lanes alone (copied into a padded stream) or already the whole stream, padding
+    included (:func:`stream_bytes` of the lanes' total, zero after it): then it is taken as it is, without a
+    copy (the CPU encoder writes the lanes straight into it, so that coding a tensor holds its output once)."""
     version = format_version(dtype, raw_sign) if version is None else version
     if (version == RAW_SIGN_VERSION) != raw_sign:
         raise ValueError(f"floats whose sign is stored raw, and only they, are written in format version "
@@ -483,10 +493,15 @@ def assemble(dtype: str, n: int, lane_size: int, sym_bits: int, lengths: np.ndar
                              f"{FIRST_INT_VERSION}), got {row_len} and {codes_per_word}")
         row_len = codes_per_word if version > FIRST_INT_VERSION else 0
     codebook, bounds = pack_codebook(lengths)
-    total = body.shape[0]
-    stream = np.zeros(-(-total // 8) * 8 + PAD_BYTES, dtype=np.uint8)
-    stream[:total] = body
     lane_start = np.concatenate([[0], np.cumsum(lane_nbytes, dtype=np.int64)])
+    total = int(lane_start[-1])
+    if body.shape[0] == stream_bytes(total):
+        stream = body
+    elif body.shape[0] == total:
+        stream = np.zeros(stream_bytes(total), dtype=np.uint8)
+        stream[:total] = body
+    else:
+        raise ValueError(f"a body of {body.shape[0]} bytes for lanes of {total} bytes")
     header = np.array([MAGIC, version, DTYPES[dtype][0], n, lane_size, sym_bits, *bounds, row_len, 0],
                       dtype=np.int64)
     lane_nbytes = lane_nbytes.astype(np.int32)
@@ -564,9 +579,9 @@ def validate(enc: Encoded, verify_checksums: bool = True, where: str = "lossless
         raise bad("a lane's byte length is impossible for its weight count")
     lane_start = np.concatenate([[0], np.cumsum(nb)]).astype(np.int64)
     total = int(lane_start[-1])
-    if enc.stream.shape[0] != -(-total // 8) * 8 + PAD_BYTES:
+    if enc.stream.shape[0] != stream_bytes(total):
         raise bad(f"stream is {enc.stream.shape[0]} bytes, the lane table implies "
-                  f"{-(-total // 8) * 8 + PAD_BYTES} (truncated or padded)")
+                  f"{stream_bytes(total)} (truncated or padded)")
     if verify_checksums:
         if enc.stream[total:].any():  # the padding no block checksum covers: zero, as written
             raise bad("the stream's padding after its last lane is not zero")

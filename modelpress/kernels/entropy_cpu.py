@@ -967,7 +967,7 @@ def encode(words: np.ndarray, dtype: str, lane_size: int = 16384, sym_mant_bits:
     raw_bytes = E.raw_section_bytes(lane_count, raw_bits)
     nbytes = raw_bytes + (bits + 7) // 8
     lane_start = np.concatenate([[0], np.cumsum(nbytes)]).astype(np.int64)
-    body = np.zeros(int(lane_start[-1]), dtype=np.uint8)
+    body = np.zeros(E.stream_bytes(int(lane_start[-1])), dtype=np.uint8)  # the padded stream itself: no copy
     if n:
         encode_kernel(words, lane_size, lengths64, rcodes, raw_bits, lane_start, raw_bytes, body)
     return E.assemble(dtype, n, lane_size, sym_bits, lengths, nbytes, body, row_len, codes_per_word=codes_per_word,
