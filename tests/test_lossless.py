@@ -138,6 +138,31 @@ def test_round_trip_arbitrary_bit_patterns(dtype: str, n: int, lane: int, mant: 
         assert np.array_equal(E.decode_reference(enc), words)
 
 
+def test_encoder_holds_its_output_once() -> None:
+    """The CPU encoder writes the lanes straight into the padded stream, which the container keeps as it is: the
+    memory numpy allocates while coding a tensor (tracemalloc traces it) is its output plus less than 10% (before,
+    the lanes and the stream were two copies: twice the output)."""
+    import tracemalloc
+
+    words = weights_like(1 << 20, "bfloat16")
+    C.encode(words[:4096], "bfloat16")  # compiled (and cached) before the measurement
+    tracemalloc.start()
+    try:
+        enc = C.encode(words, "bfloat16")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert enc.stream.nbytes < peak < 1.1 * enc.stream.nbytes  # 1.04 measured; 2.04 before
+    padded = np.zeros(E.stream_bytes(int(enc.lane_nbytes.astype(np.int64).sum())), np.uint8)
+    body = enc.stream[:int(enc.lane_nbytes.astype(np.int64).sum())]
+    padded[:body.shape[0]] = body
+    lengths = E.package_merge_lengths(C.symbol_counts(words, 16, int(enc.header[5])), 14)
+    again = E.assemble("bfloat16", words.shape[0], int(enc.header[4]), int(enc.header[5]), lengths,
+                       enc.lane_nbytes.astype(np.int64), padded)
+    assert again.stream is padded  # taken as it is, not copied
+    assert all(np.array_equal(a, b) for a, b in zip(again.arrays().values(), enc.arrays().values()))
+
+
 def test_every_bf16_exponent_and_special_value_round_trips() -> None:
     """All 256 exponents (0x00 subnormals, 0xFF Inf/NaN: unencodable in DFloat11) in one tensor."""
     exps = np.arange(256, dtype=np.uint16)

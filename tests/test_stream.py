@@ -113,6 +113,34 @@ def test_dfloat11_streamed_logits_equal_the_checkpoint(ckpts: dict[str, Path]) -
         assert torch.equal(art.canonical()(ids, mask), ref.canonical()(ids, mask))
 
 
+def test_each_unit_is_freed_and_given_back_before_the_next(ckpts: dict[str, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """What keeps a streamed run's memory flat (docs/scale.md): when the next unit is about to be read, nothing
+    holds the previous unit (its module, weights or coded tensors), and the allocator is asked to give the freed
+    memory back (:func:`modelpress.devices.release_free_memory`) before every unit."""
+    import weakref
+
+    done: list[weakref.ref] = []  # the units compressed so far: their modules and artifact tensors
+    checks: list[int] = []
+    compress_unit = stream._compress_unit_here
+
+    def traced(ft, base, unit, *args):
+        module = weakref.ref(unit.module)
+        result = compress_unit(ft, base, unit, *args)
+        done.extend([module, *(weakref.ref(t) for t in result.state.values())])
+        return result
+
+    def release() -> None:
+        checks.append(sum(r() is not None for r in done))
+
+    monkeypatch.setattr(stream, "_compress_unit_here", traced)
+    monkeypatch.setattr(stream, "release_free_memory", release)
+    out = ckpts["root"] / "runs" / "df11-freed"
+    recipe = _recipe(ckpts["root"] / "df11-freed.yaml", ckpts["llama"], [{"type": "dfloat11"}], out, stream=True)
+    run(load_recipe(recipe), export=False, evaluate=False, show_progress=False)
+    assert checks == [0, 0, 0, 0] and len(done) > 4  # 3 blocks + embeddings and head, each released before
+
+
 def test_streamed_run_evaluates_the_artifact(ckpts: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_text("\n".join(" ".join(random.Random(i).choice("abcdefgh") for _ in range(40))
                                               for i in range(8)))
