@@ -7,7 +7,8 @@ numbers drawn once, :class:`RandomPool`, since drawing 13.5G values afresh takes
 spread: a Gaussian scale mixture (``z1 * exp(z2 / 2)``, heavier tails than a Gaussian, like trained LLM weights)
 scaled to a per-tensor standard deviation drawn from [0.01, 0.04] (Llama-2-7B's linear layers lie in about that range), norms around 1; the
 "fine-tune" is the base plus a Gaussian delta of 5% of each tensor's spread (the size of BitDelta's deltas
-relative to their weights). Each size gets a base and a fine-tune.
+relative to their weights). Each size gets a base and a fine-tune (the fine-tune alone when only ``dfloat11`` runs:
+the same bytes, half the disk).
 
 Each measurement is one ``modelpress compress RECIPE`` in a child process; wall time and the child's peak
 resident set (``/usr/bin/time``'s maximum resident set size) are recorded. ``dfloat11`` runs on the fine-tune, ``bitdelta``
@@ -18,7 +19,9 @@ artifacts are compared byte for byte where both paths ran. In-memory runs are sk
     python benchmarks/scale.py --sizes 0.1B 0.5B                          # -> benchmarks/results/scale.{md,json,png}
     python benchmarks/scale.py --sizes 7B-4L --out /tmp/scale-7b4l.md     # (ran beside the first: its own file)
     python benchmarks/scale.py --sizes --merge /tmp/scale-7b4l.json       # adds those rows, renders md and png
-    python benchmarks/scale.py --sizes 7B --streamed-only                 # the full 7B pair (27 GB; not run yet)
+    python benchmarks/scale.py --sizes 7B --streamed-only                 # the full 7B pair (27 GB)
+    python benchmarks/scale.py --sizes 0.1B 0.5B 1.5B --methods dfloat11 --out /tmp/a.md   # dfloat11 only, then
+    python benchmarks/scale.py --sizes --merge /tmp/a.json                # its rows replace those of the same runs
     python benchmarks/scale.py --sizes 0.1B --nproc-section --repeats 3   # 1 vs 2 ranks -> results/scale_nproc.{md,jsonl}
 """
 from __future__ import annotations
@@ -97,18 +100,20 @@ def synthetic_tensor(name: str, shape: tuple[int, ...], weights: RandomPool) -> 
     return (weights.take(shape) * std).to(torch.bfloat16)
 
 
-def build_pair(size: str, root: Path, seed: int = 0) -> tuple[Path, Path]:
-    """``root/<size>-base`` and ``root/<size>-ft``, written tensor by tensor in ~1 GB shards (cached)."""
+def build_pair(size: str, root: Path, seed: int = 0, with_base: bool = True) -> tuple[Path, Path]:
+    """``root/<size>-base`` and ``root/<size>-ft``, written tensor by tensor in ~1 GB shards (cached);
+    ``with_base=False``: the fine-tune alone (the same bytes; half the disk, for dfloat11 only)."""
     from safetensors.torch import save_file
     import transformers
 
     base_dir, ft_dir = root / f"{size}-base", root / f"{size}-ft"
-    if (base_dir / "done").exists() and (ft_dir / "done").exists():
+    dirs = (base_dir, ft_dir) if with_base else (ft_dir,)
+    if all((d / "done").exists() for d in dirs):
         return base_dir, ft_dir
     cfg = llama_config(size)
     with torch.device("meta"):
         shapes = [(k, tuple(v.shape)) for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()]
-    for d in (base_dir, ft_dir):
+    for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         cfg.to_json_file(str(d / "config.json"))
@@ -133,11 +138,12 @@ def build_pair(size: str, root: Path, seed: int = 0) -> tuple[Path, Path]:
             ft_state[name] = (deltas.take(shape) * (spread * (float(w[:64].float().std()) if w.dim() > 1 else 1.0))
                               ).add_(w.float()).to(torch.bfloat16)
             weight_map[name] = fname
-        save_file(base_state, str(base_dir / fname), metadata={"format": "pt"})
+        if with_base:
+            save_file(base_state, str(base_dir / fname), metadata={"format": "pt"})
         save_file(ft_state, str(ft_dir / fname), metadata={"format": "pt"})
         del base_state, ft_state
     total = sum(2 * int(torch.Size(s).numel()) for _, s in shapes)
-    for d in (base_dir, ft_dir):
+    for d in dirs:
         (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                     "weight_map": weight_map}, indent=1))
         (d / "done").write_text("")
@@ -264,7 +270,7 @@ def main() -> None:
         rows = [r for r in rows if (r["size"], r["method"], r["path"]) not in keys] + new
     for size in args.sizes:
         t0 = time.perf_counter()
-        base, ft = build_pair(size, args.work)
+        base, ft = build_pair(size, args.work, with_base="bitdelta" in args.methods)
         print(f"{size}: checkpoints built in {time.perf_counter() - t0:.0f} s", flush=True)
         params = sum(int(torch.Size(v["shape"]).numel()) for v in _headers(ft))
         ckpt_gb = sum(f.stat().st_size for f in ft.glob("*.safetensors")) / 1e9
