@@ -12,7 +12,7 @@ import itertools
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ def memory_available() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _malloc_trim() -> ctypes._CFuncPtr | None:
+def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim`` (``None`` with another C library: musl, macOS)."""
     try:
         return ctypes.CDLL(None).malloc_trim
@@ -126,7 +126,7 @@ def release_free_memory() -> None:
     Why: glibc raises its mmap threshold to the size of every mmapped block freed (up to 32 MiB), so after the
     first large tensor is freed the next ones of up to 32 MiB (weights read from the shards, encoder outputs)
     come from the heap, whose free holes are not given back. A streamed run that frees one unit's tensors
-    before reading the next kept them resident: +0.4 GB over the first blocks of a 1.5B model
+    before reading the next kept them resident: +0.4-0.6 GB over the first blocks of a 1.5B model
     (benchmarks/stream_memory.py, docs/scale.md). Called between units, it keeps resident memory at what
     is live."""
     trim = _malloc_trim()
