@@ -1,25 +1,27 @@
 """Streamed compression: a causal LM checkpoint compressed one decoder block at a time, never whole in memory.
 
 Issue 20 ("Beyond one machine's memory"); the peers do the same: llm-compressor's sequential pipeline onloads one
-decoder layer at a time. For passes that work layer by layer without activations (``cast``, ``dfloat11``,
-``bitdelta`` with ``steps: 0``, ``dare``: each declares it with :meth:`~modelpress.passes.Pass.streams`):
+decoder layer at a time. For passes that work layer by layer (``cast``, ``dfloat11``, ``bitdelta`` with
+``steps: 0``, ``dare``, ``bnb``, ``delta_come``: each declares it with :meth:`~modelpress.passes.Pass.streams`):
 
 1. The checkpoint (and, for a delta, the base) is opened lazily (:class:`~modelpress.shards.ShardedCheckpoint`:
-   headers only, every shard and tensor checked before any work) and the model is built on the ``meta`` device
-   (structure, no weights).
+   headers only, every shard and tensor checked before any work) and the model is built with its parameters on
+   the ``meta`` device (structure, no weights; :func:`parameters_on_meta`).
 2. The model is cut into *units*: each decoder block (the items of the longest ``nn.ModuleList`` of repeated
    blocks, ``model.layers`` of a Llama), held under its full path (``model.layers.7.mlp...``), and last the
    model without its blocks (embeddings, final norm, ``lm_head``, tied weights together).
 3. Per unit: its tensors are read from the shards (for a delta, the base's same unit too), every pass runs on it
    (:meth:`~modelpress.passes.Pass.apply_unit`), its artifact tensors are appended to the weights spool
-   (:class:`~modelpress.artifact.WeightsSpool`) and the unit is freed.
+   (:class:`~modelpress.artifact.WeightsSpool`) and the unit is freed. A pass that calibrates on activations
+   (Delta-CoMe's GPTQ; :meth:`~modelpress.passes.Pass.calibrates_on_activations`) gets the unit's input Hessians
+   from the calibration batches propagated block by block (:mod:`modelpress.activations`).
 4. At the end the passes record what they did over all units, in the whole model's order
    (:meth:`~modelpress.passes.Pass.record_units`), the spool becomes ``model.safetensors`` and the manifest is
    written: the same bytes as the in-memory path for the same recipe and seed (``tests/test_stream.py``). All of
    it happens inside the run's staging directory, renamed into place only when the whole run succeeded.
 
 Peak memory: about one unit of the fine-tune plus one of the base, plus what a pass makes of it, plus a fixed
-overhead (Python, torch, the meta model); docs/scale.md has the measurements. The input's sha256 (kept in the
+overhead (Python, torch, the meta model), plus the calibration activations for a pass on activations; docs/scale.md has the measurements. The input's sha256 (kept in the
 manifest, as the in-memory path does) is computed by reading the tensors once more, one at a time.
 """
 from __future__ import annotations
@@ -106,7 +108,8 @@ def parameters_on_meta() -> Iterator[None]:
 
 class LazyModel:
     """A causal-LM checkpoint opened without reading its weights: its shards' headers (checked), the model
-    built on the meta device, and where each state-dict tensor is stored (a tied name: its stored twin)."""
+    built with its parameters on the meta device, and where each state-dict tensor is stored (a tied name: its
+    stored twin)."""
 
     def __init__(self, source: str, kind: str | None = None, config: str | None = None, what: str = "model") -> None:
         p = Path(source)
