@@ -201,8 +201,11 @@ def run_case(size: str, method: str, stream: bool, base: Path, ft: Path, work: P
 
 def markdown(rows: list[dict], command: str) -> str:
     lines = ["# Streamed vs in-memory compression (benchmarks/scale.py)", "",
-             f"Command: `{command}`. Machine: 2 CPU cores shared with other jobs (load in the notes), 24 GiB RAM, "
-             "no GPU. Peak RSS: the `modelpress compress` child's maximum resident set size (`/usr/bin/time -f %M`).", "",
+             f"Rows of several runs (each kept in `scale.json` until its size and method run again; docs/scale.md "
+             f"lists the commands); this file written by `{command}`. Machine: 2 CPU cores shared with other jobs "
+             "(1-minute load average per row), 24 GiB RAM, no GPU. Peak RSS: the `modelpress compress` child's maximum "
+             "resident set size (`/usr/bin/time -f %M`); CPU s: its user + system time (empty for rows measured "
+             "before that column).", "",
              "| size | params | checkpoint GB (bf16) | largest unit GB | method | path | wall s | CPU s | peak RSS GB | artifact GB | same bytes | load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

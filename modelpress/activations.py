@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .data.capture import hessian_hooks
+from .errors import UserError
 from .model import TEXT_KINDS, ModelHandle
 from .modules import set_submodule
 from .quant.spool import map_leaves
@@ -105,8 +106,10 @@ class BlockActivations:
                 rest.canonical()(*batch)
             except _Caught:
                 pass
-            else:
-                raise RuntimeError(f"the model's forward did not call its blocks at {self.blocks_path}")
+        if not getattr(catcher, "args", None):  # a model class whose forward runs its blocks otherwise
+            raise UserError(f"cannot propagate activations block by block: the {type(rest.module).__name__}'s forward "
+                            f"does not call its blocks at {self.blocks_path} with their inputs first (set stream: "
+                            "false)", rest.source)
         hidden, *args = catcher.args
         return _Batch(hidden, tuple(args), dict(catcher.kwargs), batch[1] if rest.kind in TEXT_KINDS else None)
 
@@ -132,6 +135,8 @@ class BlockActivations:
         """Run every batch through ``rest``, the model without its blocks (its weights loaded, not yet changed by
         the pass), the blocks replaced by the last block's outputs, accumulating the input Hessians of ``layers``
         (the head's, and those of any layer before the blocks)."""
+        if not layers:  # a tied head is no layer of its own: nothing to run the head's forward for
+            return {}
         with hessian_hooks(rest.module, layers, scale) as hooks:
             for batch, state in zip(self.batches, self.states):
                 hooks.token_mask = state.token_mask
