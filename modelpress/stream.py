@@ -21,8 +21,9 @@ decoder layer at a time. For passes that work layer by layer (``cast``, ``dfloat
    it happens inside the run's staging directory, renamed into place only when the whole run succeeded.
 
 Peak memory: about one unit of the fine-tune plus one of the base, plus what a pass makes of it, plus a fixed
-overhead (Python, torch, the meta model), plus the calibration activations for a pass on activations; docs/scale.md has the measurements. The input's sha256 (kept in the
-manifest, as the in-memory path does) is computed by reading the tensors once more, one at a time.
+overhead (Python, torch, the meta model), plus for a pass on activations the calibration activations;
+docs/scale.md has the measurements. The input's sha256 (kept in the manifest, as the in-memory path does) is
+computed by reading the tensors once more, one at a time.
 """
 from __future__ import annotations
 
