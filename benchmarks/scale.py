@@ -10,9 +10,11 @@ scaled to a per-tensor standard deviation drawn from [0.01, 0.04] (Llama-2-7B's 
 relative to their weights). Each size gets a base and a fine-tune (the fine-tune alone when only ``dfloat11`` runs:
 the same bytes, half the disk).
 
-Each measurement is one ``modelpress compress RECIPE`` in a child process; wall time and the child's peak
-resident set (``/usr/bin/time``'s maximum resident set size) are recorded. ``dfloat11`` runs on the fine-tune, ``bitdelta``
-(``steps: 0``, no distillation) on the fine-tune against its base; ``stream: true`` vs ``stream: false``. The
+Each measurement is one ``modelpress compress RECIPE`` in a child process; wall time, CPU time (user + system) and
+the child's peak resident set (``/usr/bin/time``'s maximum resident set size) are recorded. ``dfloat11`` runs on the
+fine-tune, ``bitdelta`` (``steps: 0``, no distillation) and ``delta_come`` (GPTQ on the input Hessians of its
+default calibration, 64 random token sequences of 64 tokens in batches of 8: streamed, the activations propagate
+block by block) on the fine-tune against its base; ``stream: true`` vs ``stream: false``. The
 artifacts are compared byte for byte where both paths ran. In-memory runs are skipped where they could not fit
 (``--max-in-memory-gb``: the estimate of :func:`modelpress.stream.in_memory_bytes`).
 
@@ -22,6 +24,7 @@ artifacts are compared byte for byte where both paths ran. In-memory runs are sk
     python benchmarks/scale.py --sizes 7B --streamed-only                 # the full 7B pair (27 GB)
     python benchmarks/scale.py --sizes 0.1B 0.5B 1.5B --methods dfloat11 --out /tmp/a.md   # dfloat11 only, then
     python benchmarks/scale.py --sizes --merge /tmp/a.json                # its rows replace those of the same runs
+    OMP_NUM_THREADS=1 python benchmarks/scale.py --sizes 0.1B --methods delta_come   # Delta-CoMe rows
     python benchmarks/scale.py --sizes 0.1B --nproc-section --repeats 3   # 1 vs 2 ranks -> results/scale_nproc.{md,jsonl}
 """
 from __future__ import annotations
@@ -165,22 +168,33 @@ def measure(recipe: Path, log: Path) -> dict[str, float]:
     The child is started by ``/usr/bin/time``, a small process: a child forked straight from this one would
     inherit this process's resident high-water mark (Linux keeps ``ru_maxrss`` across ``exec``), and this one
     holds torch and the random pools."""
-    cmd = ["/usr/bin/time", "-f", "%M %e", "-o", str(log.with_suffix(".time")), sys.executable, "-m",
+    cmd = ["/usr/bin/time", "-f", "%M %e %U %S", "-o", str(log.with_suffix(".time")), sys.executable, "-m",
            "modelpress.cli", "compress", str(recipe), "--quiet"]
     with open(log, "w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
     if code != 0:
         raise SystemExit(f"{recipe} failed ({code}); see {log}")
-    kb, wall = log.with_suffix(".time").read_text().split()[-2:]
-    return {"seconds": round(float(wall), 1), "peak_rss_gb": round(int(kb) * 1024 / 1e9, 3)}
+    kb, wall, user, system = log.with_suffix(".time").read_text().split()[-4:]
+    return {"seconds": round(float(wall), 1), "cpu_seconds": round(float(user) + float(system), 1),
+            "peak_rss_gb": round(int(kb) * 1024 / 1e9, 3)}
+
+
+#: each method's recipe: passes, and whether it compresses a delta against the base
+METHODS = {
+    "dfloat11": ([{"type": "dfloat11"}], False),
+    "bitdelta": ([{"type": "bitdelta", "steps": 0}], True),
+    "delta_come": ([{"type": "delta_come"}], True),
+}
 
 
 def run_case(size: str, method: str, stream: bool, base: Path, ft: Path, work: Path) -> dict:
     out = work / f"out-{size}-{method}-{'stream' if stream else 'mem'}"
-    passes = [{"type": "dfloat11"}] if method == "dfloat11" else [{"type": "bitdelta", "steps": 0}]
+    passes, delta = METHODS[method]
     recipe = {"model": str(ft), "passes": passes, "stream": stream, "output": str(out)}
-    if method == "bitdelta":
+    if delta:
         recipe["base"] = str(base)
+    if method == "delta_come":  # the synthetic checkpoints have no tokenizer
+        recipe["calibration"] = {"dataset": "random"}
     path = work / f"{out.name}.yaml"
     import yaml
 
@@ -193,14 +207,17 @@ def run_case(size: str, method: str, stream: bool, base: Path, ft: Path, work: P
 
 def markdown(rows: list[dict], command: str) -> str:
     lines = ["# Streamed vs in-memory compression (benchmarks/scale.py)", "",
-             f"Command: `{command}`. Machine: 2 CPU cores shared with other jobs (load in the notes), 24 GiB RAM, "
-             "no GPU. Peak RSS: the `modelpress compress` child's maximum resident set size (`/usr/bin/time -f %M`).", "",
-             "| size | params | checkpoint GB (bf16) | largest unit GB | method | path | wall s | peak RSS GB | artifact GB | same bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Rows of several runs (each kept in `scale.json` until its size and method run again; docs/scale.md "
+             f"lists the commands); this file written by `{command}`. Machine: 2 CPU cores shared with other jobs "
+             "(1-minute load average per row), 24 GiB RAM, no GPU. Peak RSS: the `modelpress compress` child's maximum "
+             "resident set size (`/usr/bin/time -f %M`); CPU s: its user + system time (empty for rows measured "
+             "before that column).", "",
+             "| size | params | checkpoint GB (bf16) | largest unit GB | method | path | wall s | CPU s | peak RSS GB | artifact GB | same bytes | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['checkpoint_gb']:.2f} | {r['largest_unit_gb']:.2f} | "
-                     f"{r['method']} | {r['path']} | {r['seconds']} | {r['peak_rss_gb']:.2f} | {r['artifact_gb']:.3f} | "
-                     f"{r.get('same_bytes', '')} |")
+                     f"{r['method']} | {r['path']} | {r['seconds']} | {r.get('cpu_seconds', '')} | {r['peak_rss_gb']:.2f} | "
+                     f"{r['artifact_gb']:.3f} | {r.get('same_bytes', '')} | {r.get('load', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +228,7 @@ def plot(rows: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in ("dfloat11", "bitdelta"):
+    for method in METHODS:
         for path, style in (("in memory", "--o"), ("streamed", "-s")):
             pts = sorted((r["params"] / 1e9, r["peak_rss_gb"]) for r in rows if r["method"] == method and r["path"] == path)
             if pts:
@@ -231,7 +248,7 @@ def plot(rows: list[dict], png: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="*", default=["0.1B", "0.5B", "1.5B"], choices=list(SIZES))
-    ap.add_argument("--methods", nargs="+", default=["dfloat11", "bitdelta"], choices=["dfloat11", "bitdelta"])
+    ap.add_argument("--methods", nargs="+", default=["dfloat11", "bitdelta"], choices=list(METHODS))
     ap.add_argument("--work", type=Path, default=Path("/tmp/modelpress-scale"))
     ap.add_argument("--streamed-only", action="store_true", help="skip the in-memory runs")
     ap.add_argument("--max-in-memory-gb", type=float, default=18.0,
@@ -276,13 +293,14 @@ def main() -> None:
         ckpt_gb = sum(f.stat().st_size for f in ft.glob("*.safetensors")) / 1e9
         for method in args.methods:
             rows = [r for r in rows if not (r["size"] == size and r["method"] == method)]
-            estimate = in_memory_bytes(ModelSpec(source=str(ft)), ModelSpec(source=str(base)) if method == "bitdelta" else None)
+            delta = METHODS[method][1]
+            estimate = in_memory_bytes(ModelSpec(source=str(ft)), ModelSpec(source=str(base)) if delta else None)
             paths = [True] if args.streamed_only or estimate / 1e9 > args.max_in_memory_gb else [True, False]
             outs = {}
             for stream in paths:
                 row = run_case(size, method, stream, base, ft, args.work)
                 row.update(params=params, checkpoint_gb=round(ckpt_gb, 3),
-                           largest_unit_gb=round(largest_block_bytes(size) * (2 if method == "bitdelta" else 1) / 1e9, 3),
+                           largest_unit_gb=round(largest_block_bytes(size) * (2 if delta else 1) / 1e9, 3),
                            load=round(os.getloadavg()[0], 1))
                 outs[stream] = args.work / f"out-{size}-{method}-{'stream' if stream else 'mem'}"
                 rows.append(row)

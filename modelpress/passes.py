@@ -72,6 +72,9 @@ class Context:
     #: where passes that compute with the model (distillation, calibration forwards) run
     #: (:func:`modelpress.devices.resolve_device`); the model is handed over and returned on the CPU
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: streamed compression: the input Hessians of the unit being compressed that the pass asked for with
+    #: :meth:`Pass.unit_calibration` (layer path -> float64 ``[in, in]``), set before :meth:`Pass.apply_unit`
+    unit_hessians: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def original(self, model: ModelHandle) -> ModelHandle:
         """The model as this pass received it, for passes that need it beside the one they change in place (a
@@ -165,6 +168,19 @@ def seeded(seed: int) -> Iterator[None]:
     yield
 
 
+@dataclass
+class UnitCalibration:
+    """What a streamed pass that calibrates on the model's activations asks for (:meth:`Pass.unit_calibration`):
+    the calibration ``batches`` (canonical inputs, in the order the in-memory pass runs them) and, for each unit,
+    the input Hessians (:class:`~modelpress.data.capture.HessianAccumulator` with ``scale``) of the layers that
+    ``layers(unit, base_unit)`` names. The streamed runner propagates the batches through the uncompressed
+    blocks (:mod:`modelpress.activations`) and hands the Hessians over in :attr:`Context.unit_hessians`."""
+
+    batches: list[tuple[torch.Tensor, ...]]
+    layers: Callable[[nn.Module, nn.Module | None], list[str]]
+    scale: float = 2.0
+
+
 class Pass:
     """Base class of every compression pass. Subclasses set ``name`` and ``Config`` and implement ``apply``."""
 
@@ -204,17 +220,33 @@ class Pass:
     units_independent: ClassVar[bool] = False
 
     def streams(self) -> bool:
-        """Whether this pass, with its options, works layer by layer without activations, so that it can run
-        on one block of the model at a time (:meth:`apply_unit`, :meth:`record_units`) with the same result."""
+        """Whether this pass, with its options, works layer by layer, so that it can run on one block of the
+        model at a time (:meth:`apply_unit`, :meth:`record_units`) with the same result: without activations,
+        or with the input Hessians of each block's layers that the streamed runner computes from activations
+        propagated block by block (:meth:`calibrates_on_activations`)."""
         return False
+
+    def calibrates_on_activations(self) -> bool:
+        """Whether the pass, with its options, streams on activations (:meth:`unit_calibration` gives its
+        batches); the streamed runner takes one such pass, first in the recipe: its activations are the input
+        model's."""
+        return False
+
+    def unit_calibration(self, model: ModelHandle, ctx: Context) -> UnitCalibration | None:
+        """For a pass that streams and calibrates on activations: its calibration batches, drawn (and recorded in
+        ``ctx.log``) as :meth:`apply` draws them, and which layers' input Hessians it needs per unit. Called once
+        before the first unit, with the model's structure (weights on the meta device). ``None`` (the default):
+        the pass needs no activations."""
+        return None
 
     def apply_unit(self, unit: ModelHandle, ctx: Context, base: nn.Module | None,
                    first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:  # pragma: no cover - interface
         """Compress one *unit* of a model: a module holding some of the model's submodules under their full
         paths (one decoder block, or the model without its blocks). ``base``: the base model's same unit (delta
         passes). ``first_layer``: the index, in the whole model, of the unit's first linear layer the pass
-        compresses. Returns the unit and a record part (its ``layers``: how many linear layers the pass
-        compressed in the unit); nothing goes to ``ctx.log`` until :meth:`record_units`."""
+        compresses. A pass with a :meth:`unit_calibration` finds the unit's Hessians in ``ctx.unit_hessians``.
+        Returns the unit and a record part (its ``layers``: how many linear layers the pass compressed in the
+        unit); nothing goes to ``ctx.log`` until :meth:`record_units`."""
         raise NotImplementedError
 
     def record_units(self, parts: list[dict[str, Any]], ctx: Context,

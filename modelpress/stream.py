@@ -1,40 +1,45 @@
 """Streamed compression: a causal LM checkpoint compressed one decoder block at a time, never whole in memory.
 
 Issue 20 ("Beyond one machine's memory"); the peers do the same: llm-compressor's sequential pipeline onloads one
-decoder layer at a time. For passes that work layer by layer without activations (``cast``, ``dfloat11``,
-``bitdelta`` with ``steps: 0``, ``dare``: each declares it with :meth:`~modelpress.passes.Pass.streams`):
+decoder layer at a time. For passes that work layer by layer (``cast``, ``dfloat11``, ``bitdelta`` with
+``steps: 0``, ``dare``, ``bnb``, ``delta_come``: each declares it with :meth:`~modelpress.passes.Pass.streams`):
 
 1. The checkpoint (and, for a delta, the base) is opened lazily (:class:`~modelpress.shards.ShardedCheckpoint`:
-   headers only, every shard and tensor checked before any work) and the model is built on the ``meta`` device
-   (structure, no weights).
+   headers only, every shard and tensor checked before any work) and the model is built with its parameters on
+   the ``meta`` device (structure, no weights; :func:`parameters_on_meta`).
 2. The model is cut into *units*: each decoder block (the items of the longest ``nn.ModuleList`` of repeated
    blocks, ``model.layers`` of a Llama), held under its full path (``model.layers.7.mlp...``), and last the
    model without its blocks (embeddings, final norm, ``lm_head``, tied weights together).
 3. Per unit: its tensors are read from the shards (for a delta, the base's same unit too), every pass runs on it
    (:meth:`~modelpress.passes.Pass.apply_unit`), its artifact tensors are appended to the weights spool
-   (:class:`~modelpress.artifact.WeightsSpool`) and the unit is freed.
+   (:class:`~modelpress.artifact.WeightsSpool`) and the unit is freed. A pass that calibrates on activations
+   (Delta-CoMe's GPTQ; :meth:`~modelpress.passes.Pass.calibrates_on_activations`) gets the unit's input Hessians
+   from the calibration batches propagated block by block (:mod:`modelpress.activations`).
 4. At the end the passes record what they did over all units, in the whole model's order
    (:meth:`~modelpress.passes.Pass.record_units`), the spool becomes ``model.safetensors`` and the manifest is
    written: the same bytes as the in-memory path for the same recipe and seed (``tests/test_stream.py``). All of
    it happens inside the run's staging directory, renamed into place only when the whole run succeeded.
 
 Peak memory: about one unit of the fine-tune plus one of the base, plus what a pass makes of it, plus a fixed
-overhead (Python, torch, the meta model); docs/scale.md has the measurements. The input's sha256 (kept in the
-manifest, as the in-memory path does) is computed by reading the tensors once more, one at a time.
+overhead (Python, torch, the meta model), plus for a pass on activations the calibration activations;
+docs/scale.md has the measurements. The input's sha256 (kept in the manifest, as the in-memory path does) is
+computed by reading the tensors once more, one at a time.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from . import console, distributed
+from .activations import BlockActivations
 from .artifact import (WEIGHTS, WEIGHTS_METADATA, WeightsSpool, artifact_state, build_manifest, hash_tensor,
                        module_entries, tensor_entry, write_manifest)
 from .data import Dataset
@@ -43,7 +48,7 @@ from .errors import UserError
 from .model import (ModelHandle, align_prefix, build_checkpoint_module, check_kind, checkpoint_paths,
                     describe_architecture, guess_kind, read_architecture, tokenizer_extras)
 from .modules import module_class, set_submodule
-from .passes import CalibrationSpec, Context, Pass, get_pass, seeded
+from .passes import CalibrationSpec, Context, Pass, UnitCalibration, get_pass, seeded
 from .shards import ShardedCheckpoint
 
 #: what the recipe's ``stream:`` takes
@@ -52,10 +57,12 @@ StreamOption = Any  # bool | "auto"
 
 @dataclass
 class Unit:
-    """A part of the model compressed at once: a module holding some submodules under their full paths."""
+    """A part of the model compressed at once: a module holding some submodules under their full paths;
+    ``block_path``: the path of the decoder block it holds (``None``: the model without its blocks)."""
 
     label: str
     module: nn.Module
+    block_path: str | None = None
 
 
 def _nested(path: str, leaf: str, block: nn.Module) -> nn.Module:
@@ -79,9 +86,31 @@ def _order(module: nn.Module) -> dict[str, int]:
     return order
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside the block get their parameters on the meta device (no memory, no initialisation)
+    and their buffers where the constructors make them. Unlike building under ``torch.device("meta")``, the
+    buffers in no checkpoint (non-persistent: a rotary embedding's ``inv_freq``, GPT-2's causal mask) are real,
+    as the model's forward needs them (:mod:`modelpress.activations`). A parameter already on meta is
+    registered as it is, so that tied weights stay one object."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
 class LazyModel:
     """A causal-LM checkpoint opened without reading its weights: its shards' headers (checked), the model
-    built on the meta device, and where each state-dict tensor is stored (a tied name: its stored twin)."""
+    built with its parameters on the meta device, and where each state-dict tensor is stored (a tied name: its
+    stored twin)."""
 
     def __init__(self, source: str, kind: str | None = None, config: str | None = None, what: str = "model") -> None:
         p = Path(source)
@@ -94,7 +123,7 @@ class LazyModel:
         if self.kind != "causal-lm":
             raise UserError(f"streamed compression takes causal-lm checkpoints; the {what} is a "
                             f"{self.kind or arch['class']} model (set stream: false)", str(p))
-        with torch.device("meta"):
+        with parameters_on_meta():  # buffers made by the constructors (rotary inv_freq), on the CPU
             self.skeleton = build_checkpoint_module(arch, cfg_path)
         self.source, self.path = str(p), p
         self.architecture = describe_architecture(self.skeleton)
@@ -153,8 +182,8 @@ class LazyModel:
     def units(self) -> list[Unit]:
         """Each decoder block, then the model without its blocks (embeddings, final norm, head)."""
         blocks = self.skeleton.get_submodule(self.blocks_path)
-        out = [Unit(f"{self.blocks_path}.{i}", _nested(self.blocks_path, str(i), copy.deepcopy(b)))
-               for i, b in enumerate(blocks)]
+        out = [Unit(f"{self.blocks_path}.{i}", _nested(self.blocks_path, str(i), copy.deepcopy(b)),
+                    f"{self.blocks_path}.{i}") for i, b in enumerate(blocks)]
         set_submodule(self.skeleton, self.blocks_path, nn.ModuleList())
         try:
             rest = copy.deepcopy(self.skeleton)
@@ -231,10 +260,14 @@ def why_not_streamed(model: Any, base: Any, passes: list[tuple[str, Any]]) -> st
             return None  # the stream's own open gives the one-line error
         if (spec.kind or guess_kind(arch)) != "causal-lm":
             return f"{spec.source} is not a causal-lm checkpoint"
-    for name, config in passes:
-        if not get_pass(name)(config).streams():
+    for i, (name, config) in enumerate(passes):
+        p = get_pass(name)(config)
+        if not p.streams():
             return (f"pass {name!r} with these options needs the whole model (it calibrates, searches or "
                     "distils on the model's outputs)")
+        if p.calibrates_on_activations() and i > 0:
+            return (f"pass {name!r} calibrates on the activations of the model as given: streamed, it has to be "
+                    "the recipe's first pass")
     if not passes:
         return "the recipe has no passes"
     return None
@@ -291,7 +324,7 @@ def compress_streamed(model: Any, passes: list[tuple[str, Any]], staging: Path |
     ctx = Context(seed=seed, calibration=calibration or CalibrationSpec(), data=data, show_progress=False)
     units = ft.units()
     base_units = lazy_base.units() if lazy_base is not None else [None] * len(units)
-    shared = distributed.active() and all(p.units_independent for p in objs)
+    shared = distributed.active() and all(p.units_independent and not p.calibrates_on_activations() for p in objs)
     if staging is None:  # a rank other than 0
         if shared:
             for start in range(0, len(units), distributed.world_size()):
@@ -325,6 +358,38 @@ class _Written:
     aliases: dict[str, str]
     from_base: dict[str, str]
     largest_unit_bytes: int
+    activation_bytes: int = 0
+
+
+@dataclass
+class _Calibrating:
+    """The recipe's pass that calibrates on activations (its position ``index``), what it asked for, and the
+    calibration batches' activations propagated so far (:mod:`modelpress.activations`)."""
+
+    index: int
+    spec: UnitCalibration
+    activations: BlockActivations
+
+    def hessians(self, unit: Unit, handle: ModelHandle, base: nn.Module | None) -> dict[str, torch.Tensor]:
+        """The input Hessians of the unit's layers the pass names; a block's outputs become the next one's inputs."""
+        layers = self.spec.layers(handle.module, base)
+        if unit.block_path is not None:
+            return self.activations.through_block(handle.module, unit.block_path, layers, self.spec.scale)
+        return self.activations.through_rest(handle, layers, self.spec.scale)
+
+
+def _start_calibration(ft: LazyModel, rest: Unit, objs: list[Pass], ctx: Context,
+                       seed: int) -> _Calibrating | None:
+    """For a pass that calibrates on activations (the first, :func:`why_not_streamed`): its batches, drawn as the
+    in-memory pass draws them, run up to block 0's inputs through the model without its blocks, read from the
+    shards for this and dropped (``rest``: that unit on the meta device, kept as it is)."""
+    for i, p in enumerate(objs):
+        if p.calibrates_on_activations():
+            with distributed.alone(), seeded(seed + i), torch.random.fork_rng():
+                spec = p.unit_calibration(ft.handle(ft.skeleton), ctx)
+                module = ft.materialize(copy.deepcopy(rest.module))
+                return _Calibrating(i, spec, BlockActivations(ft.handle(module), ft.blocks_path, spec.batches))
+    return None
 
 
 @dataclass
@@ -341,19 +406,21 @@ class _UnitResult:
 
 
 def _compress_unit(ft: LazyModel, base: LazyModel | None, unit: Unit, base_unit: Unit | None, objs: list[Pass],
-                   ctx: Context, seed: int, first_layer: list[int] | None = None) -> _UnitResult:
-    """Read one unit (and the base's), run every pass on it, and return its artifact tensors and records;
-    the unit's weights are dropped. The passes run as in one process (:func:`modelpress.distributed.alone`):
-    with several ranks the unit is this rank's share. Before reading it, the memory the previous unit freed is
-    given back to the system (:func:`~modelpress.devices.release_free_memory`: without it, resident memory crept
-    up from unit to unit)."""
+                   ctx: Context, seed: int, first_layer: list[int] | None = None,
+                   calibrating: _Calibrating | None = None) -> _UnitResult:
+    """Read one unit (and the base's), run every pass on it (the calibrating pass with the unit's Hessians),
+    and return its artifact tensors and records; the unit's weights are dropped. The passes run as in one
+    process (:func:`modelpress.distributed.alone`): with several ranks the unit is this rank's share. Before
+    reading it, the memory the previous unit freed is given back to the system
+    (:func:`~modelpress.devices.release_free_memory`: without it, resident memory crept up from unit to unit)."""
     release_free_memory()
     with distributed.alone():
-        return _compress_unit_here(ft, base, unit, base_unit, objs, ctx, seed, first_layer)
+        return _compress_unit_here(ft, base, unit, base_unit, objs, ctx, seed, first_layer, calibrating)
 
 
 def _compress_unit_here(ft: LazyModel, base: LazyModel | None, unit: Unit, base_unit: Unit | None,
-                        objs: list[Pass], ctx: Context, seed: int, first_layer: list[int] | None) -> _UnitResult:
+                        objs: list[Pass], ctx: Context, seed: int, first_layer: list[int] | None,
+                        calibrating: _Calibrating | None) -> _UnitResult:
     handle = ft.handle(ft.materialize(unit.module))
     base_module = base.materialize(base_unit.module) if base is not None else None
     nbytes = sum(t.numel() * t.element_size() for t in handle.module.state_dict().values())
@@ -361,7 +428,10 @@ def _compress_unit_here(ft: LazyModel, base: LazyModel | None, unit: Unit, base_
     for i, p in enumerate(objs):
         t0 = time.perf_counter()
         with seeded(seed + i), torch.random.fork_rng():
+            if calibrating is not None and calibrating.index == i:
+                ctx.unit_hessians = calibrating.hessians(unit, handle, base_module)
             handle, part = p.apply_unit(handle, ctx, base_module, first_layer[i] if first_layer else 0)
+            ctx.unit_hessians = {}
         seconds.append(time.perf_counter() - t0)
         parts.append(part)
         if first_layer:
@@ -381,6 +451,9 @@ def _run_units(ft: LazyModel, base: LazyModel | None, units: list[Unit], base_un
     ``shared``: in rounds of one unit per rank, the others' gathered here."""
     out = _Written([[] for _ in objs], [0.0] * len(objs), [], {}, {}, {}, 0)
     first_layer = [0] * len(objs)
+    calibrating = None if shared else _start_calibration(ft, units[-1], objs, ctx, seed)
+    if calibrating is not None:
+        out.activation_bytes = calibrating.activations.nbytes()
     step = distributed.world_size() if shared else 1
     bar = console.progress(total=len(units), desc="stream", disable=not show_progress)
     for start in range(0, len(units), step):
@@ -388,7 +461,8 @@ def _run_units(ft: LazyModel, base: LazyModel | None, units: list[Unit], base_un
             results = [r for r in distributed.gather_to_main(
                 _compress_unit(ft, base, units[start], base_units[start], objs, ctx, seed)) if r is not None]
         else:
-            results = [_compress_unit(ft, base, units[start], base_units[start], objs, ctx, seed, first_layer)]
+            results = [_compress_unit(ft, base, units[start], base_units[start], objs, ctx, seed, first_layer,
+                                      calibrating)]
         while results:  # popped: no name holds a unit's artifact tensors while the next unit is compressed
             _append(out, results.pop(0), spool)
             bar.update(1)
@@ -428,4 +502,6 @@ def _manifest(ft: LazyModel, passes: list[tuple[str, Any]], objs: list[Pass], ct
                               {k: w.from_base[k] for k in sorted(w.from_base, key=order.__getitem__)},
                               recipe=recipe, pass_log=ctx.log, inputs=inputs)
     manifest["stream"] = {"units": len(w.parts[0]) if w.parts else 0, "largest_unit_bytes": w.largest_unit_bytes}
+    if w.activation_bytes:
+        manifest["stream"]["activation_bytes"] = w.activation_bytes
     return manifest

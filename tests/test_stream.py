@@ -22,6 +22,17 @@ from modelpress.recipe import load_recipe
 from modelpress.shards import INDEX, ShardedCheckpoint
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One torch thread, as tests/test_delta.py: on 2 shared cores two OpenMP threads make the tiny SVDs and
+    Cholesky factorisations of delta_come up to 800x slower (spin waits; measured 0.73 s vs 0.9 ms CPU for one
+    64 x 256 SVD). Both paths of every comparison run at the same thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _llm(kind: str, tied: bool):
     import transformers
 
@@ -35,11 +46,14 @@ def _llm(kind: str, tied: bool):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """bf16 base + "fine-tune" (the base plus small noise) pairs, saved in 60 KB shards with an index: a Llama
-    with tied embeddings, one without, and a GPT-2 (Conv1D layers, tied head)."""
+    with tied embeddings, one without, and a GPT-2 (Conv1D layers, tied head); the fine-tunes with a tokenizer,
+    and calibration texts of 3 to 30 words (padded or cut to the calibration's 16 tokens)."""
     import transformers
 
     root = tmp_path_factory.mktemp("stream")
-    out: dict[str, Path] = {"root": root}
+    out: dict[str, Path] = {"root": root, "texts": root / "texts.txt"}
+    out["texts"].write_text("\n".join(" ".join(random.Random(i).choice("abcdefgh")
+                                                for _ in range(random.Random(i).randint(3, 30))) for i in range(16)))
     for name, kind, tied in (("llama-tied", "llama", True), ("llama", "llama", False), ("gpt2", "gpt2", True)):
         torch.manual_seed(0)
         m = transformers.AutoModelForCausalLM.from_config(_llm(kind, tied)).to(torch.bfloat16).eval()
@@ -48,6 +62,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for p in m.parameters():
                 p.add_(torch.randn_like(p) * 0.01)
         m.save_pretrained(root / name, max_shard_size="60KB")
+        _tokenizer(root / name)
         out[name], out[f"{name}-base"] = root / name, root / f"{name}-base"
     return out
 
@@ -77,30 +92,79 @@ PASSES = {
     "cast+dfloat11": [{"type": "cast", "dtype": "float32"}, {"type": "dfloat11", "dtype": "float32"}],
     "bitdelta": [{"type": "bitdelta", "steps": 0}],
     "dare": [{"type": "dare", "p": 0.9}],
+    "delta_come": [{"type": "delta_come", "samples": 8, "batch_size": 4, "seq_len": 16}],
+    "delta_come-rtn": [{"type": "delta_come", "quantizer": "rtn"}],
+    "bnb": [{"type": "bnb"}],
+    "bnb-int8": [{"type": "bnb", "mode": "int8"}],
 }
+DELTA = ("bitdelta", "dare", "delta_come", "delta_come-rtn")
 
 
 @pytest.mark.parametrize("method,arch", [("dfloat11", "llama-tied"), ("cast+dfloat11", "gpt2"), ("bitdelta", "llama"),
-                                         ("bitdelta", "gpt2"), ("dare", "llama-tied")])
+                                         ("bitdelta", "gpt2"), ("dare", "llama-tied"), ("delta_come", "llama"),
+                                         ("delta_come", "gpt2"),
+                                         ("delta_come-rtn", "llama"), ("bnb", "llama-tied"), ("bnb-int8", "gpt2")])
 def test_streamed_artifact_is_byte_identical_to_in_memory(ckpts: dict[str, Path], arch: str, method: str) -> None:
+    """delta_come (GPTQ) calibrates on texts, some padded: its streamed Hessians come from activations propagated
+    block by block (modelpress.activations) and must equal the whole model's forward's to the bit; on the untied
+    Llama the head is a compressed delta too (its Hessian from the replayed last block's outputs)."""
     root = ckpts["root"]
-    base = ckpts[f"{arch}-base"] if method in ("bitdelta", "dare") else None
+    base = ckpts[f"{arch}-base"] if method in DELTA else None
     outs = {}
     for flag in (False, True):
         out = root / "runs" / f"{arch}-{method}-{flag}"
-        recipe = _recipe(root / f"{arch}-{method}-{flag}.yaml", ckpts[arch], PASSES[method], out, base, stream=flag)
+        recipe = _recipe(root / f"{arch}-{method}-{flag}.yaml", ckpts[arch], PASSES[method], out, base, stream=flag,
+                         calibration={"dataset": str(ckpts["texts"])})
         outs[flag] = run(load_recipe(recipe), export=False, evaluate=False, show_progress=False)
     assert (outs[True] / "model.safetensors").read_bytes() == (outs[False] / "model.safetensors").read_bytes()
     assert _manifest(outs[True]) == _manifest(outs[False])
-    streamed = json.loads((outs[True] / "modelpress.json").read_text())["stream"]
+    manifest = json.loads((outs[True] / "modelpress.json").read_text())
+    streamed = manifest["stream"]
     assert streamed["units"] == 4 and streamed["largest_unit_bytes"] > 0  # 3 blocks + embeddings and head
-    if method in ("bitdelta", "dare"):  # the base's weights are not stored: the bf16 base layers come from the base
-        assert json.loads((outs[True] / "modelpress.json").read_text())["from_base"]
+    if method in DELTA:  # the base's weights are not stored: the bf16 base layers come from the base
+        assert manifest["from_base"]
+    if method == "delta_come":  # 8 texts x 16 tokens x 64 wide in bf16 between blocks, and the blocks' arguments
+        assert streamed["activation_bytes"] >= 8 * 16 * 64 * 2
+        assert manifest["passes"]["delta_come"]["calibration"]["samples"] == 8
+        assert ("lm_head" in manifest["passes"]["delta_come"]["ranks"]) == (arch == "llama")
     # the streamed artifact loads (a delta: its base from the manifest) and runs like the in-memory one
     a, b = load_artifact(outs[True]), load_artifact(outs[False])
     ids, mask = example_inputs(a, batch=2, seq_len=12)
     with torch.no_grad():
         assert torch.equal(a.canonical()(ids, mask), b.canonical()(ids, mask))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_propagated_hessians_equal_the_whole_models(ckpts: dict[str, Path], arch: str) -> None:
+    """The shared mechanism alone: block 0's inputs caught from the model's forward, each block run on every
+    batch in turn, the head fed the last block's outputs; every linear layer's input Hessian (padding rows left
+    out) equals, bit for bit, the one hooks collect in the whole model's forward (data.capture.model_hessians)."""
+    import copy
+
+    from modelpress.activations import BlockActivations
+    from modelpress.codecs.delta import find_linear_layers
+    from modelpress.data.capture import model_hessians
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        ids, mask = torch.randint(0, 300, (2, 12), generator=g), torch.ones(2, 12, dtype=torch.long)
+        mask[1, int(torch.randint(3, 12, (1,), generator=g)):] = 0  # right padding, as the tokenizer pads
+        batches.append((ids, mask))
+    whole = load_checkpoint(ckpts[arch])
+    names = [n for n, _ in find_linear_layers(whole.module)]
+    expected = model_hessians(whole, names, batches)
+    lazy = stream.LazyModel(str(ckpts[arch]))
+    *blocks, rest = lazy.units()
+    acts = BlockActivations(lazy.handle(lazy.materialize(copy.deepcopy(rest.module))), lazy.blocks_path, batches)
+    got: dict[str, torch.Tensor] = {}
+    for unit in blocks:
+        module = lazy.materialize(unit.module)
+        got.update(acts.through_block(module, unit.block_path, [n for n, _ in find_linear_layers(module)], 2.0))
+    module = lazy.materialize(rest.module)
+    got.update(acts.through_rest(lazy.handle(module), [n for n, _ in find_linear_layers(module)], 2.0))
+    assert list(got) == names and "lm_head" in got
+    assert all(torch.equal(got[n], expected[n]) for n in names)
 
 
 def test_dfloat11_streamed_logits_equal_the_checkpoint(ckpts: dict[str, Path]) -> None:
@@ -213,6 +277,15 @@ def test_auto_streams_when_the_model_would_not_fit(ckpts: dict[str, Path], monke
     with pytest.raises(UserError, match="stream: true, but pass 'bitdelta' with these options needs the whole"):
         load_recipe(_recipe(root / "distil2.yaml", ckpts["llama"], [{"type": "bitdelta", "steps": 2}],
                             root / "runs" / "distil2", ckpts["llama-base"], stream=True))
+    # a pass calibrating on activations streams only first: they are the input model's
+    late = [{"type": "cast", "dtype": "bfloat16"}, {"type": "delta_come"}]
+    with pytest.raises(UserError, match="pass 'delta_come' calibrates on the activations of the model as given"):
+        load_recipe(_recipe(root / "late.yaml", ckpts["llama"], late, root / "runs" / "late", ckpts["llama-base"],
+                            stream=True))
+    delta_come = ("delta_come", stream.get_pass("delta_come").Config())
+    cast = ("cast", stream.get_pass("cast").Config())
+    assert stream.use_streaming("auto", distil.recipe.model, distil.recipe.base, [delta_come], "r")
+    assert not stream.use_streaming("auto", distil.recipe.model, distil.recipe.base, [cast, delta_come], "r")
     with pytest.raises(UserError, match="stream: true, but 'minilm' is a zoo model"):
         load_recipe(_recipe(root / "zoo.yaml", Path("minilm"), [{"type": "dfloat11"}], root / "runs" / "zoo",
                             stream=True))

@@ -386,11 +386,16 @@ def output_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
     return float((a[key].float() - b[key].float()).abs().mean())
 
 
+#: the delta methods' input Hessian is ``X^T X / n`` (Delta-CoMe Sec. 3.3), not GPTQ's ``2 X^T X / n``
+INPUT_HESSIAN_SCALE = 1.0
+
+
 def collect_input_hessians(handle: ModelHandle, layers: list[DeltaLayer], batches: list[tuple[torch.Tensor, ...]],
                            ctx: Context, desc: str = "calibration") -> dict[str, torch.Tensor]:
     """``H = X^T X / n`` (float64, ``[in, in]``) of each layer's inputs over ``batches`` (real tokens only
     when the batch carries an attention mask; :func:`modelpress.data.capture.model_hessians`)."""
-    return model_hessians(handle, [l.name for l in layers], ctx.progress(batches, desc=desc), scale=1.0)
+    return model_hessians(handle, [l.name for l in layers], ctx.progress(batches, desc=desc),
+                          scale=INPUT_HESSIAN_SCALE)
 
 
 # ---------------------------------------------------------------------------------------------------

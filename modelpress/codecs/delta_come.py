@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import UserError
 from ..model import ModelHandle
 from ..modules import register_module
-from ..passes import Context, Pass, register_pass
+from ..passes import Context, Pass, UnitCalibration, in_model_order, register_pass
 from ..quant.coded import EntropyCodedCodes
 from ..quant.gptq import QuantResult, gptq_quantize, rtn_quantize
 from ..quant.primitives import dequantize_groups, pack_codes, packed_bytes, symmetric_zero, unpack_codes
-from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, calibration_batches, collect_input_hessians,
-                    handle_other_tensors, match_linear_layers, replace_module, require_base)
+from .delta import (INPUT_HESSIAN_SCALE, DeltaConfig, DeltaLayer, DeltaLinear, calibration_batches,
+                    collect_input_hessians, handle_other_tensors, match_linear_layers, replace_module, require_base)
 
 
 class PrecisionGroup(BaseModel):
@@ -219,26 +219,78 @@ class DeltaCoMePass(Pass):
         seq_len: int = Field(64, ge=4, le=4096, description="tokens per calibration text")
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
-        cfg = self.config
-        if sum(1 for g in cfg.groups if g.count == -1) > 1:
-            raise UserError("delta_come: at most one group may have count -1 (fill the budget)", "passes")
+        self._check_groups()
         base = require_base(self.name, model, ctx)
         t0 = time.time()
         student = model.module.eval()  # changed in place
-        layers = match_linear_layers(student, base.module, cfg.skip)
+        layers = match_linear_layers(student, base.module, self.config.skip)
         hessians: dict[str, torch.Tensor] = {}
-        if cfg.quantizer == "gptq":
-            batches = calibration_batches(model, ctx, self.name, ctx.setting(cfg, "samples"),
-                                          ctx.setting(cfg, "batch_size"), ctx.setting(cfg, "seq_len"), offset=23)
-            hessians = collect_input_hessians(model.replace_module(student), layers, batches, ctx,
+        if self.calibrates_on_activations():  # every Hessian from the fine-tune as given, before any layer changes
+            hessians = collect_input_hessians(model.replace_module(student), layers, self._batches(model, ctx), ctx,
                                               desc="delta_come hessians")
-        other = handle_other_tensors(student, base.module, cfg.embeddings_for(model.kind), cfg.norms, cfg.biases)
+        part = self._compress(model.replace_module(student), base.module, layers, hessians, ctx)
+        part["seconds"] = time.time() - t0
+        self.record_units([part], ctx)
+        return model.replace_module(student)
+
+    def _check_groups(self) -> None:
+        if sum(1 for g in self.config.groups if g.count == -1) > 1:
+            raise UserError("delta_come: at most one group may have count -1 (fill the budget)", "passes")
+
+    def _batches(self, model: ModelHandle, ctx: Context) -> list[tuple[torch.Tensor, ...]]:
+        """The calibration batches of the input Hessians (this pass's own draw: offset 23)."""
+        cfg = self.config
+        return calibration_batches(model, ctx, self.name, ctx.setting(cfg, "samples"), ctx.setting(cfg, "batch_size"),
+                                   ctx.setting(cfg, "seq_len"), offset=23)
+
+    def _compress(self, model: ModelHandle, base: torch.nn.Module, layers: list[DeltaLayer],
+                  hessians: dict[str, torch.Tensor], ctx: Context) -> dict[str, Any]:
+        """The other tensors by option, then every layer's delta (SVD + mixed-precision GPTQ with its Hessian,
+        or RTN); returns the record part."""
+        cfg = self.config
+        student = model.module
+        other = handle_other_tensors(student, base, cfg.embeddings_for(model.kind), cfg.norms, cfg.biases)
         alloc = {}
         for layer in ctx.progress(layers, desc="delta_come layers"):
             mod = compress_delta(layer, hessians.get(layer.name), cfg.groups, cfg.budget_bits, cfg.group_size,
                                  cfg.sym, cfg.quantizer, cfg.percdamp)
             replace_module(student, layer.name, mod)
             alloc[layer.name] = mod.groups
-        ctx.record(self.name, layers=len(layers), ranks=alloc, reverted=other["reverted"], kept=other["kept"],
-                   seconds=round(time.time() - t0, 2))
-        return model.replace_module(student)
+        return {"layers": len(layers), "ranks": alloc, "reverted": other["reverted"], "kept": other["kept"]}
+
+    # -- streamed (modelpress.stream): one decoder block at a time
+
+    def streams(self) -> bool:
+        return True  # RTN needs nothing but the unit; GPTQ its layers' Hessians (unit_calibration)
+
+    def calibrates_on_activations(self) -> bool:
+        return self.config.quantizer == "gptq"
+
+    def unit_calibration(self, model: ModelHandle, ctx: Context) -> UnitCalibration | None:
+        if not self.calibrates_on_activations():
+            return None
+        self._check_groups()
+        return UnitCalibration(self._batches(model, ctx), self._hessian_layers, INPUT_HESSIAN_SCALE)
+
+    def _hessian_layers(self, unit: torch.nn.Module, base: torch.nn.Module | None) -> list[str]:
+        """The unit's layers whose deltas are compressed (those :meth:`apply_unit` will match)."""
+        return [layer.name for layer in match_linear_layers(unit, base, self.config.skip, copy_base=False)]
+
+    def apply_unit(self, unit: ModelHandle, ctx: Context, base: torch.nn.Module | None,
+                   first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
+        self._check_groups()
+        t0 = time.time()
+        student = unit.module.eval()
+        layers = match_linear_layers(student, base, self.config.skip, copy_base=False)  # the base unit is dropped after
+        part = self._compress(unit, base, layers, ctx.unit_hessians, ctx)
+        part["seconds"] = time.time() - t0
+        return unit, part
+
+    def record_units(self, parts: list[dict[str, Any]], ctx: Context,
+                     rank: Callable[[str], int] | None = None) -> None:
+        ranks = {k: v for p in parts for k, v in p["ranks"].items()}
+        ctx.record(self.name, layers=sum(p["layers"] for p in parts),
+                   ranks={k: ranks[k] for k in in_model_order(ranks, rank)},
+                   reverted=in_model_order([k for p in parts for k in p["reverted"]], rank),
+                   kept=in_model_order([k for p in parts for k in p["kept"]], rank),
+                   seconds=round(sum(p["seconds"] for p in parts), 2))

@@ -16,7 +16,7 @@ on CPU; checked in ``tests/test_diffusion_ptq.py``.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -134,14 +134,29 @@ class BitsAndBytes(Pass):
                                                  "bitsandbytes integration keeps it in full precision)")
 
     def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
+        model, part = self.apply_unit(model, ctx, None, 0)
+        self.record_units([part], ctx)
+        return model
+
+    units_independent = True
+
+    def streams(self) -> bool:
+        return True  # each layer is quantized from its own weight
+
+    def apply_unit(self, unit: ModelHandle, ctx: Context, base: nn.Module | None,
+                   first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
         cfg = self.config
         types = (nn.Linear, nn.Conv2d) if cfg.include_conv else (nn.Linear,)
-        get_head = getattr(model.module, "get_output_embeddings", None)
-        head = get_head() if model.kind == "causal-lm" and callable(get_head) and not cfg.lm_head else None
-        names = [n for n, m in model.module.named_modules()
+        get_head = getattr(unit.module, "get_output_embeddings", None)  # a streamed block has no head
+        head = get_head() if unit.kind == "causal-lm" and callable(get_head) and not cfg.lm_head else None
+        names = [n for n, m in unit.module.named_modules()
                  if (type(m) in types or is_conv1d(m)) and m is not head and m.weight.numel() >= cfg.min_numel
                  and (cfg.mode == "int8" or m.weight.numel() % 2 == 0)]
         for n in ctx.progress(names, desc=f"bitsandbytes {cfg.mode}"):
-            set_submodule(model.module, n, BnbWeightOnly.from_float(model.module.get_submodule(n), cfg.mode, cfg.blocksize))
-        ctx.record(self.name, mode=cfg.mode, layers=len(names), blocksize=cfg.blocksize)
-        return model
+            set_submodule(unit.module, n, BnbWeightOnly.from_float(unit.module.get_submodule(n), cfg.mode, cfg.blocksize))
+        return unit, {"layers": len(names)}
+
+    def record_units(self, parts: list[dict[str, Any]], ctx: Context,
+                     rank: Callable[[str], int] | None = None) -> None:
+        cfg = self.config
+        ctx.record(self.name, mode=cfg.mode, layers=sum(p["layers"] for p in parts), blocksize=cfg.blocksize)
