@@ -273,15 +273,26 @@ def why_not_streamed(model: Any, base: Any, passes: list[tuple[str, Any]]) -> st
     return None
 
 
-def in_memory_bytes(model: Any, base: Any) -> int:
+def in_memory_bytes(model: Any, base: Any, passes: list[tuple[str, Any]] = ()) -> int:
     """What the in-memory path holds at its peak, estimated from the checkpoints' bytes on disk: 4x the model's
     (the model, its untouched reference copy, the compressed model and its serialized weights) plus 2x the base's
     (the base and the copies of its weights the delta layers take). benchmarks/scale.py measured 3.9x for
-    dfloat11 (0.5B) and 4x + 2x for BitDelta (docs/scale.md)."""
-    total = 4 * ShardedCheckpoint.open(Path(model.source)).bytes_on_disk()
+    dfloat11 (0.5B) and 4x + 2x for BitDelta (docs/scale.md). A pass that calibrates on activations
+    (Delta-CoMe) also holds every matrix's float64 input Hessian at once (:func:`hessians_bytes`)."""
+    checkpoint = ShardedCheckpoint.open(Path(model.source))
+    total = 4 * checkpoint.bytes_on_disk()
     if base is not None:
         total += 2 * ShardedCheckpoint.open(Path(base.source)).bytes_on_disk()
+    if any(get_pass(name)(config).calibrates_on_activations() for name, config in passes):
+        total += hessians_bytes(checkpoint)
     return total
+
+
+def hessians_bytes(checkpoint: ShardedCheckpoint) -> int:
+    """Bytes of a float64 ``[in, in]`` input Hessian for every matrix of the checkpoint (each 2-D tensor
+    ``[out, in]``; an embedding table counts as one too: an overestimate by its hidden size squared). A 7B
+    Llama's: about 57 GB."""
+    return sum(8 * info.shape[1] ** 2 for info in checkpoint.tensors.values() if len(info.shape) == 2)
 
 
 def use_streaming(option: StreamOption, model: Any, base: Any, passes: list[tuple[str, Any]], where: str) -> bool:
@@ -295,7 +306,7 @@ def use_streaming(option: StreamOption, model: Any, base: Any, passes: list[tupl
             raise UserError(f"stream: true, but {reason}", where)
         return True
     try:
-        return why_not_streamed(model, base, passes) is None and in_memory_bytes(model, base) > memory_available()
+        return why_not_streamed(model, base, passes) is None and in_memory_bytes(model, base, passes) > memory_available()
     except (UserError, OSError):  # an unreadable checkpoint: the in-memory loader reports it, as it always has
         return False
 

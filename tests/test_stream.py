@@ -286,6 +286,16 @@ def test_auto_streams_when_the_model_would_not_fit(ckpts: dict[str, Path], monke
     cast = ("cast", stream.get_pass("cast").Config())
     assert stream.use_streaming("auto", distil.recipe.model, distil.recipe.base, [delta_come], "r")
     assert not stream.use_streaming("auto", distil.recipe.model, distil.recipe.base, [cast, delta_come], "r")
+    # Delta-CoMe in memory also holds every matrix's float64 input Hessian: the estimate counts them
+    model, base = distil.recipe.model, distil.recipe.base
+    ckpt = stream.ShardedCheckpoint.open(Path(model.source))
+    hessians = sum(8 * t.shape[1] ** 2 for t in ckpt.tensors.values() if len(t.shape) == 2)
+    assert stream.in_memory_bytes(model, base, [delta_come]) == stream.in_memory_bytes(model, base) + hessians
+    rtn = ("delta_come", stream.get_pass("delta_come").Config(quantizer="rtn"))
+    assert stream.in_memory_bytes(model, base, [rtn]) == stream.in_memory_bytes(model, base)
+    monkeypatch.setattr(stream, "memory_available", lambda: stream.in_memory_bytes(model, base) + hessians // 2)
+    assert stream.use_streaming("auto", model, base, [delta_come], "r") and not stream.use_streaming(
+        "auto", model, base, [rtn], "r")
     with pytest.raises(UserError, match="stream: true, but 'minilm' is a zoo model"):
         load_recipe(_recipe(root / "zoo.yaml", Path("minilm"), [{"type": "dfloat11"}], root / "runs" / "zoo",
                             stream=True))
