@@ -95,6 +95,13 @@ def streams(loaded: LoadedRecipe) -> bool:
     return distributed.from_main(use_streaming(r.stream, r.model, r.base, loaded.passes, str(loaded.path or "recipe")))
 
 
+def _shares_units(loaded: LoadedRecipe) -> bool:
+    """Whether the ranks compress a streamed run's units together (:func:`modelpress.stream.shares_units`)."""
+    from .stream import shares_units
+
+    return shares_units(loaded.passes)
+
+
 def join_workers(loaded: LoadedRecipe) -> bool:
     """Under torch.distributed's launcher (``--nproc``, torchrun): join the process group (gloo, or nccl for a
     CUDA ``device:``) and make a rank that its launcher terminates (another rank failed) remove its staging
@@ -117,6 +124,11 @@ def _work_as_rank(loaded: LoadedRecipe) -> None:
     work; it writes, prints and evaluates nothing (rank 0 does)."""
     r = loaded.recipe
     if streams(loaded):
+        if not _shares_units(loaded):
+            # rank 0 compresses every unit alone: nothing to take part in, and waiting for it at a collective
+            # would fail the run after distributed.TIMEOUT (a 7B Delta-CoMe takes hours); rank 0's exit status is
+            # the run's
+            return
         compress_streamed(loaded, None, show_progress=False)
     else:
         with distributed.results_on_main():  # its result is dropped: the last pass may leave it unbuilt
@@ -140,7 +152,8 @@ def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, sho
     with atomic_directory(out) as staging:
         if streams(loaded):
             compress_streamed(loaded, staging, show_progress)
-            distributed.barrier()  # every rank's share is in (a rank that failed fails the run here)
+            if _shares_units(loaded):
+                distributed.barrier()  # every rank's share is in (a rank that failed fails the run here)
             # the report compares with the input model, loaded whole (evaluation does not stream yet)
             wanted = (export and loaded.exports) or (evaluate and loaded.recipe.evaluate)
             reference = load_model(loaded.recipe.model) if wanted else None

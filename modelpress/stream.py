@@ -315,6 +315,15 @@ def use_streaming(option: StreamOption, model: Any, base: Any, passes: list[tupl
 # The streamed run
 
 
+def shares_units(passes: list[tuple[str, Any]]) -> bool:
+    """Whether the ranks of this run (:mod:`modelpress.distributed`) compress the units together: only when every
+    pass's units are independent (:attr:`~modelpress.passes.Pass.units_independent`) and none calibrates on
+    activations (they propagate through the blocks in order). Otherwise rank 0 compresses every unit alone and the
+    other ranks have nothing to do. ``False`` in one process."""
+    return distributed.active() and all(p.units_independent and not p.calibrates_on_activations()
+                                        for p in (get_pass(name)(config) for name, config in passes))
+
+
 def compress_streamed(model: Any, passes: list[tuple[str, Any]], staging: Path | None, *, base: Any = None,
                       seed: int = 0, calibration: CalibrationSpec | None = None, data: Dataset | None = None,
                       recipe: dict[str, Any] | None = None, show_progress: bool = False) -> dict[str, Any] | None:
@@ -335,7 +344,7 @@ def compress_streamed(model: Any, passes: list[tuple[str, Any]], staging: Path |
     ctx = Context(seed=seed, calibration=calibration or CalibrationSpec(), data=data, show_progress=False)
     units = ft.units()
     base_units = lazy_base.units() if lazy_base is not None else [None] * len(units)
-    shared = distributed.active() and all(p.units_independent and not p.calibrates_on_activations() for p in objs)
+    shared = shares_units(passes)
     if staging is None:  # a rank other than 0
         if shared:
             for start in range(0, len(units), distributed.world_size()):

@@ -38,8 +38,9 @@ def _tiny_llamas(root: Path) -> Path:
 
 
 def _recipes(root: Path, llama: Path, classifier: Path, out: str) -> Path:
-    """dfloat11 in memory, dfloat11 streamed, EvoPress (4 offspring, 2 selection stages) and Delta-CoMe (GPTQ on
-    Hessians of 4 calibration batches, 2 per rank) in one file."""
+    """dfloat11 in memory, dfloat11 streamed, EvoPress (4 offspring, 2 selection stages), Delta-CoMe (GPTQ on
+    Hessians of 4 calibration batches, 2 per rank) and the same Delta-CoMe streamed (rank 0 compresses every unit
+    alone; rank 1 does not wait for it at a collective) in one file."""
     search = {"type": "evopress", "family": "bits", "method": "rtn", "levels": [2, 3, 4], "budget": 3,
               "generations": 3, "offspring": 4, "survivors": [2, 1], "stage_samples": [8, 16],
               "calibration_samples": 16, "database": str(root / "db")}
@@ -49,7 +50,10 @@ def _recipes(root: Path, llama: Path, classifier: Path, out: str) -> Path:
              "output": str(root / out / "evopress")},
             {"model": str(root / "llama-ft"), "base": str(llama), "calibration": {"dataset": "random"},
              "passes": [{"type": "delta_come", "samples": 8, "batch_size": 2, "seq_len": 16, "group_size": 16}],
-             "output": str(root / out / "delta_come")}]
+             "output": str(root / out / "delta_come")},
+            {"model": str(root / "llama-ft"), "base": str(llama), "calibration": {"dataset": "random"},
+             "passes": [{"type": "delta_come", "samples": 8, "batch_size": 2, "seq_len": 16, "group_size": 16}],
+             "stream": True, "output": str(root / out / "delta_come_streamed")}]
     path = root / f"{out}.yaml"
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return path
@@ -83,7 +87,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_classifier_dir: Path) ->
     return root
 
 
-@pytest.mark.parametrize("case", ["mem", "stream", "evopress", "delta_come"])
+@pytest.mark.parametrize("case", ["mem", "stream", "evopress", "delta_come", "delta_come_streamed"])
 def test_two_ranks_write_the_one_process_artifact(runs: Path, case: str) -> None:
     """Same bytes, same manifest. Delta-CoMe's Hessians are summed in another order on two ranks (float64):
     equal here after GPTQ's rounding, which is not guaranteed for every model (docs/scale.md)."""
@@ -96,7 +100,7 @@ def test_two_ranks_write_the_one_process_artifact(runs: Path, case: str) -> None
 
 
 def test_two_ranks_leave_no_staging_directory(runs: Path) -> None:
-    assert sorted(p.name for p in (runs / "two").iterdir()) == ["delta_come", "evopress", "mem", "stream"]
+    assert sorted(p.name for p in (runs / "two").iterdir()) == ["delta_come", "delta_come_streamed", "evopress", "mem", "stream"]
 
 
 HOOK = '''
