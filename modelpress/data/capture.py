@@ -112,10 +112,11 @@ def model_hessians(handle: ModelHandle, names: list[str], batches: Iterable[tupl
     not bit for bit."""
     module = handle.module if module is None else module
     canon = handle.replace_module(module).canonical()
-    me, size = distributed.rank(), distributed.world_size() if distributed.active() else 1
+    size = distributed.world_size() if distributed.active() else 1
+    me = distributed.rank() % size  # 0 inside distributed.alone(): a rank working by itself takes every batch
     with hessian_hooks(module, names, scale) as hooks:
         for i, batch in enumerate(batches):
-            if i % size != me % size:
+            if i % size != me:
                 continue
             hooks.token_mask = batch[1] if handle.kind in TEXT_KINDS else None
             canon(*batch)
