@@ -380,11 +380,17 @@ def _resolve_base(manifest: dict[str, Any], base: ModelHandle | str | None, wher
         base = info["source"]
     if isinstance(base, str):
         base = load_model(base)
+    check_base_sha256(manifest, tensors_sha256(base.module.state_dict()), where)
+    return base
+
+
+def check_base_sha256(manifest: dict[str, Any], sha256: str, where: str) -> None:
+    """The base given to a delta artifact is the one it was made against (its tensors' sha256, one-line error)."""
+    info = manifest["inputs"].get("base") or {}
     expected = info.get("sha256")
-    if expected and tensors_sha256(base.module.state_dict()) != expected:
+    if expected and sha256 != expected:
         raise UserError(f"wrong base model: its sha256 does not match the one this delta was made against "
                         f"({expected[:12]}…, {info.get('source')})", where)
-    return base
 
 
 def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> ModelHandle:

@@ -86,6 +86,20 @@ def _order(module: nn.Module) -> dict[str, int]:
     return order
 
 
+def cut_units(skeleton: nn.Module, blocks_path: str) -> list[Unit]:
+    """``skeleton`` (a model on the meta device) cut into copies of each decoder block (the items of the
+    ``nn.ModuleList`` at ``blocks_path``, each under its full path), then the model without its blocks."""
+    blocks = skeleton.get_submodule(blocks_path)
+    out = [Unit(f"{blocks_path}.{i}", _nested(blocks_path, str(i), copy.deepcopy(b)), f"{blocks_path}.{i}")
+           for i, b in enumerate(blocks)]
+    set_submodule(skeleton, blocks_path, nn.ModuleList())
+    try:
+        rest = copy.deepcopy(skeleton)
+    finally:
+        set_submodule(skeleton, blocks_path, blocks)
+    return out + [Unit("embeddings and head", rest)]
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Modules built inside the block get their parameters on the meta device (no memory, no initialisation)
@@ -181,15 +195,7 @@ class LazyModel:
 
     def units(self) -> list[Unit]:
         """Each decoder block, then the model without its blocks (embeddings, final norm, head)."""
-        blocks = self.skeleton.get_submodule(self.blocks_path)
-        out = [Unit(f"{self.blocks_path}.{i}", _nested(self.blocks_path, str(i), copy.deepcopy(b)),
-                    f"{self.blocks_path}.{i}") for i, b in enumerate(blocks)]
-        set_submodule(self.skeleton, self.blocks_path, nn.ModuleList())
-        try:
-            rest = copy.deepcopy(self.skeleton)
-        finally:
-            set_submodule(self.skeleton, self.blocks_path, blocks)
-        return out + [Unit("embeddings and head", rest)]
+        return cut_units(self.skeleton, self.blocks_path)
 
     def materialize(self, module: nn.Module) -> nn.Module:
         """Give ``module`` (a unit on the meta device) its weights from the shards, in the stored dtypes; tied

@@ -219,6 +219,41 @@ def test_streamed_run_evaluates_the_artifact(ckpts: dict[str, Path], tmp_path: P
     assert 0 < report["metrics"]["token_kl"]["compressed"] < 1 and report["metrics"]["token_kl"]["reference"] == 0
 
 
+def _eval_text(path: Path) -> Path:
+    path.write_text("\n".join(" ".join(random.Random(i).choice("abcdefgh") for _ in range(40)) for i in range(8)))
+    return path
+
+
+@pytest.mark.parametrize("arch,method", [("llama-tied", "dfloat11"), ("llama", "bitdelta"), ("gpt2", "bnb")])
+def test_streamed_perplexity_equals_the_whole_models(ckpts: dict[str, Path], tmp_path: Path, arch: str,
+                                                     method: str) -> None:
+    """The reference checkpoint (LazyModel) and the artifact (LazyArtifact: coded DFloat11 blocks with a tied head,
+    a BitDelta delta whose dense tensors come from the base's shards, bnb 4-bit GPT-2), read and run one unit at
+    a time, give the in-memory perplexity metric's value bit for bit (same windows, batches of 3 with a last
+    partial one, same scoring); each unit is materialized once, the embeddings and head twice."""
+    from modelpress.metrics import EvalContext
+    from modelpress.metrics.causal import perplexity
+    from modelpress.sources import load_dataset
+    from modelpress.stream_eval import LazyArtifact, streamed_perplexity
+
+    ft = _copy(ckpts[arch], tmp_path / "ft")
+    _tokenizer(ft)
+    out = tmp_path / "art"
+    base = ckpts[f"{arch}-base"] if method in DELTA else None
+    run(load_recipe(_recipe(tmp_path / "r.yaml", ft, PASSES[method], out, base, stream=True)), export=False,
+        evaluate=False, show_progress=False)
+    ctx = EvalContext(dataset=load_dataset(str(_eval_text(tmp_path / "t.txt"))), options={"window": 16, "batch_size": 3})
+    for lazy, whole in ((stream.LazyModel(str(ft)), load_checkpoint(ft)), (LazyArtifact(out), load_artifact(out))):
+        read = []
+        materialize = lazy.materialize
+        lazy.materialize = lambda m: read.append(1) or materialize(m)
+        got = streamed_perplexity(lazy, ctx)
+        with torch.no_grad():
+            expected = perplexity(whole.canonical(), whole, ctx)
+        assert got.value == expected.value and got.details["windows"] == expected.details["windows"] == 20
+        assert len(read) == 3 + 2
+
+
 def _tokenizer(directory: Path) -> None:
     """A character-level tokenizer for the evaluation test (vocabulary below the models' 300)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
