@@ -46,7 +46,7 @@ from .data import Dataset
 from .devices import memory_available, release_free_memory
 from .errors import UserError
 from .model import (ModelHandle, align_prefix, build_checkpoint_module, check_kind, checkpoint_paths,
-                    describe_architecture, guess_kind, read_architecture, tokenizer_extras)
+                    checkpoint_record, describe_architecture, guess_kind, read_architecture, tokenizer_extras)
 from .modules import module_class, set_submodule
 from .passes import CalibrationSpec, Context, Pass, UnitCalibration, get_pass, seeded
 from .shards import ShardedCheckpoint
@@ -227,6 +227,11 @@ class LazyModel:
         for name in sorted(self.stored):
             hash_tensor(h, name, self.checkpoint.read([self.stored[name]])[self.stored[name]])
         return h.hexdigest()
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """:func:`modelpress.model.checkpoint_record` of the checkpoint, from its headers."""
+        state = {n: torch.empty(i.shape, dtype=i.dtype, device="meta") for n, i in self.checkpoint.tensors.items()}
+        return checkpoint_record(self.checkpoint.files, state)
 
     def input_record(self) -> dict[str, Any]:
         return {"source": self.source, "kind": self.kind, "sha256": self.sha256()}

@@ -254,6 +254,38 @@ def test_streamed_perplexity_equals_the_whole_models(ckpts: dict[str, Path], tmp
         assert len(read) == 3 + 2
 
 
+def test_streamed_run_evaluates_perplexity_block_by_block(ckpts: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed run with evaluate: [perplexity] loads neither the input model nor the artifact whole, and its
+    report holds the values of the in-memory metric on both."""
+    import modelpress.pipeline as pipeline
+    from modelpress.metrics import EvalContext
+    from modelpress.metrics.causal import perplexity
+    from modelpress.sources import load_dataset
+
+    ft = _copy(ckpts["llama"], tmp_path / "ft")
+    _tokenizer(ft)
+    text = _eval_text(tmp_path / "t.txt")
+    out = tmp_path / "eval"
+    recipe = _recipe(tmp_path / "eval.yaml", ft, PASSES["bitdelta"], out, ckpts["llama-base"], stream=True,
+                     evaluate=[{"metric": "perplexity", "dataset": str(text), "options": {"window": 16}}])
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a model was loaded whole")
+
+    monkeypatch.setattr(pipeline, "load_model", whole)
+    monkeypatch.setattr(pipeline, "load_artifact", whole)
+    run(load_recipe(recipe), export=False, show_progress=False)
+    monkeypatch.undo()
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"] == "streamed"
+    ctx = EvalContext(dataset=load_dataset(str(text)), options={"window": 16})
+    with torch.no_grad():
+        for key, model in (("reference", load_checkpoint(ft)), ("compressed", load_artifact(out))):
+            assert report["metrics"]["perplexity"][key] == perplexity(model.canonical(), model, ctx).value
+    assert report["metrics"]["perplexity"]["compressed"] != report["metrics"]["perplexity"]["reference"]
+
+
 def _tokenizer(directory: Path) -> None:
     """A character-level tokenizer for the evaluation test (vocabulary below the models' 300)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
