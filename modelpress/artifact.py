@@ -393,6 +393,24 @@ def check_base_sha256(manifest: dict[str, Any], sha256: str, where: str) -> None
                         f"({expected[:12]}…, {info.get('source')})", where)
 
 
+def compressed_module(entry: dict[str, Any], where: str) -> nn.Module:
+    """The compressed module of a manifest entry (``compressed_modules``), before its tensors are loaded."""
+    new = module_class(entry["class"]).from_module_config(entry["config"])
+    if entry.get("coded"):
+        if not callable(getattr(new, "prepare_coded", None)):
+            raise UserError(f"artifact does not match its manifest: {entry['class']} stores no coded codes", where)
+        new.prepare_coded(entry["coded"])
+    return new
+
+
+def after_load(module: nn.Module) -> None:
+    """Once the tensors are loaded, compressed modules may rebuild derived state (tables, caches)."""
+    for m in module.modules():
+        hook = getattr(m, "after_load", None)
+        if callable(hook):
+            hook()
+
+
 def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> ModelHandle:
     """Rebuild the compressed model of the artifact at ``path`` as a runnable module.
 
@@ -403,12 +421,7 @@ def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> Mo
     where = str(p)
     module: nn.Module = build_architecture(manifest["architecture"])
     for entry in manifest["compressed_modules"]:
-        new = module_class(entry["class"]).from_module_config(entry["config"])
-        if entry.get("coded"):
-            if not callable(getattr(new, "prepare_coded", None)):
-                raise UserError(f"artifact does not match its manifest: {entry['class']} stores no coded codes",
-                                where)
-            new.prepare_coded(entry["coded"])
+        new = compressed_module(entry, where)
         if entry["path"] == "":
             module = new
         else:
@@ -433,10 +446,7 @@ def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> Mo
         if tuple(t.shape) != tuple(own[k].shape):
             raise UserError(f"artifact tensor {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}", where)
     module.load_state_dict(state, strict=True, assign=True)
-    for m in module.modules():  # compressed modules may rebuild derived state (tables, caches) here
-        hook = getattr(m, "after_load", None)
-        if callable(hook):
-            hook()
+    after_load(module)
     return ModelHandle(module.eval(), manifest["kind"], manifest["source"], manifest["architecture"],
                        dict(manifest.get("extras", {})))
 

@@ -107,7 +107,7 @@ def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, 
                           dataset=data)
         for lazy, out in ((reference, results[0]), (artifact, results[1])):
             out[spec.metric] = streamed_perplexity(lazy, ctx)
-    ref_handle = reference.handle(reference.skeleton)
+    ref_handle = reference.handle(reference.stored_skeleton())
     ref_handle.extras["checkpoint"] = reference.checkpoint_record()
     build_report(staging, loaded, artifact.handle(artifact.skeleton), ref_handle, exports=[], metrics=r.evaluate,
                  show_progress=show_progress, log_name=log_name, results=results)

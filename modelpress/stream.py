@@ -228,6 +228,14 @@ class LazyModel:
             hash_tensor(h, name, self.checkpoint.read([self.stored[name]])[self.stored[name]])
         return h.hexdigest()
 
+    def stored_skeleton(self) -> nn.Module:
+        """A copy of the model on the meta device with each tensor in its stored dtype: the sizes of the model
+        loaded, without its weights (the report's reference of a streamed evaluation)."""
+        module = copy.deepcopy(self.skeleton)
+        for name, t in module.state_dict(keep_vars=True).items():
+            t.data = torch.empty(t.shape, dtype=self.checkpoint.tensors[self.stored[name]].dtype, device="meta")
+        return module
+
     def checkpoint_record(self) -> dict[str, Any]:
         """:func:`modelpress.model.checkpoint_record` of the checkpoint, from its headers."""
         state = {n: torch.empty(i.shape, dtype=i.dtype, device="meta") for n, i in self.checkpoint.tensors.items()}

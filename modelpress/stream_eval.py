@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from .activations import BlockActivations
-from .artifact import WEIGHTS, check_base_sha256, read_manifest
+from .artifact import WEIGHTS, after_load, check_base_sha256, compressed_module, read_manifest
 from .devices import release_free_memory
 from .errors import UserError
 from .metrics import EvalContext, MetricResult
 from .metrics.causal import perplexity_of, text_windows, window_batches
 from .model import ModelHandle, build_architecture
-from .modules import module_class, set_submodule
+from .modules import set_submodule
 from .shards import ShardedCheckpoint
 from .stream import LazyModel, Unit, cut_units, parameters_on_meta
 
@@ -104,10 +104,7 @@ class LazyArtifact:
             for entry in self.entries:
                 if entry["path"] not in paths:
                     continue
-                new = module_class(entry["class"]).from_module_config(entry["config"])
-                if entry.get("coded"):
-                    new.prepare_coded(entry["coded"])
-                set_submodule(module, entry["path"], new)
+                set_submodule(module, entry["path"], compressed_module(entry, self.where))
         own = module.state_dict()
         state = {k: self._tensor(k) for k in own}
         for k, t in state.items():
@@ -115,10 +112,7 @@ class LazyArtifact:
                 raise UserError(f"artifact tensor {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}",
                                 self.where)
         module.load_state_dict(state, strict=True, assign=True)
-        for m in module.modules():
-            hook = getattr(m, "after_load", None)
-            if callable(hook):
-                hook()
+        after_load(module)
         return module.eval()
 
 

@@ -16,7 +16,7 @@ from modelpress.artifact import WEIGHTS_METADATA, WeightsSpool, load_artifact
 from modelpress.cli import main
 from modelpress.devices import resolve_device
 from modelpress.errors import UserError
-from modelpress.model import example_inputs, load_checkpoint
+from modelpress.model import example_inputs, load_checkpoint, state_bytes
 from modelpress.pipeline import run
 from modelpress.recipe import load_recipe
 from modelpress.shards import INDEX, ShardedCheckpoint
@@ -284,6 +284,7 @@ def test_streamed_run_evaluates_perplexity_block_by_block(ckpts: dict[str, Path]
         for key, model in (("reference", load_checkpoint(ft)), ("compressed", load_artifact(out))):
             assert report["metrics"]["perplexity"][key] == perplexity(model.canonical(), model, ctx).value
     assert report["metrics"]["perplexity"]["compressed"] != report["metrics"]["perplexity"]["reference"]
+    assert report["size_bytes"]["reference_in_memory"] == state_bytes(load_checkpoint(ft).module)  # bf16, not fp32
 
 
 def _tokenizer(directory: Path) -> None:
