@@ -168,8 +168,14 @@ def measure(recipe: Path, log: Path) -> dict[str, float]:
     The child is started by ``/usr/bin/time``, a small process: a child forked straight from this one would
     inherit this process's resident high-water mark (Linux keeps ``ru_maxrss`` across ``exec``), and this one
     holds torch and the random pools."""
-    cmd = ["/usr/bin/time", "-f", "%M %e %U %S", "-o", str(log.with_suffix(".time")), sys.executable, "-m",
-           "modelpress.cli", "compress", str(recipe), "--quiet"]
+    return measure_command(["-m", "modelpress.cli", "compress", str(recipe), "--quiet"], log)
+
+
+def measure_command(args: list[str], log: Path) -> dict[str, float]:
+    """Run ``python ARGS`` in a child started by ``/usr/bin/time`` (see :func:`measure`), its output in ``log``;
+    its wall time, CPU time and peak resident memory."""
+    cmd = ["/usr/bin/time", "-f", "%M %e %U %S", "-o", str(log.with_suffix(".time")), sys.executable, *args]
+    recipe = " ".join(args)
     with open(log, "w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
     if code != 0:

@@ -17,7 +17,9 @@ same for :mod:`modelpress.stream`, for every pass that calibrates on activations
    fresh copy of the empty cache, as the in-memory forward gives each block an empty cache layer.
 3. **The model without its blocks** (:meth:`BlockActivations.through_rest`): the forward runs once more with
    the blocks replaced by a module that returns the last block's outputs, so the hooks see the head's inputs
-   (and those of any layer before the blocks).
+   (and those of any layer before the blocks). :meth:`BlockActivations.outputs_of_rest` keeps that forward's
+   outputs instead: the logits of the whole model, for the streamed evaluation (:mod:`modelpress.stream_eval`;
+   the blocks propagated without hooks, :meth:`BlockActivations.propagate`).
 
 Each layer's float64 sum is added batch by batch in batch order from the same inputs as in the whole model's
 forward (:func:`modelpress.data.capture.model_hessians`), so the Hessians are the in-memory path's bit for bit
@@ -120,15 +122,31 @@ class BlockActivations:
         by the pass), accumulating the input Hessians of ``layers`` (paths in ``unit``); the block's outputs
         become the next block's inputs. Returns the Hessians (:class:`~modelpress.data.capture.HessianAccumulator`
         ``.H``)."""
-        block = unit.get_submodule(block_path)
         with hessian_hooks(unit, layers, scale) as hooks:
-            for state in self.states:
-                hooks.token_mask = state.token_mask
-                out = block(state.hidden, *(_fresh(a) for a in state.args),
-                            **{k: _fresh(v) for k, v in state.kwargs.items()})
-                self.block_returns_tuple = isinstance(out, tuple)
-                state.hidden = out[0] if self.block_returns_tuple else out
+            self.propagate(unit.get_submodule(block_path), hooks)
         return hooks.hessians()
+
+    @torch.no_grad()
+    def propagate(self, block: nn.Module, hooks: Any = None) -> None:
+        """Run every batch, in batch order, through ``block``: its outputs become the next block's inputs
+        (``hooks``: the Hessian hooks told each batch's token mask)."""
+        for state in self.states:
+            if hooks is not None:
+                hooks.token_mask = state.token_mask
+            out = block(state.hidden, *(_fresh(a) for a in state.args),
+                        **{k: _fresh(v) for k, v in state.kwargs.items()})
+            self.block_returns_tuple = isinstance(out, tuple)
+            state.hidden = out[0] if self.block_returns_tuple else out
+
+    def _replayed(self, rest: ModelHandle, hooks: Any = None) -> Iterator[torch.Tensor]:
+        """Each batch's output of ``rest`` (the model's canonical call: logits for a causal LM), its blocks
+        replaced by the last block's outputs on that batch."""
+        for batch, state in zip(self.batches, self.states):
+            if hooks is not None:
+                hooks.token_mask = state.token_mask
+            output = (state.hidden,) if self.block_returns_tuple else state.hidden
+            with _blocks_replaced(rest.module, self.blocks_path, _Replay(output)):
+                yield rest.canonical()(*batch)
 
     @torch.no_grad()
     def through_rest(self, rest: ModelHandle, layers: list[str], scale: float) -> dict[str, torch.Tensor]:
@@ -138,12 +156,16 @@ class BlockActivations:
         if not layers:  # a tied head is no layer of its own: nothing to run the head's forward for
             return {}
         with hessian_hooks(rest.module, layers, scale) as hooks:
-            for batch, state in zip(self.batches, self.states):
-                hooks.token_mask = state.token_mask
-                output = (state.hidden,) if self.block_returns_tuple else state.hidden
-                with _blocks_replaced(rest.module, self.blocks_path, _Replay(output)):
-                    rest.canonical()(*batch)
+            for _ in self._replayed(rest, hooks):
+                pass
         return hooks.hessians()
+
+    @torch.no_grad()
+    def outputs_of_rest(self, rest: ModelHandle) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+        """Every batch with the model's output on it (for a causal LM its logits), as the whole model's
+        canonical call gives it: the blocks' part replayed from the last block's outputs, the rest (final norm,
+        head) run by ``rest`` (streamed evaluation, :mod:`modelpress.stream_eval`)."""
+        yield from zip(self.batches, self._replayed(rest))
 
     def nbytes(self) -> int:
         """Bytes held between blocks: every batch's hidden states and the tensors among its block arguments."""

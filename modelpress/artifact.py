@@ -380,11 +380,35 @@ def _resolve_base(manifest: dict[str, Any], base: ModelHandle | str | None, wher
         base = info["source"]
     if isinstance(base, str):
         base = load_model(base)
+    check_base_sha256(manifest, tensors_sha256(base.module.state_dict()), where)
+    return base
+
+
+def check_base_sha256(manifest: dict[str, Any], sha256: str, where: str) -> None:
+    """The base given to a delta artifact is the one it was made against (its tensors' sha256, one-line error)."""
+    info = manifest["inputs"].get("base") or {}
     expected = info.get("sha256")
-    if expected and tensors_sha256(base.module.state_dict()) != expected:
+    if expected and sha256 != expected:
         raise UserError(f"wrong base model: its sha256 does not match the one this delta was made against "
                         f"({expected[:12]}…, {info.get('source')})", where)
-    return base
+
+
+def compressed_module(entry: dict[str, Any], where: str) -> nn.Module:
+    """The compressed module of a manifest entry (``compressed_modules``), before its tensors are loaded."""
+    new = module_class(entry["class"]).from_module_config(entry["config"])
+    if entry.get("coded"):
+        if not callable(getattr(new, "prepare_coded", None)):
+            raise UserError(f"artifact does not match its manifest: {entry['class']} stores no coded codes", where)
+        new.prepare_coded(entry["coded"])
+    return new
+
+
+def after_load(module: nn.Module) -> None:
+    """Once the tensors are loaded, compressed modules may rebuild derived state (tables, caches)."""
+    for m in module.modules():
+        hook = getattr(m, "after_load", None)
+        if callable(hook):
+            hook()
 
 
 def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> ModelHandle:
@@ -397,12 +421,7 @@ def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> Mo
     where = str(p)
     module: nn.Module = build_architecture(manifest["architecture"])
     for entry in manifest["compressed_modules"]:
-        new = module_class(entry["class"]).from_module_config(entry["config"])
-        if entry.get("coded"):
-            if not callable(getattr(new, "prepare_coded", None)):
-                raise UserError(f"artifact does not match its manifest: {entry['class']} stores no coded codes",
-                                where)
-            new.prepare_coded(entry["coded"])
+        new = compressed_module(entry, where)
         if entry["path"] == "":
             module = new
         else:
@@ -427,10 +446,7 @@ def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> Mo
         if tuple(t.shape) != tuple(own[k].shape):
             raise UserError(f"artifact tensor {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}", where)
     module.load_state_dict(state, strict=True, assign=True)
-    for m in module.modules():  # compressed modules may rebuild derived state (tables, caches) here
-        hook = getattr(m, "after_load", None)
-        if callable(hook):
-            hook()
+    after_load(module)
     return ModelHandle(module.eval(), manifest["kind"], manifest["source"], manifest["architecture"],
                        dict(manifest.get("extras", {})))
 

@@ -79,6 +79,40 @@ def compress_streamed(loaded: LoadedRecipe, staging: Path | None, show_progress:
         _write_recipe(loaded, staging)
 
 
+def evaluates_streamed(loaded: LoadedRecipe) -> bool:
+    """A streamed run's metrics are all ones :mod:`modelpress.stream_eval` computes block by block."""
+    from .stream_eval import STREAMED_METRICS
+
+    metrics = loaded.recipe.evaluate
+    return bool(metrics) and all(spec.metric in STREAMED_METRICS for spec in metrics)
+
+
+def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, log_name: str | None) -> None:
+    """The report of a streamed run, its metrics computed one decoder block at a time on the input checkpoint
+    and on the artifact in ``staging`` (:mod:`modelpress.stream_eval`): neither model is loaded whole."""
+    from .metrics import EvalContext
+    from .metrics.report import build_report
+    from .sources import load_dataset
+    from .stream import LazyModel
+    from .stream_eval import LazyArtifact, streamed_perplexity
+
+    r = loaded.recipe
+    resolve_device(r.device, str(loaded.path or "recipe"))  # the streamed evaluation runs on the CPU
+    reference = LazyModel(r.model.source, r.model.kind, r.model.config)
+    artifact = LazyArtifact(staging, base=r.base.source if r.base else None)
+    results: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+    for spec in r.evaluate:
+        data = (loaded.datasets.get(spec.dataset) or load_dataset(spec.dataset)) if spec.dataset else None
+        ctx = EvalContext(seed=r.seed, samples=spec.samples, options=dict(spec.options), show_progress=show_progress,
+                          dataset=data)
+        for lazy, out in ((reference, results[0]), (artifact, results[1])):
+            out[spec.metric] = streamed_perplexity(lazy, ctx)
+    ref_handle = reference.handle(reference.stored_skeleton())
+    ref_handle.extras["checkpoint"] = reference.checkpoint_record()
+    build_report(staging, loaded, artifact.handle(artifact.skeleton), ref_handle, exports=[], metrics=r.evaluate,
+                 show_progress=show_progress, log_name=log_name, results=results)
+
+
 def _write_recipe(loaded: LoadedRecipe, staging: Path) -> None:
     if loaded.path is not None and loaded.path.exists():
         (staging / "recipe.yaml").write_text(loaded.path.read_text())
@@ -154,7 +188,10 @@ def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, sho
             compress_streamed(loaded, staging, show_progress)
             if _shares_units(loaded):
                 distributed.barrier()  # every rank's share is in (a rank that failed fails the run here)
-            # the report compares with the input model, loaded whole (evaluation does not stream yet)
+            if evaluate and not (export and loaded.exports) and evaluates_streamed(loaded):
+                evaluate_streamed(loaded, staging, show_progress, log_name=LOG if log is not None else None)
+                export = evaluate = False
+            # otherwise the report compares with the input model, loaded whole
             wanted = (export and loaded.exports) or (evaluate and loaded.recipe.evaluate)
             reference = load_model(loaded.recipe.model) if wanted else None
             base = load_model(loaded.recipe.base) if wanted and loaded.recipe.base else None

@@ -46,7 +46,7 @@ from .data import Dataset
 from .devices import memory_available, release_free_memory
 from .errors import UserError
 from .model import (ModelHandle, align_prefix, build_checkpoint_module, check_kind, checkpoint_paths,
-                    describe_architecture, guess_kind, read_architecture, tokenizer_extras)
+                    checkpoint_record, describe_architecture, guess_kind, read_architecture, tokenizer_extras)
 from .modules import module_class, set_submodule
 from .passes import CalibrationSpec, Context, Pass, UnitCalibration, get_pass, seeded
 from .shards import ShardedCheckpoint
@@ -84,6 +84,20 @@ def _order(module: nn.Module) -> dict[str, int]:
         for leaf in [*mod._parameters, *mod._buffers]:
             order.setdefault(f"{name}.{leaf}" if name else leaf, len(order))
     return order
+
+
+def cut_units(skeleton: nn.Module, blocks_path: str) -> list[Unit]:
+    """``skeleton`` (a model on the meta device) cut into copies of each decoder block (the items of the
+    ``nn.ModuleList`` at ``blocks_path``, each under its full path), then the model without its blocks."""
+    blocks = skeleton.get_submodule(blocks_path)
+    out = [Unit(f"{blocks_path}.{i}", _nested(blocks_path, str(i), copy.deepcopy(b)), f"{blocks_path}.{i}")
+           for i, b in enumerate(blocks)]
+    set_submodule(skeleton, blocks_path, nn.ModuleList())
+    try:
+        rest = copy.deepcopy(skeleton)
+    finally:
+        set_submodule(skeleton, blocks_path, blocks)
+    return out + [Unit("embeddings and head", rest)]
 
 
 @contextmanager
@@ -181,15 +195,7 @@ class LazyModel:
 
     def units(self) -> list[Unit]:
         """Each decoder block, then the model without its blocks (embeddings, final norm, head)."""
-        blocks = self.skeleton.get_submodule(self.blocks_path)
-        out = [Unit(f"{self.blocks_path}.{i}", _nested(self.blocks_path, str(i), copy.deepcopy(b)),
-                    f"{self.blocks_path}.{i}") for i, b in enumerate(blocks)]
-        set_submodule(self.skeleton, self.blocks_path, nn.ModuleList())
-        try:
-            rest = copy.deepcopy(self.skeleton)
-        finally:
-            set_submodule(self.skeleton, self.blocks_path, blocks)
-        return out + [Unit("embeddings and head", rest)]
+        return cut_units(self.skeleton, self.blocks_path)
 
     def materialize(self, module: nn.Module) -> nn.Module:
         """Give ``module`` (a unit on the meta device) its weights from the shards, in the stored dtypes; tied
@@ -221,6 +227,19 @@ class LazyModel:
         for name in sorted(self.stored):
             hash_tensor(h, name, self.checkpoint.read([self.stored[name]])[self.stored[name]])
         return h.hexdigest()
+
+    def stored_skeleton(self) -> nn.Module:
+        """A copy of the model on the meta device with each tensor in its stored dtype: the sizes of the model
+        loaded, without its weights (the report's reference of a streamed evaluation)."""
+        module = copy.deepcopy(self.skeleton)
+        for name, t in module.state_dict(keep_vars=True).items():
+            t.data = torch.empty(t.shape, dtype=self.checkpoint.tensors[self.stored[name]].dtype, device="meta")
+        return module
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """:func:`modelpress.model.checkpoint_record` of the checkpoint, from its headers."""
+        state = {n: torch.empty(i.shape, dtype=i.dtype, device="meta") for n, i in self.checkpoint.tensors.items()}
+        return checkpoint_record(self.checkpoint.files, state)
 
     def input_record(self) -> dict[str, Any]:
         return {"source": self.source, "kind": self.kind, "sha256": self.sha256()}

@@ -16,7 +16,7 @@ from modelpress.artifact import WEIGHTS_METADATA, WeightsSpool, load_artifact
 from modelpress.cli import main
 from modelpress.devices import resolve_device
 from modelpress.errors import UserError
-from modelpress.model import example_inputs, load_checkpoint
+from modelpress.model import example_inputs, load_checkpoint, state_bytes
 from modelpress.pipeline import run
 from modelpress.recipe import load_recipe
 from modelpress.shards import INDEX, ShardedCheckpoint
@@ -217,6 +217,74 @@ def test_streamed_run_evaluates_the_artifact(ckpts: dict[str, Path], tmp_path: P
     run(load_recipe(recipe), export=False, show_progress=False)
     report = json.loads((out / "report.json").read_text())
     assert 0 < report["metrics"]["token_kl"]["compressed"] < 1 and report["metrics"]["token_kl"]["reference"] == 0
+
+
+def _eval_text(path: Path) -> Path:
+    path.write_text("\n".join(" ".join(random.Random(i).choice("abcdefgh") for _ in range(40)) for i in range(8)))
+    return path
+
+
+@pytest.mark.parametrize("arch,method", [("llama-tied", "dfloat11"), ("llama", "bitdelta"), ("gpt2", "bnb")])
+def test_streamed_perplexity_equals_the_whole_models(ckpts: dict[str, Path], tmp_path: Path, arch: str,
+                                                     method: str) -> None:
+    """The reference checkpoint (LazyModel) and the artifact (LazyArtifact: coded DFloat11 blocks with a tied head,
+    a BitDelta delta whose dense tensors come from the base's shards, bnb 4-bit GPT-2), read and run one unit at
+    a time, give the in-memory perplexity metric's value bit for bit (same windows, batches of 3 with a last
+    partial one, same scoring); each unit is materialized once, the embeddings and head twice."""
+    from modelpress.metrics import EvalContext
+    from modelpress.metrics.causal import perplexity
+    from modelpress.sources import load_dataset
+    from modelpress.stream_eval import LazyArtifact, streamed_perplexity
+
+    ft = _copy(ckpts[arch], tmp_path / "ft")
+    _tokenizer(ft)
+    out = tmp_path / "art"
+    base = ckpts[f"{arch}-base"] if method in DELTA else None
+    run(load_recipe(_recipe(tmp_path / "r.yaml", ft, PASSES[method], out, base, stream=True)), export=False,
+        evaluate=False, show_progress=False)
+    ctx = EvalContext(dataset=load_dataset(str(_eval_text(tmp_path / "t.txt"))), options={"window": 16, "batch_size": 3})
+    for lazy, whole in ((stream.LazyModel(str(ft)), load_checkpoint(ft)), (LazyArtifact(out), load_artifact(out))):
+        read = []
+        materialize = lazy.materialize
+        lazy.materialize = lambda m: read.append(1) or materialize(m)
+        got = streamed_perplexity(lazy, ctx)
+        with torch.no_grad():
+            expected = perplexity(whole.canonical(), whole, ctx)
+        assert got.value == expected.value and got.details["windows"] == expected.details["windows"] == 20
+        assert len(read) == 3 + 2
+
+
+def test_streamed_run_evaluates_perplexity_block_by_block(ckpts: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed run with evaluate: [perplexity] loads neither the input model nor the artifact whole, and its
+    report holds the values of the in-memory metric on both."""
+    import modelpress.pipeline as pipeline
+    from modelpress.metrics import EvalContext
+    from modelpress.metrics.causal import perplexity
+    from modelpress.sources import load_dataset
+
+    ft = _copy(ckpts["llama"], tmp_path / "ft")
+    _tokenizer(ft)
+    text = _eval_text(tmp_path / "t.txt")
+    out = tmp_path / "eval"
+    recipe = _recipe(tmp_path / "eval.yaml", ft, PASSES["bitdelta"], out, ckpts["llama-base"], stream=True,
+                     evaluate=[{"metric": "perplexity", "dataset": str(text), "options": {"window": 16}}])
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a model was loaded whole")
+
+    monkeypatch.setattr(pipeline, "load_model", whole)
+    monkeypatch.setattr(pipeline, "load_artifact", whole)
+    run(load_recipe(recipe), export=False, show_progress=False)
+    monkeypatch.undo()
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"] == "streamed"
+    ctx = EvalContext(dataset=load_dataset(str(text)), options={"window": 16})
+    with torch.no_grad():
+        for key, model in (("reference", load_checkpoint(ft)), ("compressed", load_artifact(out))):
+            assert report["metrics"]["perplexity"][key] == perplexity(model.canonical(), model, ctx).value
+    assert report["metrics"]["perplexity"]["compressed"] != report["metrics"]["perplexity"]["reference"]
+    assert report["size_bytes"]["reference_in_memory"] == state_bytes(load_checkpoint(ft).module)  # bf16, not fp32
 
 
 def _tokenizer(directory: Path) -> None:

@@ -33,7 +33,7 @@ relative metrics run the reference on each batch beside the model (nothing of si
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -115,9 +115,21 @@ def _reference(ctx: EvalContext, metric: str) -> Canonical:
                  "non-overlapping token windows of held-out text")
 def perplexity(model: Canonical, handle: ModelHandle, ctx: EvalContext) -> MetricResult:
     rows, details = text_windows(handle, ctx, "perplexity")
+    batches = window_batches(rows, ctx)
+    return perplexity_of(((b, model(b, torch.ones_like(b))) for b in batches), details)
+
+
+def window_batches(rows: torch.Tensor, ctx: EvalContext) -> list[torch.Tensor]:
+    """The windows in the batches the token-window metrics run them in (``options.batch_size`` rows)."""
+    return list(_window_batches(rows, ctx))
+
+
+def perplexity_of(outputs: Iterable[tuple[torch.Tensor, Any]], details: dict[str, Any]) -> MetricResult:
+    """``perplexity`` from each batch of windows with the model's logits on it (the whole model's forward, or
+    the streamed one's: :mod:`modelpress.stream_eval`); every position but a window's last predicts the next."""
     nll, n = 0.0, 0
-    for b in _window_batches(rows, ctx):
-        logp = F.log_softmax(_logits(model, b, torch.ones_like(b))[:, :-1], -1)
+    for b, logits in outputs:
+        logp = F.log_softmax(torch.as_tensor(logits).double()[:, :-1], -1)
         nll -= float(logp.gather(-1, b[:, 1:].unsqueeze(-1)).sum())
         n += b[:, 1:].numel()
     details["mean_nll"] = nll / n

@@ -94,10 +94,14 @@ def _export_notes(manifest: dict[str, Any]) -> list[str]:
 def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: ModelHandle, *, exports: list[Any],
                  metrics: list[Any], show_progress: bool = True, keep_exports: bool = False,
                  log_name: str | None = None, base: ModelHandle | None = None,
-                 device: torch.device | None = None) -> dict[str, Any]:
+                 device: torch.device | None = None,
+                 results: tuple[dict[str, MetricResult], dict[str, MetricResult]] | None = None) -> dict[str, Any]:
     """Export, evaluate and write report.json / report.md / PNGs into ``staging`` (``log_name``: the file
     beside it that holds other libraries' console output, linked from the report). ``device``: where the torch
-    models run during the metrics (:func:`modelpress.devices.on_device`; exports run on the CPU)."""
+    models run during the metrics (:func:`modelpress.devices.on_device`; exports run on the CPU).
+    ``results``: the reference's and the compressed model's metrics, already computed without the models in
+    memory (:mod:`modelpress.stream_eval`; ``model`` and ``reference`` are then their structures on the meta
+    device, and the sections that need the weights, the cast step's and the delta's sizes, are left out)."""
     seed = loaded.recipe.seed
     # opened once: the recipe's own (read when it was loaded), else now; every metric run below shares them
     named = {s.dataset for s in metrics if getattr(s, "dataset", None)} | {loaded.recipe.calibration.dataset}
@@ -110,17 +114,21 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
 
     steps = console.progress(total=2 * len(metrics) + len(exports), desc="evaluate",
                              disable=not show_progress or not (metrics or exports))
-    with on_device(device if metrics else None, reference.module, model.module):
-        ref_results = _run_metrics(reference.canonical(), reference, reference, metrics, seed, show_progress,
-                                   datasets)
-        steps.update(len(metrics))
-        cmp_results = _run_metrics(model.canonical(), model, reference, metrics, seed, show_progress, datasets)
-        steps.update(len(metrics))
+    if results is not None:
+        ref_results, cmp_results = results
+        report["evaluation"] = "streamed"
+    else:
+        with on_device(device if metrics else None, reference.module, model.module):
+            ref_results = _run_metrics(reference.canonical(), reference, reference, metrics, seed, show_progress,
+                                       datasets)
+            steps.update(len(metrics))
+            cmp_results = _run_metrics(model.canonical(), model, reference, metrics, seed, show_progress, datasets)
+            steps.update(len(metrics))
     for name, res in cmp_results.items():
         report["metrics"][name] = {"reference": ref_results[name].value, "compressed": res.value,
                                    "higher_is_better": res.higher_is_better, "details": res.details,
                                    "reference_details": ref_results[name].details}
-    cast = _cast_step(manifest)
+    cast = _cast_step(manifest) if results is None else None
     if cast:  # the lossy cast and the lossless coding, measured apart
         cast_model = reference.replace_module(cast_weights(copy.deepcopy(reference.module), getattr(torch, cast["dtype"])))
         # Coded weights that decode bit for bit to the cast's, run by the same dense ops (no fused kernel),

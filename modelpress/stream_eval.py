@@ -1,0 +1,145 @@
+"""Streamed evaluation: the perplexity of a causal-LM checkpoint or artifact computed one decoder block at a time.
+
+Issue 20, item 1 ("loading an artifact for evaluation can also stream: decode one block at a time"). The
+evaluation windows (:func:`modelpress.metrics.causal.text_windows`, in the metric's batches) are the
+calibration batches of :class:`~modelpress.activations.BlockActivations`, the mechanism streamed GPTQ uses:
+
+1. the model without its blocks (embeddings, final norm, head) is read and runs every batch up to block 0's
+   inputs, then is dropped;
+2. each decoder block is read (a checkpoint's: its tensors from the shards, :class:`~modelpress.stream.LazyModel`;
+   an artifact's: its compressed modules built from the manifest and only its tensors read from
+   ``model.safetensors``, a delta's base tensors from the base's shards, :class:`LazyArtifact`), decoded, run on
+   every batch (:meth:`~modelpress.activations.BlockActivations.propagate`) and freed;
+3. the model without its blocks is read again and gives each batch's logits from the last block's outputs
+   (:meth:`~modelpress.activations.BlockActivations.outputs_of_rest`), scored as the in-memory ``perplexity``
+   scores them (:func:`~modelpress.metrics.causal.perplexity_of`).
+
+Every block sees the same inputs, in the same batches, as in the whole model's forward, so the result is the
+in-memory metric's bit for bit (``tests/test_stream.py``). Peak memory: one unit's weights (an artifact's
+decoded too) plus every batch's hidden states and block arguments; docs/scale.md has the measurement.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+import torch
+from torch import nn
+
+from .activations import BlockActivations
+from .artifact import WEIGHTS, after_load, check_base_sha256, compressed_module, read_manifest
+from .devices import release_free_memory
+from .errors import UserError
+from .metrics import EvalContext, MetricResult
+from .metrics.causal import perplexity_of, text_windows, window_batches
+from .model import ModelHandle, build_architecture
+from .modules import set_submodule
+from .shards import ShardedCheckpoint
+from .stream import LazyModel, Unit, cut_units, parameters_on_meta
+
+#: the metrics a streamed run evaluates block by block (the others load the models whole)
+STREAMED_METRICS = ("perplexity",)
+
+
+class LazyArtifact:
+    """A causal-LM artifact opened without reading its weights: the manifest, the model's structure with its
+    parameters on the meta device, ``model.safetensors``' header, and for a delta the base opened lazily (its
+    sha256 checked against the manifest's). :meth:`materialize` builds one unit as :func:`~modelpress.artifact.
+    load_artifact` builds the whole model."""
+
+    def __init__(self, path: str | Path, base: str | None = None) -> None:
+        p = Path(path)
+        manifest = read_manifest(p)
+        self.source, self.where = manifest["source"], str(p)
+        if manifest["kind"] != "causal-lm":
+            raise UserError(f"streamed evaluation takes causal-lm artifacts; this one is {manifest['kind']}", str(p))
+        self.kind, self.architecture = manifest["kind"], manifest["architecture"]
+        self.extras = dict(manifest.get("extras", {}))
+        self.entries: list[dict[str, Any]] = manifest["compressed_modules"]
+        if any(e["path"] == "" for e in self.entries):
+            raise UserError("streamed evaluation: the artifact's whole model is one compressed module", str(p))
+        with parameters_on_meta():
+            self.skeleton = build_architecture(self.architecture)
+        from .search.levels import find_blocks
+
+        self.blocks_path = find_blocks(self.skeleton)
+        self.weights = ShardedCheckpoint([p / WEIGHTS])
+        self.aliases: dict[str, str] = manifest["aliases"]
+        self.from_base: dict[str, str] = manifest["from_base"]
+        self.base: LazyModel | None = None
+        if self.from_base:
+            info = manifest["inputs"].get("base") or {}
+            source = base or info.get("source")
+            if not source:
+                raise UserError("this delta artifact needs its base model, and the manifest names none", str(p))
+            self.base = LazyModel(source, what="base")
+            check_base_sha256(manifest, self.base.sha256(), str(p))
+
+    def units(self) -> list[Unit]:
+        """Each decoder block, then the model without its blocks, on the meta device and uncompressed."""
+        return cut_units(self.skeleton, self.blocks_path)
+
+    def handle(self, module: nn.Module) -> ModelHandle:
+        return ModelHandle(module, self.kind, self.source, self.architecture, dict(self.extras))
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        stored = self.aliases.get(key, key)
+        if stored in self.from_base:
+            assert self.base is not None
+            name = self.base.stored.get(self.from_base[stored])
+            if name is None:
+                raise UserError(f"wrong base model: it has no tensor {self.from_base[stored]!r}", self.where)
+            return self.base.checkpoint.read([name])[name]
+        if stored not in self.weights.tensors:
+            raise UserError(f"artifact does not match its manifest: tensor {key!r} is not stored", self.where)
+        return self.weights.read([stored])[stored]
+
+    def materialize(self, module: nn.Module) -> nn.Module:
+        """Give ``module`` (a unit of :meth:`units`) the artifact's compressed modules under it (built from
+        their manifest entries) and its tensors, read from ``model.safetensors`` (a delta's base tensors from
+        the base), then run the modules' ``after_load`` (decoding tables)."""
+        paths = {name for name, _ in module.named_modules()}
+        with parameters_on_meta():
+            for entry in self.entries:
+                if entry["path"] not in paths:
+                    continue
+                set_submodule(module, entry["path"], compressed_module(entry, self.where))
+        own = module.state_dict()
+        state = {k: self._tensor(k) for k in own}
+        for k, t in state.items():
+            if tuple(t.shape) != tuple(own[k].shape):
+                raise UserError(f"artifact tensor {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}",
+                                self.where)
+        module.load_state_dict(state, strict=True, assign=True)
+        after_load(module)
+        return module.eval()
+
+
+Streamable = Union[LazyModel, LazyArtifact]
+
+
+def streamed_outputs(model: Streamable, batches: list[tuple[torch.Tensor, ...]]
+                     ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """Every batch (canonical inputs) with the whole model's output on it, the model read and run one unit at a
+    time (see the module docstring); each unit is freed, and the memory given back, before the next is read."""
+    *blocks, rest = model.units()
+    head = model.handle(model.materialize(copy.deepcopy(rest.module)))
+    acts = BlockActivations(head, model.blocks_path, batches)
+    del head
+    for unit in blocks:
+        release_free_memory()
+        module, unit.module = model.materialize(unit.module), None
+        acts.propagate(module.get_submodule(unit.block_path))
+        del module
+    release_free_memory()
+    yield from acts.outputs_of_rest(model.handle(model.materialize(rest.module)))
+
+
+def streamed_perplexity(model: Streamable, ctx: EvalContext) -> MetricResult:
+    """The ``perplexity`` metric (:mod:`modelpress.metrics.causal`) of ``model``, streamed: the same windows,
+    batches and scoring, so the same value as the model evaluated whole."""
+    rows, details = text_windows(model.handle(model.skeleton), ctx, "perplexity")
+    batches = [(b, torch.ones_like(b)) for b in window_batches(rows, ctx)]
+    details["streamed"] = True
+    return perplexity_of(((batch[0], logits) for batch, logits in streamed_outputs(model, batches)), details)
