@@ -366,3 +366,36 @@ def test_unets_export_with_their_timestep_input(fmt: str, cond: bool, tmp_path: 
         q = export_model(h, ExportSpec(format=fmt, quantize="int8"), tmp_path)
         assert exported_info(q)["op_counts"].get("QuantizeLinear", 0) > 0
         assert q.stat().st_size <= path.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# The translation to ONNX
+
+
+def test_onnx_translation_builds_the_torchlib_registry_once_and_writes_the_same_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``translate`` hands torch.onnx one torchlib registry per process through the private
+    ``_core.export(registry=)``; this fails when the pinned torch drops that entry point (the exporter then falls
+    back to ``torch.onnx.export``, which rebuilds the registry per call), and checks both write the same bytes."""
+    from torch.onnx._internal.exporter import _registration
+
+    from modelpress.exporters import onnx as onnx_exporter
+    from modelpress.exporters.common import export_program, trace_inputs, traceable
+
+    registry = onnx_exporter.torchlib_registry(18)
+    assert registry is not None, "torch.onnx's _core.export(registry=) is gone: the registry is rebuilt per export"
+    assert onnx_exporter.torchlib_registry(17) is registry  # torch.onnx builds opsets below torchlib's at torchlib's
+    builds = []
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"].__func__
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib",
+                        classmethod(lambda cls, **kw: builds.append(kw) or original(cls, **kw)))
+    h = tiny_bert()
+    with torch.no_grad():
+        program, _ = export_program(traceable(h), trace_inputs(h), h, True)
+    names = (["input_ids", "attention_mask"], ["logits"])
+    onnx_exporter.translate(program, trace_inputs(h), *names, tmp_path / "cached.onnx", 18)
+    assert builds == []
+    monkeypatch.setattr(onnx_exporter, "torchlib_registry", lambda opset: None)
+    onnx_exporter.translate(program, trace_inputs(h), *names, tmp_path / "public.onnx", 18)
+    assert builds == [{"opset_version": 18}]
+    assert (tmp_path / "cached.onnx").read_bytes() == (tmp_path / "public.onnx").read_bytes()
