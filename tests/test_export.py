@@ -65,13 +65,21 @@ def onnx_initializer_dtypes(path: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def classifier_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """One tiny classifier exported as fp32 ONNX, int8 ONNX and fp32 .ort (shared by several tests)."""
+    """One tiny classifier exported as fp32 ONNX, int8 ONNX and fp32 .ort in one :func:`shared_exports` block (as
+    a run's report exports them), shared by several tests; ``translations``: how many ONNX translations it took."""
+    from modelpress.exporters import onnx as onnx_exporter
+    from modelpress.exporters.common import shared_exports
+
     h = tiny_bert()
     d = tmp_path_factory.mktemp("exports")
-    return {"handle": h, "dir": d,
-            "fp32": export_model(h, ExportSpec(format="onnx"), d),
-            "int8": export_model(h, ExportSpec(format="onnx", quantize="int8"), d),
-            "ort": export_model(h, ExportSpec(format="ort"), d)}
+    translations = []
+    with pytest.MonkeyPatch.context() as mp, shared_exports():
+        original = onnx_exporter.translate
+        mp.setattr(onnx_exporter, "translate", lambda *a, **k: translations.append(1) or original(*a, **k))
+        out = {"fp32": export_model(h, ExportSpec(format="onnx"), d),
+               "int8": export_model(h, ExportSpec(format="onnx", quantize="int8"), d),
+               "ort": export_model(h, ExportSpec(format="ort"), d)}
+    return {"handle": h, "dir": d, "translations": len(translations), **out}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,6 +142,25 @@ def test_onnx_int8_is_an_integer_graph_no_larger_than_fp32(classifier_exports) -
     inputs = example_inputs(h, batch=4, seq_len=32, seed=1)
     scale = float(ref(*inputs).abs().max())
     assert float((rt(*inputs) - ref(*inputs)).abs().max()) < 0.25 * scale + 1e-3
+
+
+def test_one_runs_formats_translate_the_model_once_and_write_what_separate_exports_write(classifier_exports,
+                                                                                         tmp_path: Path) -> None:
+    """onnx, int8 onnx and ort in one :func:`shared_exports` block share one float ONNX graph; the .ort (built from
+    the kept graph) computes what an export on its own computes, with the same sidecar and operator list (its
+    bytes differ between any two conversions, shared or not)."""
+    assert classifier_exports["translations"] == 1
+    h = classifier_exports["handle"]
+    alone = export_model(h, ExportSpec(format="ort"), tmp_path)
+    shared = classifier_exports["ort"]
+    inputs = example_inputs(h, batch=3, seed=3)
+    assert torch.equal(load_exported(alone, h)(*inputs), load_exported(shared, h)(*inputs))
+    config = "model.required_operators.config"  # after its header, which names the converted file's path
+    assert [ln for ln in (tmp_path / config).read_text().splitlines() if not ln.startswith("#")] == \
+        [ln for ln in (classifier_exports["dir"] / config).read_text().splitlines() if not ln.startswith("#")]
+    timing = {"export_seconds"}
+    assert ({k: v for k, v in exported_info(alone).items() if k not in timing}
+            == {k: v for k, v in exported_info(shared).items() if k not in timing})
 
 
 def test_ort_mobile_format_runs_and_lists_its_operators(classifier_exports) -> None:

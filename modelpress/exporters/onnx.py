@@ -39,7 +39,7 @@ from ..errors import UserError
 from ..model import ModelHandle
 from . import ExportSpec, register_exporter
 from .common import (INPUT_NAMES, OUTPUT_NAMES, TEXT_KINDS, as_list, export_error, export_program, scratch_dir,
-                     trace_inputs, traceable, write_info)
+                     shared_float_graph, trace_inputs, traceable, write_info)
 from .kv import KVCacheLM, cache_layout, kv_dynamic_shapes, kv_input_names, kv_output_names, kv_trace_inputs
 from .qdq import has_calibrated_quant, qdq_module
 from .runtime import GraphFeeds
@@ -66,17 +66,22 @@ def build_onnx(handle: ModelHandle, spec: ExportSpec, tmp: Path, calibration: An
     float_path = tmp / "float.onnx"
     calibrated = has_calibrated_quant(handle.module)
     kv = info["kv_cache"] = spec.uses_kv_cache(handle.kind)
-    if spec.exporter == "optimum":
-        if calibrated:
-            raise UserError("exporter: optimum cannot express the model's quantized modules; use exporter: dynamo",
-                            handle.architecture.get("class"))
-        export_optimum(handle, float_path, spec.opset, kv)
-    elif kv:
+
+    def build(path: Path) -> dict[str, Any]:
+        if spec.exporter == "optimum":
+            if calibrated:
+                raise UserError("exporter: optimum cannot express the model's quantized modules; use exporter: "
+                                "dynamo", handle.architecture.get("class"))
+            export_optimum(handle, path, spec.opset, kv)
+            return {}
         module = qdq_module(handle.module) if calibrated else handle.module
-        export_kv_dynamo(handle, module, float_path, spec.opset)
-    else:
-        module = qdq_module(handle.module) if calibrated else handle.module
-        info["dynamic_bounds"] = export_dynamo(handle, module, float_path, spec.opset, spec.dynamic)
+        if kv:
+            export_kv_dynamo(handle, module, path, spec.opset)
+            return {}
+        return {"dynamic_bounds": export_dynamo(handle, module, path, spec.opset, spec.dynamic)}
+
+    # onnx, ort and int8 onnx of one model in one run (common.shared_exports) translate it once
+    info.update(shared_float_graph(handle.module, (spec.exporter, spec.opset, spec.dynamic, kv), float_path, build))
     info["float_size_bytes"] = float_path.stat().st_size
     info["input_names"] = graph_feeds(float_path).all
     path = float_path
