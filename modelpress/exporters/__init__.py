@@ -186,4 +186,4 @@ def exported_info(path: Path) -> dict[str, Any]:
     return json.loads(side.read_text()) if side.exists() else {}
 
 
-__all__ = ["ExportSpec", "export_model", "export_ready", "load_exported", "register_exporter", "exported_info"]
+__all__ = ["ExportSpec", "export_model", "load_exported", "register_exporter", "exported_info"]

@@ -215,8 +215,8 @@ class _Shared:
         self.root = root
         #: id(model's module) -> (that module, its export-ready copy)
         self.modules: dict[int, tuple[nn.Module, nn.Module]] = {}
-        #: (id(export-ready module), options) -> (that module, kept float graph, what its build recorded)
-        self.graphs: dict[tuple[Any, ...], tuple[nn.Module, Path, dict[str, Any]]] = {}
+        #: (id(export-ready module), options) -> (that module, (kept float graph, what its build recorded))
+        self.graphs: dict[tuple[Any, ...], tuple[nn.Module, tuple[Path, dict[str, Any]]]] = {}
 
 
 _SHARED: ContextVar[_Shared | None] = ContextVar("modelpress_shared_exports", default=None)
@@ -239,15 +239,21 @@ def shared_exports() -> Iterator[None]:
             _SHARED.reset(token)
 
 
+def _once(table: dict[Any, tuple[nn.Module, Any]], key: Any, owner: nn.Module, make: Callable[[], Any]) -> Any:
+    """``table[key]``'s value if it was made for ``owner`` (the same object, not a new one at a reused id), else
+    ``make()``, remembered."""
+    hit = table.get(key)
+    if hit is None or hit[0] is not owner:
+        hit = table[key] = (owner, make())
+    return hit[1]
+
+
 def shared_module(module: nn.Module, prepare: Callable[[nn.Module], nn.Module]) -> nn.Module:
     """``prepare(module)``, made once per module inside :func:`shared_exports` (every call outside it)."""
     shared = _SHARED.get()
     if shared is None:
         return prepare(module)
-    hit = shared.modules.get(id(module))
-    if hit is None or hit[0] is not module:
-        hit = shared.modules[id(module)] = (module, prepare(module))
-    return hit[1]
+    return _once(shared.modules, id(module), module, lambda: prepare(module))
 
 
 def shared_float_graph(module: nn.Module, options: tuple[Any, ...], path: Path,
@@ -258,16 +264,19 @@ def shared_float_graph(module: nn.Module, options: tuple[Any, ...], path: Path,
     shared = _SHARED.get()
     if shared is None:
         return build(path)
-    key = (id(module), options)
-    hit = shared.graphs.get(key)
-    if hit is None or hit[0] is not module:
+    built = []
+
+    def build_and_keep() -> tuple[Path, dict[str, Any]]:
         record = build(path)
         kept = shared.root / f"graph-{len(shared.graphs)}.onnx"
         shutil.copyfile(path, kept)
-        hit = shared.graphs[key] = (module, kept, dict(record))
-    else:
-        shutil.copyfile(hit[1], path)
-    return dict(hit[2])
+        built.append(kept)
+        return kept, dict(record)
+
+    kept, record = _once(shared.graphs, (id(module), options), module, build_and_keep)
+    if not built:
+        shutil.copyfile(kept, path)
+    return dict(record)
 
 
 # ---------------------------------------------------------------------------------------------------
