@@ -101,7 +101,7 @@ def summary(paths: list[str]) -> str:
                 for phase, v in t[k].items():
                     t["all"][phase] += v
     head = " / ".join(os.path.basename(p) for p in paths)
-    lines = [f"| kind (cells) | {' | '.join(PHASES)} |", "|---|" + "---:|" * len(PHASES),
+    lines = [f"| kind (pairs run) | {' | '.join(PHASES)} |", "|---|" + "---:|" * len(PHASES),
              f"| *CPU s: {head}* |" + " |" * len(PHASES)]
     for kind in kinds:
         cells = "/".join(str(int(t[kind]["cells"])) for t in tables)
