@@ -255,6 +255,7 @@ def export(model: Any, formats: Iterable[Any], directory: str | Path, *, calibra
     ``directory``; returns the files. ``calibration``: a dataset (name, path or object) for static int8."""
     from .artifact import load_artifact
     from .exporters import ExportSpec, export_model
+    from .exporters.common import shared_exports
     from .recipe import validation_error
 
     if isinstance(model, Compressed):
@@ -264,14 +265,14 @@ def export(model: Any, formats: Iterable[Any], directory: str | Path, *, calibra
     else:
         handle = as_handle(model)
     data = calibration_spec(calibration)[1] if calibration is not None else None
-    paths = []
+    specs = []
     for i, f in enumerate(formats):
         try:
-            spec = ExportSpec.model_validate({"format": f} if isinstance(f, str) else f)
+            specs.append(ExportSpec.model_validate({"format": f} if isinstance(f, str) else f))
         except ValidationError as exc:
             raise validation_error("export", exc, ExportSpec, prefix=f"export[{i}]") from None
-        paths.append(export_model(handle, spec, Path(directory), data))
-    return paths
+    with shared_exports():  # the formats share one export-ready module and one float ONNX graph
+        return [export_model(handle, spec, Path(directory), data) for spec in specs]
 
 
 __all__ = ["Compressed", "compress", "evaluate", "export", "as_handle"]

@@ -65,13 +65,21 @@ def onnx_initializer_dtypes(path: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def classifier_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """One tiny classifier exported as fp32 ONNX, int8 ONNX and fp32 .ort (shared by several tests)."""
+    """One tiny classifier exported as fp32 ONNX, int8 ONNX and fp32 .ort in one :func:`shared_exports` block (as
+    a run's report exports them), shared by several tests; ``translations``: how many ONNX translations it took."""
+    from modelpress.exporters import onnx as onnx_exporter
+    from modelpress.exporters.common import shared_exports
+
     h = tiny_bert()
     d = tmp_path_factory.mktemp("exports")
-    return {"handle": h, "dir": d,
-            "fp32": export_model(h, ExportSpec(format="onnx"), d),
-            "int8": export_model(h, ExportSpec(format="onnx", quantize="int8"), d),
-            "ort": export_model(h, ExportSpec(format="ort"), d)}
+    translations = []
+    with pytest.MonkeyPatch.context() as mp, shared_exports():
+        original = onnx_exporter.translate
+        mp.setattr(onnx_exporter, "translate", lambda *a, **k: translations.append(1) or original(*a, **k))
+        out = {"fp32": export_model(h, ExportSpec(format="onnx"), d),
+               "int8": export_model(h, ExportSpec(format="onnx", quantize="int8"), d),
+               "ort": export_model(h, ExportSpec(format="ort"), d)}
+    return {"handle": h, "dir": d, "translations": len(translations), **out}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,6 +142,25 @@ def test_onnx_int8_is_an_integer_graph_no_larger_than_fp32(classifier_exports) -
     inputs = example_inputs(h, batch=4, seq_len=32, seed=1)
     scale = float(ref(*inputs).abs().max())
     assert float((rt(*inputs) - ref(*inputs)).abs().max()) < 0.25 * scale + 1e-3
+
+
+def test_one_runs_formats_translate_the_model_once_and_write_what_separate_exports_write(classifier_exports,
+                                                                                         tmp_path: Path) -> None:
+    """onnx, int8 onnx and ort in one :func:`shared_exports` block share one float ONNX graph; the .ort (built from
+    the kept graph) computes what an export on its own computes, with the same sidecar and operator list (its
+    bytes differ between any two conversions, shared or not)."""
+    assert classifier_exports["translations"] == 1
+    h = classifier_exports["handle"]
+    alone = export_model(h, ExportSpec(format="ort"), tmp_path)
+    shared = classifier_exports["ort"]
+    inputs = example_inputs(h, batch=3, seed=3)
+    assert torch.equal(load_exported(alone, h)(*inputs), load_exported(shared, h)(*inputs))
+    config = "model.required_operators.config"  # after its header, which names the converted file's path
+    assert [ln for ln in (tmp_path / config).read_text().splitlines() if not ln.startswith("#")] == \
+        [ln for ln in (classifier_exports["dir"] / config).read_text().splitlines() if not ln.startswith("#")]
+    timing = {"export_seconds"}
+    assert ({k: v for k, v in exported_info(alone).items() if k not in timing}
+            == {k: v for k, v in exported_info(shared).items() if k not in timing})
 
 
 def test_ort_mobile_format_runs_and_lists_its_operators(classifier_exports) -> None:
@@ -366,3 +393,36 @@ def test_unets_export_with_their_timestep_input(fmt: str, cond: bool, tmp_path: 
         q = export_model(h, ExportSpec(format=fmt, quantize="int8"), tmp_path)
         assert exported_info(q)["op_counts"].get("QuantizeLinear", 0) > 0
         assert q.stat().st_size <= path.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# The translation to ONNX
+
+
+def test_onnx_translation_builds_the_torchlib_registry_once_and_writes_the_same_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``translate`` hands torch.onnx one torchlib registry per process through the private
+    ``_core.export(registry=)``; this fails when the pinned torch drops that entry point (the exporter then falls
+    back to ``torch.onnx.export``, which rebuilds the registry per call), and checks both write the same bytes."""
+    from torch.onnx._internal.exporter import _registration
+
+    from modelpress.exporters import onnx as onnx_exporter
+    from modelpress.exporters.common import export_program, trace_inputs, traceable
+
+    registry = onnx_exporter.torchlib_registry(18)
+    assert registry is not None, "torch.onnx's _core.export(registry=) is gone: the registry is rebuilt per export"
+    assert onnx_exporter.torchlib_registry(17) is registry  # torch.onnx builds opsets below torchlib's at torchlib's
+    builds = []
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"].__func__
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib",
+                        classmethod(lambda cls, **kw: builds.append(kw) or original(cls, **kw)))
+    h = tiny_bert()
+    with torch.no_grad():
+        program, _ = export_program(traceable(h), trace_inputs(h), h, True)
+    names = (["input_ids", "attention_mask"], ["logits"])
+    onnx_exporter.translate(program, trace_inputs(h), *names, tmp_path / "cached.onnx", 18)
+    assert builds == []
+    monkeypatch.setattr(onnx_exporter, "torchlib_registry", lambda opset: None)
+    onnx_exporter.translate(program, trace_inputs(h), *names, tmp_path / "public.onnx", 18)
+    assert builds == [{"opset_version": 18}]
+    assert (tmp_path / "cached.onnx").read_bytes() == (tmp_path / "public.onnx").read_bytes()

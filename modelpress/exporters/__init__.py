@@ -129,6 +129,9 @@ def register_exporter(fmt: str) -> Callable[[Exporter], Exporter]:
 def export_model(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibration: Calibration | None = None) -> Path:
     """Export ``handle`` (its canonical module) as ``spec`` says into ``out_dir``; return the main file.
 
+    Several exports of one model inside :func:`~modelpress.exporters.common.shared_exports` share the
+    export-ready module and the float ONNX graph (``onnx``, ``ort`` and int8 ONNX trace and translate once).
+
     ``calibration`` is an iterable of canonical input tuples for static int8, or a dataset to draw them
     from; without it, :func:`modelpress.exporters.common.default_calibration` draws from the model's own data.
     Files are written under a temporary name and renamed, so a failed export leaves nothing behind.
@@ -139,16 +142,25 @@ def export_model(handle: ModelHandle, spec: ExportSpec, out_dir: Path, calibrati
     misfit = spec.refusal(handle.kind)
     if misfit:
         raise UserError(misfit)
+    from .common import shared_module
+
+    module = shared_module(handle.module, export_ready)
+    with torch.no_grad():
+        return exporter(handle.replace_module(module), spec, out_dir, calibration)
+
+
+def export_ready(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` as the exporters take it: compressed layers rebuilt as plain ones (lossless / delta
+    layers; :func:`~modelpress.modules.materialize`), in eval mode, in one float type."""
     from ..modules import materialize
 
-    module = materialize(handle.module).eval()  # lossless / delta layers -> the rebuilt plain layers
-    floats = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    out = materialize(module).eval()
+    floats = {p.dtype for p in out.parameters() if p.is_floating_point()}
     if torch.bfloat16 in floats or len(floats) > 1:
         # bf16 / fp16 -> fp32 is exact; the CPU runtimes lack bf16 kernels, and a graph computes in one float
         # type (layers rebuilt in fp16 inside an fp32 model: EvoPress's quantized levels)
-        module = module.float()
-    with torch.no_grad():
-        return exporter(handle.replace_module(module), spec, out_dir, calibration)
+        out = out.float()
+    return out
 
 
 def load_exported(path: Path, handle: ModelHandle, threads: int | None = None) -> nn.Module:

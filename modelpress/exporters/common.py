@@ -1,14 +1,17 @@
 """What every exporter shares: input names and shapes per kind, the traced wrapper, calibration batches,
-atomic file writing, and turning exporter failures into one-line errors that name the module and op."""
+atomic file writing, the work one run's exports of a model share (:func:`shared_exports`), and turning exporter
+failures into one-line errors that name the module and op."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -199,6 +202,81 @@ def write_info(path: Path, info: dict[str, Any]) -> None:
     side = Path(path).with_suffix(Path(path).suffix + ".json")
     with atomic_path(side) as tmp:
         tmp.write_text(json.dumps(info, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Work shared by one run's exports
+
+class _Shared:
+    """The state of one :func:`shared_exports` block. Entries keep the module they were made from, so its
+    ``id`` cannot be reused by another module while the block lasts."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        #: id(model's module) -> (that module, its export-ready copy)
+        self.modules: dict[int, tuple[nn.Module, nn.Module]] = {}
+        #: (id(export-ready module), options) -> (that module, (kept float graph, what its build recorded))
+        self.graphs: dict[tuple[Any, ...], tuple[nn.Module, tuple[Path, dict[str, Any]]]] = {}
+
+
+_SHARED: ContextVar[_Shared | None] = ContextVar("modelpress_shared_exports", default=None)
+
+
+@contextmanager
+def shared_exports() -> Iterator[None]:
+    """Within the block, exports of the same model share their work: the export-ready copy of the module
+    (:func:`shared_module`) and each float ONNX graph (:func:`shared_float_graph`), so ``export: [onnx, ort,
+    {format: onnx, quantize: int8}]`` traces and translates the model once, not three times. The kept graphs
+    live in a temporary directory removed when the block ends. Models must not change inside the block."""
+    if _SHARED.get() is not None:  # nested: the outer block shares
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="modelpress-exports-") as d:
+        token = _SHARED.set(_Shared(Path(d)))
+        try:
+            yield
+        finally:
+            _SHARED.reset(token)
+
+
+def _once(table: dict[Any, tuple[nn.Module, Any]], key: Any, owner: nn.Module, make: Callable[[], Any]) -> Any:
+    """``table[key]``'s value if it was made for ``owner`` (the same object, not a new one at a reused id), else
+    ``make()``, remembered."""
+    hit = table.get(key)
+    if hit is None or hit[0] is not owner:
+        hit = table[key] = (owner, make())
+    return hit[1]
+
+
+def shared_module(module: nn.Module, prepare: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """``prepare(module)``, made once per module inside :func:`shared_exports` (every call outside it)."""
+    shared = _SHARED.get()
+    if shared is None:
+        return prepare(module)
+    return _once(shared.modules, id(module), module, lambda: prepare(module))
+
+
+def shared_float_graph(module: nn.Module, options: tuple[Any, ...], path: Path,
+                       build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Write the float ONNX graph of ``module`` exported with ``options`` to ``path`` with ``build(path)``, which
+    returns what it records for the sidecar; inside :func:`shared_exports`, a graph an earlier export of the same
+    module with the same options built is copied instead (with its record)."""
+    shared = _SHARED.get()
+    if shared is None:
+        return build(path)
+    built = []
+
+    def build_and_keep() -> tuple[Path, dict[str, Any]]:
+        record = build(path)
+        kept = shared.root / f"graph-{len(shared.graphs)}.onnx"
+        shutil.copyfile(path, kept)
+        built.append(kept)
+        return kept, dict(record)
+
+    kept, record = _once(shared.graphs, (id(module), options), module, build_and_keep)
+    if not built:
+        shutil.copyfile(kept, path)
+    return dict(record)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ runtime lacks is reported at export time, naming the node's module.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from ..errors import UserError
 from ..model import ModelHandle
 from . import ExportSpec, register_exporter
 from .common import (INPUT_NAMES, OUTPUT_NAMES, TEXT_KINDS, as_list, export_error, export_program, scratch_dir,
-                     trace_inputs, traceable, write_info)
+                     shared_float_graph, trace_inputs, traceable, write_info)
 from .kv import KVCacheLM, cache_layout, kv_dynamic_shapes, kv_input_names, kv_output_names, kv_trace_inputs
 from .qdq import has_calibrated_quant, qdq_module
 from .runtime import GraphFeeds
@@ -65,17 +66,22 @@ def build_onnx(handle: ModelHandle, spec: ExportSpec, tmp: Path, calibration: An
     float_path = tmp / "float.onnx"
     calibrated = has_calibrated_quant(handle.module)
     kv = info["kv_cache"] = spec.uses_kv_cache(handle.kind)
-    if spec.exporter == "optimum":
-        if calibrated:
-            raise UserError("exporter: optimum cannot express the model's quantized modules; use exporter: dynamo",
-                            handle.architecture.get("class"))
-        export_optimum(handle, float_path, spec.opset, kv)
-    elif kv:
+
+    def build(path: Path) -> dict[str, Any]:
+        if spec.exporter == "optimum":
+            if calibrated:
+                raise UserError("exporter: optimum cannot express the model's quantized modules; use exporter: "
+                                "dynamo", handle.architecture.get("class"))
+            export_optimum(handle, path, spec.opset, kv)
+            return {}
         module = qdq_module(handle.module) if calibrated else handle.module
-        export_kv_dynamo(handle, module, float_path, spec.opset)
-    else:
-        module = qdq_module(handle.module) if calibrated else handle.module
-        info["dynamic_bounds"] = export_dynamo(handle, module, float_path, spec.opset, spec.dynamic)
+        if kv:
+            export_kv_dynamo(handle, module, path, spec.opset)
+            return {}
+        return {"dynamic_bounds": export_dynamo(handle, module, path, spec.opset, spec.dynamic)}
+
+    # onnx, ort and int8 onnx of one model in one run (common.shared_exports) translate it once
+    info.update(shared_float_graph(handle.module, (spec.exporter, spec.opset, spec.dynamic, kv), float_path, build))
     info["float_size_bytes"] = float_path.stat().st_size
     info["input_names"] = graph_feeds(float_path).all
     path = float_path
@@ -131,11 +137,58 @@ def export_kv_dynamo(handle: ModelHandle, module: nn.Module, path: Path, opset: 
 
 def translate(program: Any, inputs: tuple[Any, ...], input_names: list[str], output_names: list[str], path: Path,
               opset: int) -> None:
-    """An exported program to an ONNX file (one file, debug metadata stripped)."""
-    onnx_program = torch.onnx.export(program, inputs, dynamo=True, input_names=input_names, output_names=output_names,
-                                     opset_version=opset, optimize=True, verbose=False, report=False)
+    """An exported program to an ONNX file (one file, debug metadata stripped): torch.onnx's translation with
+    its torchlib registry built once per process (:func:`torchlib_registry`), else ``torch.onnx.export``."""
+    registry = torchlib_registry(opset)
+    if registry is None:
+        onnx_program = torch.onnx.export(program, inputs, dynamo=True, input_names=input_names,
+                                         output_names=output_names, opset_version=opset, optimize=True,
+                                         verbose=False, report=False)
+    else:
+        from torch.onnx._internal.exporter import _core
+
+        # what torch.onnx.export does with an ExportedProgram (torch/onnx/_internal/exporter/_compat.py,
+        # export_compat: no dynamic_shapes to convert, no custom table), handing it the registry it would rebuild
+        onnx_program = _core.export(program, inputs, None, registry=registry, dynamic_shapes={},
+                                    input_names=input_names, output_names=output_names, profile=False, report=False,
+                                    verify=False, dump_exported_program=False, artifacts_dir=".", verbose=False,
+                                    optimize=True, opset_version=opset)
     onnx_program.save(str(path), external_data=False)
     strip_debug_metadata(path)
+
+
+@functools.cache
+def _torchlib_opset() -> int | None:
+    """The opset of torch.onnx's torchlib functions, or ``None`` when the private entry point
+    :func:`translate` hands a registry to (``_core.export(..., registry=)``) is not there: ``torch.onnx.export``
+    is then used as is. ``tests/test_export.py`` checks it is there on the pinned torch."""
+    import inspect
+
+    try:
+        from torch.onnx._internal.exporter import _constants, _core, _registration
+    except ImportError:
+        return None
+    if "registry" not in inspect.signature(_core.export).parameters or \
+            not hasattr(_registration.ONNXRegistry, "from_torchlib"):
+        return None
+    return int(_constants.TORCHLIB_OPSET)
+
+
+def torchlib_registry(opset: int) -> Any | None:
+    """torch.onnx's table of ATen -> ONNX Script functions for an export at ``opset``, built once per process
+    (``None`` when torch has no entry point that takes it). ``torch.onnx.export`` rebuilds it on every call
+    (``ONNXRegistry.from_torchlib`` at ``max(opset, torchlib's opset)``: about 0.7 CPU s, a quarter of translating
+    a 2-layer BERT); the translation only reads it (``get_decomps`` to dispatch a node, ``functions`` for the
+    decomposition table)."""
+    lib = _torchlib_opset()
+    return None if lib is None else _registry_at(max(opset, lib))
+
+
+@functools.cache
+def _registry_at(opset: int) -> Any:
+    from torch.onnx._internal.exporter import _registration
+
+    return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
 
 
 #: node metadata torch.onnx writes that we keep: the module scope (it names the module in error messages)

@@ -155,26 +155,28 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
 
     if exports:
         from ..exporters import export_model, exported_info, load_exported
+        from ..exporters.common import shared_exports
 
         export_dir = staging / "exports"
         export_dir.mkdir(exist_ok=True)
         torch_model = model.canonical()
         # the recipe's calibration data, else the model's own (exporters.common.default_calibration)
         calibration = datasets.get(loaded.recipe.calibration.dataset)
-        for spec in exports:
-            path = export_model(model, spec, export_dir, calibration)
-            runtime = load_exported(path, model)
-            key = spec.format if spec.format not in report["exports"] else f"{spec.format}-{len(report['exports'])}"
-            entry: dict[str, Any] = {"path": str(path.relative_to(staging)), "size_bytes": path.stat().st_size,
-                                     "spec": spec.model_dump(mode="json"),
-                                     "kv_cache": bool(exported_info(path).get("kv_cache")),
-                                     "max_abs_err": _max_abs_err(torch_model, runtime, model)}
-            results = _run_metrics(runtime, model, reference, metrics, seed, show_progress, datasets)
-            entry["metrics"] = {n: r.value for n, r in results.items()}
-            report["exports"][key] = entry
-            for n, r in results.items():
-                cmp_results[f"{n}@{key}"] = r
-            steps.update(1)
+        with shared_exports():  # the formats share one export-ready module and one float ONNX graph
+            for spec in exports:
+                path = export_model(model, spec, export_dir, calibration)
+                runtime = load_exported(path, model)
+                key = spec.format if spec.format not in report["exports"] else f"{spec.format}-{len(report['exports'])}"
+                entry: dict[str, Any] = {"path": str(path.relative_to(staging)), "size_bytes": path.stat().st_size,
+                                         "spec": spec.model_dump(mode="json"),
+                                         "kv_cache": bool(exported_info(path).get("kv_cache")),
+                                         "max_abs_err": _max_abs_err(torch_model, runtime, model)}
+                results = _run_metrics(runtime, model, reference, metrics, seed, show_progress, datasets)
+                entry["metrics"] = {n: r.value for n, r in results.items()}
+                report["exports"][key] = entry
+                for n, r in results.items():
+                    cmp_results[f"{n}@{key}"] = r
+                steps.update(1)
     steps.close()
 
     (staging / "report.json").write_text(json.dumps(report, indent=1, default=float))
