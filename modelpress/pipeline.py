@@ -102,6 +102,8 @@ def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, 
     artifact = LazyArtifact(staging, base=r.base.source if r.base else None)
     results: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
     for spec in r.evaluate:
+        if spec.metric == "size":  # the report's size section, from the files and the structures
+            continue
         data = (loaded.datasets.get(spec.dataset) or load_dataset(spec.dataset)) if spec.dataset else None
         ctx = EvalContext(seed=r.seed, samples=spec.samples, options=dict(spec.options), show_progress=show_progress,
                           dataset=data)

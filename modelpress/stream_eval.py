@@ -38,8 +38,9 @@ from .modules import set_submodule
 from .shards import ShardedCheckpoint
 from .stream import LazyModel, Unit, cut_units, parameters_on_meta
 
-#: the metrics a streamed run evaluates block by block (the others load the models whole)
-STREAMED_METRICS = ("perplexity",)
+#: the metrics a streamed run evaluates block by block (the others load the models whole); ``size`` is read from
+#: the files and the models' structures, and needs no weights
+STREAMED_METRICS = ("perplexity", "size")
 
 
 class LazyArtifact:

@@ -256,8 +256,8 @@ def test_streamed_perplexity_equals_the_whole_models(ckpts: dict[str, Path], tmp
 
 def test_streamed_run_evaluates_perplexity_block_by_block(ckpts: dict[str, Path], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A streamed run with evaluate: [perplexity] loads neither the input model nor the artifact whole, and its
-    report holds the values of the in-memory metric on both."""
+    """A streamed run with evaluate: [size, perplexity] loads neither the input model nor the artifact whole, and
+    its report holds the values of the in-memory metric on both (and the sizes: they need no weights)."""
     import modelpress.pipeline as pipeline
     from modelpress.metrics import EvalContext
     from modelpress.metrics.causal import perplexity
@@ -268,7 +268,7 @@ def test_streamed_run_evaluates_perplexity_block_by_block(ckpts: dict[str, Path]
     text = _eval_text(tmp_path / "t.txt")
     out = tmp_path / "eval"
     recipe = _recipe(tmp_path / "eval.yaml", ft, PASSES["bitdelta"], out, ckpts["llama-base"], stream=True,
-                     evaluate=[{"metric": "perplexity", "dataset": str(text), "options": {"window": 16}}])
+                     evaluate=["size", {"metric": "perplexity", "dataset": str(text), "options": {"window": 16}}])
 
     def whole(*args, **kwargs):
         raise AssertionError("a model was loaded whole")
