@@ -94,7 +94,7 @@ def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, 
     from .metrics.report import build_report
     from .sources import load_dataset
     from .stream import LazyModel
-    from .stream_eval import LazyArtifact, streamed_perplexity
+    from .stream_eval import LazyArtifact, self_comparison, streamed_comparison, streamed_perplexity
 
     r = loaded.recipe
     resolve_device(r.device, str(loaded.path or "recipe"))  # the streamed evaluation runs on the CPU
@@ -107,8 +107,12 @@ def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, 
         data = (loaded.datasets.get(spec.dataset) or load_dataset(spec.dataset)) if spec.dataset else None
         ctx = EvalContext(seed=r.seed, samples=spec.samples, options=dict(spec.options), show_progress=show_progress,
                           dataset=data)
-        for lazy, out in ((reference, results[0]), (artifact, results[1])):
-            out[spec.metric] = streamed_perplexity(lazy, ctx)
+        if spec.metric == "perplexity":
+            results[0]["perplexity"] = streamed_perplexity(reference, ctx)
+            results[1]["perplexity"] = streamed_perplexity(artifact, ctx)
+        else:  # token_kl, top1_agreement: the artifact against the reference, streamed side by side
+            results[0][spec.metric] = self_comparison(reference, ctx, spec.metric)
+            results[1][spec.metric] = streamed_comparison(reference, artifact, ctx, spec.metric)
     ref_handle = reference.handle(reference.stored_skeleton())
     ref_handle.extras["checkpoint"] = reference.checkpoint_record()
     build_report(staging, loaded, artifact.handle(artifact.skeleton), ref_handle, exports=[], metrics=r.evaluate,

@@ -1,4 +1,5 @@
-"""Streamed evaluation: the perplexity of a causal-LM checkpoint or artifact computed one decoder block at a time.
+"""Streamed evaluation: the token-window metrics of a causal-LM checkpoint or artifact (``perplexity``; ``token_kl`` and
+``top1_agreement`` against the reference, both models streamed in lockstep) computed one decoder block at a time.
 
 Issue 20, item 1 ("loading an artifact for evaluation can also stream: decode one block at a time"). The
 evaluation windows (:func:`modelpress.metrics.causal.text_windows`, in the metric's batches) are the
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -32,7 +33,8 @@ from .artifact import WEIGHTS, after_load, check_base_sha256, compressed_module,
 from .devices import release_free_memory
 from .errors import UserError
 from .metrics import EvalContext, MetricResult
-from .metrics.causal import perplexity_of, text_windows, window_batches
+from .metrics.causal import (compare_of, perplexity_of, text_windows, token_kl_of, top1_agreement_of,
+                             window_batches)
 from .model import ModelHandle, build_architecture
 from .modules import set_submodule
 from .shards import ShardedCheckpoint
@@ -40,7 +42,7 @@ from .stream import LazyModel, Unit, cut_units, parameters_on_meta
 
 #: the metrics a streamed run evaluates block by block (the others load the models whole); ``size`` is read from
 #: the files and the models' structures, and needs no weights
-STREAMED_METRICS = ("perplexity", "size")
+STREAMED_METRICS = ("perplexity", "token_kl", "top1_agreement", "size")
 
 
 class LazyArtifact:
@@ -120,27 +122,58 @@ class LazyArtifact:
 Streamable = Union[LazyModel, LazyArtifact]
 
 
-def streamed_outputs(model: Streamable, batches: list[tuple[torch.Tensor, ...]]
-                     ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-    """Every batch (canonical inputs) with the whole model's output on it, the model read and run one unit at a
-    time (see the module docstring); each unit is freed, and the memory given back, before the next is read."""
-    *blocks, rest = model.units()
-    head = model.handle(model.materialize(copy.deepcopy(rest.module)))
-    acts = BlockActivations(head, model.blocks_path, batches)
-    del head
-    for unit in blocks:
-        release_free_memory()
-        module, unit.module = model.materialize(unit.module), None
-        acts.propagate(module.get_submodule(unit.block_path))
-        del module
+def streamed_outputs(models: Sequence[Streamable], batches: list[tuple[torch.Tensor, ...]]
+                     ) -> Iterator[tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]]:
+    """Every batch (canonical inputs) with each model's whole-model output on it, the models read and run one
+    unit at a time, in lockstep (see the module docstring; ``models`` of the same architecture: a reference and
+    its artifact side by side for the relative metrics). Each unit is freed, and the memory given back, before
+    the next is read; at the end the models' embeddings-and-head units are held together."""
+    cuts = [model.units() for model in models]
+    acts = []
+    for model, units in zip(models, cuts):
+        head = model.handle(model.materialize(copy.deepcopy(units[-1].module)))
+        acts.append(BlockActivations(head, model.blocks_path, batches))
+        del head
+    for step in zip(*(units[:-1] for units in cuts)):
+        for model, unit, act in zip(models, step, acts):
+            release_free_memory()
+            module, unit.module = model.materialize(unit.module), None
+            act.propagate(module.get_submodule(unit.block_path))
+            del module
     release_free_memory()
-    yield from acts.outputs_of_rest(model.handle(model.materialize(rest.module)))
+    heads = [act.outputs_of_rest(model.handle(model.materialize(units[-1].module)))
+             for model, units, act in zip(models, cuts, acts)]
+    for pairs in zip(*heads):
+        yield pairs[0][0], [output for _, output in pairs]
+
+
+def _windows(model: Streamable, ctx: EvalContext, metric: str) -> tuple[list[tuple[torch.Tensor, ...]], dict[str, Any]]:
+    """The metric's windows in its batches (canonical inputs), and the details, as the in-memory metric makes them."""
+    rows, details = text_windows(model.handle(model.skeleton), ctx, metric)
+    details["streamed"] = True
+    return [(b, torch.ones_like(b)) for b in window_batches(rows, ctx)], details
 
 
 def streamed_perplexity(model: Streamable, ctx: EvalContext) -> MetricResult:
     """The ``perplexity`` metric (:mod:`modelpress.metrics.causal`) of ``model``, streamed: the same windows,
     batches and scoring, so the same value as the model evaluated whole."""
-    rows, details = text_windows(model.handle(model.skeleton), ctx, "perplexity")
-    batches = [(b, torch.ones_like(b)) for b in window_batches(rows, ctx)]
-    details["streamed"] = True
-    return perplexity_of(((batch[0], logits) for batch, logits in streamed_outputs(model, batches)), details)
+    batches, details = _windows(model, ctx, "perplexity")
+    return perplexity_of(((batch[0], out) for batch, (out,) in streamed_outputs([model], batches)), details)
+
+
+def streamed_comparison(reference: Streamable, model: Streamable, ctx: EvalContext, metric: str) -> MetricResult:
+    """``token_kl`` or ``top1_agreement`` of ``model`` against ``reference``, both streamed in lockstep: the same
+    windows, batches and scoring as the in-memory metric, so the same value."""
+    batches, details = _windows(model, ctx, metric)
+    kl, agree, n = compare_of(outs for _, outs in streamed_outputs([reference, model], batches))
+    return token_kl_of(kl, n, details) if metric == "token_kl" else top1_agreement_of(agree, n, details)
+
+
+def self_comparison(model: Streamable, ctx: EvalContext, metric: str) -> MetricResult:
+    """A relative metric of the reference against itself, as the report lists it: ``KL(p || p)`` sums exact
+    zeros (``log p - log p``) and every argmax agrees with itself, so the in-memory path's values are 0.0 and 1.0
+    whatever the logits; only the details (the windows) are computed."""
+    _, details = _windows(model, ctx, metric)
+    details["streamed"] = "not run: the reference against itself"
+    n = details["predicted_tokens"]
+    return token_kl_of(0.0, n, details) if metric == "token_kl" else top1_agreement_of(float(n), n, details)

@@ -254,21 +254,24 @@ def test_streamed_perplexity_equals_the_whole_models(ckpts: dict[str, Path], tmp
         assert len(read) == 3 + 2
 
 
-def test_streamed_run_evaluates_perplexity_block_by_block(ckpts: dict[str, Path], tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """A streamed run with evaluate: [size, perplexity] loads neither the input model nor the artifact whole, and
-    its report holds the values of the in-memory metric on both (and the sizes: they need no weights)."""
+def test_streamed_run_evaluates_block_by_block(ckpts: dict[str, Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed run with evaluate: [size, perplexity, token_kl, top1_agreement] loads neither the input model nor
+    the artifact whole (the relative metrics stream both side by side, batches of 3 with a last partial one), and
+    its report holds the values of the in-memory metrics on both (and the sizes: they need no weights)."""
     import modelpress.pipeline as pipeline
     from modelpress.metrics import EvalContext
-    from modelpress.metrics.causal import perplexity
+    from modelpress.metrics.causal import perplexity, token_kl, top1_agreement
     from modelpress.sources import load_dataset
 
     ft = _copy(ckpts["llama"], tmp_path / "ft")
     _tokenizer(ft)
     text = _eval_text(tmp_path / "t.txt")
     out = tmp_path / "eval"
+    options = {"window": 16, "batch_size": 3}
+    metrics = {"perplexity": perplexity, "token_kl": token_kl, "top1_agreement": top1_agreement}
     recipe = _recipe(tmp_path / "eval.yaml", ft, PASSES["bitdelta"], out, ckpts["llama-base"], stream=True,
-                     evaluate=["size", {"metric": "perplexity", "dataset": str(text), "options": {"window": 16}}])
+                     evaluate=["size", *({"metric": m, "dataset": str(text), "options": options} for m in metrics)])
 
     def whole(*args, **kwargs):
         raise AssertionError("a model was loaded whole")
@@ -279,11 +282,15 @@ def test_streamed_run_evaluates_perplexity_block_by_block(ckpts: dict[str, Path]
     monkeypatch.undo()
     report = json.loads((out / "report.json").read_text())
     assert report["evaluation"] == "streamed"
-    ctx = EvalContext(dataset=load_dataset(str(text)), options={"window": 16})
+    reference = load_checkpoint(ft)
+    ctx = EvalContext(dataset=load_dataset(str(text)), options=options, reference=reference)
     with torch.no_grad():
-        for key, model in (("reference", load_checkpoint(ft)), ("compressed", load_artifact(out))):
-            assert report["metrics"]["perplexity"][key] == perplexity(model.canonical(), model, ctx).value
-    assert report["metrics"]["perplexity"]["compressed"] != report["metrics"]["perplexity"]["reference"]
+        for key, model in (("reference", reference), ("compressed", load_artifact(out))):
+            for name, metric in metrics.items():
+                assert report["metrics"][name][key] == metric(model.canonical(), model, ctx).value, (name, key)
+    got = report["metrics"]
+    assert got["perplexity"]["compressed"] != got["perplexity"]["reference"]
+    assert got["token_kl"]["compressed"] > 0 and got["top1_agreement"]["compressed"] <= 1
     assert report["size_bytes"]["reference_in_memory"] == state_bytes(load_checkpoint(ft).module)  # bf16, not fp32
 
 

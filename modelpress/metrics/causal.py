@@ -140,16 +140,35 @@ def _compare(model: Canonical, ctx: EvalContext, rows: torch.Tensor, metric: str
     """``(sum of KL(ref || model), positions where the argmaxes agree, positions)`` over the predicting
     positions of every window."""
     ref = _reference(ctx, metric)
+
+    def logits() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in _window_batches(rows, ctx):
+            mask = torch.ones_like(b)
+            yield _logits(ref, b, mask), _logits(model, b, mask)
+
+    return compare_of(logits())
+
+
+def compare_of(logits: Iterable[tuple[Any, Any]]) -> tuple[float, float, int]:
+    """:func:`_compare`'s sums from each batch's ``(reference logits, model logits)`` (the whole models'
+    forwards, or the streamed ones': :mod:`modelpress.stream_eval`)."""
     kl = agree = 0.0
     n = 0
-    for b in _window_batches(rows, ctx):
-        mask = torch.ones_like(b)
-        lp = F.log_softmax(_logits(ref, b, mask)[:, :-1], -1)
-        lq = F.log_softmax(_logits(model, b, mask)[:, :-1], -1)
+    for ref_logits, model_logits in logits:
+        lp = F.log_softmax(torch.as_tensor(ref_logits).double()[:, :-1], -1)
+        lq = F.log_softmax(torch.as_tensor(model_logits).double()[:, :-1], -1)
         kl += float((lp.exp() * (lp - lq)).sum())
         agree += float((lp.argmax(-1) == lq.argmax(-1)).sum())
         n += lp.shape[0] * lp.shape[1]
     return kl, agree, n
+
+
+def token_kl_of(kl: float, n: int, details: dict[str, Any]) -> MetricResult:
+    return MetricResult(max(0.0, kl / n), False, details)
+
+
+def top1_agreement_of(agree: float, n: int, details: dict[str, Any]) -> MetricResult:
+    return MetricResult(agree / n, True, details)
 
 
 @register_metric("token_kl", KINDS, "mean per-token KL(reference || model) of the next-token distributions on "
@@ -157,7 +176,7 @@ def _compare(model: Canonical, ctx: EvalContext, rows: torch.Tensor, metric: str
 def token_kl(model: Canonical, handle: ModelHandle, ctx: EvalContext) -> MetricResult:
     rows, details = text_windows(handle, ctx, "token_kl")
     kl, _, n = _compare(model, ctx, rows, "token_kl")
-    return MetricResult(max(0.0, kl / n), False, details)
+    return token_kl_of(kl, n, details)
 
 
 @register_metric("top1_agreement", KINDS, "share of the perplexity windows' positions where the most likely "
@@ -165,7 +184,7 @@ def token_kl(model: Canonical, handle: ModelHandle, ctx: EvalContext) -> MetricR
 def top1_agreement(model: Canonical, handle: ModelHandle, ctx: EvalContext) -> MetricResult:
     rows, details = text_windows(handle, ctx, "top1_agreement")
     _, agree, n = _compare(model, ctx, rows, "top1_agreement")
-    return MetricResult(agree / n, True, details)
+    return top1_agreement_of(agree, n, details)
 
 
 # ---------------------------------------------------------------------------------------------------
