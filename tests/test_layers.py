@@ -17,8 +17,8 @@ LAYERS: list[set[str]] = [
     {"model", "kernels", "sampling", "devices", "distributed", "shards", "diffusers_pipeline"},
     {"passes", "modules", "zoo", "sources", "data"},
     {"quant", "codecs", "prune", "search", "builtin"},
-    {"artifact", "stream"},
-    {"exporters", "metrics"},
+    {"artifact", "stream", "activations"},
+    {"exporters", "metrics", "stream_eval"},
     {"recipe", "pipeline", "api"},
     {"cli", ""},  # "" is modelpress/__init__.py
 ]
