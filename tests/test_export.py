@@ -148,7 +148,7 @@ def test_one_runs_formats_translate_the_model_once_and_write_what_separate_expor
                                                                                          tmp_path: Path) -> None:
     """onnx, int8 onnx and ort in one :func:`shared_exports` block share one float ONNX graph; the .ort (built from
     the kept graph) computes what an export on its own computes, with the same sidecar and operator list (its
-    bytes differ between any two conversions, shared or not)."""
+    bytes, and so its size, differ between any two conversions, shared or not)."""
     assert classifier_exports["translations"] == 1
     h = classifier_exports["handle"]
     alone = export_model(h, ExportSpec(format="ort"), tmp_path)
@@ -158,9 +158,10 @@ def test_one_runs_formats_translate_the_model_once_and_write_what_separate_expor
     config = "model.required_operators.config"  # after its header, which names the converted file's path
     assert [ln for ln in (tmp_path / config).read_text().splitlines() if not ln.startswith("#")] == \
         [ln for ln in (classifier_exports["dir"] / config).read_text().splitlines() if not ln.startswith("#")]
-    timing = {"export_seconds"}
-    assert ({k: v for k, v in exported_info(alone).items() if k not in timing}
-            == {k: v for k, v in exported_info(shared).items() if k not in timing})
+    # the timing, and the .ort's size: two conversions of one graph differ by a few bytes (CI saw 56,616 vs 56,624)
+    varies = {"export_seconds", "size_bytes"}
+    assert ({k: v for k, v in exported_info(alone).items() if k not in varies}
+            == {k: v for k, v in exported_info(shared).items() if k not in varies})
 
 
 def test_ort_mobile_format_runs_and_lists_its_operators(classifier_exports) -> None:
