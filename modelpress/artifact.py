@@ -403,8 +403,14 @@ def compressed_module(entry: dict[str, Any], where: str) -> nn.Module:
     return new
 
 
-def after_load(module: nn.Module) -> None:
-    """Once the tensors are loaded, compressed modules may rebuild derived state (tables, caches)."""
+def load_tensors(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Give ``module`` the artifact's tensors ``state`` (one for each of its state-dict names; a shape that differs
+    is a one-line error), then let its compressed modules rebuild derived state (tables, caches: ``after_load``)."""
+    own = module.state_dict()
+    for k, t in state.items():
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise UserError(f"artifact tensor {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}", where)
+    module.load_state_dict(state, strict=True, assign=True)
     for m in module.modules():
         hook = getattr(m, "after_load", None)
         if callable(hook):
@@ -442,11 +448,7 @@ def load_artifact(path: str | Path, base: ModelHandle | str | None = None) -> Mo
     if missing or unexpected:
         raise UserError(f"artifact does not match its manifest: {len(missing)} missing tensors {missing[:3]}, "
                         f"{len(unexpected)} unexpected {unexpected[:3]}", where)
-    for k, t in state.items():
-        if tuple(t.shape) != tuple(own[k].shape):
-            raise UserError(f"artifact tensor {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}", where)
-    module.load_state_dict(state, strict=True, assign=True)
-    after_load(module)
+    load_tensors(module, state, where)
     return ModelHandle(module.eval(), manifest["kind"], manifest["source"], manifest["architecture"],
                        dict(manifest.get("extras", {})))
 

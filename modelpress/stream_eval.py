@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .activations import BlockActivations
-from .artifact import WEIGHTS, after_load, check_base_sha256, compressed_module, read_manifest
+from .artifact import WEIGHTS, check_base_sha256, compressed_module, load_tensors, read_manifest
 from .devices import release_free_memory
 from .errors import UserError
 from .metrics import EvalContext, MetricResult
@@ -101,21 +101,14 @@ class LazyArtifact:
     def materialize(self, module: nn.Module) -> nn.Module:
         """Give ``module`` (a unit of :meth:`units`) the artifact's compressed modules under it (built from
         their manifest entries) and its tensors, read from ``model.safetensors`` (a delta's base tensors from
-        the base), then run the modules' ``after_load`` (decoding tables)."""
+        the base), as :func:`~modelpress.artifact.load_tensors` gives a whole model its tensors."""
         paths = {name for name, _ in module.named_modules()}
         with parameters_on_meta():
             for entry in self.entries:
                 if entry["path"] not in paths:
                     continue
                 set_submodule(module, entry["path"], compressed_module(entry, self.where))
-        own = module.state_dict()
-        state = {k: self._tensor(k) for k in own}
-        for k, t in state.items():
-            if tuple(t.shape) != tuple(own[k].shape):
-                raise UserError(f"artifact tensor {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}",
-                                self.where)
-        module.load_state_dict(state, strict=True, assign=True)
-        after_load(module)
+        load_tensors(module, {k: self._tensor(k) for k in module.state_dict()}, self.where)
         return module.eval()
 
 

@@ -117,6 +117,7 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
     if results is not None:
         ref_results, cmp_results = results
         report["evaluation"] = "streamed"
+        steps.update(2 * len(metrics))
     else:
         with on_device(device if metrics else None, reference.module, model.module):
             ref_results = _run_metrics(reference.canonical(), reference, reference, metrics, seed, show_progress,
@@ -171,10 +172,10 @@ def build_report(staging: Path, loaded: Any, model: ModelHandle, reference: Mode
                                          "spec": spec.model_dump(mode="json"),
                                          "kv_cache": bool(exported_info(path).get("kv_cache")),
                                          "max_abs_err": _max_abs_err(torch_model, runtime, model)}
-                results = _run_metrics(runtime, model, reference, metrics, seed, show_progress, datasets)
-                entry["metrics"] = {n: r.value for n, r in results.items()}
+                export_results = _run_metrics(runtime, model, reference, metrics, seed, show_progress, datasets)
+                entry["metrics"] = {n: r.value for n, r in export_results.items()}
                 report["exports"][key] = entry
-                for n, r in results.items():
+                for n, r in export_results.items():
                     cmp_results[f"{n}@{key}"] = r
                 steps.update(1)
     steps.close()
