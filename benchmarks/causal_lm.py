@@ -16,7 +16,8 @@ with recipe-shaped pass configs, the configs of ``recipes/zoo-lm/``) and scored 
   baseline; sparsity 50% (SparseGPT levels) against uniform 50%; 1 of 4 blocks dropped against ShortGPT and
   DP;
 * **quantization peers** (``pydocs-lm``, the 28 linear layers of the blocks; the tied embedding / head stays
-  bf16 in every row): RTN and GPTQ int4 / int3 (group 128, packed), bitsandbytes NF4 / int8 (``bnb`` pass),
+  bf16 in every row): RTN and GPTQ int4 / int3 (group 128, packed; EvoPress' uniform level and the ``gptq``
+  pass, block by block, sequential or not), bitsandbytes NF4 / int8 (``bnb`` pass),
   torchao int8 weight-only, and the EvoPress 3-bit mix; HQQ and optimum-quanto are not installed here;
 * **multiple choice**: ``choice_accuracy`` of the three zoo LMs on ``pydocs-choice/test``.
 
@@ -317,9 +318,15 @@ def peer_rows(args: argparse.Namespace) -> list[tuple[str, str, list[dict], bool
     return [
         ("4 bits", "RTN int4 g128 (modelpress, packed)", evo("bits", 4, "uniform", args, method="rtn"), False),
         ("4 bits", "GPTQ int4 g128 (modelpress, packed)", evo("bits", 4, "uniform", args), True),
+        ("4 bits", "GPTQ int4 g128 (type: gptq, sequential)", recipe_passes("gptq"), True),
+        ("4 bits", "GPTQ int4 g128 (type: gptq, sequential: false)", recipe_passes("gptq", sequential=False), True),
+        ("4 bits", "RTN int4 g128 (type: gptq, method: rtn)", recipe_passes("gptq", method="rtn"), False),
         ("4 bits", "bitsandbytes NF4 (block 64)", recipe_passes("bnb_nf4"), False),
         ("3 bits", "RTN int3 g128 (modelpress, packed)", evo("bits", 3, "uniform", args, method="rtn"), False),
         ("3 bits", "GPTQ int3 g128 (modelpress, packed)", evo("bits", 3, "uniform", args), True),
+        ("3 bits", "GPTQ int3 g128 (type: gptq, sequential)", recipe_passes("gptq", bits=3), True),
+        ("3 bits", "GPTQ int3 g128 (type: gptq, sequential: false)", recipe_passes("gptq", bits=3, sequential=False),
+         True),
         ("8 bits", "bitsandbytes int8 (LLM.int8 row absmax)", recipe_passes("bnb_nf4", mode="int8"), False),
     ]
 

@@ -116,27 +116,29 @@ class BlockActivations:
         return _Batch(hidden, tuple(args), dict(catcher.kwargs), batch[1] if rest.kind in TEXT_KINDS else None)
 
     @torch.no_grad()
-    def through_block(self, unit: nn.Module, block_path: str, layers: list[str],
-                      scale: float) -> dict[str, torch.Tensor]:
+    def through_block(self, unit: nn.Module, block_path: str, layers: list[str], scale: float,
+                      advance: bool = True) -> dict[str, torch.Tensor]:
         """Run every batch through the block at ``block_path`` of ``unit`` (its weights loaded, not yet changed
-        by the pass), accumulating the input Hessians of ``layers`` (paths in ``unit``); the block's outputs
-        become the next block's inputs. Returns the Hessians (:class:`~modelpress.data.capture.HessianAccumulator`
-        ``.H``)."""
+        by the pass), accumulating the input Hessians of ``layers`` (paths in ``unit``); with ``advance`` the
+        block's outputs become the next block's inputs (GPTQ's sequential mode instead calls :meth:`propagate`
+        once the block is compressed). Returns the Hessians
+        (:class:`~modelpress.data.capture.HessianAccumulator` ``.H``)."""
         with hessian_hooks(unit, layers, scale) as hooks:
-            self.propagate(unit.get_submodule(block_path), hooks)
+            self.propagate(unit.get_submodule(block_path), hooks, advance)
         return hooks.hessians()
 
     @torch.no_grad()
-    def propagate(self, block: nn.Module, hooks: Any = None) -> None:
-        """Run every batch, in batch order, through ``block``: its outputs become the next block's inputs
-        (``hooks``: the Hessian hooks told each batch's token mask)."""
+    def propagate(self, block: nn.Module, hooks: Any = None, advance: bool = True) -> None:
+        """Run every batch, in batch order, through ``block``: with ``advance`` its outputs become the next
+        block's inputs (``hooks``: the Hessian hooks told each batch's token mask)."""
         for state in self.states:
             if hooks is not None:
                 hooks.token_mask = state.token_mask
             out = block(state.hidden, *(_fresh(a) for a in state.args),
                         **{k: _fresh(v) for k, v in state.kwargs.items()})
             self.block_returns_tuple = isinstance(out, tuple)
-            state.hidden = out[0] if self.block_returns_tuple else out
+            if advance:
+                state.hidden = out[0] if self.block_returns_tuple else out
 
     def _replayed(self, rest: ModelHandle, hooks: Any = None) -> Iterator[torch.Tensor]:
         """Each batch's output of ``rest`` (the model's canonical call: logits for a causal LM), its blocks

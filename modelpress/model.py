@@ -499,3 +499,24 @@ def align_to_base(model: nn.Module, base: nn.Module) -> dict[str, str]:
                 out[key] = c
                 break
     return out
+
+
+def is_transformers(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers model class (not a diffusers or torch one)."""
+    return type(module).__module__.startswith("transformers")
+
+
+def find_blocks(module: nn.Module) -> str:
+    """The dotted path of the model's stack of repeated blocks: the longest ``nn.ModuleList`` whose items
+    share one class and contain Linear layers (``model.layers`` of a Llama, ``bert.encoder.layer`` of a BERT);
+    a one-line error when there is none (a UNet's blocks change channels and resolution: none repeats)."""
+    best, best_len = "", 0
+    if not is_transformers(module):
+        raise UserError(f"a {type(module).__name__} has no stack of repeated blocks")
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > best_len and len({type(m) for m in mod}) == 1:
+            if any(isinstance(m, nn.Linear) or is_conv1d(m) for m in mod[0].modules()):
+                best, best_len = name, len(mod)
+    if best_len < 2:
+        raise UserError(f"a {type(module).__name__} has no stack of repeated blocks")
+    return best

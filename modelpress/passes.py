@@ -173,12 +173,15 @@ class UnitCalibration:
     """What a streamed pass that calibrates on the model's activations asks for (:meth:`Pass.unit_calibration`):
     the calibration ``batches`` (canonical inputs, in the order the in-memory pass runs them) and, for each unit,
     the input Hessians (:class:`~modelpress.data.capture.HessianAccumulator` with ``scale``) of the layers that
-    ``layers(unit, base_unit)`` names. The streamed runner propagates the batches through the uncompressed
-    blocks (:mod:`modelpress.activations`) and hands the Hessians over in :attr:`Context.unit_hessians`."""
+    ``layers(unit, base_unit)`` names. The streamed runner propagates the batches through the blocks
+    (:mod:`modelpress.activations`) and hands the Hessians over in :attr:`Context.unit_hessians`: through the
+    uncompressed blocks, or with ``sequential`` through each block as the pass compressed it (GPTQ, Sec. 4: block
+    ``k + 1`` is calibrated on the quantized block ``k``'s outputs)."""
 
     batches: list[tuple[torch.Tensor, ...]]
     layers: Callable[[nn.Module, nn.Module | None], list[str]]
     scale: float = 2.0
+    sequential: bool = False
 
 
 class Pass:
@@ -214,6 +217,10 @@ class Pass:
         raise NotImplementedError
 
     # -- streamed compression (modelpress.stream): one decoder block at a time
+
+    #: whether the in-memory pass, when it calibrates on activations, holds every matrix's float64 input Hessian
+    #: at once (Delta-CoMe; ``stream: auto`` counts them, :func:`modelpress.stream.in_memory_bytes`)
+    holds_every_hessian: ClassVar[bool] = True
 
     #: :meth:`apply_unit` depends on nothing but its unit (not on ``first_layer`` nor on other units), so the
     #: streamed path may compress the units on different ranks (:mod:`modelpress.distributed`)

@@ -2,7 +2,7 @@
 
 Issue 20 ("Beyond one machine's memory"); the peers do the same: llm-compressor's sequential pipeline onloads one
 decoder layer at a time. For passes that work layer by layer (``cast``, ``dfloat11``, ``bitdelta`` with
-``steps: 0``, ``dare``, ``bnb``, ``delta_come``: each declares it with :meth:`~modelpress.passes.Pass.streams`):
+``steps: 0``, ``dare``, ``bnb``, ``gptq``, ``delta_come``: each declares it with :meth:`~modelpress.passes.Pass.streams`):
 
 1. The checkpoint (and, for a delta, the base) is opened lazily (:class:`~modelpress.shards.ShardedCheckpoint`:
    headers only, every shard and tensor checked before any work) and the model is built with its parameters on
@@ -13,8 +13,9 @@ decoder layer at a time. For passes that work layer by layer (``cast``, ``dfloat
 3. Per unit: its tensors are read from the shards (for a delta, the base's same unit too), every pass runs on it
    (:meth:`~modelpress.passes.Pass.apply_unit`), its artifact tensors are appended to the weights spool
    (:class:`~modelpress.artifact.WeightsSpool`) and the unit is freed. A pass that calibrates on activations
-   (Delta-CoMe's GPTQ; :meth:`~modelpress.passes.Pass.calibrates_on_activations`) gets the unit's input Hessians
-   from the calibration batches propagated block by block (:mod:`modelpress.activations`).
+   (``gptq``, Delta-CoMe's GPTQ; :meth:`~modelpress.passes.Pass.calibrates_on_activations`) gets the unit's input
+   Hessians from the calibration batches propagated block by block (:mod:`modelpress.activations`): through the
+   input model's blocks, or, for ``gptq``'s sequential mode, through each block as the pass compressed it.
 4. At the end the passes record what they did over all units, in the whole model's order
    (:meth:`~modelpress.passes.Pass.record_units`), the spool becomes ``model.safetensors`` and the manifest is
    written: the same bytes as the in-memory path for the same recipe and seed (``tests/test_stream.py``). All of
@@ -45,7 +46,7 @@ from .artifact import (WEIGHTS, WEIGHTS_METADATA, WeightsSpool, artifact_state, 
 from .data import Dataset
 from .devices import memory_available, release_free_memory
 from .errors import UserError
-from .model import (ModelHandle, align_prefix, build_checkpoint_module, check_kind, checkpoint_paths,
+from .model import (ModelHandle, align_prefix, build_checkpoint_module, check_kind, checkpoint_paths, find_blocks,
                     checkpoint_record, describe_architecture, guess_kind, read_architecture, tokenizer_extras)
 from .modules import module_class, set_submodule
 from .passes import CalibrationSpec, Context, Pass, UnitCalibration, get_pass, seeded
@@ -183,8 +184,6 @@ class LazyModel:
         return stored
 
     def _blocks_path(self) -> str:
-        from .search.levels import find_blocks
-
         try:
             return find_blocks(self.skeleton)
         except UserError:
@@ -296,13 +295,15 @@ def in_memory_bytes(model: Any, base: Any, passes: list[tuple[str, Any]] = ()) -
     """What the in-memory path holds at its peak, estimated from the checkpoints' bytes on disk: 4x the model's
     (the model, its untouched reference copy, the compressed model and its serialized weights) plus 2x the base's
     (the base and the copies of its weights the delta layers take). benchmarks/scale.py measured 3.9x for
-    dfloat11 (0.5B) and 4x + 2x for BitDelta (docs/scale.md). A pass that calibrates on activations
-    (Delta-CoMe) also holds every matrix's float64 input Hessian at once (:func:`hessians_bytes`)."""
+    dfloat11 (0.5B) and 4x + 2x for BitDelta (docs/scale.md). A pass that calibrates on activations and
+    holds every matrix's float64 input Hessian at once (Delta-CoMe; not ``gptq``, which goes block by block) adds
+    them (:func:`hessians_bytes`)."""
     checkpoint = ShardedCheckpoint.open(Path(model.source))
     total = 4 * checkpoint.bytes_on_disk()
     if base is not None:
         total += 2 * ShardedCheckpoint.open(Path(base.source)).bytes_on_disk()
-    if any(get_pass(name)(config).calibrates_on_activations() for name, config in passes):
+    if any(p.calibrates_on_activations() and p.holds_every_hessian
+           for p in (get_pass(name)(config) for name, config in passes)):
         total += hessians_bytes(checkpoint)
     return total
 
@@ -413,8 +414,14 @@ class _Calibrating:
         """The input Hessians of the unit's layers the pass names; a block's outputs become the next one's inputs."""
         layers = self.spec.layers(handle.module, base)
         if unit.block_path is not None:
-            return self.activations.through_block(handle.module, unit.block_path, layers, self.spec.scale)
+            return self.activations.through_block(handle.module, unit.block_path, layers, self.spec.scale,
+                                                  advance=not self.spec.sequential)
         return self.activations.through_rest(handle, layers, self.spec.scale)
+
+    def advance(self, unit: Unit, handle: ModelHandle) -> None:
+        """In sequential mode, the block as the pass compressed it gives the next block's inputs."""
+        if self.spec.sequential and unit.block_path is not None:
+            self.activations.propagate(handle.module.get_submodule(unit.block_path))
 
 
 def _start_calibration(ft: LazyModel, rest: Unit, objs: list[Pass], ctx: Context,
@@ -467,10 +474,13 @@ def _compress_unit_here(ft: LazyModel, base: LazyModel | None, unit: Unit, base_
     for i, p in enumerate(objs):
         t0 = time.perf_counter()
         with seeded(seed + i), torch.random.fork_rng():
-            if calibrating is not None and calibrating.index == i:
+            calibrates = calibrating is not None and calibrating.index == i
+            if calibrates:
                 ctx.unit_hessians = calibrating.hessians(unit, handle, base_module)
             handle, part = p.apply_unit(handle, ctx, base_module, first_layer[i] if first_layer else 0)
             ctx.unit_hessians = {}
+            if calibrates:
+                calibrating.advance(unit, handle)
         seconds.append(time.perf_counter() - t0)
         parts.append(part)
         if first_layer:

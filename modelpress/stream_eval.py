@@ -35,7 +35,7 @@ from .errors import UserError
 from .metrics import EvalContext, MetricResult
 from .metrics.causal import (compare_of, perplexity_of, text_windows, token_kl_of, top1_agreement_of,
                              window_batches)
-from .model import ModelHandle, build_architecture
+from .model import ModelHandle, build_architecture, find_blocks
 from .modules import set_submodule
 from .shards import ShardedCheckpoint
 from .stream import LazyModel, Unit, cut_units, parameters_on_meta
@@ -64,8 +64,6 @@ class LazyArtifact:
             raise UserError("streamed evaluation: the artifact's whole model is one compressed module", str(p))
         with parameters_on_meta():
             self.skeleton = build_architecture(self.architecture)
-        from .search.levels import find_blocks
-
         self.blocks_path = find_blocks(self.skeleton)
         self.weights = ShardedCheckpoint([p / WEIGHTS])
         self.aliases: dict[str, str] = manifest["aliases"]

@@ -16,8 +16,8 @@ LAYERS: list[set[str]] = [
     {"errors", "console", "_version", "registry"},
     {"model", "kernels", "sampling", "devices", "distributed", "shards", "diffusers_pipeline"},
     {"passes", "modules", "zoo", "sources", "data"},
-    {"quant", "codecs", "prune", "search", "builtin"},
-    {"artifact", "stream", "activations"},
+    {"quant", "codecs", "prune", "search", "builtin", "activations"},
+    {"artifact", "stream"},
     {"exporters", "metrics", "stream_eval"},
     {"recipe", "pipeline", "api"},
     {"cli", ""},  # "" is modelpress/__init__.py

@@ -47,6 +47,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "dare": {"p": 0.5},
     "darex": {"p": 0.5, "grid": 2, "samples": 4, "batch_size": 4, "seq_len": 8},
     "delta_come": {"samples": 4, "batch_size": 4, "seq_len": 8, "group_size": 16},
+    "gptq": {"samples": 4, "batch_size": 4, "seq_len": 8, "group_size": 16},
     "evopress": {"family": "bits", "method": "rtn", "levels": [4, 6, 8], "budget": 6, "generations": 1,
                  "offspring": 2, "survivors": [1], "stage_samples": [2], "calibration_samples": 4,
                  "baseline_samples": 2, "hessian_samples": 2, "batch_size": 2, "max_length": 8, "group_size": 16},

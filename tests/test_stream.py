@@ -96,6 +96,11 @@ PASSES = {
     "delta_come-rtn": [{"type": "delta_come", "quantizer": "rtn"}],
     "bnb": [{"type": "bnb"}],
     "bnb-int8": [{"type": "bnb", "mode": "int8"}],
+    "gptq": [{"type": "gptq", "bits": 3, "group_size": 32, "samples": 8, "batch_size": 4, "seq_len": 16,
+              "lm_head": True}],
+    "gptq-dense": [{"type": "gptq", "bits": 4, "group_size": 32, "samples": 8, "batch_size": 4, "seq_len": 16,
+                    "sequential": False, "act_order": True}],
+    "gptq-rtn": [{"type": "gptq", "method": "rtn", "lm_head": True}],
 }
 DELTA = ("bitdelta", "dare", "delta_come", "delta_come-rtn")
 
@@ -103,11 +108,15 @@ DELTA = ("bitdelta", "dare", "delta_come", "delta_come-rtn")
 @pytest.mark.parametrize("method,arch", [("dfloat11", "llama-tied"), ("cast+dfloat11", "gpt2"), ("bitdelta", "llama"),
                                          ("bitdelta", "gpt2"), ("dare", "llama-tied"), ("delta_come", "llama"),
                                          ("delta_come", "gpt2"),
-                                         ("delta_come-rtn", "llama"), ("bnb", "llama-tied"), ("bnb-int8", "gpt2")])
+                                         ("delta_come-rtn", "llama"), ("bnb", "llama-tied"), ("bnb-int8", "gpt2"),
+                                         ("gptq", "llama"), ("gptq", "llama-tied"), ("gptq-dense", "gpt2"),
+                                         ("gptq-rtn", "llama")])
 def test_streamed_artifact_is_byte_identical_to_in_memory(ckpts: dict[str, Path], arch: str, method: str) -> None:
     """delta_come (GPTQ) calibrates on texts, some padded: its streamed Hessians come from activations propagated
     block by block (modelpress.activations) and must equal the whole model's forward's to the bit; on the untied
-    Llama the head is a compressed delta too (its Hessian from the replayed last block's outputs)."""
+    Llama the head is a compressed delta too (its Hessian from the replayed last block's outputs). gptq's
+    sequential mode propagates each block as quantized (in memory and streamed alike); with lm_head: true the
+    untied head is quantized on the last block's outputs, a tied one left in float with a warning."""
     root = ckpts["root"]
     base = ckpts[f"{arch}-base"] if method in DELTA else None
     outs = {}
@@ -127,6 +136,13 @@ def test_streamed_artifact_is_byte_identical_to_in_memory(ckpts: dict[str, Path]
         assert streamed["activation_bytes"] >= 8 * 16 * 64 * 2
         assert manifest["passes"]["delta_come"]["calibration"]["samples"] == 8
         assert ("lm_head" in manifest["passes"]["delta_come"]["ranks"]) == (arch == "llama")
+    if method.startswith("gptq"):
+        entry = manifest["passes"]["gptq"]
+        per_block = 7 if arch.startswith("llama") else 4  # q k v o gate up down; GPT-2: c_attn c_proj c_fc c_proj
+        assert entry["layers"] == 3 * per_block + (arch == "llama" and "lm_head" in str(PASSES[method]))
+        assert ("lm_head.qweight" in json.dumps(manifest["tensors"])) == (entry["layers"] % per_block == 1)
+        assert bool(entry.get("warnings")) == (arch == "llama-tied")
+        assert (streamed.get("activation_bytes", 0) > 0) == (method != "gptq-rtn")
     # the streamed artifact loads (a delta: its base from the manifest) and runs like the in-memory one
     a, b = load_artifact(outs[True]), load_artifact(outs[False])
     ids, mask = example_inputs(a, batch=2, seq_len=12)

@@ -21,19 +21,30 @@ packing are :mod:`modelpress.quant.primitives`' (unsigned codes), and ``res.to_m
 result as a packed :class:`~modelpress.quant.packed.PackedLinear` / ``PackedConv2d``.
 ``group_size=None`` (or >= the number of columns) means one group per row. ``bits`` is 1..8.
 Everything runs in float64 on the CPU for the Cholesky steps when the matrix is small, float32 otherwise.
+
+The pass ``type: gptq`` (:class:`GPTQPass`) quantizes a causal LM's decoder blocks with it, block by block as the
+paper's Sec. 4 and its reference implementation do: the calibration texts' hidden states are carried from block
+to block (:class:`~modelpress.activations.BlockActivations`), each block's linear layers get their input Hessians
+from them, and, in ``sequential`` mode (the default), block ``k + 1`` is calibrated on the outputs of block ``k``
+*as quantized*. The same code runs in memory and streamed (:mod:`modelpress.stream`): the same bytes.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..data.capture import HessianAccumulator
+from ..model import ModelHandle, find_blocks, is_conv1d
+from ..modules import set_submodule
+from ..passes import Context, Pass, PassConfig, UnitCalibration, register_pass
 from .primitives import dequantize, dequantize_groups, group_grids, group_slices, quant_grid, quantize
 
-__all__ = ["QuantResult", "gptq_quantize", "rtn_quantize", "hessian_from_inputs"]
+__all__ = ["QuantResult", "gptq_quantize", "rtn_quantize", "hessian_from_inputs", "GPTQPass"]
 
 
 @dataclass
@@ -170,3 +181,179 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     deq = Q[:, invperm]
     codes = codes[:, invperm]
     return QuantResult(deq.to(W.dtype), codes.to(torch.uint8), scales.float(), zeros.float(), bits, gs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pass: weight-only GPTQ (or RTN) of a causal LM, block by block
+
+#: GPTQ's Hessian ``H = 2 X^T X / n`` (Sec. 3)
+GPTQ_HESSIAN_SCALE = 2.0
+
+
+def _as_linear(layer: nn.Module) -> nn.Module:
+    """``layer`` as an ``nn.Linear`` (a GPT-2 ``Conv1D``'s ``[in, out]`` weight transposed; others as they are)."""
+    if not is_conv1d(layer):
+        return layer
+    weight = layer.weight.detach()
+    lin = nn.Linear(weight.shape[0], weight.shape[1], bias=layer.bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+    if layer.bias is not None:
+        lin.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return lin
+
+
+def quantize_layer(layer: nn.Module, H: torch.Tensor | None, bits: int, group_size: int, sym: bool,
+                   percdamp: float = 0.01, act_order: bool = False) -> nn.Module:
+    """The packed replacement (:class:`~modelpress.quant.packed.PackedLinear`) of a Linear / GPT-2 ``Conv1D``:
+    GPTQ with its input Hessian ``H``, or round-to-nearest when ``H`` is ``None``. The rebuilt weight is kept in
+    the layer's dtype (float32, float16 or bfloat16)."""
+    lin = _as_linear(layer)
+    W = lin.weight.detach().float()
+    res = rtn_quantize(W, bits, group_size, sym) if H is None else \
+        gptq_quantize(W, H, bits, group_size, sym, percdamp=percdamp, act_order=act_order)
+    dtype = lin.weight.dtype if lin.weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return res.to_module(lin, sym, dtype)
+
+
+@register_pass
+class GPTQPass(Pass):
+    """``type: gptq`` — weight-only GPTQ (Frantar et al. 2023) of every linear layer in a causal LM's decoder
+    blocks, stored packed (``bits`` per weight plus a float32 scale and uint8 zero point per group)."""
+
+    name = "gptq"
+    kinds = ("causal-lm",)
+    units_independent = True  # with ``method: rtn``; GPTQ calibrates on activations (never shared by ranks)
+
+    class Config(PassConfig):
+        bits: int = Field(4, ge=1, le=8, description="bits per weight")
+        group_size: int = Field(128, ge=0, le=65536, description="quantization group along each row (0: whole row)")
+        sym: bool = Field(False, description="symmetric grids (zero point 2^(bits-1)); default asymmetric min-max")
+        method: Literal["gptq", "rtn"] = Field("gptq", description="gptq: second-order error feedback with the "
+                                               "layers' input Hessians; rtn: round to nearest on the same grid")
+        act_order: bool = Field(False, description="quantize columns by decreasing Hessian diagonal (GPTQ's "
+                                                    "--act-order)")
+        percdamp: float = Field(0.01, gt=0, le=1, description="dampening, a fraction of the Hessian's mean diagonal")
+        sequential: bool = Field(True, description="calibrate each block on the previous blocks as quantized "
+                                                   "(GPTQ Sec. 4); false: on the input model's activations")
+        lm_head: bool = Field(False, description="also quantize an untied output head (GPTQ keeps it in float)")
+        skip: list[str] = Field(default_factory=list, description="module-path substrings left in float")
+        samples: int = Field(128, ge=1, le=100_000, description="calibration texts (GPTQ: 128)")
+        batch_size: int = Field(8, ge=1, le=1024)
+        seq_len: int = Field(128, ge=4, le=32768, description="tokens per calibration text (GPTQ: 2048)")
+
+    def calibrates_on_activations(self) -> bool:
+        return self.config.method == "gptq"
+
+    def streams(self) -> bool:
+        return True  # RTN needs nothing but the unit; GPTQ its layers' Hessians (unit_calibration)
+
+    holds_every_hessian = False  # in memory too, one block's Hessians at a time
+
+    # -- in memory: the blocks one after the other, as the streamed runner does
+
+    def apply(self, model: ModelHandle, ctx: Context) -> ModelHandle:
+        from ..activations import BlockActivations
+
+        module = model.module.eval()
+        blocks_path = find_blocks(module)
+        blocks = module.get_submodule(blocks_path)
+        acts = BlockActivations(model, blocks_path, self._batches(model, ctx)) if self.calibrates_on_activations() \
+            else None
+        parts = []
+        for i in ctx.progress(range(len(blocks)), desc="gptq blocks"):
+            path = f"{blocks_path}.{i}"
+            names = self._layers(blocks[i], path)
+            hessians = acts.through_block(module, path, names, GPTQ_HESSIAN_SCALE,
+                                          advance=not self.config.sequential) if acts is not None else {}
+            parts.append(self._quantize(module, names, hessians))
+            if acts is not None and self.config.sequential:
+                acts.propagate(blocks[i])
+        head = self._head(module)
+        hessians = acts.through_rest(model, head, GPTQ_HESSIAN_SCALE) if acts is not None else {}
+        parts.append(self._quantize(module, head, hessians, self._head_warnings(module)))
+        self.record_units(parts, ctx)
+        return model
+
+    def _batches(self, model: ModelHandle, ctx: Context) -> list[tuple[torch.Tensor, ...]]:
+        """The calibration texts (this pass's own draw: offset 29)."""
+        cfg = self.config
+        return ctx.calibration_batches(model, self.name, ctx.setting(cfg, "samples"), ctx.setting(cfg, "batch_size"),
+                                       ctx.setting(cfg, "seq_len"), offset=29)
+
+    def _skipped(self, path: str) -> bool:
+        return any(s and s in path for s in self.config.skip)
+
+    def _layers(self, block: nn.Module, prefix: str = "") -> list[str]:
+        """The full paths of ``block``'s Linear / ``Conv1D`` layers (``block`` at ``prefix``), less ``skip``."""
+        names = [f"{prefix}.{n}".strip(".") for n, m in block.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+        return [n for n in names if not self._skipped(n)]
+
+    def _output_head(self, module: nn.Module) -> tuple[str, bool] | None:
+        """The output head's path and whether it shares its weight with the input embedding (``None``: none)."""
+        head = module.get_output_embeddings()
+        if head is None:
+            return None
+        path = next(n for n, m in module.named_modules() if m is head)
+        return path, head.weight is module.get_input_embeddings().weight
+
+    def _head(self, module: nn.Module) -> list[str]:
+        """``[the output head's path]`` with ``lm_head: true`` and a head of its own; ``[]`` otherwise."""
+        found = self._output_head(module) if self.config.lm_head else None
+        return [found[0]] if found is not None and not found[1] and not self._skipped(found[0]) else []
+
+    def _head_warnings(self, module: nn.Module) -> list[str]:
+        found = self._output_head(module) if self.config.lm_head else None
+        if found is not None and found[1]:
+            return [f"lm_head: true, but {found[0]} shares its weight with the input embedding: left in float"]
+        return []
+
+    def _quantize(self, module: nn.Module, names: list[str], hessians: dict[str, torch.Tensor],
+                  warnings: list[str] = ()) -> dict[str, Any]:
+        """Replace each layer ``names`` of ``module`` by its packed GPTQ (with ``hessians``) or RTN result;
+        returns the record part."""
+        cfg = self.config
+        weights = stored = 0
+        for name in names:
+            new = quantize_layer(module.get_submodule(name), hessians.get(name), cfg.bits, cfg.group_size, cfg.sym,
+                                 cfg.percdamp, cfg.act_order)
+            weights += new.rows * new.cols
+            stored += sum(t.numel() * t.element_size() for k, t in new.state_dict().items() if k != "bias")
+            set_submodule(module, name, new)
+        return {"layers": len(names), "weights": weights, "stored_bytes": stored, "warnings": list(warnings)}
+
+    # -- streamed (modelpress.stream): one decoder block at a time
+
+    def unit_calibration(self, model: ModelHandle, ctx: Context) -> UnitCalibration | None:
+        if not self.calibrates_on_activations():
+            return None
+        return UnitCalibration(self._batches(model, ctx), self._unit_layers, GPTQ_HESSIAN_SCALE, self.config.sequential)
+
+    @staticmethod
+    def _is_rest(unit: nn.Module) -> bool:
+        """Whether a streamed unit is the model without its blocks (the model's own class), not a decoder block
+        (held in bare modules under its path)."""
+        return callable(getattr(unit, "get_output_embeddings", None))
+
+    def _unit_layers(self, unit: nn.Module, base: nn.Module | None = None) -> list[str]:
+        """A streamed unit's layers: a decoder block's, or the head of the model without its blocks."""
+        return self._head(unit) if self._is_rest(unit) else self._layers(unit)
+
+    def apply_unit(self, unit: ModelHandle, ctx: Context, base: nn.Module | None,
+                   first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
+        module = unit.module.eval()
+        warnings = self._head_warnings(module) if self._is_rest(module) else []
+        return unit, self._quantize(module, self._unit_layers(module), ctx.unit_hessians, warnings)
+
+    def record_units(self, parts: list[dict[str, Any]], ctx: Context,
+                     rank: Callable[[str], int] | None = None) -> None:
+        cfg = self.config
+        for part in parts:
+            for message in part["warnings"]:
+                ctx.warn(self.name, message)
+        weights, stored = sum(p["weights"] for p in parts), sum(p["stored_bytes"] for p in parts)
+        entry = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+                 "layers": sum(p["layers"] for p in parts), "weights": weights,
+                 "stored_bits_per_weight": round(8 * stored / weights, 4) if weights else None}
+        if cfg.method == "gptq":
+            entry.update(act_order=cfg.act_order, sequential=cfg.sequential)
+        ctx.record(self.name, **entry)

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..model import is_conv1d
+from ..model import find_blocks, is_conv1d, is_transformers
 from ..modules import register_module, set_submodule
 from ..prune.sparse import sparse_from_dense
 from ..quant.gptq import QuantResult
@@ -122,27 +122,6 @@ class LevelSpec:
 # Which modules are searched
 
 
-def _is_transformers(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("transformers")
-
-
-def find_blocks(module: nn.Module) -> str:
-    """The dotted path of the model's stack of repeated blocks: the longest ``nn.ModuleList`` whose items
-    share one class and contain Linear layers (``bert.encoder.layer`` for BERT)."""
-    best, best_len = "", 0
-    if not _is_transformers(module):  # UNet blocks change channels and resolution: none can be skipped
-        raise UserError(f"{type(module).__name__} has no stack of repeated blocks to drop; use the sparsity or "
-                        "bits family")
-    for name, mod in module.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > best_len and len({type(m) for m in mod}) == 1:
-            if any(isinstance(m, nn.Linear) or is_conv1d(m) for m in mod[0].modules()):
-                best, best_len = name, len(mod)
-    if best_len < 2:
-        raise UserError(f"{type(module).__name__} has no stack of repeated blocks to drop; use the sparsity or "
-                        "bits family")
-    return best
-
-
 def find_layers(module: nn.Module) -> list[str]:
     """The layers searched by the sparsity and bits families.
 
@@ -150,7 +129,7 @@ def find_layers(module: nn.Module) -> list[str]:
     embeddings, pooler and head stay dense). Other models (UNets): every ``nn.Linear`` and ungrouped
     ``nn.Conv2d`` except the first and last convolution (``conv_in``, ``conv_out``).
     """
-    if _is_transformers(module):
+    if is_transformers(module):
         root = find_blocks(module)
         blocks = module.get_submodule(root)
         conv1d = [n for n, m in blocks.named_modules() if is_conv1d(m)]
@@ -167,7 +146,10 @@ def find_layers(module: nn.Module) -> list[str]:
 def search_units(module: nn.Module, family: str) -> tuple[list[str], list[int]]:
     """``(unit paths, budget weights)``: layers weighted by parameter count, or blocks weighted 1."""
     if family == "drop":
-        root = find_blocks(module)
+        try:
+            root = find_blocks(module)
+        except UserError as exc:
+            raise UserError(f"{exc}: none to drop; use the sparsity or bits family") from None
         return [f"{root}.{i}" for i in range(len(module.get_submodule(root)))], \
             [1] * len(module.get_submodule(root))
     names = find_layers(module)
