@@ -14,7 +14,9 @@ Each measurement is one ``modelpress compress RECIPE`` in a child process; wall 
 the child's peak resident set (``/usr/bin/time``'s maximum resident set size) are recorded. ``dfloat11`` runs on the
 fine-tune, ``bitdelta`` (``steps: 0``, no distillation) and ``delta_come`` (GPTQ on the input Hessians of its
 default calibration, 64 random token sequences of 64 tokens in batches of 8: streamed, the activations propagate
-block by block) on the fine-tune against its base; ``stream: true`` vs ``stream: false``. The
+block by block) on the fine-tune against its base, ``gptq`` at 3 bits (group 128; 128 random token sequences of
+128 tokens, each block calibrated on the quantized blocks before it) on the fine-tune;
+``stream: true`` vs ``stream: false``. The
 artifacts are compared byte for byte where both paths ran. In-memory runs are skipped where they could not fit
 (``--max-in-memory-gb``: the estimate of :func:`modelpress.stream.in_memory_bytes`).
 
@@ -25,6 +27,7 @@ artifacts are compared byte for byte where both paths ran. In-memory runs are sk
     python benchmarks/scale.py --sizes 0.1B 0.5B 1.5B --methods dfloat11 --out /tmp/a.md   # dfloat11 only, then
     python benchmarks/scale.py --sizes --merge /tmp/a.json                # its rows replace those of the same runs
     OMP_NUM_THREADS=1 python benchmarks/scale.py --sizes 0.1B --methods delta_come   # Delta-CoMe rows
+    OMP_NUM_THREADS=1 python benchmarks/scale.py --sizes 0.1B 0.5B --methods gptq    # GPTQ-3bit rows
     python benchmarks/scale.py --sizes 0.1B --nproc-section --repeats 3   # 1 vs 2 ranks -> results/scale_nproc.{md,jsonl}
 """
 from __future__ import annotations
@@ -190,6 +193,7 @@ METHODS = {
     "dfloat11": ([{"type": "dfloat11"}], False),
     "bitdelta": ([{"type": "bitdelta", "steps": 0}], True),
     "delta_come": ([{"type": "delta_come"}], True),
+    "gptq": ([{"type": "gptq", "bits": 3}], False),
 }
 
 
@@ -199,7 +203,7 @@ def run_case(size: str, method: str, stream: bool, base: Path, ft: Path, work: P
     recipe = {"model": str(ft), "passes": passes, "stream": stream, "output": str(out)}
     if delta:
         recipe["base"] = str(base)
-    if method == "delta_come":  # the synthetic checkpoints have no tokenizer
+    if method in ("delta_come", "gptq"):  # the synthetic checkpoints have no tokenizer
         recipe["calibration"] = {"dataset": "random"}
     path = work / f"{out.name}.yaml"
     import yaml

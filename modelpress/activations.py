@@ -38,7 +38,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .data.capture import hessian_hooks
+from . import distributed
+from .data.capture import add_over_ranks, hessian_hooks
 from .errors import UserError
 from .model import TEXT_KINDS, ModelHandle
 from .modules import set_submodule
@@ -92,11 +93,17 @@ def _fresh(value: Any) -> Any:
 class BlockActivations:
     """The calibration batches' inputs to the next decoder block (see the module docstring)."""
 
-    def __init__(self, rest: ModelHandle, blocks_path: str, batches: list[tuple[torch.Tensor, ...]]) -> None:
+    def __init__(self, rest: ModelHandle, blocks_path: str, batches: list[tuple[torch.Tensor, ...]],
+                 split: bool = False) -> None:
         """Run ``batches`` (canonical inputs) through ``rest``, the model without its blocks (an empty
-        ``nn.ModuleList`` at ``blocks_path``) with its weights, up to block 0's inputs; ``rest`` is not kept."""
+        ``nn.ModuleList`` at ``blocks_path``) with its weights, up to block 0's inputs; ``rest`` is not kept.
+        ``split``, with several ranks (:mod:`modelpress.distributed`): the calibration is split by data, rank
+        ``r`` keeping the batches ``r, r + W, ...``; the Hessians are added over the ranks in rank order (every
+        rank gets the same; equal to one process's up to the order of float64 additions)."""
         self.blocks_path = blocks_path
-        self.batches = list(batches)
+        self.split = split and distributed.active()
+        size, me = (distributed.world_size(), distributed.rank()) if self.split else (1, 0)
+        self.batches = [b for i, b in enumerate(batches) if i % size == me]
         self.block_returns_tuple = False
         self.states = [self._catch(rest, batch) for batch in self.batches]
 
@@ -125,6 +132,8 @@ class BlockActivations:
         (:class:`~modelpress.data.capture.HessianAccumulator` ``.H``)."""
         with hessian_hooks(unit, layers, scale) as hooks:
             self.propagate(unit.get_submodule(block_path), hooks, advance)
+        if self.split:
+            add_over_ranks(hooks)
         return hooks.hessians()
 
     @torch.no_grad()
@@ -160,6 +169,8 @@ class BlockActivations:
         with hessian_hooks(rest.module, layers, scale) as hooks:
             for _ in self._replayed(rest, hooks):
                 pass
+        if self.split:
+            add_over_ranks(hooks)
         return hooks.hessians()
 
     @torch.no_grad()

@@ -222,6 +222,12 @@ class Pass:
     #: at once (Delta-CoMe; ``stream: auto`` counts them, :func:`modelpress.stream.in_memory_bytes`)
     holds_every_hessian: ClassVar[bool] = True
 
+    #: whether a pass that calibrates on activations splits its work between several ranks (:mod:`modelpress.distributed`),
+    #: in memory and streamed: the calibration batches by data (the Hessians added over the ranks in rank order)
+    #: and its own work within a unit; streamed, every rank then reads every unit, in lockstep
+    #: (:func:`modelpress.stream.in_lockstep`). Otherwise a streamed run on several ranks leaves the work to rank 0
+    splits_calibration: ClassVar[bool] = False
+
     #: :meth:`apply_unit` depends on nothing but its unit (not on ``first_layer`` nor on other units), so the
     #: streamed path may compress the units on different ranks (:mod:`modelpress.distributed`)
     units_independent: ClassVar[bool] = False

@@ -135,11 +135,13 @@ def streams(loaded: LoadedRecipe) -> bool:
     return distributed.from_main(use_streaming(r.stream, r.model, r.base, loaded.passes, str(loaded.path or "recipe")))
 
 
-def _shares_units(loaded: LoadedRecipe) -> bool:
-    """Whether the ranks compress a streamed run's units together (:func:`modelpress.stream.shares_units`)."""
-    from .stream import shares_units
+def _ranks_take_part(loaded: LoadedRecipe) -> bool:
+    """Whether the other ranks take part in a streamed run: its units shared between them
+    (:func:`modelpress.stream.shares_units`), or every unit compressed by all of them together
+    (:func:`modelpress.stream.in_lockstep`)."""
+    from .stream import in_lockstep, shares_units
 
-    return shares_units(loaded.passes)
+    return shares_units(loaded.passes) or in_lockstep(loaded.passes)
 
 
 def join_workers(loaded: LoadedRecipe) -> bool:
@@ -164,7 +166,7 @@ def _work_as_rank(loaded: LoadedRecipe) -> None:
     work; it writes, prints and evaluates nothing (rank 0 does)."""
     r = loaded.recipe
     if streams(loaded):
-        if not _shares_units(loaded):
+        if not _ranks_take_part(loaded):
             # rank 0 compresses every unit alone: nothing to take part in, and waiting for it at a collective
             # would fail the run after distributed.TIMEOUT (a 7B Delta-CoMe takes hours); rank 0's exit status is
             # the run's
@@ -192,7 +194,7 @@ def run(loaded: LoadedRecipe, *, export: bool = True, evaluate: bool = True, sho
     with atomic_directory(out) as staging:
         if streams(loaded):
             compress_streamed(loaded, staging, show_progress)
-            if _shares_units(loaded):
+            if _ranks_take_part(loaded):
                 distributed.barrier()  # every rank's share is in (a rank that failed fails the run here)
             if evaluate and not (export and loaded.exports) and evaluates_streamed(loaded):
                 evaluate_streamed(loaded, staging, show_progress, log_name=LOG if log is not None else None)

@@ -28,6 +28,7 @@ computed by reading the tensors once more, one at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import time
@@ -344,6 +345,14 @@ def shares_units(passes: list[tuple[str, Any]]) -> bool:
                                         for p in (get_pass(name)(config) for name, config in passes))
 
 
+def in_lockstep(passes: list[tuple[str, Any]]) -> bool:
+    """Whether the ranks of this run work on every unit together: a pass calibrates on activations and splits
+    that work between the ranks (:attr:`~modelpress.passes.Pass.splits_calibration`: GPTQ's calibration by data,
+    its solves by layer). Every rank then reads each unit; rank 0 writes the artifact. ``False`` in one process."""
+    return distributed.active() and any(p.calibrates_on_activations() and p.splits_calibration
+                                        for p in (get_pass(name)(config) for name, config in passes))
+
+
 def compress_streamed(model: Any, passes: list[tuple[str, Any]], staging: Path | None, *, base: Any = None,
                       seed: int = 0, calibration: CalibrationSpec | None = None, data: Dataset | None = None,
                       recipe: dict[str, Any] | None = None, show_progress: bool = False) -> dict[str, Any] | None:
@@ -371,6 +380,8 @@ def compress_streamed(model: Any, passes: list[tuple[str, Any]], staging: Path |
                 i = start + distributed.rank()
                 distributed.gather_to_main(
                     _compress_unit(ft, lazy_base, units[i], base_units[i], objs, ctx, seed) if i < len(units) else None)
+        elif in_lockstep(passes):
+            _run_units(ft, lazy_base, units, base_units, objs, ctx, None, seed, False)
         return None
     inputs = {"model": ft.input_record()}
     if lazy_base is not None:
@@ -409,6 +420,8 @@ class _Calibrating:
     index: int
     spec: UnitCalibration
     activations: BlockActivations
+    #: whether the pass works with the other ranks on each unit (:func:`in_lockstep`)
+    with_ranks: bool = False
 
     def hessians(self, unit: Unit, handle: ModelHandle, base: nn.Module | None) -> dict[str, torch.Tensor]:
         """The input Hessians of the unit's layers the pass names; a block's outputs become the next one's inputs."""
@@ -434,7 +447,8 @@ def _start_calibration(ft: LazyModel, rest: Unit, objs: list[Pass], ctx: Context
             with distributed.alone(), seeded(seed + i), torch.random.fork_rng():
                 spec = p.unit_calibration(ft.handle(ft.skeleton), ctx)
                 module = ft.materialize(copy.deepcopy(rest.module))
-                return _Calibrating(i, spec, BlockActivations(ft.handle(module), ft.blocks_path, spec.batches))
+            return _Calibrating(i, spec, BlockActivations(ft.handle(module), ft.blocks_path, spec.batches,
+                                                          split=p.splits_calibration), p.splits_calibration)
     return None
 
 
@@ -456,25 +470,20 @@ def _compress_unit(ft: LazyModel, base: LazyModel | None, unit: Unit, base_unit:
                    calibrating: _Calibrating | None = None) -> _UnitResult:
     """Read one unit (and the base's), run every pass on it (the calibrating pass with the unit's Hessians),
     and return its artifact tensors and records; the unit's weights are dropped. The passes run as in one
-    process (:func:`modelpress.distributed.alone`): with several ranks the unit is this rank's share. Before
-    reading it, the memory the previous unit freed is given back to the system
+    process (:func:`modelpress.distributed.alone`): with several ranks the unit is this rank's share, or, for a
+    calibrating pass that works with the other ranks (:func:`in_lockstep`), every rank's and that pass alone
+    exchanges with them. Before reading it, the memory the previous unit freed is given back to the system
     (:func:`~modelpress.devices.release_free_memory`: without it, resident memory crept up from unit to unit)."""
     release_free_memory()
-    with distributed.alone():
-        return _compress_unit_here(ft, base, unit, base_unit, objs, ctx, seed, first_layer, calibrating)
-
-
-def _compress_unit_here(ft: LazyModel, base: LazyModel | None, unit: Unit, base_unit: Unit | None,
-                        objs: list[Pass], ctx: Context, seed: int, first_layer: list[int] | None,
-                        calibrating: _Calibrating | None) -> _UnitResult:
     handle = ft.handle(ft.materialize(unit.module))
     base_module = base.materialize(base_unit.module) if base is not None else None
     nbytes = sum(t.numel() * t.element_size() for t in handle.module.state_dict().values())
     parts, seconds = [], []
     for i, p in enumerate(objs):
         t0 = time.perf_counter()
-        with seeded(seed + i), torch.random.fork_rng():
-            calibrates = calibrating is not None and calibrating.index == i
+        calibrates = calibrating is not None and calibrating.index == i
+        together = calibrates and calibrating.with_ranks
+        with contextlib.nullcontext() if together else distributed.alone(), seeded(seed + i), torch.random.fork_rng():
             if calibrates:
                 ctx.unit_hessians = calibrating.hessians(unit, handle, base_module)
             handle, part = p.apply_unit(handle, ctx, base_module, first_layer[i] if first_layer else 0)
@@ -494,10 +503,11 @@ def _compress_unit_here(ft: LazyModel, base: LazyModel | None, unit: Unit, base_
 
 
 def _run_units(ft: LazyModel, base: LazyModel | None, units: list[Unit], base_units: list[Unit | None],
-               objs: list[Pass], ctx: Context, spool: WeightsSpool, seed: int, show_progress: bool,
+               objs: list[Pass], ctx: Context, spool: WeightsSpool | None, seed: int, show_progress: bool,
                shared: bool = False) -> _Written:
     """Rank 0's (or the only process's) loop: every unit's result appended to the spool in the model's order;
-    ``shared``: in rounds of one unit per rank, the others' gathered here."""
+    ``shared``: in rounds of one unit per rank, the others' gathered here. In lockstep (:func:`in_lockstep`) the
+    other ranks run it too, with no spool: their results are dropped."""
     out = _Written([[] for _ in objs], [0.0] * len(objs), [], {}, {}, {}, 0)
     first_layer = [0] * len(objs)
     calibrating = None if shared else _start_calibration(ft, units[-1], objs, ctx, seed)
@@ -513,7 +523,10 @@ def _run_units(ft: LazyModel, base: LazyModel | None, units: list[Unit], base_un
             results = [_compress_unit(ft, base, units[start], base_units[start], objs, ctx, seed, first_layer,
                                       calibrating)]
         while results:  # popped: no name holds a unit's artifact tensors while the next unit is compressed
-            _append(out, results.pop(0), spool)
+            result = results.pop(0)
+            if spool is not None:
+                _append(out, result, spool)
+            del result
             bar.update(1)
     bar.close()
     return out

@@ -40,7 +40,8 @@ def _tiny_llamas(root: Path) -> Path:
 def _recipes(root: Path, llama: Path, classifier: Path, out: str) -> Path:
     """dfloat11 in memory, dfloat11 streamed, EvoPress (4 offspring, 2 selection stages), Delta-CoMe (GPTQ on
     Hessians of 4 calibration batches, 2 per rank) and the same Delta-CoMe streamed (rank 0 compresses every unit
-    alone; rank 1 does not wait for it at a collective) in one file."""
+    alone; rank 1 does not wait for it at a collective), and GPTQ (3 bits, sequential) in memory and
+    streamed (both ranks read every block: calibration split by data, the layers' solves by layer) in one file."""
     search = {"type": "evopress", "family": "bits", "method": "rtn", "levels": [2, 3, 4], "budget": 3,
               "generations": 3, "offspring": 4, "survivors": [2, 1], "stage_samples": [8, 16],
               "calibration_samples": 16, "database": str(root / "db")}
@@ -54,6 +55,10 @@ def _recipes(root: Path, llama: Path, classifier: Path, out: str) -> Path:
             {"model": str(root / "llama-ft"), "base": str(llama), "calibration": {"dataset": "random"},
              "passes": [{"type": "delta_come", "samples": 8, "batch_size": 2, "seq_len": 16, "group_size": 16}],
              "stream": True, "output": str(root / out / "delta_come_streamed")}]
+    gptq = {"type": "gptq", "bits": 3, "group_size": 16, "samples": 8, "batch_size": 2, "seq_len": 16}
+    docs += [{"model": str(root / "llama-ft"), "calibration": {"dataset": "random"}, "passes": [gptq],
+              "stream": stream, "output": str(root / out / name)}
+             for name, stream in (("gptq", False), ("gptq_streamed", True))]
     path = root / f"{out}.yaml"
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return path
@@ -87,20 +92,25 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_classifier_dir: Path) ->
     return root
 
 
-@pytest.mark.parametrize("case", ["mem", "stream", "evopress", "delta_come", "delta_come_streamed"])
+@pytest.mark.parametrize("case", ["mem", "stream", "evopress", "delta_come", "delta_come_streamed", "gptq",
+                                  "gptq_streamed"])
 def test_two_ranks_write_the_one_process_artifact(runs: Path, case: str) -> None:
-    """Same bytes, same manifest. Delta-CoMe's Hessians are summed in another order on two ranks (float64):
-    equal here after GPTQ's rounding, which is not guaranteed for every model (docs/scale.md)."""
+    """Same bytes, same manifest. Delta-CoMe's and GPTQ's Hessians are summed in another order on two ranks
+    (float64): equal here after GPTQ's rounding, which is not guaranteed for every model (docs/scale.md)."""
     one, two = runs / "one" / case, runs / "two" / case
     assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
     assert _manifest(one) == _manifest(two)
     if case == "evopress":  # the search ran (evaluations shared between the ranks) and took the same path
         log = _manifest(two)["passes"]["evopress"]
         assert log["evaluations"] == 3 * (4 + 3) and len(log["fitness_history"]) == 3
+    if case == "gptq_streamed":  # split by data: rank 0 held the activations of half the calibration batches
+        held = [json.loads((d / "modelpress.json").read_text())["stream"]["activation_bytes"] for d in (one, two)]
+        assert held[1] * 2 == held[0]
 
 
 def test_two_ranks_leave_no_staging_directory(runs: Path) -> None:
-    assert sorted(p.name for p in (runs / "two").iterdir()) == ["delta_come", "delta_come_streamed", "evopress", "mem", "stream"]
+    assert sorted(p.name for p in (runs / "two").iterdir()) == ["delta_come", "delta_come_streamed", "evopress", "gptq",
+                                                                "gptq_streamed", "mem", "stream"]
 
 
 HOOK = '''

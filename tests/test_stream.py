@@ -202,7 +202,7 @@ def test_each_unit_is_freed_and_given_back_before_the_next(ckpts: dict[str, Path
 
     done: list[weakref.ref] = []  # the units compressed so far: their modules and artifact tensors
     checks: list[int] = []
-    compress_unit = stream._compress_unit_here
+    compress_unit = stream._compress_unit
 
     def traced(ft, base, unit, *args):
         module = weakref.ref(unit.module)
@@ -213,7 +213,7 @@ def test_each_unit_is_freed_and_given_back_before_the_next(ckpts: dict[str, Path
     def release() -> None:
         checks.append(sum(r() is not None for r in done))
 
-    monkeypatch.setattr(stream, "_compress_unit_here", traced)
+    monkeypatch.setattr(stream, "_compress_unit", traced)
     monkeypatch.setattr(stream, "release_free_memory", release)
     out = ckpts["root"] / "runs" / "df11-freed"
     recipe = _recipe(ckpts["root"] / "df11-freed.yaml", ckpts["llama"], [{"type": "dfloat11"}], out, stream=True)

@@ -120,8 +120,16 @@ def model_hessians(handle: ModelHandle, names: list[str], batches: Iterable[tupl
                 continue
             hooks.token_mask = batch[1] if handle.kind in TEXT_KINDS else None
             canon(*batch)
-    if size > 1:
-        for acc in hooks.accumulators.values():
-            acc.sum = distributed.sum_in_rank_order(acc.sum)
-            acc.n = int(distributed.sum_in_rank_order(torch.tensor([acc.n], dtype=torch.float64)).item())
+    add_over_ranks(hooks)
     return hooks.hessians()
+
+
+def add_over_ranks(hooks: _Hooks) -> None:
+    """With several ranks, each having seen its share of the calibration data: every accumulator's float64 sum
+    and row count added over the ranks in rank order (:func:`~modelpress.distributed.sum_in_rank_order`: every
+    rank gets the same bits). Nothing in one process."""
+    if not distributed.active():
+        return
+    for acc in hooks.accumulators.values():
+        acc.sum = distributed.sum_in_rank_order(acc.sum)
+        acc.n = int(distributed.sum_in_rank_order(torch.tensor([acc.n], dtype=torch.float64)).item())

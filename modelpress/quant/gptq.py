@@ -38,7 +38,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..data.capture import HessianAccumulator
+from .. import distributed
+from ..data.capture import HessianAccumulator, layer_matrix
 from ..model import ModelHandle, find_blocks, is_conv1d
 from ..modules import set_submodule
 from ..passes import Context, Pass, PassConfig, UnitCalibration, register_pass
@@ -202,17 +203,45 @@ def _as_linear(layer: nn.Module) -> nn.Module:
     return lin
 
 
-def quantize_layer(layer: nn.Module, H: torch.Tensor | None, bits: int, group_size: int, sym: bool,
-                   percdamp: float = 0.01, act_order: bool = False) -> nn.Module:
-    """The packed replacement (:class:`~modelpress.quant.packed.PackedLinear`) of a Linear / GPT-2 ``Conv1D``:
-    GPTQ with its input Hessian ``H``, or round-to-nearest when ``H`` is ``None``. The rebuilt weight is kept in
-    the layer's dtype (float32, float16 or bfloat16)."""
+def quantize_matrix(layer: nn.Module, H: torch.Tensor | None, bits: int, group_size: int, sym: bool,
+                    percdamp: float = 0.01, act_order: bool = False) -> QuantResult:
+    """GPTQ of a Linear / GPT-2 ``Conv1D`` weight (as ``[out, in]``) with its input Hessian ``H``, or
+    round-to-nearest when ``H`` is ``None``."""
+    W = layer_matrix(layer).float()
+    if H is None:
+        return rtn_quantize(W, bits, group_size, sym)
+    return gptq_quantize(W, H, bits, group_size, sym, percdamp=percdamp, act_order=act_order)
+
+
+def packed_layer(layer: nn.Module, res: QuantResult, sym: bool) -> nn.Module:
+    """The packed replacement (:class:`~modelpress.quant.packed.PackedLinear`) of a Linear / GPT-2 ``Conv1D``
+    from the result of its weight; the rebuilt weight is kept in the layer's dtype (float32, float16 or
+    bfloat16)."""
     lin = _as_linear(layer)
-    W = lin.weight.detach().float()
-    res = rtn_quantize(W, bits, group_size, sym) if H is None else \
-        gptq_quantize(W, H, bits, group_size, sym, percdamp=percdamp, act_order=act_order)
     dtype = lin.weight.dtype if lin.weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
     return res.to_module(lin, sym, dtype)
+
+
+def quantize_layer(layer: nn.Module, H: torch.Tensor | None, bits: int, group_size: int, sym: bool,
+                   percdamp: float = 0.01, act_order: bool = False) -> nn.Module:
+    """:func:`quantize_matrix`, then :func:`packed_layer`."""
+    return packed_layer(layer, quantize_matrix(layer, H, bits, group_size, sym, percdamp, act_order), sym)
+
+
+def _result_bytes(res: QuantResult) -> torch.Tensor:
+    """What a result's packed layer is made of (codes, scales, zero points) as one byte tensor, to send."""
+    return torch.cat([res.codes.reshape(-1), res.scales.float().reshape(-1).view(torch.uint8),
+                      res.zeros.float().reshape(-1).view(torch.uint8)])
+
+
+def _result_from_bytes(data: torch.Tensor, rows: int, cols: int, bits: int, group_size: int) -> QuantResult:
+    """The inverse of :func:`_result_bytes` for a ``[rows, cols]`` weight."""
+    gs = _check(torch.empty(rows, cols, device="meta"), bits, group_size)
+    groups = math.ceil(cols / gs)
+    codes, scales, zeros = data.split([rows * cols, 4 * rows * groups, 4 * rows * groups])
+    codes = codes.view(rows, cols)
+    scales, zeros = (t.view(torch.float32).view(rows, groups) for t in (scales, zeros))
+    return QuantResult(dequantize_groups(codes, scales, zeros, gs), codes, scales, zeros, bits, gs)
 
 
 @register_pass
@@ -248,6 +277,7 @@ class GPTQPass(Pass):
         return True  # RTN needs nothing but the unit; GPTQ its layers' Hessians (unit_calibration)
 
     holds_every_hessian = False  # in memory too, one block's Hessians at a time
+    splits_calibration = True  # several ranks: calibration split by data, the layers' solves by layer
 
     # -- in memory: the blocks one after the other, as the streamed runner does
 
@@ -257,8 +287,8 @@ class GPTQPass(Pass):
         module = model.module.eval()
         blocks_path = find_blocks(module)
         blocks = module.get_submodule(blocks_path)
-        acts = BlockActivations(model, blocks_path, self._batches(model, ctx)) if self.calibrates_on_activations() \
-            else None
+        acts = BlockActivations(model, blocks_path, self._batches(model, ctx), split=True) \
+            if self.calibrates_on_activations() else None
         parts = []
         for i in ctx.progress(range(len(blocks)), desc="gptq blocks"):
             path = f"{blocks_path}.{i}"
@@ -307,15 +337,32 @@ class GPTQPass(Pass):
             return [f"lm_head: true, but {found[0]} shares its weight with the input embedding: left in float"]
         return []
 
+    def _results(self, module: nn.Module, names: list[str],
+                 hessians: dict[str, torch.Tensor]) -> list[QuantResult]:
+        """Each layer's GPTQ (with ``hessians``) or RTN result. With several ranks each layer is solved on one
+        (the largest first, :func:`~modelpress.distributed.owners`) and its codes, scales and zero points sent
+        to every rank: the same results as one process."""
+        cfg = self.config
+
+        def solve(name: str) -> QuantResult:
+            return quantize_matrix(module.get_submodule(name), hessians.get(name), cfg.bits, cfg.group_size, cfg.sym,
+                                   cfg.percdamp, cfg.act_order)
+
+        if not distributed.active():
+            return [solve(n) for n in names]
+        shapes = [tuple(layer_matrix(module.get_submodule(n)).shape) for n in names]
+        sent = distributed.map_tensors(lambda n: _result_bytes(solve(n)), names,
+                                       [float(c * c * (r + c)) for r, c in shapes])
+        return [_result_from_bytes(t, r, c, cfg.bits, cfg.group_size) for t, (r, c) in zip(sent, shapes)]
+
     def _quantize(self, module: nn.Module, names: list[str], hessians: dict[str, torch.Tensor],
                   warnings: list[str] = ()) -> dict[str, Any]:
         """Replace each layer ``names`` of ``module`` by its packed GPTQ (with ``hessians``) or RTN result;
         returns the record part."""
         cfg = self.config
         weights = stored = 0
-        for name in names:
-            new = quantize_layer(module.get_submodule(name), hessians.get(name), cfg.bits, cfg.group_size, cfg.sym,
-                                 cfg.percdamp, cfg.act_order)
+        for name, res in zip(names, self._results(module, names, hessians)):
+            new = packed_layer(module.get_submodule(name), res, cfg.sym)
             weights += new.rows * new.cols
             stored += sum(t.numel() * t.element_size() for k, t in new.state_dict().items() if k != "bias")
             set_submodule(module, name, new)
