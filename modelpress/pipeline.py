@@ -87,9 +87,11 @@ def evaluates_streamed(loaded: LoadedRecipe) -> bool:
     return bool(metrics) and all(spec.metric in STREAMED_METRICS for spec in metrics)
 
 
-def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, log_name: str | None) -> None:
+def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, log_name: str | None,
+                      keep_exports: bool = False) -> None:
     """The report of a streamed run, its metrics computed one decoder block at a time on the input checkpoint
-    and on the artifact in ``staging`` (:mod:`modelpress.stream_eval`): neither model is loaded whole."""
+    and on the artifact in ``staging`` (:mod:`modelpress.stream_eval`): neither model is loaded whole.
+    ``keep_exports``: a re-evaluation keeps the exports its earlier report listed."""
     from .metrics import EvalContext
     from .metrics.report import build_report
     from .sources import load_dataset
@@ -116,7 +118,7 @@ def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, 
     ref_handle = reference.handle(reference.stored_skeleton())
     ref_handle.extras["checkpoint"] = reference.checkpoint_record()
     build_report(staging, loaded, artifact.handle(artifact.skeleton), ref_handle, exports=[], metrics=r.evaluate,
-                 show_progress=show_progress, log_name=log_name, results=results)
+                 show_progress=show_progress, log_name=log_name, results=results, keep_exports=keep_exports)
 
 
 def _write_recipe(loaded: LoadedRecipe, staging: Path) -> None:
@@ -230,7 +232,9 @@ def run_recipe(path: str | Path, **kwargs: Any) -> Path | list[Path]:
 
 
 def evaluate_artifact(path: str | Path, *, metrics: list[str] | None = None, show_progress: bool = True) -> Path:
-    """(Re-)evaluate an artifact against the reference model named in its manifest; rewrites its report."""
+    """(Re-)evaluate an artifact against the reference model named in its manifest; rewrites its report. An
+    artifact that was compressed streamed (its manifest's ``stream``) is evaluated streamed too when every
+    metric can be (:func:`evaluates_streamed`): neither model is loaded whole, as in the run that made it."""
     from .metrics.report import build_report
 
     p = Path(path)
@@ -238,7 +242,8 @@ def evaluate_artifact(path: str | Path, *, metrics: list[str] | None = None, sho
     loaded = parse_recipe(manifest["recipe"], str(p / "recipe.yaml"))
     if metrics:
         loaded.recipe.evaluate = parse_recipe({**manifest["recipe"], "evaluate": metrics}, str(p / "recipe.yaml")).recipe.evaluate
-    reference = load_model(loaded.recipe.model)
+    streamed = bool(manifest.get("stream")) and evaluates_streamed(loaded)
+    reference = None if streamed else load_model(loaded.recipe.model)
     with atomic_directory(p) as staging:
         for f in p.iterdir():
             target = staging / f.name
@@ -246,9 +251,11 @@ def evaluate_artifact(path: str | Path, *, metrics: list[str] | None = None, sho
                 shutil.copytree(f, target)
             else:
                 target.write_bytes(f.read_bytes())
-        model = load_artifact(staging)
-        build_report(staging, loaded, model, reference, exports=[], metrics=loaded.recipe.evaluate,
-                     show_progress=show_progress, keep_exports=True)
+        if streamed:
+            evaluate_streamed(loaded, staging, show_progress, log_name=None, keep_exports=True)
+        else:
+            build_report(staging, loaded, load_artifact(staging), reference, exports=[],
+                         metrics=loaded.recipe.evaluate, show_progress=show_progress, keep_exports=True)
     return p
 
 

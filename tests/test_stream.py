@@ -101,8 +101,10 @@ PASSES = {
     "gptq-dense": [{"type": "gptq", "bits": 4, "group_size": 32, "samples": 8, "batch_size": 4, "seq_len": 16,
                     "sequential": False, "act_order": True}],
     "gptq-rtn": [{"type": "gptq", "method": "rtn", "lm_head": True}],
+    "darex-analytic": [{"type": "darex", "p": 0.9, "q_mode": "analytic", "samples": 8, "batch_size": 4,
+                        "seq_len": 16}],
 }
-DELTA = ("bitdelta", "dare", "delta_come", "delta_come-rtn")
+DELTA = ("bitdelta", "dare", "delta_come", "delta_come-rtn", "darex-analytic")
 
 
 @pytest.mark.parametrize("method,arch", [("dfloat11", "llama-tied"), ("cast+dfloat11", "gpt2"), ("bitdelta", "llama"),
@@ -110,7 +112,8 @@ DELTA = ("bitdelta", "dare", "delta_come", "delta_come-rtn")
                                          ("delta_come", "gpt2"),
                                          ("delta_come-rtn", "llama"), ("bnb", "llama-tied"), ("bnb-int8", "gpt2"),
                                          ("gptq", "llama"), ("gptq", "llama-tied"), ("gptq-dense", "gpt2"),
-                                         ("gptq-rtn", "llama")])
+                                         ("gptq-rtn", "llama"), ("darex-analytic", "llama"),
+                                         ("darex-analytic", "gpt2")])
 def test_streamed_artifact_is_byte_identical_to_in_memory(ckpts: dict[str, Path], arch: str, method: str) -> None:
     """delta_come (GPTQ) calibrates on texts, some padded: its streamed Hessians come from activations propagated
     block by block (modelpress.activations) and must equal the whole model's forward's to the bit; on the untied
@@ -136,6 +139,10 @@ def test_streamed_artifact_is_byte_identical_to_in_memory(ckpts: dict[str, Path]
         assert streamed["activation_bytes"] >= 8 * 16 * 64 * 2
         assert manifest["passes"]["delta_come"]["calibration"]["samples"] == 8
         assert ("lm_head" in manifest["passes"]["delta_come"]["ranks"]) == (arch == "llama")
+    if method == "darex-analytic":  # one q per compressed layer, the untied head's too
+        qs = manifest["passes"]["darex"]["q"]
+        assert len(qs) == manifest["passes"]["darex"]["layers"] and ("lm_head" in qs) == (arch == "llama")
+        assert all(0.1 <= q <= 1.0 for q in qs.values())
     if method.startswith("gptq"):
         entry = manifest["passes"]["gptq"]
         per_block = 7 if arch.startswith("llama") else 4  # q k v o gate up down; GPT-2: c_attn c_proj c_fc c_proj
@@ -274,7 +281,8 @@ def test_streamed_run_evaluates_block_by_block(ckpts: dict[str, Path], tmp_path:
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A streamed run with evaluate: [size, perplexity, token_kl, top1_agreement] loads neither the input model nor
     the artifact whole (the relative metrics stream both side by side, batches of 3 with a last partial one), and
-    its report holds the values of the in-memory metrics on both (and the sizes: they need no weights)."""
+    its report holds the values of the in-memory metrics on both (and the sizes: they need no weights); so does
+    re-evaluating the artifact (``modelpress evaluate``)."""
     import modelpress.pipeline as pipeline
     from modelpress.metrics import EvalContext
     from modelpress.metrics.causal import perplexity, token_kl, top1_agreement
@@ -295,8 +303,12 @@ def test_streamed_run_evaluates_block_by_block(ckpts: dict[str, Path], tmp_path:
     monkeypatch.setattr(pipeline, "load_model", whole)
     monkeypatch.setattr(pipeline, "load_artifact", whole)
     run(load_recipe(recipe), export=False, show_progress=False)
+    first = json.loads((out / "report.json").read_text())
+    (out / "report.json").unlink()
+    pipeline.evaluate_artifact(out, show_progress=False)  # `modelpress evaluate`: streamed as the run was
     monkeypatch.undo()
     report = json.loads((out / "report.json").read_text())
+    assert report["metrics"] == first["metrics"]
     assert report["evaluation"] == "streamed"
     reference = load_checkpoint(ft)
     ctx = EvalContext(dataset=load_dataset(str(text)), options=options, reference=reference)

@@ -44,11 +44,11 @@ from ..data.inputs import labelled_text
 from ..errors import UserError
 from ..model import ModelHandle
 from ..modules import register_module
-from ..passes import Context, Pass, in_model_order, register_pass
+from ..passes import Context, Pass, UnitCalibration, in_model_order, register_pass
 from ..quant.primitives import pack_signs, unpack_signs
 from ..sources import load_dataset
-from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, calibration_batches, collect_input_hessians,
-                    handle_other_tensors, match_linear_layers, model_outputs, output_change,
+from .delta import (INPUT_HESSIAN_SCALE, DeltaConfig, DeltaLayer, DeltaLinear, calibration_batches,
+                    collect_input_hessians, handle_other_tensors, match_linear_layers, model_outputs, output_change,
                     replace_module, require_base)
 
 PruneMethod = Literal["random", "magnitude", "importance"]
@@ -332,4 +332,43 @@ class DarexPass(_DareBase):
         ctx.record(self.name, layers=len(layers), p=cfg.p, prune=cfg.prune, q_mode=cfg.q_mode,
                    reverted=other["reverted"], kept=other["kept"], seconds=round(time.time() - t0, 2), **record)
         return model.replace_module(student)
+
+    # -- streamed (modelpress.stream): with q_mode analytic every layer needs only its own input Hessian
+
+    def streams(self) -> bool:
+        return self.config.q_mode == "analytic"  # the other modes search q on the whole model's outputs
+
+    def calibrates_on_activations(self) -> bool:
+        return self.streams()
+
+    def unit_calibration(self, model: ModelHandle, ctx: Context) -> UnitCalibration | None:
+        if not self.calibrates_on_activations():
+            return None
+        cfg = self.config
+        batches = calibration_batches(model, ctx, self.name, ctx.setting(cfg, "samples"),
+                                      ctx.setting(cfg, "batch_size"), ctx.setting(cfg, "seq_len"), offset=31)
+        return UnitCalibration(batches, self._hessian_layers, INPUT_HESSIAN_SCALE)
+
+    def _hessian_layers(self, unit: torch.nn.Module, base: torch.nn.Module | None) -> list[str]:
+        return [layer.name for layer in match_linear_layers(unit, base, self.config.skip, copy_base=False)]
+
+    def apply_unit(self, unit: ModelHandle, ctx: Context, base: torch.nn.Module | None,
+                   first_layer: int) -> tuple[ModelHandle, dict[str, Any]]:
+        cfg = self.config
+        t0 = time.time()
+        student, layers = self._compress(unit, ctx, cfg.p, cfg.prune, ctx.unit_hessians, cfg.skip, base, first_layer,
+                                         copy_base=False)  # the base unit is dropped after it
+        other = handle_other_tensors(student, base, cfg.embeddings_for(unit.kind), cfg.norms, cfg.biases)
+        qs = {l.name: analytic_q(l.delta, ctx.unit_hessians[l.name], cfg.p) for l in layers}
+        set_q(student, qs)
+        return unit.replace_module(student), {"layers": len(layers), "q": qs, "seconds": time.time() - t0, **other}
+
+    def record_units(self, parts: list[dict[str, Any]], ctx: Context,
+                     rank: Callable[[str], int] | None = None) -> None:
+        cfg = self.config
+        qs = {k: v for p in parts for k, v in p["q"].items()}
+        ctx.record(self.name, layers=sum(p["layers"] for p in parts), p=cfg.p, prune=cfg.prune, q_mode=cfg.q_mode,
+                   reverted=in_model_order([k for p in parts for k in p["reverted"]], rank),
+                   kept=in_model_order([k for p in parts for k in p["kept"]], rank),
+                   seconds=round(sum(p["seconds"] for p in parts), 2), q={k: qs[k] for k in in_model_order(qs, rank)})
 
