@@ -41,7 +41,7 @@ from torch import nn
 from . import distributed
 from .data.capture import add_over_ranks, hessian_hooks
 from .errors import UserError
-from .model import TEXT_KINDS, ModelHandle
+from .model import TEXT_KINDS, ModelHandle, find_blocks
 from .modules import set_submodule
 from .quant.spool import map_leaves
 
@@ -190,6 +190,19 @@ class BlockActivations:
 
         map_leaves(count, [(state.hidden, state.args, state.kwargs) for state in self.states])
         return sum(sizes.values())
+
+
+def hessians_block_by_block(handle: ModelHandle, names: list[str], batches: list[tuple[torch.Tensor, ...]],
+                            scale: float = 2.0) -> Iterator[dict[str, torch.Tensor]]:
+    """The input Hessians of the layers ``names`` (all inside the model's repeated blocks) of the model as it is,
+    one block's at a time in block order: the calibration ``batches`` run through the blocks one after the other
+    (:class:`BlockActivations`; padding tokens left out), so that only one block's Hessians are held at once
+    (EvoPress' level database, :func:`modelpress.search.levels.build_database`)."""
+    blocks_path = find_blocks(handle.module)
+    acts = BlockActivations(handle, blocks_path, batches)
+    for i in range(len(handle.module.get_submodule(blocks_path))):
+        path = f"{blocks_path}.{i}"
+        yield acts.through_block(handle.module, path, [n for n in names if n.startswith(path + ".")], scale)
 
 
 @contextmanager

@@ -116,6 +116,29 @@ def test_hessians_of_linear_and_conv_layers():
     torch.testing.assert_close(H["conv"], 2 * cols.T @ cols / cols.shape[0])
 
 
+
+def test_database_hessians_come_block_by_block_without_padding():
+    """EvoPress' GPTQ / SparseGPT levels of a transformer take the dense model's input Hessians one block at a
+    time (activations propagated through the blocks): each equals the whole model's forward with padding tokens
+    left out (data.capture.model_hessians), bit for bit, and only one block's are held at once."""
+    from modelpress.activations import hessians_block_by_block
+    from modelpress.data.capture import model_hessians
+
+    h = tiny_classifier(layers=2)
+    units, _ = search_units(h.module, "bits")
+    ids = torch.randint(5, 120, (6, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::2, 7:] = 0
+    batches = [(ids[:3], mask[:3]), (ids[3:], mask[3:])]
+    groups = list(hessians_block_by_block(h, units, batches))
+    assert [sorted(g) for g in groups] == [sorted(u for u in units if f".layer.{i}." in u) for i in range(2)]
+    want = model_hessians(h, units, batches, scale=2.0)
+    assert all(torch.equal(H, want[name]) for g in groups for name, H in g.items())
+    with torch.no_grad():  # what the database took before: every row, the padding tokens' too
+        counted = collect_hessians(h.module, units, lambda: [h.canonical()(*b) for b in batches])
+    assert not torch.allclose(counted[units[0]], want[units[0]])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Levels and the database
 

@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from torch import nn
 
 from .. import distributed
 from ..errors import UserError
-from ..model import ModelHandle
+from ..model import TEXT_KINDS, ModelHandle
 from ..passes import Context, Pass, PassConfig, register_pass
 from . import baselines
 from .levels import LevelDatabase, LevelSpec, LevelSwitcher, build_database, search_units, weights_fingerprint
@@ -290,19 +290,29 @@ class EvoPressPass(Pass):
 
     def _database(self, handle: ModelHandle, spec: LevelSpec, units: list[str], pool: CalibrationPool | None,
                   cfg: "EvoPressPass.Config", ctx: Context) -> LevelDatabase:
+        from ..activations import hessians_block_by_block
         from ..data.capture import collect_hessians
 
         n_h = min(cfg.hessian_samples, len(pool)) if pool is not None else 0
+        by_block = handle.kind in TEXT_KINDS
         calib = {"source": pool.source if pool else None, "seed": ctx.seed, "samples": n_h,
-                 "max_length": cfg.max_length}
+                 "max_length": cfg.max_length,
+                 "hessians": "block by block, padding left out" if by_block else "one forward"}
         root = Path(cfg.database) if cfg.database else default_database_dir(handle, spec, units, calib)
         canon = handle.canonical()
 
-        def hessians() -> dict[str, torch.Tensor]:
+        def hessians() -> Iterator[dict[str, torch.Tensor]]:
+            """The dense model's input Hessians: a transformer's one block at a time, from the calibration texts'
+            activations propagated through its blocks (real tokens only); a UNet's in one forward."""
+            batches = list(pool.batches(np.arange(n_h)))
+            if by_block:
+                yield from hessians_block_by_block(handle, units, batches)
+                return
+
             def run() -> None:
-                for b in pool.batches(np.arange(n_h)):
+                for b in batches:
                     canon(*b)
-            return collect_hessians(handle.module, units, run)
+            yield collect_hessians(handle.module, units, run)
 
         with distributed.main_first():  # rank 0 fills the cache; the others find it (or, not shared, build)
             return build_database(root, handle.module, spec, units, hessians if pool is not None else None, calib,

@@ -330,14 +330,16 @@ class LevelDatabase:
 
 
 def build_database(root: str | Path, module: nn.Module, spec: LevelSpec, layers: list[str],
-                   hessians: Callable[[], dict[str, torch.Tensor]] | None, calibration: dict[str, Any],
+                   hessians: Callable[[], Iterable[dict[str, torch.Tensor]]] | None, calibration: dict[str, Any],
                    progress: Callable[..., Any] | None = None) -> LevelDatabase:
     """Build (or reuse) the database of ``layers`` of ``module`` at every level of ``spec`` in ``root``.
 
     An existing database is reused when its ``index.json`` matches (same weights, spec, layers and
     calibration). ``hessians()`` is called only when a build is needed and the method needs input Hessians
-    (SparseGPT, GPTQ). The directory is written under a temporary name and renamed, so an interrupted build
-    leaves nothing behind.
+    (SparseGPT, GPTQ): it yields them group by group in the order of ``layers`` (a transformer's one decoder
+    block at a time, :func:`modelpress.activations.hessians_block_by_block`), and each group is dropped once its
+    layers' levels are written. The directory is written under a temporary name and renamed, so an interrupted
+    build leaves nothing behind.
     """
     if spec.family == "drop":
         raise ValueError("dropping needs no database")
@@ -352,13 +354,19 @@ def build_database(root: str | Path, module: nn.Module, spec: LevelSpec, layers:
             return LevelDatabase(root, spec, layers)
     from safetensors.torch import save_file
 
-    H = hessians() if spec.method in ("gptq", "sparsegpt") and hessians is not None else {}
-    if spec.method in ("gptq", "sparsegpt") and not H:
+    needs = spec.method in ("gptq", "sparsegpt")
+    if needs and hessians is None:
         raise ValueError(f"{spec.method} needs input Hessians")
+    groups = iter(hessians() if needs else ())
+    H: dict[str, torch.Tensor] = {}
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     try:
         for name in (progress(layers, desc=f"level database ({spec.method})") if progress else layers):
+            while needs and name not in H:  # the next group: the previous one's Hessians are dropped
+                H = next(groups, None)
+                if H is None:
+                    raise ValueError(f"{spec.method} needs the input Hessian of {name}")
             files = level_files(module.get_submodule(name).weight, spec, H.get(name))
             (tmp / name).mkdir(exist_ok=True)
             for idx, tensors in enumerate(files):
