@@ -273,7 +273,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each setup in --nproc-section")
     ap.add_argument("--append", action="store_true",
                     help="--nproc-section: add to the runs in results/scale_nproc.jsonl (default: start afresh)")
-    ap.add_argument("--nproc-cases", nargs="+", default=["dfloat11", "evopress"], choices=["dfloat11", "evopress", "gptq"])
+    ap.add_argument("--nproc-cases", nargs="+", default=["dfloat11", "evopress"], choices=["dfloat11", "evopress", "gptq", "delta_come"])
     args = ap.parse_args()
     if args.nproc_section:
         args.work.mkdir(parents=True, exist_ok=True)
@@ -375,7 +375,8 @@ def run_ranks(recipe: Path, out: Path, ranks: int, threads: int) -> dict:
 
 def distributed_runs(work: Path, size: str, cases: list[str], repeats: int, log: Path) -> None:
     """dfloat11 (in memory) of the ``size`` fine-tune, the EvoPress search (:data:`EVOPRESS`) and/or GPTQ 3-bit
-    streamed on the ``size`` fine-tune (every rank reads every block; calibration split by data), each under
+    streamed on the ``size`` fine-tune and/or Delta-CoMe streamed on the ``size`` pair (every rank reads every
+    block; calibration split by data, the layers' solves by layer), each under
     :data:`SETUPS`, ``repeats`` times interleaved (so that other jobs' load falls on every setup alike); one JSON
     line per run appended to ``log``."""
     import yaml
@@ -385,7 +386,10 @@ def distributed_runs(work: Path, size: str, cases: list[str], repeats: int, log:
                "evopress": ("evopress minilm", lambda: {"model": "minilm", "seed": 0, "passes": [EVOPRESS]}),
                "gptq": (f"gptq 3-bit {size}, streamed", lambda: {"model": str(build_pair(size, work, with_base=False)[1]),
                                                              "calibration": {"dataset": "random"},
-                                                             "passes": METHODS["gptq"][0], "stream": True})}
+                                                             "passes": METHODS["gptq"][0], "stream": True}),
+               "delta_come": (f"delta_come {size} pair, streamed", lambda: {
+                   "model": str(build_pair(size, work)[1]), "base": str(build_pair(size, work)[0]),
+                   "calibration": {"dataset": "random"}, "passes": METHODS["delta_come"][0], "stream": True})}
     for key in cases:
         case, make = recipes[key]
         path = work / f"nproc-{key}.yaml"
@@ -429,7 +433,7 @@ def distributed_markdown(rows: list[dict], command: str) -> str:
              "(range over the row's runs) is in the last column: other jobs on the machine inflate wall times; the "
              "setups ran interleaved, repeat by repeat. *pass s*: the pass's own time from the manifest (dfloat11: "
              "the encode, `seconds`; EvoPress: the search, `search_seconds`; GPTQ streamed: `seconds`, the blocks' "
-             "propagation, Hessians and solves summed over the units); *wall s*: the whole "
+             "propagation, Hessians and solves summed over the units; Delta-CoMe streamed: the same); *wall s*: the whole "
              "`modelpress compress` command (Python start-up, loading, hashing the input, writing); *CPU s*: user + "
              "sys time of that command and every worker it started (what the setup costs the machine, which "
              "other jobs' load does not inflate as it inflates wall times). "

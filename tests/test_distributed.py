@@ -39,9 +39,9 @@ def _tiny_llamas(root: Path) -> Path:
 
 def _recipes(root: Path, llama: Path, classifier: Path, out: str) -> Path:
     """dfloat11 in memory, dfloat11 streamed, EvoPress (4 offspring, 2 selection stages), Delta-CoMe (GPTQ on
-    Hessians of 4 calibration batches, 2 per rank) and the same Delta-CoMe streamed (rank 0 compresses every unit
-    alone; rank 1 does not wait for it at a collective), and GPTQ (3 bits, sequential) in memory and
-    streamed (both ranks read every block: calibration split by data, the layers' solves by layer) in one file."""
+    Hessians of 4 calibration batches, 2 per rank; each layer's SVD + GPTQ on one rank) and the same Delta-CoMe
+    streamed, and GPTQ (3 bits, sequential) in memory and streamed (streamed, both ranks read every block:
+    calibration split by data, the layers' solves by layer) in one file."""
     search = {"type": "evopress", "family": "bits", "method": "rtn", "levels": [2, 3, 4], "budget": 3,
               "generations": 3, "offspring": 4, "survivors": [2, 1], "stage_samples": [8, 16],
               "calibration_samples": 16, "database": str(root / "db")}
@@ -103,7 +103,7 @@ def test_two_ranks_write_the_one_process_artifact(runs: Path, case: str) -> None
     if case == "evopress":  # the search ran (evaluations shared between the ranks) and took the same path
         log = _manifest(two)["passes"]["evopress"]
         assert log["evaluations"] == 3 * (4 + 3) and len(log["fitness_history"]) == 3
-    if case == "gptq_streamed":  # split by data: rank 0 held the activations of half the calibration batches
+    if case in ("gptq_streamed", "delta_come_streamed"):  # by data: rank 0 held half the batches' activations
         held = [json.loads((d / "modelpress.json").read_text())["stream"]["activation_bytes"] for d in (one, two)]
         assert held[1] * 2 == held[0]
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import distributed
 from ..errors import UserError
 from ..model import ModelHandle
 from ..modules import register_module
@@ -101,6 +102,8 @@ class DeltaCoMeLinear(EntropyCodedCodes, DeltaLinear):
         super().__init__(in_features, out_features, has_bias, transposed)
         self.groups = [(int(b), int(r)) for b, r in groups]
         self.group_size, self.sym = int(group_size), bool(sym)
+        #: the buffers holding the quantized factors, in registration order
+        self.factor_buffers: list[str] = []
         for i, (bits, r) in enumerate(self.groups):
             if r == 0:
                 continue
@@ -109,8 +112,24 @@ class DeltaCoMeLinear(EntropyCodedCodes, DeltaLinear):
                 ng = _groups_of(cols, gs)
                 self.register_buffer(f"{side}{i}_codes", torch.zeros(packed_bytes(rows * cols, bits), dtype=torch.uint8))
                 self.register_buffer(f"{side}{i}_scales", torch.zeros(rows, ng, dtype=torch.float16))
+                self.factor_buffers += [f"{side}{i}_codes", f"{side}{i}_scales"]
                 if not sym:
                     self.register_buffer(f"{side}{i}_zeros", torch.zeros(rows, ng, dtype=torch.uint8))
+                    self.factor_buffers.append(f"{side}{i}_zeros")
+
+    def factor_bytes(self) -> torch.Tensor:
+        """The quantized factors (every :attr:`factor_buffers` tensor) as one byte tensor, to send to other ranks."""
+        return torch.cat([getattr(self, n).reshape(-1).view(torch.uint8) for n in self.factor_buffers])
+
+    def load_factor_bytes(self, data: torch.Tensor) -> None:
+        """The inverse of :meth:`factor_bytes` on a module of the same configuration."""
+        start = 0
+        for n in self.factor_buffers:
+            t = getattr(self, n)
+            size = t.numel() * t.element_size()
+            t.copy_(data[start:start + size].view(t.dtype).view(t.shape))
+            start += size
+        self._cache.clear()
 
     def _gs(self, cols: int) -> int:
         return cols if self.group_size <= 0 else min(self.group_size, cols)
@@ -170,14 +189,22 @@ class DeltaCoMeLinear(EntropyCodedCodes, DeltaLinear):
         return F.linear(F.linear(x, R.to(x.dtype)), U.to(x.dtype))
 
 
-def compress_delta(layer: DeltaLayer, H: torch.Tensor | None, groups: list[PrecisionGroup], budget_bits: float,
-                   group_size: int, sym: bool, quantizer: str, percdamp: float) -> DeltaCoMeLinear:
-    """SVD the layer's delta, allocate ranks to the precision groups and quantize each group's factors."""
-    delta = layer.delta.double()
-    out_f, in_f = delta.shape
+def empty_delta_come(layer: DeltaLayer, groups: list[PrecisionGroup], budget_bits: float, group_size: int,
+                     sym: bool) -> DeltaCoMeLinear:
+    """The layer's :class:`DeltaCoMeLinear` with its ranks allocated and its base taken, factors not yet stored."""
+    out_f, in_f = layer.delta.shape
     alloc = allocate_ranks(groups, out_f, in_f, budget_bits, group_size, sym)
     mod = DeltaCoMeLinear(in_f, out_f, layer.module.bias is not None, layer.transposed, alloc, group_size, sym)
     mod._init_from(layer)
+    return mod
+
+
+def compress_delta(layer: DeltaLayer, H: torch.Tensor | None, groups: list[PrecisionGroup], budget_bits: float,
+                   group_size: int, sym: bool, quantizer: str, percdamp: float) -> DeltaCoMeLinear:
+    """SVD the layer's delta, allocate ranks to the precision groups and quantize each group's factors."""
+    mod = empty_delta_come(layer, groups, budget_bits, group_size, sym)
+    alloc, in_f = mod.groups, mod.in_features
+    delta = layer.delta.double()
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     start = 0
     for i, (bits, r) in enumerate(alloc):
@@ -206,6 +233,7 @@ class DeltaCoMePass(Pass):
 
     name = "delta_come"
     needs_base = True
+    splits_calibration = True  # several ranks: calibration by data, the layers' SVD + GPTQ by layer
 
     class Config(DeltaConfig):
         groups: list[PrecisionGroup] = Field(default_factory=lambda: [g.model_copy() for g in DEFAULT_GROUPS])
@@ -251,12 +279,30 @@ class DeltaCoMePass(Pass):
         student = model.module
         other = handle_other_tensors(student, base, cfg.embeddings_for(model.kind), cfg.norms, cfg.biases)
         alloc = {}
-        for layer in ctx.progress(layers, desc="delta_come layers"):
-            mod = compress_delta(layer, hessians.get(layer.name), cfg.groups, cfg.budget_bits, cfg.group_size,
-                                 cfg.sym, cfg.quantizer, cfg.percdamp)
+        for layer, mod in zip(layers, self._compressed(layers, hessians, ctx)):
             replace_module(student, layer.name, mod)
             alloc[layer.name] = mod.groups
         return {"layers": len(layers), "ranks": alloc, "reverted": other["reverted"], "kept": other["kept"]}
+
+    def _compressed(self, layers: list[DeltaLayer], hessians: dict[str, torch.Tensor],
+                    ctx: Context) -> Iterable[DeltaCoMeLinear]:
+        """Each layer's compressed module, one at a time. With several ranks each layer's SVD and quantization run
+        on one rank (the largest first, :func:`~modelpress.distributed.owners`) and its factors are sent to every
+        rank: the same modules as one process."""
+        cfg = self.config
+
+        def solve(layer: DeltaLayer) -> DeltaCoMeLinear:
+            return compress_delta(layer, hessians.get(layer.name), cfg.groups, cfg.budget_bits, cfg.group_size,
+                                  cfg.sym, cfg.quantizer, cfg.percdamp)
+
+        if not distributed.active():
+            return (solve(layer) for layer in ctx.progress(layers, desc="delta_come layers"))
+        costs = [float(math.prod(l.delta.shape) * min(l.delta.shape)) for l in layers]
+        sent = distributed.map_tensors(lambda layer: solve(layer).factor_bytes(), layers, costs)
+        mods = [empty_delta_come(layer, cfg.groups, cfg.budget_bits, cfg.group_size, cfg.sym) for layer in layers]
+        for mod, data in zip(mods, sent):
+            mod.load_factor_bytes(data)
+        return mods
 
     # -- streamed (modelpress.stream): one decoder block at a time
 
