@@ -252,6 +252,8 @@ class GPTQPass(Pass):
     name = "gptq"
     kinds = ("causal-lm",)
     units_independent = True  # with ``method: rtn``; GPTQ calibrates on activations (never shared by ranks)
+    holds_every_hessian = False  # in memory too, one block's Hessians at a time
+    splits_calibration = True  # several ranks: calibration split by data, the layers' solves by layer
 
     class Config(PassConfig):
         bits: int = Field(4, ge=1, le=8, description="bits per weight")
@@ -275,9 +277,6 @@ class GPTQPass(Pass):
 
     def streams(self) -> bool:
         return True  # RTN needs nothing but the unit; GPTQ its layers' Hessians (unit_calibration)
-
-    holds_every_hessian = False  # in memory too, one block's Hessians at a time
-    splits_calibration = True  # several ranks: calibration split by data, the layers' solves by layer
 
     # -- in memory: the blocks one after the other, as the streamed runner does
 
