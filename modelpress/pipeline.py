@@ -5,6 +5,7 @@ whole run succeeded (see :func:`modelpress.artifact.atomic_directory`).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -103,8 +104,12 @@ def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, 
     reference = LazyModel(r.model.source, r.model.kind, r.model.config)
     artifact = LazyArtifact(staging, base=r.base.source if r.base else None)
     results: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+
+    def windows_of(spec: Any) -> tuple[Any, ...]:
+        return spec.dataset, spec.samples, json.dumps(dict(spec.options), sort_keys=True)
+
     for spec in r.evaluate:
-        if spec.metric == "size":  # the report's size section, from the files and the structures
+        if spec.metric == "size" or spec.metric in results[1]:  # size: from the files and the structures
             continue
         data = (loaded.datasets.get(spec.dataset) or load_dataset(spec.dataset)) if spec.dataset else None
         ctx = EvalContext(seed=r.seed, samples=spec.samples, options=dict(spec.options), show_progress=show_progress,
@@ -112,9 +117,11 @@ def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, 
         if spec.metric == "perplexity":
             results[0]["perplexity"] = streamed_perplexity(reference, ctx)
             results[1]["perplexity"] = streamed_perplexity(artifact, ctx)
-        else:  # token_kl, top1_agreement: the artifact against the reference, streamed side by side
-            results[0][spec.metric] = self_comparison(reference, ctx, spec.metric)
-            results[1][spec.metric] = streamed_comparison(reference, artifact, ctx, spec.metric)
+        else:  # token_kl, top1_agreement on the same windows: one pass of both models, side by side
+            together = [s.metric for s in r.evaluate
+                        if s.metric in ("token_kl", "top1_agreement") and windows_of(s) == windows_of(spec)]
+            results[1].update(streamed_comparison(reference, artifact, ctx, together))
+            results[0].update({m: self_comparison(reference, ctx, m) for m in together})
     ref_handle = reference.handle(reference.stored_skeleton())
     ref_handle.extras["checkpoint"] = reference.checkpoint_record()
     build_report(staging, loaded, artifact.handle(artifact.skeleton), ref_handle, exports=[], metrics=r.evaluate,

@@ -152,12 +152,16 @@ def streamed_perplexity(model: Streamable, ctx: EvalContext) -> MetricResult:
     return perplexity_of(((batch[0], out) for batch, (out,) in streamed_outputs([model], batches)), details)
 
 
-def streamed_comparison(reference: Streamable, model: Streamable, ctx: EvalContext, metric: str) -> MetricResult:
-    """``token_kl`` or ``top1_agreement`` of ``model`` against ``reference``, both streamed in lockstep: the same
-    windows, batches and scoring as the in-memory metric, so the same value."""
-    batches, details = _windows(model, ctx, metric)
+def streamed_comparison(reference: Streamable, model: Streamable, ctx: EvalContext,
+                        metrics: Sequence[str]) -> dict[str, MetricResult]:
+    """``token_kl`` and / or ``top1_agreement`` of ``model`` against ``reference`` (``metrics``: those sharing
+    ``ctx``'s windows), both models streamed in lockstep once for all of them: the same windows, batches and
+    scoring as the in-memory metrics, so the same values."""
+    windows = {metric: _windows(model, ctx, metric) for metric in metrics}
+    batches = windows[metrics[0]][0]  # the metric's name changes only the messages, not the windows
     kl, agree, n = compare_of(outs for _, outs in streamed_outputs([reference, model], batches))
-    return token_kl_of(kl, n, details) if metric == "token_kl" else top1_agreement_of(agree, n, details)
+    return {metric: token_kl_of(kl, n, details) if metric == "token_kl" else top1_agreement_of(agree, n, details)
+            for metric, (_, details) in windows.items()}
 
 
 def self_comparison(model: Streamable, ctx: EvalContext, metric: str) -> MetricResult:

@@ -300,9 +300,16 @@ def test_streamed_run_evaluates_block_by_block(ckpts: dict[str, Path], tmp_path:
     def whole(*args, **kwargs):
         raise AssertionError("a model was loaded whole")
 
+    import modelpress.stream_eval as stream_eval
+
+    passes = []  # each streamed pass over the models (token_kl and top1_agreement share one)
+    outputs = stream_eval.streamed_outputs
+    monkeypatch.setattr(stream_eval, "streamed_outputs", lambda models, batches: passes.append(len(models)) or
+                        outputs(models, batches))
     monkeypatch.setattr(pipeline, "load_model", whole)
     monkeypatch.setattr(pipeline, "load_artifact", whole)
     run(load_recipe(recipe), export=False, show_progress=False)
+    assert sorted(passes) == [1, 1, 2]  # perplexity of each model; both side by side for the relative two
     first = json.loads((out / "report.json").read_text())
     (out / "report.json").unlink()
     pipeline.evaluate_artifact(out, show_progress=False)  # `modelpress evaluate`: streamed as the run was
