@@ -97,7 +97,8 @@ def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, 
     from .metrics.report import build_report
     from .sources import load_dataset
     from .stream import LazyModel
-    from .stream_eval import LazyArtifact, self_comparison, streamed_comparison, streamed_perplexity
+    from .stream_eval import (LazyArtifact, self_comparison, streamed_choice_accuracy, streamed_comparison,
+                              streamed_perplexity)
 
     r = loaded.recipe
     resolve_device(r.device, str(loaded.path or "recipe"))  # the streamed evaluation runs on the CPU
@@ -114,9 +115,9 @@ def evaluate_streamed(loaded: LoadedRecipe, staging: Path, show_progress: bool, 
         data = (loaded.datasets.get(spec.dataset) or load_dataset(spec.dataset)) if spec.dataset else None
         ctx = EvalContext(seed=r.seed, samples=spec.samples, options=dict(spec.options), show_progress=show_progress,
                           dataset=data)
-        if spec.metric == "perplexity":
-            results[0]["perplexity"] = streamed_perplexity(reference, ctx)
-            results[1]["perplexity"] = streamed_perplexity(artifact, ctx)
+        if spec.metric in ("perplexity", "choice_accuracy"):  # each model on its own
+            metric = streamed_perplexity if spec.metric == "perplexity" else streamed_choice_accuracy
+            results[0][spec.metric], results[1][spec.metric] = metric(reference, ctx), metric(artifact, ctx)
         else:  # token_kl, top1_agreement on the same windows: one pass of both models, side by side
             together = [s.metric for s in r.evaluate
                         if s.metric in ("token_kl", "top1_agreement") and windows_of(s) == windows_of(spec)]

@@ -1,5 +1,6 @@
 """Streamed evaluation: the token-window metrics of a causal-LM checkpoint or artifact (``perplexity``; ``token_kl`` and
-``top1_agreement`` against the reference, both models streamed in lockstep) computed one decoder block at a time.
+``top1_agreement`` against the reference, both models streamed in lockstep) and ``choice_accuracy`` (its padded
+batches of context + choice), computed one decoder block at a time.
 
 Issue 20, item 1 ("loading an artifact for evaluation can also stream: decode one block at a time"). The
 evaluation windows (:func:`modelpress.metrics.causal.text_windows`, in the metric's batches) are the
@@ -33,8 +34,8 @@ from .artifact import WEIGHTS, check_base_sha256, compressed_module, load_tensor
 from .devices import release_free_memory
 from .errors import UserError
 from .metrics import EvalContext, MetricResult
-from .metrics.causal import (compare_of, perplexity_of, text_windows, token_kl_of, top1_agreement_of,
-                             window_batches)
+from .metrics.causal import (choice_accuracy_of, choice_batches, choice_loglikelihoods_of, choice_requests, compare_of,
+                             perplexity_of, text_windows, token_kl_of, top1_agreement_of, window_batches)
 from .model import ModelHandle, build_architecture, find_blocks
 from .modules import set_submodule
 from .shards import ShardedCheckpoint
@@ -42,7 +43,7 @@ from .stream import LazyModel, Unit, cut_units, parameters_on_meta
 
 #: the metrics a streamed run evaluates block by block (the others load the models whole); ``size`` is read from
 #: the files and the models' structures, and needs no weights
-STREAMED_METRICS = ("perplexity", "token_kl", "top1_agreement", "size")
+STREAMED_METRICS = ("perplexity", "token_kl", "top1_agreement", "choice_accuracy", "size")
 
 
 class LazyArtifact:
@@ -150,6 +151,18 @@ def streamed_perplexity(model: Streamable, ctx: EvalContext) -> MetricResult:
     batches and scoring, so the same value as the model evaluated whole."""
     batches, details = _windows(model, ctx, "perplexity")
     return perplexity_of(((batch[0], out) for batch, (out,) in streamed_outputs([model], batches)), details)
+
+
+def streamed_choice_accuracy(model: Streamable, ctx: EvalContext) -> MetricResult:
+    """The ``choice_accuracy`` metric of ``model``, streamed: the same requests, padded batches and scoring as the
+    in-memory metric (the padding masked as the whole model's forward masks it), so the same value."""
+    handle = model.handle(model.skeleton)
+    data, questions, requests = choice_requests(handle, ctx)
+    batches = choice_batches(handle, requests, int(ctx.options.get("batch_size", 8)))
+    scores = choice_loglikelihoods_of(((b, out) for b, (out,) in streamed_outputs([model], batches)), requests)
+    result = choice_accuracy_of(data, questions, scores)
+    result.details["streamed"] = True
+    return result
 
 
 def streamed_comparison(reference: Streamable, model: Streamable, ctx: EvalContext,

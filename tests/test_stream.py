@@ -329,6 +329,57 @@ def test_streamed_run_evaluates_block_by_block(ckpts: dict[str, Path], tmp_path:
     assert report["size_bytes"]["reference_in_memory"] == state_bytes(load_checkpoint(ft).module)  # bf16, not fp32
 
 
+def test_streamed_choice_accuracy_equals_the_whole_models(ckpts: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """choice_accuracy streams too: contexts and choices of different lengths in padded batches of 3, neither
+    model loaded whole, the same scores (acc and acc_norm) as the in-memory metric on both models."""
+    import modelpress.pipeline as pipeline
+    from modelpress.metrics import EvalContext
+    import modelpress.stream_eval as stream_eval
+    from modelpress.metrics.causal import (choice_accuracy, choice_batches, choice_loglikelihoods,
+                                           choice_loglikelihoods_of, choice_requests)
+    from modelpress.sources import load_dataset
+    from modelpress.stream import LazyModel
+
+    rng = random.Random(0)
+    words = lambda n: " ".join(rng.choice("abcdefgh") for _ in range(n))  # noqa: E731
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"context": words(rng.randint(3, 12)),
+                                               "choices": [words(rng.randint(1, 4)) for _ in range(3)],
+                                               "answer": rng.randint(0, 2)}) for _ in range(6)))
+    ft = _copy(ckpts["llama"], tmp_path / "ft")
+    _tokenizer(ft)
+    out = tmp_path / "choice"
+    options = {"batch_size": 3}
+    recipe = _recipe(tmp_path / "choice.yaml", ft, PASSES["bitdelta"], out, ckpts["llama-base"], stream=True,
+                     evaluate=[{"metric": "choice_accuracy", "dataset": str(questions), "options": options}])
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a model was loaded whole")
+
+    monkeypatch.setattr(pipeline, "load_model", whole)
+    monkeypatch.setattr(pipeline, "load_artifact", whole)
+    run(load_recipe(recipe), export=False, show_progress=False)
+    monkeypatch.undo()
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"] == "streamed"
+    ctx = EvalContext(dataset=load_dataset(str(questions)), options=options)
+    got = report["metrics"]["choice_accuracy"]
+    with torch.no_grad():
+        for key, model in (("reference", load_checkpoint(ft)), ("compressed", load_artifact(out))):
+            want = choice_accuracy(model.canonical(), model, ctx)
+            assert got[key] == want.value
+            assert got["details" if key == "compressed" else "reference_details"]["acc_norm"] == want.details["acc_norm"]
+        # every choice's log-likelihood, not only the argmax: streamed equals whole, bit for bit
+        lazy, whole_model = LazyModel(str(ft)), load_checkpoint(ft)
+        _, _, requests = choice_requests(whole_model, ctx)
+        batches = choice_batches(whole_model, requests, 3)
+        assert any(int(m.sum()) < m.numel() for _, m in batches)  # padded
+        streamed = choice_loglikelihoods_of(((b, o) for b, (o,) in stream_eval.streamed_outputs([lazy], batches)),
+                                            requests)
+        assert streamed == choice_loglikelihoods(whole_model.canonical(), whole_model, requests, 3)
+
+
 def _tokenizer(directory: Path) -> None:
     """A character-level tokenizer for the evaluation test (vocabulary below the models' 300)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

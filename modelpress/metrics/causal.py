@@ -207,33 +207,49 @@ def encode_pair(handle: ModelHandle, context: str, continuation: str) -> tuple[l
     return whole[:len(ctx_ids)], whole[len(ctx_ids):]
 
 
-def choice_loglikelihoods(model: Canonical, handle: ModelHandle, requests: list[tuple[list[int], list[int]]],
-                          batch_size: int) -> list[float]:
-    """``sum log p(continuation | context)`` of each ``(context ids, continuation ids)`` request; the input is
-    the last ``max_position_embeddings`` tokens of ``context + continuation`` minus the final one, padded on
-    the right (the attention mask marks the real tokens)."""
+def choice_batches(handle: ModelHandle, requests: list[tuple[list[int], list[int]]],
+                   batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The canonical input batches of ``(context ids, continuation ids)`` requests: each input is the last
+    ``max_position_embeddings`` tokens of ``context + continuation`` minus the final one, padded on the right
+    (the attention mask marks the real tokens)."""
     longest = max_positions(handle) or 1 << 30
     pad = tokenizer_for(handle).eos_token_id or 0
-    out: list[float] = []
+    out = []
     for s in range(0, len(requests), batch_size):
-        chunk = requests[s:s + batch_size]
-        inputs = [(c + t)[-(longest + 1):][:-1] for c, t in chunk]
-        length = max(len(i) for i in inputs)
-        ids = torch.full((len(chunk), length), int(pad), dtype=torch.long)
+        inputs = [(c + t)[-(longest + 1):][:-1] for c, t in requests[s:s + batch_size]]
+        ids = torch.full((len(inputs), max(len(i) for i in inputs)), int(pad), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, inp in enumerate(inputs):
             ids[r, :len(inp)] = torch.tensor(inp)
             mask[r, :len(inp)] = 1
-        logp = F.log_softmax(_logits(model, ids, mask), -1)
-        for r, ((_, cont), inp) in enumerate(zip(chunk, inputs)):
-            pos = torch.arange(len(inp) - len(cont), len(inp))
-            out.append(float(logp[r, pos, torch.tensor(cont)].sum()))
+        out.append((ids, mask))
     return out
 
 
-@register_metric("choice_accuracy", KINDS, "multiple-choice accuracy by summed log-likelihood of each choice "
-                 "given the context (lm-evaluation-harness acc)")
-def choice_accuracy(model: Canonical, handle: ModelHandle, ctx: EvalContext) -> MetricResult:
+def choice_loglikelihoods_of(outputs: Iterable[tuple[tuple[torch.Tensor, torch.Tensor], Any]],
+                             requests: list[tuple[list[int], list[int]]]) -> list[float]:
+    """``sum log p(continuation | context)`` of each request, from each of its :func:`choice_batches` with the
+    model's logits on it (the whole model's forward, or the streamed one's: :mod:`modelpress.stream_eval`)."""
+    out: list[float] = []
+    for (_, mask), logits in outputs:
+        logp = F.log_softmax(torch.as_tensor(logits).double(), -1)
+        for r, (_, cont) in enumerate(requests[len(out):len(out) + len(mask)]):
+            end = int(mask[r].sum())
+            out.append(float(logp[r, torch.arange(end - len(cont), end), torch.tensor(cont)].sum()))
+    return out
+
+
+def choice_loglikelihoods(model: Canonical, handle: ModelHandle, requests: list[tuple[list[int], list[int]]],
+                          batch_size: int) -> list[float]:
+    """``sum log p(continuation | context)`` of each ``(context ids, continuation ids)`` request
+    (:func:`choice_batches`, :func:`choice_loglikelihoods_of`)."""
+    batches = choice_batches(handle, requests, batch_size)
+    return choice_loglikelihoods_of(((b, _logits(model, *b)) for b in batches), requests)
+
+
+def choice_requests(handle: ModelHandle, ctx: EvalContext) -> tuple[Any, list[dict], list[tuple[list[int], list[int]]]]:
+    """The ``choice_accuracy`` dataset, its first ``samples`` questions and one ``(context ids, continuation
+    ids)`` request per choice."""
     data = _dataset(handle, ctx, "choice_accuracy", "choices")
     questions = data.first(ctx.samples).choices
     requests = []
@@ -243,7 +259,19 @@ def choice_accuracy(model: Canonical, handle: ModelHandle, ctx: EvalContext) -> 
             if not cont:
                 raise UserError(f"question {q + 1}: choice {choice!r} has no tokens", data.name)
             requests.append((ctx_ids, cont))
+    return data, questions, requests
+
+
+@register_metric("choice_accuracy", KINDS, "multiple-choice accuracy by summed log-likelihood of each choice "
+                 "given the context (lm-evaluation-harness acc)")
+def choice_accuracy(model: Canonical, handle: ModelHandle, ctx: EvalContext) -> MetricResult:
+    data, questions, requests = choice_requests(handle, ctx)
     scores = choice_loglikelihoods(model, handle, requests, int(ctx.options.get("batch_size", 8)))
+    return choice_accuracy_of(data, questions, scores)
+
+
+def choice_accuracy_of(data: Any, questions: list[dict], scores: list[float]) -> MetricResult:
+    """``choice_accuracy`` from each choice's summed log-likelihood (in question order)."""
     hits = hits_norm = 0
     k = 0
     for row in questions:
