@@ -32,8 +32,9 @@ Recipes are YAML; see README.md ("Recipe format") and recipes/ for ready ones.""
 
 NPROC_HELP = ("run on N local worker processes started by torch.distributed's launcher (gloo on the CPU, nccl "
               "for device: cuda): dfloat11 codes its weights shared across the ranks (streamed: cast, dfloat11 and "
-              "bitdelta share the blocks), EvoPress evaluates its offspring in parallel, Delta-CoMe splits its "
-              "calibration data; only rank 0 prints and writes, and the artifact is the same as with one process. "
+              "bitdelta share the blocks), EvoPress evaluates its offspring in parallel, gptq and Delta-CoMe split "
+              "their calibration data and their layers (streamed too); only rank 0 prints and writes, and the "
+              "artifact is the same as with one process. "
               "Across machines: torchrun ... -m modelpress.cli run RECIPE (docs/scale.md)")
 
 
@@ -73,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate an artifact (or run a recipe's evaluation) against the reference",
                         description="With an ARTIFACT directory: re-run its recipe's metrics (or --metric ones) on the "
-                        "compressed model and on the reference, and rewrite its report. With a RECIPE file: same as "
-                        "`modelpress run RECIPE --no-export`.")
+                        "compressed model and on the reference, and rewrite its report (an artifact compressed streamed "
+                        "is evaluated streamed, one decoder block at a time, when its metrics allow). With a RECIPE "
+                        "file: same as `modelpress run RECIPE --no-export`.")
     ev.add_argument("target", help="artifact directory or recipe YAML file")
     ev.add_argument("--metric", action="append", help="metric name (repeatable); default: the recipe's evaluate: list")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
