@@ -520,3 +520,10 @@ def find_blocks(module: nn.Module) -> str:
     if best_len < 2:
         raise UserError(f"a {type(module).__name__} has no stack of repeated blocks")
     return best
+
+
+def output_head_path(model: nn.Module) -> str | None:
+    """The module path of a causal LM's output projection (``lm_head``), ``None`` for other models."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None

@@ -420,8 +420,6 @@ class _Calibrating:
     index: int
     spec: UnitCalibration
     activations: BlockActivations
-    #: whether the pass works with the other ranks on each unit (:func:`in_lockstep`)
-    with_ranks: bool = False
 
     def hessians(self, unit: Unit, handle: ModelHandle, base: nn.Module | None) -> dict[str, torch.Tensor]:
         """The input Hessians of the unit's layers the pass names; a block's outputs become the next one's inputs."""
@@ -448,7 +446,7 @@ def _start_calibration(ft: LazyModel, rest: Unit, objs: list[Pass], ctx: Context
                 spec = p.unit_calibration(ft.handle(ft.skeleton), ctx)
                 module = ft.materialize(copy.deepcopy(rest.module))
             return _Calibrating(i, spec, BlockActivations(ft.handle(module), ft.blocks_path, spec.batches,
-                                                          split=p.splits_calibration), p.splits_calibration)
+                                                          split=p.splits_calibration))
     return None
 
 
@@ -482,7 +480,7 @@ def _compress_unit(ft: LazyModel, base: LazyModel | None, unit: Unit, base_unit:
     for i, p in enumerate(objs):
         t0 = time.perf_counter()
         calibrates = calibrating is not None and calibrating.index == i
-        together = calibrates and calibrating.with_ranks
+        together = calibrates and calibrating.activations.split  # the pass works with the other ranks
         with contextlib.nullcontext() if together else distributed.alone(), seeded(seed + i), torch.random.fork_rng():
             if calibrates:
                 ctx.unit_hessians = calibrating.hessians(unit, handle, base_module)

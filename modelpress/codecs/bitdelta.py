@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..devices import float32_arithmetic, on_device
-from ..model import ModelHandle
+from ..model import ModelHandle, output_head_path
 from ..modules import register_module
 from ..passes import Context, Pass, in_model_order, register_pass
 from ..quant.primitives import pack_signs, unpack_signs
 from .delta import (DeltaConfig, DeltaLayer, DeltaLinear, calibration_batches, handle_other_tensors,
-                    match_linear_layers, model_outputs, output_head_path, output_mse, replace_module,
+                    match_linear_layers, model_outputs, output_mse, replace_module,
                     require_base)
 
 

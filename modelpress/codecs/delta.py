@@ -114,13 +114,6 @@ def tied_linear_paths(model: nn.Module) -> list[str]:
     return [n for n, m in find_linear_layers(model) if f"{n}.weight" in names]
 
 
-def output_head_path(model: nn.Module) -> str | None:
-    """The module path of a causal LM's output projection (``lm_head``), ``None`` for other models."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-
-
 def match_linear_layers(model: nn.Module, base: nn.Module, skip: Iterable[str] = (),
                         copy_base: bool = True) -> list[DeltaLayer]:
     """The fine-tune's linear layers that have a same-shaped weight in the base (heads have none).

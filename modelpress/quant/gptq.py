@@ -40,7 +40,7 @@ from torch import nn
 
 from .. import distributed
 from ..data.capture import HessianAccumulator, layer_matrix
-from ..model import ModelHandle, find_blocks, is_conv1d
+from ..model import ModelHandle, find_blocks, is_conv1d, output_head_path
 from ..modules import set_submodule
 from ..passes import Context, Pass, PassConfig, UnitCalibration, register_pass
 from .primitives import dequantize, dequantize_groups, group_grids, group_slices, quant_grid, quantize
@@ -76,13 +76,17 @@ def _quantize_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return q, dequantize(q, scale, zero)
 
 
+def _group_columns(cols: int, group_size: int | None) -> int:
+    """Columns per quantization group: ``group_size``, or the whole row (``None``, <= 0, or at least ``cols``)."""
+    return cols if group_size is None or group_size <= 0 or group_size >= cols else int(group_size)
+
+
 def _check(W: torch.Tensor, bits: int, group_size: int | None) -> int:
     if W.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    cols = W.shape[1]
-    return cols if group_size is None or group_size <= 0 or group_size >= cols else int(group_size)
+    return _group_columns(W.shape[1], group_size)
 
 
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int | None = 128, sym: bool = False) -> QuantResult:
@@ -236,7 +240,7 @@ def _result_bytes(res: QuantResult) -> torch.Tensor:
 
 def _result_from_bytes(data: torch.Tensor, rows: int, cols: int, bits: int, group_size: int) -> QuantResult:
     """The inverse of :func:`_result_bytes` for a ``[rows, cols]`` weight."""
-    gs = _check(torch.empty(rows, cols, device="meta"), bits, group_size)
+    gs = _group_columns(cols, group_size)
     groups = math.ceil(cols / gs)
     codes, scales, zeros = data.split([rows * cols, 4 * rows * groups, 4 * rows * groups])
     codes = codes.view(rows, cols)
@@ -319,11 +323,10 @@ class GPTQPass(Pass):
 
     def _output_head(self, module: nn.Module) -> tuple[str, bool] | None:
         """The output head's path and whether it shares its weight with the input embedding (``None``: none)."""
-        head = module.get_output_embeddings()
-        if head is None:
+        path = output_head_path(module)
+        if path is None:
             return None
-        path = next(n for n, m in module.named_modules() if m is head)
-        return path, head.weight is module.get_input_embeddings().weight
+        return path, module.get_submodule(path).weight is module.get_input_embeddings().weight
 
     def _head(self, module: nn.Module) -> list[str]:
         """``[the output head's path]`` with ``lm_head: true`` and a head of its own; ``[]`` otherwise."""
